@@ -1,0 +1,82 @@
+/*
+ * slothai core: the one contract between the kernels and everything above them.
+ *
+ * Plain C linkage, raw pointers, sizes, a stream, a status code back. No torch,
+ * no Python: this header and the files that implement it compile on their own
+ * (gcc for the CPU reference, nvcc alone for the CUDA kernels).
+ */
+#ifndef SLOTHAI_CORE_H
+#define SLOTHAI_CORE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    SLOTHAI_OK = 0,
+    SLOTHAI_EINVAL = 1, /* an argument the caller should have checked */
+    SLOTHAI_ECUDA = 2   /* a CUDA launch or runtime call failed */
+} slothai_status;
+
+/* Floating-point element types of outputs and of logits. */
+typedef enum {
+    SLOTHAI_FLOAT32 = 0,
+    SLOTHAI_FLOAT16 = 1,
+    SLOTHAI_BFLOAT16 = 2
+} slothai_dtype;
+
+const char *slothai_status_string(slothai_status s);
+
+/* ------------------------------------------------------------------------ */
+/* NF4 dequantization                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* The 16 NF4 levels, index 0..15, exactly as bitsandbytes stores them. The one
+ * copy of the table: the C reference, the CUDA kernel and (through the op) the
+ * Python package all read it from here. */
+#define SLOTHAI_NF4_LEVELS                                                      \
+    {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, \
+     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f, \
+     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,         \
+     0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,          \
+     0.7229568362236023f, 1.0f}
+
+/*
+ * w[j] = NF4[nibble(j)] * s[j / blocksize], rounded to nearest-even into out_dtype,
+ * where nibble(2k) is the high and nibble(2k+1) the low nibble of packed[k], and
+ *   s[b] = absmax_f32[b]                                          (plain), or
+ *   s[b] = (code2[absmax_u8[b]] * absmax2[b / blocksize2]) + *offset (nested),
+ * every step a separately rounded fp32 operation (no FMA), as bitsandbytes does.
+ *
+ * Exactly one of absmax_u8 / absmax_f32 is set; code2, absmax2, offset only with
+ * absmax_u8. blocksize is a power of two >= 32, blocksize2 a power of two.
+ * All pointers live on the device the function runs on (offset too).
+ */
+typedef struct {
+    const uint8_t *packed;    /* ceil(numel / 2) bytes */
+    const uint8_t *absmax_u8; /* ceil(numel / blocksize) codes (nested) */
+    const float *absmax_f32;  /* ceil(numel / blocksize) scales (plain) */
+    const float *code2;       /* 256 levels of the nested quantizer */
+    const float *absmax2;     /* ceil(nblocks / blocksize2) nested scales */
+    const float *offset;      /* 1 value, added after the nested product */
+    int64_t numel;
+    int64_t blocksize;
+    int64_t blocksize2;
+    slothai_dtype out_dtype;
+    void *out; /* numel elements, contiguous */
+} slothai_nf4_args;
+
+/* CPU reference: writes elements [begin, end) of out (callers may split the
+ * range across threads). */
+slothai_status slothai_dequant_nf4_cpu(const slothai_nf4_args *a, int64_t begin, int64_t end);
+
+/* CUDA: one launch on `stream` (a cudaStream_t), both levels of scales inside. */
+slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SLOTHAI_CORE_H */
