@@ -49,7 +49,7 @@ def extension():
     cuda = want_cuda()
     sources = sorted(glob.glob("csrc/core/*.c")) + ["csrc/module.c"]
     sources += [s for s in sorted(glob.glob("csrc/torch/*.cpp")) if cuda or not s.endswith("_cuda.cpp")]
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000", "-ffp-contract=off"]
+    cxx = ["-O3", "-ffp-contract=off"]  # torch adds Py_LIMITED_API for py_limited_api=True
     kwargs = dict(
         name="slothai._C",
         include_dirs=[os.path.join(ROOT, "csrc")],

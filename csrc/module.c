@@ -10,7 +10,11 @@ static struct PyModuleDef slothai_c_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "slothai's compiled operators (registered as torch.ops.slothai.*)",
-    -1,
+    -1,   /* no per-module state */
+    NULL, /* no methods: importing is the point */
+    NULL,
+    NULL,
+    NULL,
     NULL,
 };
 

@@ -9,6 +9,8 @@ import torch
 
 from . import ops  # noqa: F401  (registers the op)
 
+_dequant_nf4 = torch.ops.slothai.dequant_nf4.default
+
 
 def dequantize_nf4(weight, quant_state=None, *, dtype=None):
     """Dequantize NF4 codes to a dense, contiguous weight of `quant_state.shape`.
@@ -36,7 +38,7 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
         blocksize2 = 256
     if isinstance(weight, torch.nn.Parameter):
         weight = weight.data  # a Params4bit's bytes; the op does not differentiate through codes
-    return torch.ops.slothai.dequant_nf4(
+    return _dequant_nf4(
         weight, quant_state.absmax, code2, absmax2, offset,
         quant_state.blocksize, blocksize2, list(quant_state.shape), dtype,
     )
@@ -47,7 +49,7 @@ def _nf4_levels():
     # The 16 levels, read back from the kernel's own table (csrc/core/slothai.h)
     # by dequantizing the codes 0..15 with a unit scale.
     packed = torch.tensor([0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF], dtype=torch.uint8)
-    return torch.ops.slothai.dequant_nf4(
+    return _dequant_nf4(
         packed, torch.ones(1), None, None, None, 64, 256, [16], torch.float32
     )
 

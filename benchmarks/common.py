@@ -1,0 +1,61 @@
+"""Shared benchmark plumbing: CUDA-event medians, the card's copy bandwidth,
+result files (JSON + printed table) under benchmarks/results/."""
+import datetime
+import json
+import os
+import platform
+import statistics
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def median_ms(fn, reps=100, warmup=10):
+    """Median of per-call CUDA-event timings, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth_gbs(nbytes=1 << 30):
+    """Device-to-device copy bandwidth, counting bytes read plus written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), reps=30, warmup=5)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def environment():
+    return {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write(name, payload, table_lines):
+    """Writes <name>.json and <name>.txt (the printed table) to results/ and to $OUT."""
+    text = "\n".join(table_lines) + "\n"
+    print(text, end="")
+    for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name + ".json"), "w") as f:
+            json.dump(payload, f, indent=1)
+        with open(os.path.join(folder, name + ".txt"), "w") as f:
+            f.write(text)
+
+
+def table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join("{:>%d}" % w for w in widths)
+    return [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows]
