@@ -2,11 +2,17 @@
 
     import slothai
     W = slothai.dequantize_nf4(layer.weight)   # bitsandbytes Params4bit -> dense weight
+    loss = slothai.fused_linear_cross_entropy(hidden, lm_head.weight, labels)
 
-Ops: torch.ops.slothai.dequant_nf4 (see README for the schema).
+Ops: torch.ops.slothai.dequant_nf4, torch.ops.slothai.fused_ce (see README for the schemas).
 """
 from . import ops  # noqa: F401  (loads and registers the custom ops)
+from .fused_ce import FusedLinearCrossEntropyLoss, chunked_linear_loss, fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_levels
 
 __version__ = "0.1.0"
-__all__ = ["dequantize_nf4", "nf4_levels", "__version__"]
+__all__ = [
+    "dequantize_nf4", "nf4_levels",
+    "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "chunked_linear_loss",
+    "__version__",
+]

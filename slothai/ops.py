@@ -12,3 +12,53 @@ from . import _C  # noqa: F401  (loads the op library)
 @torch.library.register_fake("slothai::dequant_nf4")
 def _dequant_nf4_fake(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# slothai::fused_ce — reduction codes as the schema takes them.
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _fused_ce_wants_grad(bias, grad_rows, reduction, grad_hidden, grad_weight, grad_bias):
+    return grad_rows is not None or (
+        reduction != 0 and (grad_hidden or grad_weight or (grad_bias and bias is not None)))
+
+
+@torch.library.register_fake("slothai::fused_ce")
+def _fused_ce_fake(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,
+                   reduction, chunk_size, grad_hidden, grad_weight, grad_bias):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    g = _fused_ce_wants_grad(bias, grad_rows, reduction, grad_hidden, grad_weight, grad_bias)
+    loss = hidden.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
+    dh = hidden.new_empty((n, h) if g and grad_hidden else (0, 0))
+    dw = hidden.new_empty((v, h) if g and grad_weight else (0, 0))
+    db = hidden.new_empty((v,) if g and grad_bias and bias is not None else (0,))
+    return loss, dh, dw, db
+
+
+def _fused_ce_setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, _, *options = inputs
+    ctx.options = options  # ignore_index ... grad_bias, passed on unchanged
+    ctx.has_bias = bias is not None
+    _, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    if options[4] == 0:  # reduction none: backward recomputes with per-row factors
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:  # sum / mean: the forward already formed the gradients for an upstream 1
+        ctx.save_for_backward(dh, dw, db)
+
+
+def _fused_ce_backward(ctx, g_loss, _dh, _dw, _db):
+    *_, grad_hidden, grad_weight, grad_bias = ctx.options
+    if ctx.options[4] == 0:
+        hidden, weight, bias, target = ctx.saved_tensors
+        _, dh, dw, db = torch.ops.slothai.fused_ce(hidden, weight, bias, target, g_loss.float().reshape(-1),
+                                                   *ctx.options)
+    else:
+        dh, dw, db = (t * g_loss.to(t.dtype) for t in ctx.saved_tensors)
+    return (dh if grad_hidden else None, dw if grad_weight else None,
+            db if grad_bias and ctx.has_bias else None) + (None,) * 11
+
+
+torch.library.register_autograd("slothai::fused_ce", _fused_ce_backward, setup_context=_fused_ce_setup_context)

@@ -75,6 +75,42 @@ slothai_status slothai_dequant_nf4_cpu(const slothai_nf4_args *a, int64_t begin,
 /* CUDA: one launch on `stream` (a cudaStream_t), both levels of scales inside. */
 slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream);
 
+/* ------------------------------------------------------------------------ */
+/* Cross-entropy over rows of logits (the per-row half of fused_ce)          */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * For each row r of z (`rows` x `vocab`, row stride `ld` elements) with target t:
+ *   y_j  = softcap * tanh(z_j / softcap)          (y = z when softcap == 0)
+ *   lse  = log sum_j exp(y_j)
+ *   loss = (1 - eps) (lse - y_t) + eps (lse - mean_j y_j) + z_loss lse^2
+ * and, when grad != NULL, overwrites the row with d loss / d z, times g_r:
+ *   dz_j = g_r [p_j (1 + 2 z_loss lse) - eps / vocab - (1 - eps) [j == t]] * dy_j/dz_j,
+ *   p_j = exp(y_j - lse), dy/dz = 1 - (y / softcap)^2, g_r = grad[r * grad_stride].
+ * Rows with t == ignore_index: loss 0, gradient 0. Rows with t outside
+ * [0, vocab): loss NaN, gradient NaN (never an out-of-bounds read).
+ * All math in fp32; z is read in `dtype` and the gradient written back in it.
+ */
+typedef struct {
+    void *logits;
+    slothai_dtype dtype;
+    int64_t rows, vocab, ld;
+    const int64_t *target;
+    int64_t ignore_index;
+    float label_smoothing; /* eps */
+    float softcap;         /* 0: off */
+    float z_loss;
+    const float *grad;     /* NULL: loss only */
+    int64_t grad_stride;   /* 0: one factor for every row; 1: one per row */
+    float *loss;           /* rows */
+} slothai_ce_rows_args;
+
+/* CPU reference: rows [row_begin, row_end). */
+slothai_status slothai_ce_rows_cpu(const slothai_ce_rows_args *a, int64_t row_begin, int64_t row_end);
+
+/* CUDA: one launch on `stream`, one thread block per row. */
+slothai_status slothai_ce_rows_cuda(const slothai_ce_rows_args *a, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

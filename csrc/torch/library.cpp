@@ -8,4 +8,11 @@ TORCH_LIBRARY(slothai, m)
     // NF4 codes (+ block scales, optionally double-quantized) -> dense weight.
     m.def("dequant_nf4(Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
           "int blocksize, int blocksize2, SymInt[] shape, ScalarType dtype) -> Tensor");
+
+    // Linear + cross-entropy over chunks of rows; reduction 0 none, 1 sum, 2 mean.
+    // Returns (loss, d hidden, d weight, d bias); a gradient not asked for (or
+    // with neither grad_rows nor a reduction to differentiate) comes back empty.
+    m.def("fused_ce(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? grad_rows, "
+          "int ignore_index, float label_smoothing, float softcap, float z_loss, int reduction, int chunk_size, "
+          "bool grad_hidden, bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }

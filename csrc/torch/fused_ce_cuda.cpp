@@ -1,0 +1,37 @@
+// slothai::fused_ce on CUDA: the shared chunk loop of fused_ce.cpp with the
+// core's CUDA row kernel, on the current stream of the inputs' device.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "fused_ce.h"
+
+namespace slothai {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_ce_cuda(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+              const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, int64_t ignore_index,
+              double label_smoothing, double softcap, double z_loss, int64_t reduction, int64_t chunk_size,
+              bool grad_hidden, bool grad_weight, bool grad_bias)
+{
+    const c10::cuda::CUDAGuard guard(hidden.device());
+    CeDevice dev;
+    // Logits budget: up to 1 GiB, and no more than an eighth of what is free.
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
+    dev.chunk_bytes = std::max<int64_t>(int64_t(64) << 20, std::min<int64_t>(int64_t(1) << 30, free_bytes / 8));
+    dev.rows = [](const slothai_ce_rows_args &a) {
+        check_status(slothai_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()), "fused_ce rows (cuda)");
+    };
+    return fused_ce_impl(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,
+                         reduction, chunk_size, grad_hidden, grad_weight, grad_bias, dev);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(slothai, CUDA, m) { m.impl("fused_ce", &fused_ce_cuda); }
+
+} // namespace slothai

@@ -1,0 +1,162 @@
+"""Linear + cross-entropy without the [tokens x vocab] logits, and the general
+chunked form for any per-token loss of the logits."""
+import torch
+
+from .ops import REDUCTIONS
+
+_fused_ce = torch.ops.slothai.fused_ce.default
+
+
+def _check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+
+
+def _check_tokens(hidden, target):
+    if hidden.dim() < 1 or tuple(target.shape[: hidden.dim() - 1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target's leading dims {tuple(target.shape)} must match hidden's "
+                         f"{tuple(hidden.shape[:-1])} (hidden is (..., H))")
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, softcap=None, z_loss=0.0, chunk_size=None):
+    """Cross-entropy of `hidden @ weight.T + bias` against `target`, chunk by chunk.
+
+    Equals `F.cross_entropy(z.float().view(-1, V), target.view(-1), ignore_index=...,
+    reduction=..., label_smoothing=...)` with z softcapped as `softcap * tanh(z / softcap)`
+    when given, plus `z_loss * lse**2` per counted row. hidden (..., H) fp16/bf16/fp32,
+    weight (V, H), bias (V,) or None, target integer with hidden's leading shape.
+    Returns an fp32 scalar, or per-token losses (0 where ignored) for reduction="none".
+
+    Gradients go only to the inputs that require them; a frozen weight costs no dW
+    work or memory. On CUDA a target outside [0, V) that is not ignore_index makes
+    its row's loss NaN (no host sync to check it); on the CPU it raises ValueError.
+    """
+    _check_reduction(reduction)
+    _check_tokens(hidden, target)
+    if target.dim() != hidden.dim() - 1:
+        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
+    grad = torch.is_grad_enabled()
+    loss, _, _, _ = _fused_ce(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), None,
+        int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss), REDUCTIONS[reduction],
+        int(chunk_size or 0), grad and hidden.requires_grad, grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    )
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of `fused_linear_cross_entropy`: `loss_fn(hidden, weight, target, bias=None)`."""
+
+    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                 chunk_size=None):
+        super().__init__()
+        _check_reduction(reduction)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.softcap, self.z_loss, self.chunk_size = softcap, z_loss, chunk_size
+
+    def forward(self, hidden, weight, target, bias=None):
+        return fused_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss,
+            chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+# ---------------------------------------------------------------------------
+# The general form: any per-token loss of the logits.
+
+def _default_chunk(n, v, elem):
+    # fp32 logits plus autograd's copies live per chunk: keep a chunk near 256 MiB.
+    return max(1, min(n, (256 << 20) // max(1, v * 4)))
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    """Per chunk of tokens: logits = x_c W^T (+b) in fp32, per-token losses by
+    `loss_fn`; nothing but the inputs is kept. Backward recomputes each chunk's
+    logits, takes d loss / d logits by autograd on `loss_fn`, multiplies in the
+    upstream gradient, and forms dx_c = dz W, dW += dz^T x_c, db += sum dz in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, mask, loss_fn, chunk):
+        n = x.shape[0]
+        losses = torch.empty(n, dtype=_acc_dtype(x), device=x.device)
+        for s in range(0, n, chunk):
+            z = _logits(x[s:s + chunk], weight, bias)
+            losses[s:s + chunk] = loss_fn(z, target[s:s + chunk]).reshape(-1)
+        if mask is not None:
+            losses = losses.masked_fill(~mask, 0.0)
+        ctx.save_for_backward(x, weight, bias, target, mask)
+        ctx.loss_fn, ctx.chunk = loss_fn, chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias, target, mask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = torch.empty_like(x) if need_x else None
+        acc = _acc_dtype(x)
+        dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
+        if mask is not None:
+            g = g.masked_fill(~mask, 0.0)
+        for s in range(0, x.shape[0], ctx.chunk):
+            xc = x[s:s + ctx.chunk]
+            with torch.enable_grad():
+                z = _logits(xc, weight, bias).detach().requires_grad_()
+                per_token = ctx.loss_fn(z, target[s:s + ctx.chunk]).to(acc).reshape(-1)
+                (dz,) = torch.autograd.grad(per_token, z, g[s:s + ctx.chunk].to(per_token.dtype))
+            if need_x:
+                dx[s:s + ctx.chunk] = dz.to(x.dtype) @ weight
+            if need_w:
+                dw.addmm_(dz.t(), xc.to(acc))
+            if need_b:
+                db += dz.sum(0)
+        return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
+                None, None, None, None)
+
+
+def _acc_dtype(x):
+    """fp32 for half inputs (and fp32), fp64 for fp64: the loss and dW/db sums."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _logits(x, weight, bias):
+    z = x @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.to(_acc_dtype(x))
+
+
+def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_size=None, reduction="mean",
+                        ignore_index=-100):
+    """Memory-efficient `loss_fn(hidden @ weight.T + bias, target)` for any per-token loss.
+
+    loss_fn(logits_chunk (T, V), target_chunk) returns per-token losses (T,); the logits
+    come in fp32 (fp64 for fp64 inputs).
+    `target` is anything whose leading dims match hidden's tokens (labels, teacher
+    logits, advantages...), sliced along with hidden. When it is an integer tensor
+    of hidden's leading shape, rows equal to `ignore_index` are not counted by mean
+    and get no gradient. Only one chunk of logits (and its gradient) exists at a time.
+    """
+    _check_reduction(reduction)
+    _check_tokens(hidden, target)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(x.shape[0], *target.shape[hidden.dim() - 1:])
+    labels = not t.is_floating_point() and t.dim() == 1
+    mask = (t != ignore_index) if labels else None
+    chunk = int(chunk_size or _default_chunk(x.shape[0], weight.shape[0], x.element_size()))
+    losses = _ChunkedLinearLoss.apply(x, weight, bias, t, mask, loss_fn, chunk)
+    if reduction == "none":
+        return losses.view(hidden.shape[:-1])
+    if reduction == "sum":
+        return losses.sum()
+    count = mask.sum() if mask is not None else torch.tensor(x.shape[0], device=x.device)
+    return losses.sum() / count

@@ -1,0 +1,302 @@
+"""slothai::fused_ce and chunked_linear_loss against plain torch in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slothai
+
+TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 3e-2), torch.float16: (5e-3, 1e-2)}
+
+
+def reference(x, w, t, b=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
+              z_loss=0.0):
+    """DESIGN.md §4 in float64: logits rounded to the input dtype first, as the GEMM does."""
+    z = x @ w.t()
+    if b is not None:
+        z = z + b
+    z = z.to(x.dtype).double() if x.dtype != torch.float64 else z
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z.view(-1, w.shape[0])
+    tt = t.reshape(-1)
+    loss = F.cross_entropy(z, tt, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    counted = tt != ignore_index
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(z, -1) ** 2 * counted
+    if reduction == "none":
+        return loss.view(t.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / counted.sum()
+
+
+def make(n, h, v, dtype, device, bias=False, ignore_frac=0.1, shape=None):
+    x = torch.randn(*(shape or (n,)), h, dtype=torch.float64) * 0.5
+    w = torch.randn(v, h, dtype=torch.float64) * 0.3
+    b = torch.randn(v, dtype=torch.float64) if bias else None
+    t = torch.randint(0, v, x.shape[:-1])
+    t[torch.rand(t.shape) < ignore_frac] = -100
+    cast = lambda a: None if a is None else a.to(device=device, dtype=dtype)  # noqa: E731
+    return (x, w, b, t), (cast(x), cast(w), cast(b), t.to(device))
+
+
+def check(dtype, device, *, n=37, h=24, v=131, bias=False, shape=None, chunk=None, frozen=False, upstream=True,
+          **opts):
+    (x, w, b, t), (xd, wd, bd, td) = make(n, h, v, dtype, device, bias, shape=shape)
+    ignore = opts.get("ignore_index", -100)
+    t, td = t.masked_fill(t == -100, ignore), td.masked_fill(td == -100, ignore)
+    for a in (x, w, b, xd, wd, bd):
+        if a is not None:
+            a.requires_grad_(True)
+    if frozen:
+        w.requires_grad_(False)
+        wd.requires_grad_(False)
+    got = slothai.fused_linear_cross_entropy(xd, wd, td, bd, chunk_size=chunk, **opts)
+    want = reference(x.to(dtype), w.to(dtype), t, None if b is None else b.to(dtype), **opts)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=rtol, atol=atol)
+    g = torch.randn_like(want) if upstream else torch.ones_like(want)  # never assume an upstream 1
+    (got * g.to(got)).sum().backward()
+    (want * g).sum().backward()
+    pairs = [(xd, x), (bd, b)] + ([] if frozen else [(wd, w)])
+    for mine, ref in pairs:
+        if mine is None:
+            continue
+        ref_grad = ref.grad
+        assert mine.grad is not None and mine.grad.dtype == dtype
+        err = (mine.grad.double().cpu() - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)
+        assert err < 10 * rtol, f"relative gradient error {err:.2e}"
+    if frozen:
+        assert wd.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_torch(device, dtype, reduction):
+    check(dtype, device, reduction=reduction, chunk=8)
+
+
+@pytest.mark.parametrize("opts", [dict(label_smoothing=0.1), dict(softcap=2.5), dict(z_loss=1e-3),
+                                  dict(label_smoothing=0.2, softcap=5.0, z_loss=1e-2, reduction="none"),
+                                  dict(ignore_index=7)], ids=str)
+def test_options(device, opts):
+    check(torch.float32, device, chunk=5, **opts)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 36, 37, 1000, None])
+def test_chunk_sizes_and_bias(device, chunk):
+    check(torch.float32, device, chunk=chunk, bias=True)
+
+
+def test_3d_input_frozen_weight_bf16(device):
+    check(torch.bfloat16, device, shape=(3, 11), frozen=True, chunk=4)
+
+
+def test_fp16(device):
+    check(torch.float16, device, chunk=16, bias=True)
+
+
+def test_awkward_vocab_one_row(device):
+    check(torch.float32, device, n=1, v=1, h=3)
+    check(torch.float32, device, n=5, v=50257 // 97, h=7, chunk=2)
+
+
+def test_all_ignored_rows(device):
+    x = torch.randn(6, 8, device=device, requires_grad=True)
+    w = torch.randn(10, 8, device=device, requires_grad=True)
+    t = torch.full((6,), -100, device=device)
+    loss = slothai.fused_linear_cross_entropy(x, w, t)
+    assert torch.isnan(loss)  # 0 / 0, as F.cross_entropy
+    s = slothai.fused_linear_cross_entropy(x, w, t, reduction="sum")
+    s.backward()
+    assert s.item() == 0 and x.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+def test_fp32_accumulation_across_chunks(device):
+    # dW summed over many chunks must not lose bits: one chunk vs 64 chunks agree to fp32 noise.
+    (_, _, _, _), (x, w, _, t) = make(256, 16, 64, torch.bfloat16, device, ignore_frac=0)
+    grads = []
+    for chunk in (256, 4):
+        wg = w.detach().clone().requires_grad_()
+        slothai.fused_linear_cross_entropy(x, wg, t, reduction="sum", chunk_size=chunk).backward()
+        grads.append(wg.grad.float())
+    err = (grads[0] - grads[1]).norm() / grads[0].norm()
+    assert err < 4e-3, err  # one bf16 rounding of the total, not 64
+
+
+def test_no_grad_returns_loss_only(device):
+    (_, _, _, _), (x, w, _, t) = make(9, 8, 12, torch.float32, device)
+    with torch.no_grad():
+        loss = slothai.fused_linear_cross_entropy(x.requires_grad_(), w, t)
+    assert not loss.requires_grad
+
+
+def test_bad_input(device):
+    x, w = torch.randn(4, 8, device=device), torch.randn(10, 8, device=device)
+    t = torch.tensor([1, 2, 3, 4], device=device)
+    with pytest.raises(ValueError, match="weight has 8 columns but hidden has size 9"):
+        slothai.fused_linear_cross_entropy(torch.randn(4, 9, device=device), w, t)
+    with pytest.raises(TypeError, match="weight must be Float, got Half"):
+        slothai.fused_linear_cross_entropy(x, w.half(), t)
+    with pytest.raises(TypeError, match="target must be int64 or int32, got Float"):
+        slothai.fused_linear_cross_entropy(x, w, t.float())
+    with pytest.raises(ValueError, match="target's leading dims"):
+        slothai.fused_linear_cross_entropy(x, w, t[:3])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        slothai.fused_linear_cross_entropy(x, w, t, torch.randn(9, device=device))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        slothai.fused_linear_cross_entropy(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="softcap must be a positive number"):
+        slothai.fused_linear_cross_entropy(x, w, t, softcap=-1.0)
+    with pytest.raises(TypeError, match="hidden must be float32, float16 or bfloat16, got Double"):
+        slothai.fused_linear_cross_entropy(x.double(), w.double(), t)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        slothai.fused_linear_cross_entropy(x, w, t, label_smoothing=1.5)
+
+
+def test_target_out_of_range():
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"target must be in \[0, 10\) or ignore_index \(-100\), got 10"):
+        slothai.fused_linear_cross_entropy(x, w, torch.tensor([1, 10, 3, -100]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_target_out_of_range_cuda_is_nan_not_a_crash():
+    x, w = torch.randn(4, 8, device="cuda"), torch.randn(10, 8, device="cuda")
+    loss = slothai.fused_linear_cross_entropy(x, w, torch.tensor([1, 10, 3, -7], device="cuda"), reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(loss[3]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu_reference(dtype):
+    (_, _, _, _), (x, w, b, t) = make(300, 64, 1000, dtype, "cpu", bias=True)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        xs, ws, bs = (a.to(dev).requires_grad_() for a in (x, w, b))
+        loss = slothai.fused_linear_cross_entropy(xs, ws, t.to(dev), bs, label_smoothing=0.05, chunk_size=64)
+        loss.backward()
+        outs.append([loss.float().cpu(), xs.grad.float().cpu(), ws.grad.float().cpu(), bs.grad.float().cpu()])
+    for a, b in zip(*outs):
+        assert ((a - b).norm() / b.norm()) < 2e-2 if dtype != torch.float32 else 1e-4
+
+
+def _op_args(device, reduction, grads, bias=True, grad_rows=False):
+    x, w = torch.randn(13, 8, device=device), torch.randn(21, 8, device=device)
+    b = torch.randn(21, device=device) if bias else None
+    t = torch.randint(0, 21, (13,), device=device)
+    t[3] = -100
+    g = torch.randn(13, device=device) if grad_rows else None
+    if grads:
+        x.requires_grad_()
+        w.requires_grad_()
+        if b is not None:
+            b.requires_grad_()
+    return (x, w, b, t, g, -100, 0.1, 0.0, 1e-3, reduction, 4, grads, grads, grads and bias)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("grads", [True, False])
+def test_opcheck(device, reduction, grads):
+    torch.library.opcheck(torch.ops.slothai.fused_ce.default, _op_args(device, reduction, grads))
+    if reduction == 0:
+        torch.library.opcheck(torch.ops.slothai.fused_ce.default, _op_args(device, 0, False, grad_rows=True))
+
+
+def test_compile_no_graph_breaks_no_recompile_per_token_count(device, compile_counters):
+    head = torch.nn.Linear(16, 50, bias=False, device=device)
+    proj = torch.nn.Linear(16, 16, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, t):
+        return slothai.fused_linear_cross_entropy(torch.relu(proj(x)), head.weight, t)
+
+    for n in [12, 17, 30, 45]:
+        x = torch.randn(2, n, 16, device=device)
+        t = torch.randint(0, 50, (2, n), device=device)
+        loss = step(x, t)
+        loss.backward()
+        want = reference(torch.relu(proj(x)).double(), head.weight.double(), t)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+    assert compile_counters["graph_break"] == {}
+    assert compile_counters["stats"]["unique_graphs"] <= 2  # static first, then dynamic
+
+
+def test_compile_inductor_training_step(device, compile_counters):
+    head = torch.nn.Linear(16, 40, bias=False, device=device)
+    x = torch.randn(2, 9, 16, device=device, requires_grad=True)
+    t = torch.randint(0, 40, (2, 9), device=device)
+    f = torch.compile(lambda x, t: slothai.fused_linear_cross_entropy(x, head.weight, t), fullgraph=True)
+    f(x, t).backward()
+    gx = x.grad.clone()
+    x.grad = None
+    reference(x.double(), head.weight.double(), t).backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-6)
+    assert compile_counters["graph_break"] == {}
+
+
+# ---------------------------------------------------------------------------
+# chunked_linear_loss: the general form
+
+def _xent(z, t):
+    return F.cross_entropy(z, t, ignore_index=-100, reduction="none")
+
+
+def _zloss_ce(z, t):
+    return _xent(z, t) + 1e-2 * torch.logsumexp(z, -1) ** 2
+
+
+def _kl_distill(z, teacher):
+    return F.kl_div(F.log_softmax(z, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+
+
+def _grpo(z, target):
+    ids, adv = target[:, 0].long(), target[:, 1]
+    return -adv * torch.log_softmax(z, -1).gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _unchunked(x, w, b, t, fn, reduction, labels):
+    z = (x @ w.t() + (b if b is not None else 0)).reshape(-1, w.shape[0])
+    per = fn(z, t.reshape(z.shape[0], *t.shape[x.dim() - 1:]))
+    if labels:
+        per = per * (t.reshape(-1) != -100)
+    if reduction == "none":
+        return per.view(x.shape[:-1])
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / ((t.reshape(-1) != -100).sum() if labels else z.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["xent", "zloss", "kl", "grpo"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_linear_loss_matches_unchunked(kind, reduction):
+    x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(29, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(29, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 29, (2, 13))
+    labels[0, :4] = -100
+    fn, t, is_labels = {
+        "xent": (_xent, labels, True),
+        "zloss": (_zloss_ce, labels.clamp_min(0), True),
+        "kl": (_kl_distill, torch.randn(2, 13, 29, dtype=torch.float64), False),
+        "grpo": (_grpo, torch.stack([labels.clamp_min(0).double(), torch.randn(2, 13, dtype=torch.float64)], -1),
+                 False),
+    }[kind]
+    got = slothai.chunked_linear_loss(x, w, t, fn, bias=b, chunk_size=5, reduction=reduction)
+    want = _unchunked(x, w, b, t, fn, reduction, is_labels)
+    torch.testing.assert_close(got.double(), want.float().double(), rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((got.double() * g).sum(), (x, w, b))
+    want_grads = torch.autograd.grad((want * g).sum(), (x, w, b))
+    for a, e in zip(grads, want_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_linear_loss_gradcheck_float64():
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 6, (7,))
+    assert torch.autograd.gradcheck(
+        lambda x, w: slothai.chunked_linear_loss(x, w, t, lambda z, tt: _xent(z.double(), tt), chunk_size=3),
+        (x, w))
