@@ -20,8 +20,9 @@ for step in "$@"; do
     tests) python3 -X faulthandler -m pytest -q -x tests >"$OUT/tests.log" 2>&1; rc=$?
            grep -B2 -A12 "Fatal Python\|Current thread" "$OUT/tests.log" | head -40; tail -15 "$OUT/tests.log"
            [ $rc -eq 0 ] || echo "tests failed: rc $rc" ;;
-    sanitize) compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-                tests -k "cuda and not compile and not opcheck" 2>&1 | tail -8 ;;
+    sanitize) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
+                -p no:cacheprovider tests -k "cuda and not compile and not opcheck" >"$OUT/sanitize.log" 2>&1
+              echo "compute-sanitizer rc=$?"; grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/sanitize.log" | head -8 ;;
     bench_*) python3 "benchmarks/$step.py" 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
     *) eval "$step" ;;
   esac
