@@ -138,6 +138,10 @@ def main():
     for n, h, v, trained, f, acc in cases:
         rec = run_case(f, n, h, v, trained, reps=10, want_accuracy=acc)
         records.append(rec)
+        if os.environ.get("OUT"):  # keep what is done if the run is cut short
+            import json
+            with open(os.path.join(os.environ["OUT"], "fused_ce_partial.json"), "w") as fh:
+                json.dump(records, fh)
         print(f"  N={n} H={h} V={v} {'trained' if trained else 'frozen'}: " +
               ", ".join(f"{k} {t:.1f} ms / {rec['peak_gb'].get(k, 0) or 0:.2f} GB" if t else f"{k} OOM"
                         for k, t in rec["ms"].items()), flush=True)

@@ -130,11 +130,12 @@ int log2_exact(int64_t v)
 
 extern "C" slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream)
 {
-    if (!a || a->numel < 0 || (a->absmax_u8 == nullptr) == (a->absmax_f32 == nullptr)) return SLOTHAI_EINVAL;
+    if (!a || a->numel < 0) return SLOTHAI_EINVAL;
+    if (a->numel == 0) return SLOTHAI_OK; // (empty tensors may have null data pointers)
+    if ((a->absmax_u8 == nullptr) == (a->absmax_f32 == nullptr)) return SLOTHAI_EINVAL;
     const int log2_bs = log2_exact(a->blocksize);
     const int log2_bs2 = a->absmax_u8 ? log2_exact(a->blocksize2) : 0;
     if (log2_bs < 3 || log2_bs2 < 0) return SLOTHAI_EINVAL;
-    if (a->numel == 0) return SLOTHAI_OK;
 
     const int64_t ngroups = (a->numel + kGroup - 1) / kGroup;
     const int64_t full_groups = a->numel / kGroup;

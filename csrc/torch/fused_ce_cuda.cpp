@@ -19,10 +19,11 @@ fused_ce_cuda(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
 {
     const c10::cuda::CUDAGuard guard(hidden.device());
     CeDevice dev;
-    // Logits budget: up to 1 GiB, and no more than an eighth of what is free.
+    // Logits budget: up to 512 MiB (GEMMs of >= 2K rows at 128K vocab), and no
+    // more than an eighth of what is free.
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
-    dev.chunk_bytes = std::max<int64_t>(int64_t(64) << 20, std::min<int64_t>(int64_t(1) << 30, free_bytes / 8));
+    dev.chunk_bytes = std::max<int64_t>(int64_t(64) << 20, std::min<int64_t>(int64_t(512) << 20, free_bytes / 8));
     dev.rows = [](const slothai_ce_rows_args &a) {
         check_status(slothai_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()), "fused_ce rows (cuda)");
     };
