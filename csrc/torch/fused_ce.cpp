@@ -3,9 +3,7 @@
 //   z_c   = x_c W^T (+ b)                      [rows x V, input dtype]
 //   loss_c, dz_c (in place of z_c)             core kernel, fp32 math
 //   dx_c  = dz_c W                             written straight into dX
-//   dW   += dz_c^T x_c                         fp32 accumulator across chunks,
-//                                              kept as vocabulary slabs so the
-//                                              final cast frees fp32 as it goes
+//   dW   += dz_c^T x_c                         fp32 accumulator across chunks
 //   db   += sum_rows dz_c                      fp32
 // With reduction sum/mean the gradients are formed here, in the forward, for an
 // upstream gradient of 1 (mean: scaled by 1 / #counted rows, read on the device,
@@ -22,7 +20,6 @@ namespace slothai {
 namespace {
 
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
-constexpr int64_t kDwSlabs = 4; // fp32 dW accumulator in this many vocabulary slabs
 
 // dst += a @ b with an fp32 dst and half-precision a, b: cuBLAS accumulates in
 // fp32 and adds into fp32 on CUDA; the CPU path upcasts.
@@ -111,8 +108,7 @@ fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
 
     at::Tensor loss = at::empty({N}, fopts);
     at::Tensor dx = at::empty({grad_hidden ? N : 0, grad_hidden ? H : 0}, opts);
-    at::Tensor dw, db_acc;
-    std::vector<at::Tensor> dw_slabs; // fp32 accumulators, rows [k * slab, (k + 1) * slab) of dW
+    at::Tensor dw, dw_acc, db_acc;
 
     if (N > 0) {
         int64_t chunk = chunk_size > 0 ? chunk_size : dev.chunk_bytes / (V * (int64_t)x.element_size());
@@ -120,9 +116,7 @@ fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
         const int64_t nchunks = (N + chunk - 1) / chunk;
         // One chunk: cuBLAS's own fp32 accumulation is the whole sum, write dW directly.
         const bool dw_direct = nchunks == 1;
-        const int64_t slab = (V + kDwSlabs - 1) / kDwSlabs;
-        if (grad_weight && !dw_direct)
-            for (int64_t v0 = 0; v0 < V; v0 += slab) dw_slabs.push_back(at::zeros({std::min(slab, V - v0), H}, fopts));
+        if (grad_weight && !dw_direct) dw_acc = at::zeros({V, H}, fopts);
         if (grad_bias) db_acc = at::zeros({V}, fopts);
         at::Tensor zbuf = at::empty({chunk, V}, opts);
         const at::Tensor wt = w.t();
@@ -163,20 +157,14 @@ fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
                 if (dw_direct)
                     dw = at::mm(z.t(), xc);
                 else
-                    for (size_t k = 0; k < dw_slabs.size(); ++k)
-                        addmm_fp32(dw_slabs[k], z.narrow(1, (int64_t)k * slab, dw_slabs[k].size(0)).t(), xc);
+                    addmm_fp32(dw_acc, z.t(), xc);
             }
             if (grad_bias) db_acc.add_(z.sum(0, false, at::kFloat));
         }
         zbuf.reset();
         if (grad_weight && !dw_direct) {
-            // Cast slab by slab, freeing each fp32 slab: peak fp32 + one bf16 slab, not fp32 + bf16.
-            std::vector<at::Tensor> parts;
-            for (auto &acc : dw_slabs) {
-                parts.push_back(acc.to(x.scalar_type()));
-                acc.reset();
-            }
-            dw = parts.size() == 1 ? parts[0] : at::cat(parts);
+            dw = dw_acc.to(x.scalar_type());
+            dw_acc.reset();
         }
     } else if (grad_weight) {
         dw = at::zeros({V, H}, opts);
