@@ -30,7 +30,9 @@ _compiled = torch.compile(eager, dynamic=False)
 
 
 def impls():
+    ce_rows = lambda z, t: F.cross_entropy(z, t, ignore_index=-100, reduction="none")  # noqa: E731
     out = {"slothai": lambda x, w, y: slothai.fused_linear_cross_entropy(x, w, y),
+           "chunked": lambda x, w, y: slothai.chunked_linear_loss(x, w, y, ce_rows),
            "eager": eager, "torch.compile": _compiled}
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -123,12 +125,13 @@ def run_case(fns, n, h, v, trained, reps, want_accuracy):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="reference case only")
+    ap.add_argument("--quick", action="store_true", help="reference cases only")
+    ap.add_argument("--name", default="fused_ce", help="results file name")
     args = ap.parse_args()
     env = common.environment()
     print(f"{env['card']}  torch {env['torch']}")
     fns = impls()
-    no_compile = {k: f for k, f in fns.items() if k != "torch.compile"}
+    no_compile = {k: f for k, f in fns.items() if k not in ("torch.compile", "chunked")}
     cases = [(16384, 4096, 128256, True, fns, True), (16384, 4096, 128256, False, fns, True),
              (4096, 1024, 50257, True, no_compile, True)]
     if not args.quick:
@@ -146,16 +149,16 @@ def main():
               ", ".join(f"{k} {t:.1f} ms / {rec['peak_gb'].get(k, 0) or 0:.2f} GB" if t else f"{k} OOM"
                         for k, t in rec["ms"].items()), flush=True)
 
-    names = ["slothai", "eager", "torch.compile", "liger", "cce", "gemms"]
+    names = ["slothai", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
     rows = []
     for r in records:
         fmt = lambda d, k, p: "-" if d.get(k) is None else f"{d[k]:.{p}f}"  # noqa: E731
         rows.append([f"{r['n']}x{r['h']}x{r['v']}", "W" if r["trained"] else "frozen"] +
-                    [fmt(r["ms"], k, 1) for k in names] + [fmt(r["peak_gb"], k, 2) for k in names[:5]] +
+                    [fmt(r["ms"], k, 1) for k in names] + [fmt(r["peak_gb"], k, 2) for k in names[:-1]] +
                     [f"{r['grads_gb']:.2f}"])
     lines = [f"Linear + CE fwd+bwd, bf16, 10% ignored: median ms | peak GB above inputs. {env['card']}, "
              f"torch {env['torch']}, {env['date']}"]
-    lines += common.table(["N x H x V", "weight"] + [f"{k} ms" for k in names] + [f"{k} GB" for k in names[:5]] +
+    lines += common.table(["N x H x V", "weight"] + [f"{k} ms" for k in names] + [f"{k} GB" for k in names[:-1]] +
                           ["grads GB"], rows)
     for r in records:
         if "accuracy" in r:
@@ -165,11 +168,12 @@ def main():
                 gw = "-" if a["grad_w_err"] is None else f"{a['grad_w_err']:.2e}"
                 lines.append(f"    {k:14s} |loss diff| {a['loss_diff']:.2e}  grad x rel err {a['grad_x_err']:.2e}"
                              f"  grad W rel err {gw}")
-    common.write("fused_ce", dict(env, cases=records), lines)
-    plot(records, env)
+    common.write(args.name, dict(env, cases=records), lines)
+    if not args.quick:
+        plot(records, env, args.name)
 
 
-def plot(records, env):
+def plot(records, env, name="fused_ce"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -195,7 +199,7 @@ def plot(records, env):
     fig.suptitle(f"Linear + CE, {env['card']}, torch {env['torch']}, {env['date']}")
     fig.tight_layout()
     for folder in filter(None, [common.RESULTS, os.environ.get("OUT")]):
-        fig.savefig(os.path.join(folder, "fused_ce.png"), dpi=110)
+        fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
 
 
 if __name__ == "__main__":
