@@ -73,7 +73,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
 # ---------------------------------------------------------------------------
 # The general form: any per-token loss of the logits.
 
-def _default_chunk(n, v, elem):
+def _default_chunk(n, v):
     # fp32 logits plus autograd's copies live per chunk: keep a chunk near 256 MiB.
     return max(1, min(n, (256 << 20) // max(1, v * 4)))
 
@@ -152,7 +152,7 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
     t = target.reshape(x.shape[0], *target.shape[hidden.dim() - 1:])
     labels = not t.is_floating_point() and t.dim() == 1
     mask = (t != ignore_index) if labels else None
-    chunk = int(chunk_size or _default_chunk(x.shape[0], weight.shape[0], x.element_size()))
+    chunk = int(chunk_size or _default_chunk(x.shape[0], weight.shape[0]))
     losses = _ChunkedLinearLoss.apply(x, weight, bias, t, mask, loss_fn, chunk)
     if reduction == "none":
         return losses.view(hidden.shape[:-1])
