@@ -1,5 +1,6 @@
-"""`python -m slothai demo`: what slothai does, on this machine."""
+"""Command line: `python -m slothai demo` and `python -m slothai report ...`."""
 import argparse
+import json
 import sys
 
 
@@ -7,6 +8,59 @@ def demo(args):
     from .demo import run
 
     run(device=args.device)
+    print("\nQLoRA training steps, unpatched eager vs slothai.patch + slothai.compile:")
+    main(["report", "--model", "tiny", "--baseline", "--steps", "4", "--seq", "64", "96"] +
+         (["--device", args.device] if args.device else []))
+
+
+def report(args):
+    import torch
+
+    from . import qlora
+    from .patch import patch
+    from .regional import compile as compile_model
+    from .report import compile_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    name, path = (args.model, None) if args.model in qlora.SHAPES else ("path", args.model)
+    print(f"slothai report: model {args.model} ({args.family if name == 'tiny' else 'checkpoint'}), {device}, "
+          f"{dtype}, batch {args.batch}, seq {args.seq}, {args.steps} steps, compile {args.compile}, "
+          f"patch {'off' if args.no_patch else 'on'}")
+    runs = {}
+    plans = [("baseline (unpatched, eager)", False, "none")] if args.baseline else []
+    plans.append(("slothai" if not args.no_patch else "unpatched", not args.no_patch, args.compile))
+    for label, do_patch, mode in plans:
+        print(f"\n== {label}: patch {'on' if do_patch else 'off'}, compile {mode}")
+        model = qlora.build(name, args.family, device=device, dtype=dtype, lora_r=args.lora_r, path=path)
+        if do_patch:
+            patch(model)
+        compile_model(model, mode, backend=args.backend)
+        vocab = model.config.vocab_size if hasattr(model, "config") else 256
+        batch_list = list(qlora.batches(vocab, args.batch, args.seq, args.steps, device))
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with compile_report() as rep:
+            steps = qlora.train(model, batch_list, log=print)
+        timed = steps[1:] or steps  # the first step carries the compile
+        tok_s = sum(s[2] for s in timed) / sum(s[1] for s in timed)
+        runs[label] = dict(compile=rep.to_dict(), losses=[s[0] for s in steps], step_seconds=[s[1] for s in steps],
+                           tokens_per_second=tok_s, peak_memory_gb=qlora.peak_memory_gb(device),
+                           memory_kind="GPU allocated" if device == "cuda" else "process resident (peak so far)")
+        print(rep)
+        print(f"steady {tok_s:,.0f} tokens/s (steps 2..), peak memory {runs[label]['peak_memory_gb']:.2f} GB "
+              f"({runs[label]['memory_kind']})")
+        del model
+    if len(runs) == 2:
+        (bl, b), (ol, o) = runs.items()
+        rel = max(abs(x - y) / abs(y) for x, y in zip(o["losses"], b["losses"]))
+        print(f"\n{ol} vs {bl}: {o['tokens_per_second'] / b['tokens_per_second']:.2f}x tokens/s, "
+              f"peak memory {o['peak_memory_gb']:.2f} vs {b['peak_memory_gb']:.2f} GB, "
+              f"max relative loss difference {rel:.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, device=device, dtype=str(dtype), batch=args.batch, seq=args.seq,
+                           steps=args.steps, runs=runs), f, indent=1)
 
 
 def main(argv=None):
@@ -15,6 +69,22 @@ def main(argv=None):
     p = sub.add_parser("demo", help="dequantize a real bitsandbytes NF4 layer and time it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=demo)
+    p = sub.add_parser("report", help="train a 4-bit QLoRA model a few steps and report what compile did")
+    p.add_argument("--model", default="tiny", help="tiny, llama-1b, llama-8b (random weights) or a checkpoint PATH")
+    p.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma2"],
+                   help="family of the tiny model")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, nargs="+", default=[64, 96], help="sequence lengths, cycled over the steps")
+    p.add_argument("--compile", default="regional", choices=["regional", "full", "none"])
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
+    p.add_argument("--no-patch", action="store_true", help="leave the model unpatched")
+    p.add_argument("--baseline", action="store_true", help="also run the unpatched eager model first")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--json", default=None, help="write the numbers to this file")
+    p.set_defaults(func=report)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

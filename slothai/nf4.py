@@ -26,22 +26,11 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
         quant_state = getattr(weight, "quant_state", None)
         if quant_state is None:
             raise TypeError("weight has no .quant_state: pass a bitsandbytes Params4bit, or (packed, quant_state)")
-    quant_type = getattr(quant_state, "quant_type", "nf4")
-    if quant_type != "nf4":
-        raise ValueError(f"quant_state.quant_type must be 'nf4', got {quant_type!r}")
+    _check_state(quant_state)
     dtype = quant_state.dtype if dtype is None else dtype
-    if getattr(quant_state, "nested", False):
-        state2 = quant_state.state2
-        code2, absmax2, offset, blocksize2 = state2.code, state2.absmax, quant_state.offset, state2.blocksize
-    else:
-        code2 = absmax2 = offset = None
-        blocksize2 = 256
     if isinstance(weight, torch.nn.Parameter):
         weight = weight.data  # a Params4bit's bytes; the op does not differentiate through codes
-    return _dequant_nf4(
-        weight, quant_state.absmax, code2, absmax2, offset,
-        quant_state.blocksize, blocksize2, list(quant_state.shape), dtype,
-    )
+    return _dequant_nf4(weight, *_state_args_of(quant_state), list(quant_state.shape), dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,3 +46,51 @@ def _nf4_levels():
 def nf4_levels():
     """The 16 NF4 levels (float32, index 0..15) as the kernels use them."""
     return _nf4_levels().clone()
+
+
+def _check_state(qs):
+    quant_type = getattr(qs, "quant_type", "nf4")
+    if quant_type != "nf4":
+        raise ValueError(f"quant_state.quant_type must be 'nf4', got {quant_type!r}")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("quant_state is in bitsandbytes' CPU inference layout (packing_format_for_cpu); "
+                         "slothai.patch converts it back, or call the module in training mode")
+
+
+def _state_args_of(qs):
+    """The op's arguments between `packed` and `shape`, read off a QuantState."""
+    if getattr(qs, "nested", False):
+        s2 = qs.state2
+        return (qs.absmax, s2.code, s2.absmax, qs.offset, qs.blocksize, s2.blocksize)
+    return (qs.absmax, None, None, None, qs.blocksize, 256)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from NF4 on the fly, forward and again in
+    backward: only the 4-bit codes are kept for backward, never the dense W."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+        w = _dequant_nf4(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
+        ctx.save_for_backward(packed, absmax, code2, absmax2, offset)
+        ctx.meta = (blocksize, blocksize2, shape, dtype)
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            w = _dequant_nf4(*ctx.saved_tensors, *ctx.meta)
+            dx = grad @ w
+        if ctx.needs_input_grad[1]:
+            db = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (dx, db) + (None,) * 9
+
+
+def nf4_linear(x, weight, bias=None):
+    """`x @ dequantize_nf4(weight).T + bias` for a bitsandbytes Params4bit, in x's
+    dtype, differentiable in x and bias; backward dequantizes again instead of
+    keeping the dense weight."""
+    qs = weight.quant_state
+    _check_state(qs)
+    return _NF4Linear.apply(x, bias, weight.data, *_state_args_of(qs), list(qs.shape), x.dtype)

@@ -1,0 +1,157 @@
+"""`slothai.patch(model)`: route a Hugging Face / PEFT / bitsandbytes QLoRA model
+through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
+
+- Every bitsandbytes NF4 `Linear4bit` (bare, or the base layer inside PEFT's
+  LoRA wrapper) computes through `slothai::dequant_nf4`, and its backward
+  dequantizes again instead of keeping the dense weight.
+- Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
+  loss with `fused_linear_cross_entropy` from the last hidden states when labels
+  are given: the [tokens x vocab] logits are never built, and the output's
+  `logits` is None. Without labels the model's own forward runs unchanged.
+- If Unsloth is importable, its `fast_dequantize` is routed to slothai's op.
+
+This module is the one place that knows about model families; the ops know
+nothing about models.
+"""
+import dataclasses
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .fused_ce import fused_linear_cross_entropy
+from .nf4 import dequantize_nf4, nf4_linear
+
+# model_type -> config attribute holding the final-logit softcap (None: no softcap).
+CAUSAL_LM_FAMILIES = {
+    "llama": None,
+    "mistral": None,
+    "qwen2": None,
+    "qwen3": None,
+    "gemma": None,
+    "gemma2": "final_logit_softcapping",
+    "gemma3_text": "final_logit_softcapping",
+}
+
+_ORIGINAL = "_slothai_original_forward"
+
+
+def _is_bnb_linear4bit(module):
+    cls = type(module)
+    return cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes") and \
+        getattr(getattr(module.weight, "quant_state", None), "quant_type", None) == "nf4"
+
+
+def _standard_layout(module):
+    """bitsandbytes (>= 0.49) repacks CPU weights into its own inference layout on
+    an eval-mode forward without grad; put them back as bitsandbytes itself does
+    before saving, so the codes are NF4 as stored."""
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, module.weight.quant_state)
+
+
+def _linear4bit_forward(self, x):
+    """bitsandbytes Linear4bit.forward, with slothai's one-launch dequant."""
+    _standard_layout(self)
+    inp_dtype = x.dtype
+    if getattr(self, "compute_dtype", None) is not None:
+        x = x.to(self.compute_dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return nf4_linear(x, self.weight, bias).to(inp_dtype)
+
+
+def _causal_lm_forward(self, *args, labels=None, **kwargs):
+    """The family's CausalLM forward, but the loss comes from the hidden states."""
+    original = getattr(self, _ORIGINAL)
+    head = self.lm_head
+    if labels is None or len(args) > 1 or kwargs.get("return_dict") is False or \
+            not isinstance(head, torch.nn.Linear):
+        return original(*args, labels=labels, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.model(*args, **kwargs)
+    hidden = outputs[0]
+    if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    softcap_attr = CAUSAL_LM_FAMILIES.get(self.config.model_type)
+    softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
+    loss = fused_linear_cross_entropy(
+        hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), head.bias,
+        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap)
+    if num_items is not None:  # gradient accumulation: transformers divides the sum by it
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+
+
+def _is_causal_lm(module):
+    config = getattr(module, "config", None)
+    return type(module).__name__.endswith("ForCausalLM") and hasattr(module, "lm_head") and \
+        hasattr(module, "model") and getattr(config, "model_type", None) in CAUSAL_LM_FAMILIES
+
+
+def _set_forward(module, fn):
+    if _ORIGINAL not in module.__dict__:
+        setattr(module, _ORIGINAL, module.forward)
+    module.forward = types.MethodType(fn, module)
+
+
+def patch(model, *, linear4bit=True, loss=True):
+    """Patch `model` in place (idempotent) and return it. See the module docstring."""
+    for module in model.modules():
+        if linear4bit and _is_bnb_linear4bit(module):
+            _set_forward(module, _linear4bit_forward)
+        elif loss and _is_causal_lm(module):
+            _set_forward(module, _causal_lm_forward)
+    _patch_unsloth()
+    return model
+
+
+def unpatch(model):
+    """Undo `patch`: every patched module gets its own forward back."""
+    for module in model.modules():
+        if _ORIGINAL in module.__dict__:
+            del module.__dict__["forward"]
+            delattr(module, _ORIGINAL)
+    return model
+
+
+def is_patched(module):
+    return _ORIGINAL in module.__dict__
+
+
+def _unsloth_fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False):
+    """Unsloth's fast_dequantize signature on top of slothai's op."""
+    if quant_state is None:
+        return W
+    if isinstance(quant_state, list):  # Unsloth's compressed-statistics list form: not handled, defer
+        return _UNSLOTH_ORIGINAL["fast_dequantize"](W, quant_state, out, use_global_buffer)
+    w = dequantize_nf4(W, quant_state)
+    if out is not None:
+        out.copy_(w)
+        w = out
+    return w.t() if W.shape[0] == 1 else w
+
+
+_UNSLOTH_ORIGINAL = {}
+
+
+def _patch_unsloth():
+    """If Unsloth is loaded, send its fast_dequantize (and the modules that
+    imported it by name) to slothai's op. Not verified against a real Unsloth."""
+    utils = sys.modules.get("unsloth.kernels.utils")
+    if utils is None or "fast_dequantize" in _UNSLOTH_ORIGINAL:
+        return
+    _UNSLOTH_ORIGINAL["fast_dequantize"] = utils.fast_dequantize
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("unsloth") and getattr(mod, "fast_dequantize", None) is utils.fast_dequantize:
+            mod.fast_dequantize = _unsloth_fast_dequantize

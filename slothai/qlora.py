@@ -1,0 +1,101 @@
+"""Build 4-bit QLoRA models (random weights, no download) and run training steps:
+what `python -m slothai report`, the tests and benchmarks/bench_qlora.py share."""
+import contextlib
+import resource
+import tempfile
+import time
+
+import torch
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Shapes by name. "tiny" exists for every family; the others are Llama shapes.
+SHAPES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                     rope_theta=500000.0),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0),
+}
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
+
+
+def make_config(name="tiny", family="llama"):
+    from transformers import AutoConfig
+
+    if name not in SHAPES:
+        return AutoConfig.from_pretrained(name)
+    if name != "tiny" and family != "llama":
+        raise ValueError(f"{name} is a Llama shape; family must be 'llama'")
+    kw = dict(SHAPES[name], max_position_embeddings=8192)
+    if family == "gemma2":
+        kw.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=32,
+                  query_pre_attn_scalar=16)
+    return AutoConfig.for_model(family, **kw)
+
+
+def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lora_r=8, seed=0, path=None):
+    """A bitsandbytes NF4 (double-quantized) model with PEFT LoRA on all 7 projections.
+
+    Random weights are drawn with `seed`, saved, and loaded back through
+    `from_pretrained` with a BitsAndBytesConfig, as a user would load a checkpoint;
+    `path` (or a `name` that is not a known shape) loads that checkpoint instead.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        if path is None and name in SHAPES:
+            path = stack.enter_context(tempfile.TemporaryDirectory())
+            torch.manual_seed(seed)
+            AutoModelForCausalLM.from_config(make_config(name, family), dtype=dtype).save_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path or name, quantization_config=quant, dtype=dtype,
+                                                     device_map=device)
+    torch.manual_seed(seed + 1)
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                             target_modules=PROJECTIONS))
+    model.config.use_cache = False
+    return model.train()
+
+
+def batches(vocab, batch, seqs, steps, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        ids = torch.randint(0, vocab, (batch, seqs[i % len(seqs)]), generator=g).to(device)
+        yield ids
+
+
+def peak_memory_gb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB, process peak so far
+
+
+def train(model, batch_list, *, lr=1e-3, log=None):
+    """AdamW steps on (ids -> labels=ids); returns [(loss, seconds, tokens)]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    out = []
+    device = next(iter(params)).device.type
+    for i, ids in enumerate(batch_list):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        out.append((value, dt, ids.numel()))
+        if log:
+            log(f"  step {i + 1}/{len(batch_list)}  seq {ids.shape[1]:5d}  loss {value:.4f}  "
+                f"{dt:7.3f} s  {ids.numel() / dt:9.0f} tok/s")
+    return out

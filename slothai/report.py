@@ -1,0 +1,118 @@
+"""`slothai.compile_report()`: what torch.compile did during a block of code.
+
+    with slothai.compile_report() as report:
+        for batch in loader: ...
+    print(report)   # graph breaks (reason + where), recompiles (reason), compilations, seconds
+
+It reads Dynamo's counters and listens to its `graph_breaks` and `recompiles`
+logs for the duration (torch._logging is reset to its defaults on exit).
+"""
+import dataclasses
+import logging
+import re
+import time
+
+import torch
+from torch._dynamo.utils import compilation_time_metrics, counters
+
+_BREAK_LOGGERS = ("torch._dynamo.symbolic_convert.__graph_breaks", "torch._dynamo.convert_frame.__graph_breaks",
+                  "torch._dynamo.exc.__graph_breaks")
+_RECOMPILE_LOGGERS = ("torch._dynamo.guards.__recompiles",)
+# Whole-frame compile time; AOT backward compilation happens inside it.
+_COMPILE_TIME_KEYS = ("_compile.compile_inner",)
+
+
+def _compile_seconds():
+    return sum(sum(compilation_time_metrics.get(k, ())) for k in _COMPILE_TIME_KEYS)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink):
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record):
+        try:
+            self.sink.append(record.getMessage())
+        except Exception:  # noqa: BLE001  (a report must never break training)
+            pass
+
+
+@dataclasses.dataclass
+class CompileReport:
+    graph_breaks: list = dataclasses.field(default_factory=list)  # {"reason", "count", "where"}
+    recompiles: list = dataclasses.field(default_factory=list)    # {"function", "reason"}
+    compilations: int = 0
+    compile_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def __str__(self):
+        lines = [f"torch.compile report: {self.compilations} compilation(s), {self.compile_seconds:.1f} s compiling "
+                 f"(of {self.wall_seconds:.1f} s), {sum(b['count'] for b in self.graph_breaks)} graph break(s), "
+                 f"{len(self.recompiles)} recompile(s)"]
+        for b in self.graph_breaks:
+            lines.append(f"  graph break x{b['count']}: {b['reason']}" + (f"\n      at {b['where']}" if b["where"] else ""))
+        for r in self.recompiles:
+            lines.append(f"  recompile of {r['function']}: {r['reason']}")
+        return "\n".join(lines)
+
+
+class compile_report:  # noqa: N801  (used as a context manager, named like one)
+    """Context manager yielding a CompileReport filled in on exit."""
+
+    def __enter__(self):
+        self.report = CompileReport()
+        self._breaks0 = dict(counters["graph_break"])
+        self._graphs0 = counters["stats"]["unique_graphs"]
+        self._secs0 = _compile_seconds()
+        self._break_msgs, self._recompile_msgs = [], []
+        self._handlers = []
+        torch._logging.set_logs(graph_breaks=True, recompiles=True)
+        for names, sink in ((_BREAK_LOGGERS, self._break_msgs), (_RECOMPILE_LOGGERS, self._recompile_msgs)):
+            for name in names:
+                logger = logging.getLogger(name)
+                handler = _Collect(sink)
+                self._handlers.append((logger, handler, logger.propagate))
+                logger.addHandler(handler)
+                logger.propagate = False  # collected here, not printed
+        self._t0 = time.perf_counter()
+        return self.report
+
+    def __exit__(self, *exc):
+        r = self.report
+        r.wall_seconds = time.perf_counter() - self._t0
+        for logger, handler, propagate in self._handlers:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        torch._logging.set_logs()
+        r.compilations = counters["stats"]["unique_graphs"] - self._graphs0
+        r.compile_seconds = _compile_seconds() - self._secs0
+        for reason, n in counters["graph_break"].items():
+            d = n - self._breaks0.get(reason, 0)
+            if d > 0:
+                r.graph_breaks.append(dict(reason=reason.split("\n")[0].strip(), count=d,
+                                           where=_where(reason, self._break_msgs)))
+        for msg in self._recompile_msgs:
+            m = re.search(r"Recompiling function (\S+)", msg)
+            reasons = [ln.strip(" -") for ln in msg.splitlines() if ln.strip().startswith("- ")]
+            r.recompiles.append(dict(function=m.group(1) if m else "?",
+                                     reason="; ".join(reasons) or msg.splitlines()[-1].strip()))
+        return False
+
+
+def _where(reason, messages):
+    """The first user source line logged with this graph break, if any."""
+    head = reason.split("\n")[0].strip()[:60]
+    for msg in messages:
+        if head and head[:40] in msg or not head:
+            files = re.findall(r'File "([^"]+)", line (\d+)', msg)
+            if files:
+                return f"{files[-1][0]}:{files[-1][1]}"
+    for msg in messages:
+        files = re.findall(r'File "([^"]+)", line (\d+)', msg)
+        if files:
+            return f"{files[-1][0]}:{files[-1][1]}"
+    return ""

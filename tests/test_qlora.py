@@ -1,0 +1,131 @@
+"""slothai.patch / slothai.compile / compile_report on tiny 4-bit QLoRA models (CPU).
+
+Each family's tiny config is built with random weights, saved, and loaded back through
+from_pretrained with a bitsandbytes NF4 config; PEFT LoRA on all 7 projections; AdamW.
+"""
+import json
+
+import pytest
+import torch
+
+import slothai
+from slothai import qlora
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+SEQS = [64, 20, 64]  # 3 steps at two sequence lengths, one equal to the hidden size (duck shaping)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Every transformers decoder layer runs through one shared code object
+    # (GradientCheckpointingLayer); keep one family's cache entries from the next's.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", qlora.FAMILIES)
+def test_patched_compiled_matches_eager_without_graph_breaks(family):
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+    want = qlora.train(qlora.build("tiny", family), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", family)), backend="aot_eager")
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-3 * abs(b), (got, want)
+    assert report.graph_breaks == []
+    # One graph for the first decoder layer (its input needs no grad) and one for
+    # the rest; a new sequence length recompiles nothing.
+    assert report.compilations <= 2, report
+    assert all("size mismatch" not in r["reason"] for r in report.recompiles), report
+
+
+def test_patch_routes_through_slothai_and_unpatch_restores():
+    model = qlora.build("tiny", "llama")
+    ref = qlora.build("tiny", "llama")
+    ids = torch.randint(0, 256, (2, 10))
+    slothai.patch(model)
+    patched = [type(m).__name__ for m in model.modules() if slothai.patch_module.is_patched(m)]
+    assert patched.count("Linear4bit") == 2 * 7 and patched.count("LlamaForCausalLM") == 1  # 2 layers x 7 + head
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None  # the fused loss never builds them
+    want = ref(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    slothai.unpatch(model)
+    assert not any(slothai.patch_module.is_patched(m) for m in model.modules())
+    again = model(input_ids=ids, labels=ids)
+    assert torch.equal(again.logits, want.logits) and torch.equal(again.loss, want.loss)
+
+
+def test_patched_forward_without_labels_keeps_logits():
+    model = slothai.patch(qlora.build("tiny", "qwen2"))
+    ids = torch.randint(0, 256, (1, 7))
+    out = model(input_ids=ids)
+    assert out.logits.shape == (1, 7, 256)
+
+
+def test_num_items_in_batch_and_lora_disable():
+    model = slothai.patch(qlora.build("tiny", "mistral"))
+    ref = qlora.build("tiny", "mistral")
+    ids = torch.randint(0, 256, (2, 9))
+    n = torch.tensor(11)
+    got = model(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+    want = ref(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with model.disable_adapter(), ref.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_gemma2_softcap_is_applied():
+    model = slothai.patch(qlora.build("tiny", "gemma2"))
+    ref = qlora.build("tiny", "gemma2")
+    assert ref.config.final_logit_softcapping
+    ids = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_nf4_linear_backward_matches_dense():
+    import bitsandbytes as bnb
+
+    lin = bnb.nn.Linear4bit(24, 10, bias=True, quant_type="nf4", compress_statistics=True)
+    lin.weight = bnb.nn.Params4bit(torch.randn(10, 24), requires_grad=False, quant_type="nf4")
+    lin = lin.to("cpu")
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    y = slothai.nf4_linear(x, lin.weight, b)
+    w = slothai.dequantize_nf4(lin.weight, dtype=torch.float32)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_()
+    y2 = x2 @ w.t() + b2
+    torch.testing.assert_close(y, y2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_compile_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be"):
+        slothai.compile(torch.nn.Linear(2, 2), mode="fast")
+
+
+def test_report_cli_json(tmp_path, capsys):
+    from slothai.__main__ import main
+
+    out = tmp_path / "r.json"
+    main(["report", "--model", "tiny", "--steps", "3", "--seq", "12", "20", "--backend", "aot_eager",
+          "--baseline", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"baseline (unpatched, eager)", "slothai"}
+    run = data["runs"]["slothai"]
+    assert set(run["compile"]) == {"graph_breaks", "recompiles", "compilations", "compile_seconds", "wall_seconds"}
+    assert run["compile"]["graph_breaks"] == [] and run["compile"]["compilations"] <= 2
+    assert len(run["losses"]) == 3 and run["tokens_per_second"] > 0 and run["peak_memory_gb"] > 0
+    printed = capsys.readouterr().out
+    assert "torch.compile report" in printed and "max relative loss difference" in printed
