@@ -48,6 +48,10 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     if mode == "full":
         model.compile(**kwargs)
         return model
+    if any(p.requires_grad for p in model.parameters()) and hasattr(model, "enable_input_require_grads"):
+        # The first layer's input would otherwise need no grad and the others' would:
+        # two compiled variants of the same layer. One, and half the compile time.
+        model.enable_input_require_grads()
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
