@@ -9,15 +9,14 @@ Ops: torch.ops.slothai.dequant_nf4, torch.ops.slothai.fused_ce (see README for t
 from . import ops  # noqa: F401  (loads and registers the custom ops)
 from .fused_ce import FusedLinearCrossEntropyLoss, chunked_linear_loss, fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_levels, nf4_linear
-from . import patch as patch_module
-from .patch import patch, unpatch
+from .patch import is_patched, patch, unpatch
 from .regional import compile
 from .report import CompileReport, compile_report
 
 __version__ = "0.1.0"
 __all__ = [
     "dequantize_nf4", "nf4_levels", "nf4_linear",
-    "patch", "unpatch", "compile", "compile_report", "CompileReport",
+    "patch", "unpatch", "is_patched", "compile", "compile_report", "CompileReport",
     "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "chunked_linear_loss",
     "__version__",
 ]

@@ -104,14 +104,10 @@ class compile_report:  # noqa: N801  (used as a context manager, named like one)
 
 
 def _where(reason, messages):
-    """The first user source line logged with this graph break, if any."""
-    head = reason.split("\n")[0].strip()[:60]
-    for msg in messages:
-        if head and head[:40] in msg or not head:
-            files = re.findall(r'File "([^"]+)", line (\d+)', msg)
-            if files:
-                return f"{files[-1][0]}:{files[-1][1]}"
-    for msg in messages:
+    """The last user source line logged with this graph break (or with any, if none matches)."""
+    head = reason.split("\n")[0].strip()[:40]
+    matching = [m for m in messages if head in m] or messages
+    for msg in matching:
         files = re.findall(r'File "([^"]+)", line (\d+)', msg)
         if files:
             return f"{files[-1][0]}:{files[-1][1]}"

@@ -47,14 +47,14 @@ def test_patch_routes_through_slothai_and_unpatch_restores():
     ref = qlora.build("tiny", "llama")
     ids = torch.randint(0, 256, (2, 10))
     slothai.patch(model)
-    patched = [type(m).__name__ for m in model.modules() if slothai.patch_module.is_patched(m)]
+    patched = [type(m).__name__ for m in model.modules() if slothai.is_patched(m)]
     assert patched.count("Linear4bit") == 2 * 7 and patched.count("LlamaForCausalLM") == 1  # 2 layers x 7 + head
     out = model(input_ids=ids, labels=ids)
     assert out.logits is None  # the fused loss never builds them
     want = ref(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
     slothai.unpatch(model)
-    assert not any(slothai.patch_module.is_patched(m) for m in model.modules())
+    assert not any(slothai.is_patched(m) for m in model.modules())
     again = model(input_ids=ids, labels=ids)
     assert torch.equal(again.logits, want.logits) and torch.equal(again.loss, want.loss)
 
@@ -128,3 +128,19 @@ def test_report_cli_json(tmp_path, capsys):
     assert len(run["losses"]) == 3 and run["tokens_per_second"] > 0 and run["peak_memory_gb"] > 0
     printed = capsys.readouterr().out
     assert "torch.compile report" in printed and "max relative loss difference" in printed
+
+
+def test_compile_report_names_graph_breaks_and_recompiles():
+    def f(x):
+        y = torch.sin(x).sum()
+        return y.item() + 1  # a graph break
+
+    g = torch.compile(f, backend="eager")
+    with slothai.compile_report() as report:
+        g(torch.randn(3))
+        g(torch.randn(3, 2))  # a new rank: a recompile
+    assert report.compilations >= 2
+    (brk,) = report.graph_breaks
+    assert "item()" in brk["reason"] and brk["count"] >= 1 and "test_qlora.py" in brk["where"]
+    assert report.recompiles and "rank mismatch" in report.recompiles[0]["reason"]
+    assert "graph break" in str(report) and report.to_dict()["compilations"] == report.compilations
