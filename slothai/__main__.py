@@ -7,10 +7,15 @@ import sys
 def demo(args):
     from .demo import run
 
+    import torch
+
     run(device=args.device)
     print("\nQLoRA training steps, unpatched eager vs slothai.patch + slothai.compile:")
-    main(["report", "--model", "tiny", "--baseline", "--steps", "4", "--seq", "64", "96"] +
-         (["--device", args.device] if args.device else []))
+    main(["report", "--model", "tiny", "--baseline", "--steps", "4", "--seq", "64", "96", "--device", "cpu"])
+    if (args.device or "cuda") == "cuda" and torch.cuda.is_available():
+        print("\nAnd on the GPU, the Llama-3.2-1B shape:")
+        main(["report", "--model", "llama-1b", "--baseline", "--steps", "4", "--seq", "1024", "768",
+              "--device", "cuda"])
 
 
 def report(args):

@@ -14,8 +14,8 @@ This module is the one place that knows about model families; the ops know
 nothing about models.
 """
 import dataclasses
+import functools
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,14 @@ def _is_causal_lm(module):
 def _set_forward(module, fn):
     if _ORIGINAL not in module.__dict__:
         setattr(module, _ORIGINAL, module.forward)
-    module.forward = types.MethodType(fn, module)
+
+    # A plain function with the original's signature (functools.wraps): callers
+    # such as transformers' Trainer read forward's parameters to pick columns.
+    @functools.wraps(module.__dict__[_ORIGINAL])
+    def forward(*args, **kwargs):
+        return fn(module, *args, **kwargs)
+
+    module.forward = forward
 
 
 def patch(model, *, linear4bit=True, loss=True):
@@ -117,11 +124,13 @@ def patch(model, *, linear4bit=True, loss=True):
 
 
 def unpatch(model):
-    """Undo `patch`: every patched module gets its own forward back."""
+    """Undo `patch`: every patched module gets its own forward back (and Unsloth
+    its own fast_dequantize)."""
     for module in model.modules():
         if _ORIGINAL in module.__dict__:
             del module.__dict__["forward"]
             delattr(module, _ORIGINAL)
+    _unpatch_unsloth()
     return model
 
 
@@ -151,7 +160,16 @@ def _patch_unsloth():
     utils = sys.modules.get("unsloth.kernels.utils")
     if utils is None or "fast_dequantize" in _UNSLOTH_ORIGINAL:
         return
-    _UNSLOTH_ORIGINAL["fast_dequantize"] = utils.fast_dequantize
+    original = _UNSLOTH_ORIGINAL["fast_dequantize"] = utils.fast_dequantize
     for name, mod in list(sys.modules.items()):
-        if name.startswith("unsloth") and getattr(mod, "fast_dequantize", None) is utils.fast_dequantize:
+        if name.startswith("unsloth") and getattr(mod, "fast_dequantize", None) is original:
             mod.fast_dequantize = _unsloth_fast_dequantize
+
+
+def _unpatch_unsloth():
+    original = _UNSLOTH_ORIGINAL.pop("fast_dequantize", None)
+    if original is None:
+        return
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("unsloth") and getattr(mod, "fast_dequantize", None) is _unsloth_fast_dequantize:
+            mod.fast_dequantize = original
