@@ -86,11 +86,19 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
         ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap)
     if num_items is not None:  # gradient accumulation: transformers divides the sum by it
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    output_cls, fields = _OUTPUT
     rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
-    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    return output_cls(loss=loss, logits=None, **rest)
+
+
+_OUTPUT = []  # (CausalLMOutputWithPast, its field names), read at patch time, outside any trace
+
+
+def _load_output_class():
+    if not _OUTPUT:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        _OUTPUT.extend([CausalLMOutputWithPast, frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast))])
 
 
 def _is_causal_lm(module):
@@ -118,6 +126,7 @@ def patch(model, *, linear4bit=True, loss=True):
         if linear4bit and _is_bnb_linear4bit(module):
             _set_forward(module, _linear4bit_forward)
         elif loss and _is_causal_lm(module):
+            _load_output_class()
             _set_forward(module, _causal_lm_forward)
     _patch_unsloth()
     return model

@@ -186,3 +186,14 @@ def test_hf_trainer_with_patch_and_compile(tmp_path):
         result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 3 and result.training_loss > 0
     assert report.graph_breaks == [] and report.compilations == 1
+
+
+def test_full_model_compile_without_graph_breaks():
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+    want = qlora.train(qlora.build("tiny", "llama"), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), mode="full", backend="aot_eager")
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    assert report.graph_breaks == [] and report.compilations == 1, report
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-3 * abs(b)
