@@ -49,6 +49,21 @@ def _fused_ce_setup_context(ctx, inputs, output):
         ctx.save_for_backward(dh, dw, db)
 
 
+def _scaled(t, g, slab=1 << 24):
+    """t * g with the product formed in fp32 and rounded once (g is an fp32 scalar
+    tensor: casting it to bf16 first would scale every gradient by up to 2^-9),
+    a slab at a time so no full fp32 copy of t (dW can be 1 GB) ever exists."""
+    if not isinstance(t.numel(), int):  # traced with symbolic sizes: one expression, which inductor fuses
+        return (t.float() * g).to(t.dtype)
+    if t.dtype == torch.float32 or t.numel() == 0:
+        return t * g
+    out = torch.empty_like(t)
+    flat_in, flat_out = t.view(-1), out.view(-1)
+    for start in range(0, t.numel(), slab):
+        flat_out[start:start + slab] = (flat_in[start:start + slab].float() * g).to(t.dtype)
+    return out
+
+
 def _fused_ce_backward(ctx, g_loss, _dh, _dw, _db):
     *_, grad_hidden, grad_weight, grad_bias = ctx.options
     if ctx.options[4] == 0:
@@ -56,7 +71,7 @@ def _fused_ce_backward(ctx, g_loss, _dh, _dw, _db):
         _, dh, dw, db = torch.ops.slothai.fused_ce(hidden, weight, bias, target, g_loss.float().reshape(-1),
                                                    *ctx.options)
     else:
-        dh, dw, db = (t * g_loss.to(t.dtype) for t in ctx.saved_tensors)
+        dh, dw, db = (_scaled(t, g_loss) for t in ctx.saved_tensors)
     return (dh if grad_hidden else None, dw if grad_weight else None,
             db if grad_bias and ctx.has_bias else None) + (None,) * 11
 

@@ -301,3 +301,18 @@ def test_chunked_linear_loss_gradcheck_float64():
     assert torch.autograd.gradcheck(
         lambda x, w: slothai.chunked_linear_loss(x, w, t, lambda z, tt: _xent(z.double(), tt), chunk_size=3),
         (x, w))
+
+
+def test_upstream_gradient_is_applied_in_fp32(device):
+    # Gradients for loss * g must be g x those for loss, rounded once: scaling a
+    # bf16 gradient by a bf16-rounded g would bias every element (1/3 -> +0.2%).
+    (_, _, _, _), (x, w, _, t) = make(512, 32, 97, torch.bfloat16, device)
+    grads = []
+    for g in (1.0, 1.0 / 3.0):
+        xs, ws = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        (slothai.fused_linear_cross_entropy(xs, ws, t, chunk_size=128) * g).backward()
+        grads.append((xs.grad.float(), ws.grad.float()))
+    for a, b in zip(*grads):
+        nz = a.abs() > 1e-6
+        ratio = (b[nz] * 3 / a[nz]).mean().item()
+        assert abs(ratio - 1) < 3e-4, ratio
