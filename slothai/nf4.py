@@ -10,6 +10,7 @@ import torch
 from . import ops  # noqa: F401  (registers the op)
 
 _dequant_nf4 = torch.ops.slothai.dequant_nf4.default
+_nf4_linear = torch.ops.slothai.nf4_linear.default
 
 
 def dequantize_nf4(weight, quant_state=None, *, dtype=None):
@@ -65,32 +66,12 @@ def _state_args_of(qs):
     return (qs.absmax, None, None, None, qs.blocksize, 256)
 
 
-class _NF4Linear(torch.autograd.Function):
-    """y = x W^T + b with W dequantized from NF4 on the fly, forward and again in
-    backward: only the 4-bit codes are kept for backward, never the dense W."""
-
-    @staticmethod
-    def forward(ctx, x, bias, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
-        w = _dequant_nf4(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
-        ctx.save_for_backward(packed, absmax, code2, absmax2, offset)
-        ctx.meta = (blocksize, blocksize2, shape, dtype)
-        return torch.nn.functional.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            w = _dequant_nf4(*ctx.saved_tensors, *ctx.meta)
-            dx = grad @ w
-        if ctx.needs_input_grad[1]:
-            db = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return (dx, db) + (None,) * 9
-
-
 def nf4_linear(x, weight, bias=None):
     """`x @ dequantize_nf4(weight).T + bias` for a bitsandbytes Params4bit, in x's
     dtype, differentiable in x and bias; backward dequantizes again instead of
-    keeping the dense weight."""
+    keeping the dense weight (`slothai::nf4_linear`: one op, so torch.compile
+    cannot merge the two dequantizations and save the dense weight instead)."""
     qs = weight.quant_state
     _check_state(qs)
-    return _NF4Linear.apply(x, bias, weight.data, *_state_args_of(qs), list(qs.shape), x.dtype)
+    absmax, code2, absmax2, offset, blocksize, blocksize2 = _state_args_of(qs)
+    return _nf4_linear(x, weight.data, absmax, code2, absmax2, offset, blocksize, blocksize2, list(qs.shape), bias)

@@ -15,6 +15,37 @@ def _dequant_nf4_fake(packed, absmax, code2, absmax2, offset, blocksize, blocksi
 
 
 # --------------------------------------------------------------------------
+# slothai::nf4_linear — backward dequantizes again: only the 4-bit codes are kept.
+_dequant = torch.ops.slothai.dequant_nf4.default
+
+
+@torch.library.register_fake("slothai::nf4_linear")
+def _nf4_linear_fake(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias):
+    torch._check(len(shape) == 2, lambda: f"shape must be [out_features, in_features], got {shape}")
+    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got {x.shape}")
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+def _nf4_linear_setup_context(ctx, inputs, output):
+    x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias = inputs
+    ctx.save_for_backward(packed, absmax, code2, absmax2, offset)
+    ctx.meta = (blocksize, blocksize2, shape, x.dtype)
+
+
+def _nf4_linear_backward(ctx, grad):
+    dx = db = None
+    if ctx.needs_input_grad[0]:
+        dx = grad @ _dequant(*ctx.saved_tensors, *ctx.meta)
+    if ctx.needs_input_grad[9]:
+        db = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return (dx,) + (None,) * 8 + (db,)
+
+
+torch.library.register_autograd("slothai::nf4_linear", _nf4_linear_backward,
+                                setup_context=_nf4_linear_setup_context)
+
+
+# --------------------------------------------------------------------------
 # slothai::fused_ce — reduction codes as the schema takes them.
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 

@@ -9,6 +9,13 @@ TORCH_LIBRARY(slothai, m)
     m.def("dequant_nf4(Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
           "int blocksize, int blocksize2, SymInt[] shape, ScalarType dtype) -> Tensor");
 
+    // x @ dequant_nf4(...)^T + bias, the weight dequantized in x's dtype into a
+    // temporary. One opaque op, so that under torch.compile the backward's own
+    // dequant_nf4 cannot be merged with the forward's (which would keep every
+    // dense weight alive until backward).
+    m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
+          "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias) -> Tensor");
+
     // Linear + cross-entropy over chunks of rows; reduction 0 none, 1 sum, 2 mean.
     // Returns (loss, d hidden, d weight, d bias); a gradient not asked for (or
     // with neither grad_rows nor a reduction to differentiate) comes back empty.
