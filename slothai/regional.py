@@ -4,12 +4,16 @@ Regional: each decoder layer is compiled on its own and, since the layers share
 their code and their guards, the first layer's compiled code serves them all.
 What keeps it that way on Hugging Face models: the KV cache is turned off
 (training does not need it; a cache object per layer and its `layer_idx` are what
-pushed naive per-layer compilation over the recompile limit), and sizes are
-dynamic from the start, each with its own symbol (duck shaping off, process-wide),
-so a new sequence length does not recompile.
+pushed naive per-layer compilation over the recompile limit), every layer's input
+requires grad (as the first one's otherwise would not), and the batch and
+sequence sizes are dynamic from the first call while the model's own sizes stay
+static, so a new sequence length does not recompile and the kernels are compiled
+for the model's real hidden sizes.
 """
+import functools
+
 import torch
-import torch.fx.experimental._config  # noqa: F401  (use_duck_shape)
+from torch.utils._pytree import tree_leaves
 
 
 def decoder_layers(model):
@@ -28,25 +32,58 @@ def _disable_kv_cache(model):
             config.use_cache = False
 
 
+def mark_token_dims_dynamic(hidden, *others):
+    """Mark hidden's leading dims (batch, sequence) dynamic, and every dim of the
+    other tensors (position embeddings, masks, ids: nested anywhere in `others`)
+    whose size is one of those. The last dim of hidden (the model's width) stays
+    static: marking it too — what dynamic=True does — compiled every kernel for a
+    symbolic width, made compiling slower and let a sequence length equal to the
+    width be specialised. Sizes 0 and 1 are specialised by torch regardless."""
+    sizes = set(hidden.shape[:-1])
+    for d in range(hidden.dim() - 1):
+        torch._dynamo.maybe_mark_dynamic(hidden, d)
+    for t in tree_leaves(others):
+        if isinstance(t, torch.Tensor):
+            for d, n in enumerate(t.shape):
+                if n in sizes:
+                    torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def _compile_layer(layer, dynamic, kwargs):
+    compiled = torch.compile(layer.forward, **kwargs)
+    if not dynamic:
+        layer.forward = compiled
+        return
+
+    @functools.wraps(compiled)
+    def forward(*args, **kw):
+        hidden = args[0] if args else kw.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
+            mark_token_dims_dynamic(hidden, args[1:], kw)
+        return compiled(*args, **kw)
+
+    layer.forward = forward
+
+
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
     (the whole model, as `model.compile()`), or "none".
+    dynamic: True makes batch and sequence sizes dynamic from the first call (no
+    recompile for a new length); False leaves torch's default (static first,
+    then dynamic where a size changed: one recompile).
     """
     if mode not in ("regional", "full", "none"):
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
     if mode == "none":
         return model
     _disable_kv_cache(model)
-    if dynamic:
-        # Duck shaping gives equal sizes one symbol: a sequence length equal to the
-        # (static) hidden size, 2048 and 2048 say, would be specialised and every
-        # other length recompile. Give each dynamic size its own symbol.
-        torch.fx.experimental._config.use_duck_shape = False
-    kwargs = dict(backend=backend, dynamic=dynamic, fullgraph=fullgraph, **options)
+    kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
     if mode == "full":
-        model.compile(**kwargs)
+        # The model's inputs are ids, labels and masks: every size of them is a
+        # batch or sequence size; the weights' sizes stay static (parameters).
+        model.compile(dynamic=True if dynamic else None, **kwargs)
         return model
     if any(p.requires_grad for p in model.parameters()) and hasattr(model, "enable_input_require_grads"):
         # The first layer's input would otherwise need no grad and the others' would:
@@ -56,5 +93,5 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
     for layer in layers:
-        layer.compile(**kwargs)
+        _compile_layer(layer, dynamic, kwargs)
     return model

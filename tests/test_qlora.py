@@ -109,6 +109,15 @@ def test_nf4_linear_backward_matches_dense():
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+def test_static_regional_compile_recompiles_once_per_new_size():
+    # dynamic=False: torch's default, static first, then one dynamic recompile. The
+    # contrast with dynamic=True (one compilation, test above) is what the marking buys.
+    model = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager", dynamic=False)
+    with slothai.compile_report() as report:
+        qlora.train(model, list(qlora.batches(256, 2, [16, 24, 40], 3, "cpu")))
+    assert report.graph_breaks == [] and report.compilations == 2 and len(report.recompiles) == 1, report
+
+
 def test_compile_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode must be"):
         slothai.compile(torch.nn.Linear(2, 2), mode="fast")
