@@ -54,7 +54,8 @@ class CompileReport:
                  f"(of {self.wall_seconds:.1f} s), {sum(b['count'] for b in self.graph_breaks)} graph break(s), "
                  f"{len(self.recompiles)} recompile(s)"]
         for b in self.graph_breaks:
-            lines.append(f"  graph break x{b['count']}: {b['reason']}" + (f"\n      at {b['where']}" if b["where"] else ""))
+            where = f"\n      at {b['where']}" if b["where"] else ""
+            lines.append(f"  graph break x{b['count']}: {b['reason']}{where}")
         for r in self.recompiles:
             lines.append(f"  recompile of {r['function']}: {r['reason']}")
         return "\n".join(lines)
