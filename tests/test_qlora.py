@@ -109,6 +109,20 @@ def test_nf4_linear_backward_matches_dense():
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_with_patch_and_compile(reentrant):
+    batches = list(qlora.batches(256, 2, [32, 20, 32], 3, "cpu"))
+    want = qlora.train(qlora.build("tiny"), batches)
+    model = qlora.build("tiny")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    slothai.compile(slothai.patch(model), backend="aot_eager")
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-3 * abs(b), (got, want)
+    assert report.graph_breaks == [] and report.compilations == 1 and report.recompiles == [], report
+
+
 def test_static_regional_compile_recompiles_once_per_new_size():
     # dynamic=False: torch's default, static first, then one dynamic recompile. The
     # contrast with dynamic=True (one compilation, test above) is what the marking buys.
