@@ -50,18 +50,20 @@ def mark_token_dims_dynamic(hidden, *others):
 
 
 def _compile_layer(layer, dynamic, kwargs):
-    compiled = torch.compile(layer.forward, **kwargs)
-    if not dynamic:
-        layer.forward = compiled
-        return
+    """Compile the layer's forward in place; the marking runs outside the compiled
+    region (inside it, marking is not allowed). A second call recompiles from the
+    forward the layer had before the first."""
+    original = layer.__dict__.get("_slothai_uncompiled_forward", layer.forward)
+    compiled = torch.compile(original, **kwargs)
 
-    @functools.wraps(compiled)
+    @functools.wraps(original)
     def forward(*args, **kw):
         hidden = args[0] if args else kw.get("hidden_states")
-        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
+        if dynamic and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
             mark_token_dims_dynamic(hidden, args[1:], kw)
         return compiled(*args, **kw)
 
+    layer._slothai_uncompiled_forward = original
     layer.forward = forward
 
 
