@@ -104,7 +104,7 @@ def test_gradient_checkpointing_with_patch_and_compile(reentrant):
 
 def test_static_regional_compile_recompiles_once_per_new_size():
     # dynamic=False: torch's default, static first, then one dynamic recompile. The
-    # contrast with dynamic=True (one compilation, test above) is what the marking buys.
+    # contrast with dynamic=True (one compilation in the tests above) is what the marking buys.
     # Compiling again replaces the first compile rather than nesting inside it.
     model = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
     model = slothai.compile(model, backend="aot_eager", dynamic=False)
