@@ -27,6 +27,7 @@ RUNS = {
     "eager": "HF + PEFT + bitsandbytes, eager",
     "slothai": "slothai.patch + slothai.compile (defaults)",
     "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
+    "slothai-cudagraphs": "slothai.patch + slothai.compile(cudagraphs=True)",
     "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
     "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
@@ -67,7 +68,7 @@ def build_model(label, path, model_name):
         model.compile(dynamic=None)
     elif label.startswith("slothai"):
         slothai.patch(model)
-        opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True),
+        opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), "slothai-cudagraphs": dict(cudagraphs=True),
                 "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)
     return model
@@ -228,8 +229,12 @@ def main():
             else:
                 failed[label] = f"exit {rc}"
                 print(f"[{label}] failed: exit {rc}", flush=True)
-    if not recs:
-        sys.exit("no run finished")
+            if recs:  # after every run, so a call cut short still leaves its results
+                report(args, env, recs, failed)
+
+
+def report(args, env, recs, failed):
+    import common
     n_last = len(args.seq)
     for r in recs:
         r["settled_step_s"] = statistics.median(r["step_s"][-n_last:]) if args.repeat > 1 else None
@@ -259,6 +264,7 @@ def main():
     common.write(name, dict(env, model=args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, runs=recs,
                             failed=failed), lines)
     plot(recs, name, f"QLoRA {args.model}, bsz {args.batch}, {env['card']}, torch {env['torch']}, {env['date']}")
+
 
 
 if __name__ == "__main__":

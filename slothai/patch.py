@@ -81,9 +81,12 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     softcap_attr = CAUSAL_LM_FAMILIES.get(self.config.model_type)
     softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
+    chunk_bytes = getattr(self, "slothai_loss_chunk_bytes", None)  # set by slothai.compile(low_memory=True)
+    chunk = max(1, chunk_bytes // (head.weight.shape[0] * head.weight.element_size())) if chunk_bytes else None
     loss = fused_linear_cross_entropy(
         hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), head.bias,
-        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap)
+        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap,
+        chunk_size=chunk)
     if num_items is not None:  # gradient accumulation: transformers divides the sum by it
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     output_cls, fields = _OUTPUT
@@ -120,8 +123,17 @@ def _set_forward(module, fn):
     module.forward = forward
 
 
+def _is_unsloth(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "unsloth_version", None) is not None
+
+
 def patch(model, *, linear4bit=True, loss=True):
     """Patch `model` in place (idempotent) and return it. See the module docstring."""
+    if _is_unsloth(model):
+        # A FastLanguageModel computes its own chunked fused loss from the hidden
+        # states; slothai leaves its head alone and serves its NF4 dequantization.
+        loss = False
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
             _set_forward(module, _linear4bit_forward)

@@ -16,6 +16,11 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from .offload import offloaded_call
+from .patch import is_patched
+
+# Low-memory mode: the loss head's chunk of logits (and their gradient, in place).
+# 128 MiB is 512 tokens at a 128K vocabulary in bf16: GEMMs still large enough.
+LOW_MEMORY_LOGITS_BYTES = 128 << 20
 
 
 def decoder_layers(model):
@@ -104,7 +109,7 @@ def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memor
 
 
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
-            memory_budget=0.5, cudagraphs=None, low_memory=False, **options):
+            memory_budget=0.5, cudagraphs=False, low_memory=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
@@ -118,10 +123,12 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     memory_budget: AOTAutograd's activation-memory budget for the compiled layers
     (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
     cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
-    removing the per-kernel launch cost; a graph is recorded per sequence length.
-    None: on where it applies, except with low_memory.
+    removing the per-kernel launch cost. A graph is recorded per sequence length
+    (about 1.6 s for the 1B shape, on the second step at a length), so this pays
+    off for fixed-length (packed or padded) batches only; off by default.
     low_memory: each layer keeps only its input, in pinned host memory, and is
-    recomputed in backward (copies overlap compute on a side stream).
+    recomputed in backward (copies overlap compute on a side stream); the patched
+    loss head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
     """
     if mode not in ("regional", "full", "none"):
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
@@ -131,9 +138,6 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         return model
     _disable_kv_cache(model)
     kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
-    on_cuda = any(p.is_cuda for p in model.parameters())
-    if cudagraphs is None:
-        cudagraphs = on_cuda and backend == "inductor" and not low_memory
     if cudagraphs:
         if backend != "inductor":
             raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
@@ -150,6 +154,10 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
+    if low_memory:
+        for module in model.modules():
+            if is_patched(module) and hasattr(module, "lm_head"):
+                module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
     for layer in layers:
         _compile_layer(layer, dynamic, kwargs, adapters=adapters, memory_budget=memory_budget,
                        low_memory=low_memory)
