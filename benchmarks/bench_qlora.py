@@ -29,6 +29,8 @@ RUNS = {
     "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
     "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
     "slothai-saveall": "slothai.patch + slothai.compile(memory_budget=None)",
+    "slothai-b05": "slothai.patch + slothai.compile(memory_budget=0.5)",
+    "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
     "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, memory_budget=0.1)",
     "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
@@ -72,6 +74,7 @@ def build_model(label, path, model_name):
         slothai.patch(model)
         opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
                 "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(memory_budget=None),
+                "slothai-b05": dict(memory_budget=0.5), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
                 "slothai-lowmem-b01": dict(low_memory=True, memory_budget=0.1),
                 "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)

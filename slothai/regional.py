@@ -144,7 +144,7 @@ def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memor
 
 
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
-            memory_budget=0.5, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
+            memory_budget=0.7, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
