@@ -7,14 +7,27 @@ through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
 - Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
   loss with `fused_linear_cross_entropy` from the last hidden states when labels
   are given: the [tokens x vocab] logits are never built, and the output's
-  `logits` is None. Without labels the model's own forward runs unchanged.
+  `logits` is None. Without labels the model's own forward runs unchanged; with
+  `keep_logits=True` the head is left alone.
 - If Unsloth is importable, its `fast_dequantize` is routed to slothai's op.
+- If TRL is loaded and has no kernel for its fused LM head here (no Triton: the
+  CPU), slothai supplies one (see slothai/trl.py).
+
+The head patched is the module that owns `lm_head` and the backbone (e.g.
+`LlamaForCausalLM`), never a wrapper around it (PEFT's `PeftModelForCausalLM`,
+whose forward calls the inner model's): one patched forward is never called
+from another.
+
+A patched module's `forward` is a `_Forward` object in its instance dict, not a
+closure: it names the module it serves, so `copy.deepcopy` gives the copy a
+forward of its own and pickle / `torch.save` store and restore it (the copy, or
+the loaded model, is patched and computes with its own weights).
 
 This module is the one place that knows about model families; the ops know
 nothing about models.
 """
 import dataclasses
-import functools
+import inspect
 import sys
 
 import torch
@@ -34,7 +47,45 @@ CAUSAL_LM_FAMILIES = {
     "gemma3_text": "final_logit_softcapping",
 }
 
-_ORIGINAL = "_slothai_original_forward"
+_PATCH = "_slothai_patch"  # instance-dict entry: the _Forward that patch installed on this module
+
+
+class _Forward:
+    """The forward `patch` installs on one module: `fn(self, *args, **kwargs)`.
+
+    It holds the module it serves (deepcopy's memo maps it to the copy; pickle
+    stores a reference to the module being saved), `fn`, a module-level function
+    (pickled by name), and `inner`: the forward another library had put in the
+    module's instance dict before (TRL's fused LM head, accelerate's hooks), or
+    None for the class's own. When another library later wraps this object (TRL
+    keeps the forward it replaces), `unpatch` cannot take it out of their
+    wrapper; it turns it off instead (`active`), and it passes every call on.
+    """
+
+    def __init__(self, module, fn, options, inner):
+        self.module, self.fn, self.options, self.inner = module, fn, dict(options), inner
+        self.active = True
+
+    def original(self, *args, **kwargs):
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not self.active:
+            return self.original(*args, **kwargs)
+        return self.fn(self, *args, **kwargs)
+
+    @property
+    def __signature__(self):
+        # The original's signature: transformers' Trainer picks dataset columns
+        # from it and generate() validates its keyword arguments against it.
+        if self.inner is not None:
+            return inspect.signature(self.inner)
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    def __repr__(self):
+        return f"<slothai {self.fn.__name__} of {type(self.module).__name__}{'' if self.active else ' (off)'}>"
 
 
 def _is_bnb_linear4bit(module):
@@ -54,23 +105,35 @@ def _standard_layout(module):
             module.weight.data, module.weight.quant_state)
 
 
-def _linear4bit_forward(self, x):
+def _linear4bit_forward(fwd, x):
     """bitsandbytes Linear4bit.forward, with slothai's one-launch dequant."""
+    self = fwd.module
     _standard_layout(self)
     inp_dtype = x.dtype
     if getattr(self, "compute_dtype", None) is not None:
         x = x.to(self.compute_dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        # bitsandbytes' matmul is F.linear on the dequantized weight, which autocast
+        # runs in its dtype; a custom op is not autocast, so cast here (TRL and
+        # accelerate train under autocast with bf16=True).
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     bias = None if self.bias is None else self.bias.to(x.dtype)
     return nf4_linear(x, self.weight, bias).to(inp_dtype)
 
 
-def _causal_lm_forward(self, *args, labels=None, **kwargs):
-    """The family's CausalLM forward, but the loss comes from the hidden states."""
-    original = getattr(self, _ORIGINAL)
+def _causal_lm_forward(fwd, *args, labels=None, **kwargs):
+    """The family's CausalLM forward, but the loss comes from the hidden states.
+
+    Calls TRL makes to its own fused LM head (`fused_lm_head=True`) go to that head
+    unchanged: it returns per-token log-probs, entropy and accuracy, which this loss
+    path does not (see slothai/trl.py for why slothai stands aside there)."""
+    self = fwd.module
     head = self.lm_head
-    if labels is None or len(args) > 1 or kwargs.get("return_dict") is False or \
-            not isinstance(head, torch.nn.Linear):
-        return original(*args, labels=labels, **kwargs)
+    if not kwargs.get("fused_lm_head", True):
+        kwargs.pop("fused_lm_head")  # an explicit False: TRL's head would drop it too
+    if labels is None or fwd.options["keep_logits"] or "fused_lm_head" in kwargs or len(args) > 1 or \
+            kwargs.get("return_dict") is False or not isinstance(head, torch.nn.Linear):
+        return fwd.original(*args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
@@ -102,49 +165,80 @@ def _load_output_class():
 
 
 def _is_causal_lm(module):
+    """The module that owns the head and the backbone as its own children: a wrapper
+    that reaches them through attribute forwarding (PEFT's PeftModelForCausalLM,
+    whose name also ends in ForCausalLM) is not one."""
     config = getattr(module, "config", None)
-    return type(module).__name__.endswith("ForCausalLM") and hasattr(module, "lm_head") and \
-        hasattr(module, "model") and getattr(config, "model_type", None) in CAUSAL_LM_FAMILIES
+    return type(module).__name__.endswith("ForCausalLM") and "lm_head" in module._modules and \
+        "model" in module._modules and getattr(config, "model_type", None) in CAUSAL_LM_FAMILIES
 
 
-def _set_forward(module, fn):
-    if _ORIGINAL not in module.__dict__:
-        setattr(module, _ORIGINAL, module.forward)
-
-    # A plain function with the original's signature (functools.wraps): callers
-    # such as transformers' Trainer read forward's parameters to pick columns.
-    @functools.wraps(module.__dict__[_ORIGINAL])
-    def forward(*args, **kwargs):
-        return fn(module, *args, **kwargs)
-
-    module.forward = forward
+def _causal_lm_heads(model):
+    """Causal-LM modules to patch; one nested inside another is left to the outer one
+    (whose forward does not call the inner one's through a patched forward: it is
+    not patched)."""
+    heads = []
+    for name, module in model.named_modules(remove_duplicate=True):
+        if _is_causal_lm(module) and not any(name.startswith(h + ".") or h == "" for h, _ in heads):
+            heads.append((name, module))
+    return [m for _, m in heads]
 
 
-def patch(model, *, linear4bit=True, loss=True):
-    """Patch `model` in place (idempotent) and return it. See the module docstring."""
+def _install(module, fn, options):
+    existing = module.__dict__.get(_PATCH)
+    if existing is not None:  # patched already: take the new options (idempotent otherwise)
+        existing.options.update(options)
+        existing.active = True
+        return
+    fwd = _Forward(module, fn, options, module.__dict__.get("forward"))
+    module.__dict__[_PATCH] = fwd
+    module.__dict__["forward"] = fwd
+
+
+def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
+    """Patch `model` in place (idempotent) and return it. See the module docstring.
+
+    linear4bit: route bitsandbytes NF4 layers through slothai's dequant.
+    loss: compute the causal-LM loss without the logits when labels are given.
+    keep_logits: for code that reads `outputs.logits` of a labelled call (e.g.
+    TRL 1.0's SFTTrainer computes entropy and token accuracy from them): the
+    head's own forward runs, logits and all; only the NF4 layers are patched.
+    """
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
-            _set_forward(module, _linear4bit_forward)
-        elif loss and _is_causal_lm(module):
-            _load_output_class()
-            _set_forward(module, _causal_lm_forward)
+            _install(module, _linear4bit_forward, {})
+    if loss:
+        _load_output_class()
+        for module in _causal_lm_heads(model):
+            _install(module, _causal_lm_forward, {"keep_logits": bool(keep_logits)})
     _patch_unsloth()
+    from .trl import supply_trl_kernel
+
+    supply_trl_kernel()
     return model
 
 
 def unpatch(model):
-    """Undo `patch`: every patched module gets its own forward back (and Unsloth
-    its own fast_dequantize)."""
+    """Undo `patch`: every patched module gets back the forward it had (and Unsloth
+    its own fast_dequantize). Only what patch installed is removed: a forward another
+    library put on top of slothai's (TRL's fused LM head) stays, and slothai's,
+    inside it, is turned off."""
     for module in model.modules():
-        if _ORIGINAL in module.__dict__:
-            del module.__dict__["forward"]
-            delattr(module, _ORIGINAL)
+        fwd = module.__dict__.pop(_PATCH, None)
+        if fwd is None:
+            continue
+        fwd.active = False
+        if module.__dict__.get("forward") is fwd:
+            if fwd.inner is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = fwd.inner
     _unpatch_unsloth()
     return model
 
 
 def is_patched(module):
-    return _ORIGINAL in module.__dict__
+    return _PATCH in module.__dict__
 
 
 def _unsloth_fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False):

@@ -10,7 +10,9 @@ sequence sizes are dynamic from the first call while the model's own sizes stay
 static, so a new sequence length does not recompile and the kernels are compiled
 for the model's real hidden sizes.
 """
-import functools
+import collections
+import inspect
+import weakref
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -49,22 +51,102 @@ def mark_token_dims_dynamic(hidden, *others):
                     torch._dynamo.maybe_mark_dynamic(t, d)
 
 
+class _CompiledForward:
+    """The forward `compile` puts on a decoder layer: its compiled forward while the
+    layer trains, its own forward otherwise.
+
+    Compiled only for training calls (layer in training mode, autograd on, no KV
+    cache): those are the calls a QLoRA run spends its time in, and they share one
+    compiled graph across the layers. Reference passes without grad (DPO, KTO, GRPO's
+    old and reference log-probs), evaluation and `generate()` run the layer's own
+    forward: compiled, each would add its own variant — and generation with a cache
+    one per layer (the cache object and `layer_idx` are guarded), which on a 4-layer
+    model already passed Dynamo's recompile limit, after which Dynamo runs the layer
+    eager anyway, silently. Those passes are forward-only, without a backward to
+    fuse; a second compilation of every layer costs more than it saves on them over
+    a fine-tuning run (see README).
+
+    An object rather than a closure so that `copy.deepcopy` and pickle rebind it to
+    the copy (it holds the layer; the compiled function is rebuilt on first use, as
+    torch.compile's wrappers neither copy nor pickle).
+    """
+
+    def __init__(self, layer, original, dynamic, kwargs):
+        self.layer, self.original, self.dynamic, self.kwargs = layer, original, dynamic, kwargs
+        self._compiled = None
+        _REGIONS.add(self)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_compiled": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _REGIONS.add(self)
+
+    def _uncompiled(self, *args, **kw):
+        if self.original is not None:
+            return self.original(*args, **kw)
+        return type(self.layer).forward(self.layer, *args, **kw)
+
+    def __call__(self, *args, **kw):
+        if kw.get("past_key_values", kw.get("past_key_value")) is not None or kw.get("use_cache"):
+            REGION_CALLS["eager (KV cache)"] += 1
+            return self._uncompiled(*args, **kw)
+        if not (self.layer.training and torch.is_grad_enabled()):
+            REGION_CALLS["eager (no grad or eval)"] += 1
+            return self._uncompiled(*args, **kw)
+        REGION_CALLS["compiled"] += 1
+        if self._compiled is None:
+            # The class's forward, compiled once: every layer passes itself, so all
+            # share the code object and its cache entries (as bound methods did).
+            fn = self.original if self.original is not None else type(self.layer).forward
+            self._compiled = torch.compile(fn, **self.kwargs)
+        hidden = args[0] if args else kw.get("hidden_states")
+        if self.dynamic and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
+            mark_token_dims_dynamic(hidden, args[1:], kw)
+        if self.original is not None:
+            return self._compiled(*args, **kw)
+        return self._compiled(self.layer, *args, **kw)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
+
+
+REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
+_REGIONS = weakref.WeakSet()  # every _CompiledForward made, for regions_at_recompile_limit
+
+
+def regions_at_recompile_limit():
+    """[{"function", "variants", "limit"}] for each compiled code object of a
+    `slothai.compile`d layer that holds as many variants as Dynamo's recompile limit."""
+    limit = torch._dynamo.config.recompile_limit
+    seen, out = set(), []
+    for region in list(_REGIONS):
+        fn = region.original if region.original is not None else type(region.layer).forward
+        code = getattr(fn, "__code__", None)
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        n = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+        if n >= limit:
+            out.append(dict(function=f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})", variants=n,
+                            limit=limit))
+    return out
+
+
 def _compile_layer(layer, dynamic, kwargs):
     """Compile the layer's forward in place; the marking runs outside the compiled
     region (inside it, marking is not allowed). A second call recompiles from the
     forward the layer had before the first."""
-    original = layer.__dict__.get("_slothai_uncompiled_forward", layer.forward)
-    compiled = torch.compile(original, **kwargs)
+    current = layer.__dict__.get("forward")
+    original = current.original if isinstance(current, _CompiledForward) else current
+    layer.forward = _CompiledForward(layer, original, dynamic, kwargs)
 
-    @functools.wraps(original)
-    def forward(*args, **kw):
-        hidden = args[0] if args else kw.get("hidden_states")
-        if dynamic and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
-            mark_token_dims_dynamic(hidden, args[1:], kw)
-        return compiled(*args, **kw)
 
-    layer._slothai_uncompiled_forward = original
-    layer.forward = forward
+def compiled_layers(model):
+    """The decoder layers `compile` put a compiled forward on."""
+    return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CompiledForward)]
 
 
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, **options):
