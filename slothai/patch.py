@@ -18,16 +18,20 @@ The head patched is the module that owns `lm_head` and the backbone (e.g.
 whose forward calls the inner model's): one patched forward is never called
 from another.
 
-A patched module's `forward` is a `_Forward` object in its instance dict, not a
-closure: it names the module it serves, so `copy.deepcopy` gives the copy a
-forward of its own and pickle / `torch.save` store and restore it (the copy, or
-the loaded model, is patched and computes with its own weights).
+A patched module changes class, to a subclass of its own generated once per class
+(same name) whose `forward` is slothai's: nothing is stored per instance but the
+class, so `copy.deepcopy` gives an independent patched copy that computes with its
+own weights, pickle / `torch.save` store the patch and load it back (by the base
+class and the kind of patch, see `_reduce_ex`), and torch.compile sees one class,
+guarded by type, not an object per layer guarded by identity (which compiled every
+decoder layer apart). A forward another library puts in the instance dict (TRL's
+fused LM head) is left to that library.
 
 This module is the one place that knows about model families; the ops know
 nothing about models.
 """
 import dataclasses
-import inspect
+import functools
 import sys
 
 import torch
@@ -47,45 +51,44 @@ CAUSAL_LM_FAMILIES = {
     "gemma3_text": "final_logit_softcapping",
 }
 
-_PATCH = "_slothai_patch"  # instance-dict entry: the _Forward that patch installed on this module
+_KEEP_LOGITS = "_slothai_keep_logits"  # instance attribute of a patched head: patch(keep_logits=...)
 
 
-class _Forward:
-    """The forward `patch` installs on one module: `fn(self, *args, **kwargs)`.
+def _patched_class(base, kind):
+    """The subclass of `base` whose forward is slothai's `kind` ("linear4bit" or
+    "causal_lm"); one per (base, kind), made on first use."""
+    cls = _PATCHED_CLASSES.get((base, kind))
+    if cls is not None:
+        return cls
+    fn = _KINDS[kind]
 
-    It holds the module it serves (deepcopy's memo maps it to the copy; pickle
-    stores a reference to the module being saved), `fn`, a module-level function
-    (pickled by name), and `inner`: the forward another library had put in the
-    module's instance dict before (TRL's fused LM head, accelerate's hooks), or
-    None for the class's own. When another library later wraps this object (TRL
-    keeps the forward it replaces), `unpatch` cannot take it out of their
-    wrapper; it turns it off instead (`active`), and it passes every call on.
-    """
+    def forward(self, *args, **kwargs):
+        if type(self) is not cls:  # unpatched, but called through a bound method kept by another library
+            return base.forward(self, *args, **kwargs)
+        return fn(self, *args, **kwargs)
 
-    def __init__(self, module, fn, options, inner):
-        self.module, self.fn, self.options, self.inner = module, fn, dict(options), inner
-        self.active = True
+    # The original's name, docs and signature (`__wrapped__`): transformers' Trainer picks
+    # dataset columns from it and generate() validates its keyword arguments against it.
+    functools.update_wrapper(forward, base.forward)
+    cls = type(base.__name__, (base,), {
+        "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__, "__reduce_ex__": _reduce_ex, "_slothai_base": base, "_slothai_kind": kind})
+    _PATCHED_CLASSES[(base, kind)] = cls
+    return cls
 
-    def original(self, *args, **kwargs):
-        if self.inner is not None:
-            return self.inner(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        if not self.active:
-            return self.original(*args, **kwargs)
-        return self.fn(self, *args, **kwargs)
+def _reduce_ex(self, protocol):
+    """Pickle a patched module as its base class plus the kind of patch: the
+    generated class has the base's name, so pickle could not find it by name."""
+    rv = object.__reduce_ex__(self, max(2, protocol))
+    cls = type(self)
+    return (_new_patched, (cls._slothai_base, cls._slothai_kind)) + tuple(rv[2:])
 
-    @property
-    def __signature__(self):
-        # The original's signature: transformers' Trainer picks dataset columns
-        # from it and generate() validates its keyword arguments against it.
-        if self.inner is not None:
-            return inspect.signature(self.inner)
-        return inspect.signature(type(self.module).forward.__get__(self.module))
 
-    def __repr__(self):
-        return f"<slothai {self.fn.__name__} of {type(self.module).__name__}{'' if self.active else ' (off)'}>"
+def _new_patched(base, kind):
+    obj = base.__new__(base)
+    obj.__class__ = _patched_class(base, kind)
+    return obj
 
 
 def _is_bnb_linear4bit(module):
@@ -105,9 +108,8 @@ def _standard_layout(module):
             module.weight.data, module.weight.quant_state)
 
 
-def _linear4bit_forward(fwd, x):
+def _linear4bit_forward(self, x):
     """bitsandbytes Linear4bit.forward, with slothai's one-launch dequant."""
-    self = fwd.module
     _standard_layout(self)
     inp_dtype = x.dtype
     if getattr(self, "compute_dtype", None) is not None:
@@ -121,19 +123,18 @@ def _linear4bit_forward(fwd, x):
     return nf4_linear(x, self.weight, bias).to(inp_dtype)
 
 
-def _causal_lm_forward(fwd, *args, labels=None, **kwargs):
+def _causal_lm_forward(self, *args, labels=None, **kwargs):
     """The family's CausalLM forward, but the loss comes from the hidden states.
 
     Calls TRL makes to its own fused LM head (`fused_lm_head=True`) go to that head
     unchanged: it returns per-token log-probs, entropy and accuracy, which this loss
     path does not (see slothai/trl.py for why slothai stands aside there)."""
-    self = fwd.module
     head = self.lm_head
     if not kwargs.get("fused_lm_head", True):
         kwargs.pop("fused_lm_head")  # an explicit False: TRL's head would drop it too
-    if labels is None or fwd.options["keep_logits"] or "fused_lm_head" in kwargs or len(args) > 1 or \
+    if labels is None or getattr(self, _KEEP_LOGITS, False) or "fused_lm_head" in kwargs or len(args) > 1 or \
             kwargs.get("return_dict") is False or not isinstance(head, torch.nn.Linear):
-        return fwd.original(*args, labels=labels, **kwargs)
+        return type(self)._slothai_base.forward(self, *args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
@@ -184,15 +185,13 @@ def _causal_lm_heads(model):
     return [m for _, m in heads]
 
 
-def _install(module, fn, options):
-    existing = module.__dict__.get(_PATCH)
-    if existing is not None:  # patched already: take the new options (idempotent otherwise)
-        existing.options.update(options)
-        existing.active = True
-        return
-    fwd = _Forward(module, fn, options, module.__dict__.get("forward"))
-    module.__dict__[_PATCH] = fwd
-    module.__dict__["forward"] = fwd
+_KINDS = {"linear4bit": _linear4bit_forward, "causal_lm": _causal_lm_forward}
+_PATCHED_CLASSES = {}  # (base class, kind) -> generated subclass
+
+
+def _install(module, kind):
+    if not is_patched(module):
+        module.__class__ = _patched_class(type(module), kind)
 
 
 def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
@@ -203,14 +202,16 @@ def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
     keep_logits: for code that reads `outputs.logits` of a labelled call (e.g.
     TRL 1.0's SFTTrainer computes entropy and token accuracy from them): the
     head's own forward runs, logits and all; only the NF4 layers are patched.
+    Patching again with another value changes it.
     """
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
-            _install(module, _linear4bit_forward, {})
+            _install(module, "linear4bit")
     if loss:
         _load_output_class()
         for module in _causal_lm_heads(model):
-            _install(module, _causal_lm_forward, {"keep_logits": bool(keep_logits)})
+            _install(module, "causal_lm")
+            setattr(module, _KEEP_LOGITS, bool(keep_logits))
     _patch_unsloth()
     from .trl import supply_trl_kernel
 
@@ -219,26 +220,20 @@ def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
 
 
 def unpatch(model):
-    """Undo `patch`: every patched module gets back the forward it had (and Unsloth
-    its own fast_dequantize). Only what patch installed is removed: a forward another
-    library put on top of slothai's (TRL's fused LM head) stays, and slothai's,
-    inside it, is turned off."""
+    """Undo `patch`: every patched module gets its own class back (and Unsloth its
+    own fast_dequantize). Only what patch installed is removed: a forward another
+    library put in a module's instance dict (TRL's fused LM head) stays, and if it
+    kept slothai's forward to call, that now runs the module's own."""
     for module in model.modules():
-        fwd = module.__dict__.pop(_PATCH, None)
-        if fwd is None:
-            continue
-        fwd.active = False
-        if module.__dict__.get("forward") is fwd:
-            if fwd.inner is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = fwd.inner
+        if is_patched(module):
+            module.__class__ = type(module)._slothai_base
+            module.__dict__.pop(_KEEP_LOGITS, None)
     _unpatch_unsloth()
     return model
 
 
 def is_patched(module):
-    return _PATCH in module.__dict__
+    return "_slothai_base" in type(module).__dict__
 
 
 def _unsloth_fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False):
