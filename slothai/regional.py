@@ -149,6 +149,19 @@ def compiled_layers(model):
     return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CompiledForward)]
 
 
+def _inputs_require_grad(module, inputs, output):
+    output.requires_grad_(True)
+
+
+def _enable_input_require_grads(model):
+    """transformers' `enable_input_require_grads`, with a module-level hook: theirs is a
+    local function, and a model holding it no longer pickles or torch.saves."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    if embeddings is not None and _inputs_require_grad not in embeddings._forward_hooks.values():
+        embeddings.register_forward_hook(_inputs_require_grad)
+
+
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, **options):
     """Compile `model` in place for training and return it.
 
@@ -169,10 +182,10 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         # batch or sequence size; the weights' sizes stay static (parameters).
         model.compile(dynamic=True if dynamic else None, **kwargs)
         return model
-    if any(p.requires_grad for p in model.parameters()) and hasattr(model, "enable_input_require_grads"):
+    if any(p.requires_grad for p in model.parameters()):
         # The first layer's input would otherwise need no grad and the others' would:
         # two compiled variants of the same layer. One, and half the compile time.
-        model.enable_input_require_grads()
+        _enable_input_require_grads(model)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
