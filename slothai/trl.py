@@ -36,20 +36,23 @@ OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def _rows_per_chunk(n, vocab):
-    # fp32 logits, their softmax and their gradient live per chunk: ~64 MiB each.
-    return max(1, min(n, (64 << 20) // max(1, vocab * 4)))
+    # A few fp32 [rows x vocab] temporaries live per chunk: ~32 MiB each.
+    return max(1, min(n, (32 << 20) // max(1, vocab * 4)))
 
 
-def _transformed_logits(x, weight, bias, logit_scale, softcap, inv_t):
+def _logits(x, weight, bias, logit_scale, softcap, inv_t):
     """TRL's logits: (x W^T + b) in the inputs' dtype, then fp32, scaled,
-    softcapped (c * tanh(z / c)) and divided by the temperature."""
+    softcapped (c * tanh(z / c)) and divided by the temperature. Also returns
+    dz/d(x W^T + b), a scalar or, with a softcap, a tensor."""
     z = x @ weight.t().to(x.dtype)
     if bias is not None:
         z = z + bias.to(z.dtype)
-    z = z.float() * logit_scale
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    return z * inv_t
+    z = z.float().mul_(logit_scale)
+    if not softcap:
+        return z.mul_(inv_t), logit_scale * inv_t
+    z = z.div_(softcap).tanh_()
+    slope = (1 - z * z).mul_(logit_scale * inv_t)
+    return z.mul_(softcap * inv_t), slope
 
 
 class ChunkedLogProbs(torch.autograd.Function):
@@ -61,9 +64,10 @@ class ChunkedLogProbs(torch.autograd.Function):
     when not in `outputs`; log_probs and entropy carry gradients, the others none.
 
     Work is split by tokens (TRL's `chunk_size` is a vocabulary tile width for its
-    kernel; here every chunk spans the whole vocabulary). Backward recomputes each
-    chunk's logits, takes d(log_probs, entropy)/d logits by autograd on the chunk,
-    and forms dx = dz W, dW += dz^T x, db += sum dz in fp32.
+    kernel; here every chunk spans the whole vocabulary), so only one chunk's logits
+    exist at a time. Backward recomputes each chunk's logits and applies
+    d log p_t / dz = onehot(t) - p and d H / dz = -p (log p + H), times the upstream
+    gradients and the transform's slope; dx = dz W, dW += dz^T x, db += sum dz in fp32.
     """
 
     @staticmethod
@@ -81,18 +85,20 @@ class ChunkedLogProbs(torch.autograd.Function):
         rows = _rows_per_chunk(n, vocab)
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            z = _transformed_logits(hidden[s:e], weight, bias, *params)
-            t = targets[s:e]
-            log_z = torch.logsumexp(z, -1)
-            log_probs[s:e] = z.gather(-1, t[:, None]).squeeze(-1) - log_z
-            if entropy is not None:
-                entropy[s:e] = log_z - (torch.softmax(z, -1) * z).sum(-1)
-            if log_sum_sq is not None:
-                log_sum_sq[s:e] = torch.logsumexp(2 * (z - log_z[:, None]), -1)
+            z, _ = _logits(hidden[s:e], weight, bias, *params)
+            t = targets[s:e, None]
             if mean_logits is not None:
                 mean_logits[s:e] = z.mean(-1)
             if is_top1 is not None:
-                is_top1[s:e] = z.argmax(-1) == t  # the first maximum, as TRL's kernel counts ties
+                is_top1[s:e] = z.argmax(-1) == t[:, 0]  # the first maximum, as TRL's kernel counts ties
+            log_p = z.sub_(torch.logsumexp(z, -1, keepdim=True))  # in place: z is not needed again
+            log_probs[s:e] = log_p.gather(-1, t)[:, 0]
+            if entropy is not None or log_sum_sq is not None:
+                p = log_p.exp()
+                if entropy is not None:
+                    entropy[s:e] = -(p * log_p).sum(-1)
+                if log_sum_sq is not None:
+                    log_sum_sq[s:e] = p.mul_(p).sum(-1).log_()
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.params, ctx.rows = params, rows
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
@@ -109,25 +115,20 @@ class ChunkedLogProbs(torch.autograd.Function):
         dx = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_x else None
         dw = torch.zeros(weight.shape, **f32) if need_w else None
         db = torch.zeros(weight.shape[0], **f32) if need_b else None
-        scale, softcap, inv_t = ctx.params
         for s in range(0, hidden.shape[0], ctx.rows):
             e = min(hidden.shape[0], s + ctx.rows)
             x = hidden[s:e]
-            with torch.enable_grad():
-                raw = _transformed_logits(x, weight.detach(), None if bias is None else bias.detach(), 1.0, None, 1.0)
-                raw = raw.detach().requires_grad_()
-                z = raw * scale
-                if softcap:
-                    z = softcap * torch.tanh(z / softcap)
-                z = z * inv_t
-                log_z = torch.logsumexp(z, -1)
-                terms = []
-                if grad_log_probs is not None:
-                    terms.append(((z.gather(-1, targets[s:e, None]).squeeze(-1) - log_z) * grad_log_probs[s:e]).sum())
-                if grad_entropy is not None:
-                    ent = log_z - (torch.softmax(z, -1) * z).sum(-1)
-                    terms.append((ent * grad_entropy[s:e]).sum())
-                (dz,) = torch.autograd.grad(sum(terms), raw)
+            z, slope = _logits(x, weight, bias, *ctx.params)
+            log_p = z.sub_(torch.logsumexp(z, -1, keepdim=True))
+            p = log_p.exp()
+            dz = torch.zeros_like(p)
+            if grad_entropy is not None:  # dH/dz = -p (log p + H)
+                ent = -(p * log_p).sum(-1, keepdim=True)
+                dz = log_p.add_(ent).mul_(p).mul_(-grad_entropy[s:e, None].float())
+            if grad_log_probs is not None:  # d log p_t / dz = onehot(t) - p
+                g = grad_log_probs[s:e, None].float()
+                dz.sub_(p.mul_(g)).scatter_add_(-1, targets[s:e, None], g)
+            dz = dz.mul_(slope)
             if need_x:
                 dx[s:e] = (dz @ weight.float()).to(hidden.dtype)
             if need_w:

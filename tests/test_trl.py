@@ -229,7 +229,8 @@ def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, 
     logp = z.log_softmax(-1)
     want_lp = logp.gather(-1, t[:, None]).squeeze(-1)
     want_ent = -(logp.exp() * logp).sum(-1)
-    want_grads = torch.autograd.grad((want_lp * g1).sum() + (want_ent * g2).sum(), [xd, wd] + ([bd] if bias else []))
+    want_grads = torch.autograd.grad((want_lp * g1).sum() + (want_ent * g2).sum(), [xd, wd] + ([bd] if bias else []),
+                                     retain_graph=True)
     torch.testing.assert_close(lp.double(), want_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lsq.double(), torch.logsumexp(2 * logp, -1), rtol=1e-5, atol=1e-5)
@@ -237,6 +238,12 @@ def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, 
     assert torch.equal(top1, z.argmax(-1) == t)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # A gradient through the log-probs alone (DPO's loss), then through the entropy alone.
+    for which, want_out in enumerate((want_lp, want_ent)):
+        got_out = slothai.trl.ChunkedLogProbs.apply(x, w, b, t, temperature, 32768, softcap, scale, outputs)[which]
+        (gx,) = torch.autograd.grad((got_out * g1).sum(), [x])
+        (wx,) = torch.autograd.grad((want_out * g1).sum(), [xd], retain_graph=True)
+        torch.testing.assert_close(gx.double(), wx, rtol=1e-4, atol=1e-5)
     # Only log-probs asked (TRL's reference passes): the others are None.
     out = slothai.trl.ChunkedLogProbs.apply(x.detach(), w.detach(), None, t, 1.0, 32768, None, 1.0, ("log_probs",))
     assert out[0].shape == (n,) and all(o is None for o in out[1:])
