@@ -185,7 +185,10 @@ def save_checkpoint(model_name, path):
     from slothai import qlora
     config = qlora.make_config(model_name)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # an 8B random init takes minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
     vocab = {f"t{i}": i for i in range(config.vocab_size)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                   unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")

@@ -7,8 +7,25 @@ through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
 - Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
   loss with `fused_linear_cross_entropy` from the last hidden states when labels
   are given: the [tokens x vocab] logits are never built, and the output's
-  `logits` is None. Without labels the model's own forward runs unchanged.
+  `logits` is None. Without labels the model's own forward runs unchanged; with
+  `keep_logits=True` the head is left alone.
 - If Unsloth is importable, its `fast_dequantize` is routed to slothai's op.
+- If TRL is loaded and has no kernel for its fused LM head here (no Triton: the
+  CPU), slothai supplies one (see slothai/trl.py).
+
+The head patched is the module that owns `lm_head` and the backbone (e.g.
+`LlamaForCausalLM`), never a wrapper around it (PEFT's `PeftModelForCausalLM`,
+whose forward calls the inner model's): one patched forward is never called
+from another.
+
+A patched module changes class, to a subclass of its own generated once per class
+(same name) whose `forward` is slothai's: nothing is stored per instance but the
+class, so `copy.deepcopy` gives an independent patched copy that computes with its
+own weights, pickle / `torch.save` store the patch and load it back (by the base
+class and the kind of patch, see `_reduce_ex`), and torch.compile sees one class,
+guarded by type, not an object per layer guarded by identity (which compiled every
+decoder layer apart). A forward another library puts in the instance dict (TRL's
+fused LM head) is left to that library.
 
 This module is the one place that knows about model families; the ops know
 nothing about models.
@@ -34,7 +51,44 @@ CAUSAL_LM_FAMILIES = {
     "gemma3_text": "final_logit_softcapping",
 }
 
-_ORIGINAL = "_slothai_original_forward"
+_KEEP_LOGITS = "_slothai_keep_logits"  # instance attribute of a patched head: patch(keep_logits=...)
+
+
+def _patched_class(base, kind):
+    """The subclass of `base` whose forward is slothai's `kind` ("linear4bit" or
+    "causal_lm"); one per (base, kind), made on first use."""
+    cls = _PATCHED_CLASSES.get((base, kind))
+    if cls is not None:
+        return cls
+    fn = _KINDS[kind]
+
+    def forward(self, *args, **kwargs):
+        if type(self) is not cls:  # unpatched, but called through a bound method kept by another library
+            return base.forward(self, *args, **kwargs)
+        return fn(self, *args, **kwargs)
+
+    # The original's name, docs and signature (`__wrapped__`): transformers' Trainer picks
+    # dataset columns from it and generate() validates its keyword arguments against it.
+    functools.update_wrapper(forward, base.forward)
+    cls = type(base.__name__, (base,), {
+        "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__, "__reduce_ex__": _reduce_ex, "_slothai_base": base, "_slothai_kind": kind})
+    _PATCHED_CLASSES[(base, kind)] = cls
+    return cls
+
+
+def _reduce_ex(self, protocol):
+    """Pickle a patched module as its base class plus the kind of patch: the
+    generated class has the base's name, so pickle could not find it by name."""
+    rv = object.__reduce_ex__(self, max(2, protocol))
+    cls = type(self)
+    return (_new_patched, (cls._slothai_base, cls._slothai_kind)) + tuple(rv[2:])
+
+
+def _new_patched(base, kind):
+    obj = base.__new__(base)
+    obj.__class__ = _patched_class(base, kind)
+    return obj
 
 
 def _is_bnb_linear4bit(module):
@@ -60,17 +114,27 @@ def _linear4bit_forward(self, x):
     inp_dtype = x.dtype
     if getattr(self, "compute_dtype", None) is not None:
         x = x.to(self.compute_dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        # bitsandbytes' matmul is F.linear on the dequantized weight, which autocast
+        # runs in its dtype; a custom op is not autocast, so cast here (TRL and
+        # accelerate train under autocast with bf16=True).
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     bias = None if self.bias is None else self.bias.to(x.dtype)
     return nf4_linear(x, self.weight, bias).to(inp_dtype)
 
 
 def _causal_lm_forward(self, *args, labels=None, **kwargs):
-    """The family's CausalLM forward, but the loss comes from the hidden states."""
-    original = getattr(self, _ORIGINAL)
+    """The family's CausalLM forward, but the loss comes from the hidden states.
+
+    Calls TRL makes to its own fused LM head (`fused_lm_head=True`) go to that head
+    unchanged: it returns per-token log-probs, entropy and accuracy, which this loss
+    path does not (see slothai/trl.py for why slothai stands aside there)."""
     head = self.lm_head
-    if labels is None or len(args) > 1 or kwargs.get("return_dict") is False or \
-            not isinstance(head, torch.nn.Linear):
-        return original(*args, labels=labels, **kwargs)
+    if not kwargs.get("fused_lm_head", True):
+        kwargs.pop("fused_lm_head")  # an explicit False: TRL's head would drop it too
+    if labels is None or getattr(self, _KEEP_LOGITS, False) or "fused_lm_head" in kwargs or len(args) > 1 or \
+            kwargs.get("return_dict") is False or not isinstance(head, torch.nn.Linear):
+        return type(self)._slothai_base.forward(self, *args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
@@ -105,22 +169,23 @@ def _load_output_class():
 
 
 def _is_causal_lm(module):
+    """The module that owns the head and the backbone as its own children: a wrapper
+    that reaches them through attribute forwarding (PEFT's PeftModelForCausalLM,
+    whose name also ends in ForCausalLM) is not one."""
     config = getattr(module, "config", None)
-    return type(module).__name__.endswith("ForCausalLM") and hasattr(module, "lm_head") and \
-        hasattr(module, "model") and getattr(config, "model_type", None) in CAUSAL_LM_FAMILIES
+    return type(module).__name__.endswith("ForCausalLM") and "lm_head" in module._modules and \
+        "model" in module._modules and getattr(config, "model_type", None) in CAUSAL_LM_FAMILIES
 
 
-def _set_forward(module, fn):
-    if _ORIGINAL not in module.__dict__:
-        setattr(module, _ORIGINAL, module.forward)
-
-    # A plain function with the original's signature (functools.wraps): callers
-    # such as transformers' Trainer read forward's parameters to pick columns.
-    @functools.wraps(module.__dict__[_ORIGINAL])
-    def forward(*args, **kwargs):
-        return fn(module, *args, **kwargs)
-
-    module.forward = forward
+def _causal_lm_heads(model):
+    """Causal-LM modules to patch; one nested inside another is left to the outer one
+    (whose forward does not call the inner one's through a patched forward: it is
+    not patched)."""
+    heads = []
+    for name, module in model.named_modules(remove_duplicate=True):
+        if _is_causal_lm(module) and not any(name.startswith(h + ".") or h == "" for h, _ in heads):
+            heads.append((name, module))
+    return [m for _, m in heads]
 
 
 def _is_unsloth(model):
@@ -128,35 +193,59 @@ def _is_unsloth(model):
     return getattr(config, "unsloth_version", None) is not None
 
 
-def patch(model, *, linear4bit=True, loss=True):
-    """Patch `model` in place (idempotent) and return it. See the module docstring."""
+_KINDS = {"linear4bit": _linear4bit_forward, "causal_lm": _causal_lm_forward}
+_PATCHED_CLASSES = {}  # (base class, kind) -> generated subclass
+
+
+def _install(module, kind):
+    if not is_patched(module):
+        module.__class__ = _patched_class(type(module), kind)
+
+
+def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
+    """Patch `model` in place (idempotent) and return it. See the module docstring.
+
+    linear4bit: route bitsandbytes NF4 layers through slothai's dequant.
+    loss: compute the causal-LM loss without the logits when labels are given.
+    keep_logits: for code that reads `outputs.logits` of a labelled call (e.g.
+    TRL 1.0's SFTTrainer computes entropy and token accuracy from them): the
+    head's own forward runs, logits and all; only the NF4 layers are patched.
+    Patching again with another value changes it.
+    """
     if _is_unsloth(model):
         # A FastLanguageModel computes its own chunked fused loss from the hidden
         # states; slothai leaves its head alone and serves its NF4 dequantization.
         loss = False
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
-            _set_forward(module, _linear4bit_forward)
-        elif loss and _is_causal_lm(module):
-            _load_output_class()
-            _set_forward(module, _causal_lm_forward)
+            _install(module, "linear4bit")
+    if loss:
+        _load_output_class()
+        for module in _causal_lm_heads(model):
+            _install(module, "causal_lm")
+            setattr(module, _KEEP_LOGITS, bool(keep_logits))
     _patch_unsloth()
+    from .trl import supply_trl_kernel
+
+    supply_trl_kernel()
     return model
 
 
 def unpatch(model):
-    """Undo `patch`: every patched module gets its own forward back (and Unsloth
-    its own fast_dequantize)."""
+    """Undo `patch`: every patched module gets its own class back (and Unsloth its
+    own fast_dequantize). Only what patch installed is removed: a forward another
+    library put in a module's instance dict (TRL's fused LM head) stays, and if it
+    kept slothai's forward to call, that now runs the module's own."""
     for module in model.modules():
-        if _ORIGINAL in module.__dict__:
-            del module.__dict__["forward"]
-            delattr(module, _ORIGINAL)
+        if is_patched(module):
+            module.__class__ = type(module)._slothai_base
+            module.__dict__.pop(_KEEP_LOGITS, None)
     _unpatch_unsloth()
     return model
 
 
 def is_patched(module):
-    return _ORIGINAL in module.__dict__
+    return "_slothai_base" in type(module).__dict__
 
 
 def _unsloth_fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False, dtype=None):

@@ -36,12 +36,15 @@ def make_config(name="tiny", family="llama"):
     return AutoConfig.for_model(family, **kw)
 
 
-def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lora_r=8, seed=0, path=None):
+def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lora_r=8, seed=0, path=None,
+          task_type="CAUSAL_LM"):
     """A bitsandbytes NF4 (double-quantized) model with PEFT LoRA on all 7 projections.
 
     Random weights are drawn with `seed`, saved, and loaded back through
     `from_pretrained` with a BitsAndBytesConfig, as a user would load a checkpoint;
     `path` (or a `name` that is not a known shape) loads that checkpoint instead.
+    `task_type="CAUSAL_LM"` (what tutorials and TRL use) makes `get_peft_model` return a
+    PeftModelForCausalLM; None gives the bare PeftModel.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -57,7 +60,7 @@ def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lor
                                                      device_map=device)
     torch.manual_seed(seed + 1)
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
-                                             target_modules=PROJECTIONS))
+                                             target_modules=PROJECTIONS, task_type=task_type))
     model.config.use_cache = False
     return model.train()
 

@@ -10,7 +10,10 @@ sequence sizes are dynamic from the first call while the model's own sizes stay
 static, so a new sequence length does not recompile and the kernels are compiled
 for the model's real hidden sizes.
 """
+import collections
 import functools
+import inspect
+import weakref
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
@@ -61,7 +64,7 @@ def _hidden_of(args, kw):
     return hidden if isinstance(hidden, torch.Tensor) else None
 
 
-def _in_compute_dtype(fn):
+def _in_compute_dtype(fn, skip=0):
     """fn under autocast to the dtype of its hidden states when those are fp16/bf16:
     PEFT keeps LoRA weights in fp32, and without autocast their matmuls (and the
     casts around them) run in fp32; with it they run in the compute dtype, as under
@@ -70,7 +73,7 @@ def _in_compute_dtype(fn):
 
     @functools.wraps(fn)
     def run(*args, **kw):
-        hidden = _hidden_of(args, kw)
+        hidden = _hidden_of(args[skip:], kw)
         if hidden is not None and hidden.dtype in (torch.float16, torch.bfloat16):
             with torch.autocast(hidden.device.type, dtype=hidden.dtype):
                 return fn(*args, **kw)
@@ -106,41 +109,143 @@ def _pad_tokens(args, kw, n, padded):
     return tree_map(pad, args), tree_map(pad, kw)
 
 
-def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memory, bucket):
-    """Compile the layer's forward in place; the marking runs outside the compiled
-    region (inside it, marking is not allowed). A second call recompiles from the
-    forward the layer had before the first."""
-    original = layer.__dict__.get("_slothai_uncompiled_forward", layer.forward)
-    compiled = torch.compile(_in_compute_dtype(original) if adapters == "compute" else original, **kwargs)
-    if memory_budget is not None:
-        # AOTAutograd's partitioner reads this when the layer compiles (inside the
-        # call): recompute cheap work in backward instead of saving it. Scoped to
-        # our layers' calls, not set for the user's process.
-        compiled = torch._functorch.config.patch(activation_memory_budget=memory_budget)(compiled)
-    params = [p for p in layer.parameters() if p.requires_grad] if low_memory else None
+class _CompiledForward:
+    """The forward `compile` puts on a decoder layer: its compiled forward while the
+    layer trains, its own forward otherwise.
 
-    def call(*args, **kw):
+    Compiled only for training calls (layer in training mode, autograd on, no KV
+    cache): those are the calls a QLoRA run spends its time in, and they share one
+    compiled graph across the layers. Reference passes without grad (DPO, KTO, GRPO's
+    old and reference log-probs), evaluation and `generate()` run the layer's own
+    forward: compiled, each would add its own variant — and generation with a cache
+    one per layer (the cache object and `layer_idx` are guarded), which on a 4-layer
+    model already passed Dynamo's recompile limit, after which Dynamo runs the layer
+    eager anyway, silently. Measured (README): compiling the no-grad passes too (keyed
+    on training mode alone) made a no-grad pass 3x faster on the CPU, but the
+    variants multiply with each trainer's states — grad mode, whether the input
+    requires grad, mask or none, PEFT switching adapters — and in 4 steps KTO reached
+    8 compilations (the limit), GRPO 6 and DPO 4, against 1 or 2 this way.
+
+    An object rather than a closure so that `copy.deepcopy` and pickle rebind it to
+    the copy (it holds the layer; the compiled function is rebuilt on first use, as
+    torch.compile's wrappers neither copy nor pickle).
+    """
+
+    def __init__(self, layer, original, dynamic, kwargs, options):
+        self.layer, self.original, self.dynamic, self.kwargs = layer, original, dynamic, kwargs
+        self.options = options  # adapters, memory_budget, low_memory, bucket: see `compile`
+        self._compiled = None
+        _REGIONS.add(self)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_compiled": None, "_code": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _REGIONS.add(self)
+
+    def _uncompiled(self, *args, **kw):
+        if self.original is not None:
+            return self.original(*args, **kw)
+        return type(self.layer).forward(self.layer, *args, **kw)
+
+    def __call__(self, *args, **kw):
+        if kw.get("past_key_values", kw.get("past_key_value")) is not None or kw.get("use_cache"):
+            REGION_CALLS["eager (KV cache)"] += 1
+            return self._uncompiled(*args, **kw)
+        if not (self.layer.training and torch.is_grad_enabled()):
+            REGION_CALLS["eager (no grad or eval)"] += 1
+            return self._uncompiled(*args, **kw)
+        REGION_CALLS["compiled"] += 1
+        if self.options["low_memory"] and args and isinstance(args[0], torch.Tensor):
+            params = [p for p in self.layer.parameters() if p.requires_grad]
+            return offloaded_call(self._run_compiled, params, args[0], args[1:], kw)  # recomputes through it too
+        return self._run_compiled(*args, **kw)
+
+    def _compile(self):
+        # The class's forward, compiled once: every layer passes itself, so all
+        # share the code object and its cache entries (as bound methods did).
+        fn = self.original if self.original is not None else type(self.layer).forward
+        skip = 0 if self.original is not None else 1
+        target = _in_compute_dtype(fn, skip) if self.options["adapters"] == "compute" else fn
+        self._code = target.__code__  # what Dynamo caches variants on, for regions_at_recompile_limit
+        compiled = torch.compile(target, **self.kwargs)
+        if self.options["memory_budget"] is not None:
+            # AOTAutograd's partitioner reads this when the layer compiles (inside the
+            # call): recompute cheap work in backward instead of saving it. Scoped to
+            # our layers' calls, not set for the user's process.
+            compiled = torch._functorch.config.patch(activation_memory_budget=self.options["memory_budget"])(compiled)
+        return compiled
+
+    def _run_compiled(self, *args, **kw):
+        if self._compiled is None:
+            self._compiled = self._compile()
         hidden = _hidden_of(args, kw)
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
-        if bucket and n and kw.get("attention_mask") is None and padded_length(n) != n:
+        if self.options["bucket"] and n and kw.get("attention_mask") is None and padded_length(n) != n:
             args, kw = _pad_tokens(args, kw, n, padded_length(n))
             hidden = _hidden_of(args, kw)
         else:
             n = None
-        if dynamic and hidden is not None and hidden.dim() >= 2:
+        if self.dynamic and hidden is not None and hidden.dim() >= 2:
             mark_token_dims_dynamic(hidden, args[1:], kw)
-        out = compiled(*args, **kw)
-        return out if n is None else tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) and t.dim() >= 2
-                                              else t, out)
+        out = self._compiled(*args, **kw) if self.original is not None else self._compiled(self.layer, *args, **kw)
+        if n is None:
+            return out
+        return tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) and t.dim() >= 2 else t, out)
 
-    @functools.wraps(original)
-    def forward(*args, **kw):
-        if low_memory and args and isinstance(args[0], torch.Tensor):  # backward recomputes through `call` too
-            return offloaded_call(call, params, args[0], args[1:], kw)
-        return call(*args, **kw)
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
 
-    layer._slothai_uncompiled_forward = original
-    layer.forward = forward
+
+REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
+_REGIONS = weakref.WeakSet()  # every _CompiledForward made, for regions_at_recompile_limit
+
+
+def regions_at_recompile_limit():
+    """[{"function", "variants", "limit"}] for each compiled code object of a
+    `slothai.compile`d layer that holds as many variants as Dynamo's recompile limit."""
+    limit = torch._dynamo.config.recompile_limit
+    seen, out = set(), []
+    for region in list(_REGIONS):
+        code = getattr(region, "_code", None)
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        n = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+        if n >= limit:
+            out.append(dict(function=f"{type(region.layer).__name__}.forward, compiled as {code.co_name} "
+                                     f"({code.co_filename}:{code.co_firstlineno})", variants=n,
+                            limit=limit))
+    return out
+
+
+def _compile_layer(layer, dynamic, kwargs, options):
+    """Compile the layer's forward in place; the marking runs outside the compiled
+    region (inside it, marking is not allowed). A second call recompiles from the
+    forward the layer had before the first."""
+    current = layer.__dict__.get("forward")
+    original = current.original if isinstance(current, _CompiledForward) else current
+    layer.forward = _CompiledForward(layer, original, dynamic, kwargs, options)
+
+
+def compiled_layers(model):
+    """The decoder layers `compile` put a compiled forward on."""
+    return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CompiledForward)]
+
+
+def _inputs_require_grad(module, inputs, output):
+    output.requires_grad_(True)
+
+
+def _enable_input_require_grads(model):
+    """transformers' `enable_input_require_grads`, with a module-level hook: theirs is a
+    local function, and a model holding it no longer pickles or torch.saves."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    if embeddings is not None and _inputs_require_grad not in embeddings._forward_hooks.values():
+        embeddings.register_forward_hook(_inputs_require_grad)
 
 
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
@@ -190,10 +295,10 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         # batch or sequence size; the weights' sizes stay static (parameters).
         model.compile(dynamic=True if dynamic else None, **kwargs)
         return model
-    if any(p.requires_grad for p in model.parameters()) and hasattr(model, "enable_input_require_grads"):
+    if any(p.requires_grad for p in model.parameters()):
         # The first layer's input would otherwise need no grad and the others' would:
         # two compiled variants of the same layer. One, and half the compile time.
-        model.enable_input_require_grads()
+        _enable_input_require_grads(model)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
@@ -201,8 +306,8 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         for module in model.modules():
             if is_patched(module) and hasattr(module, "lm_head"):
                 module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
+    options = dict(adapters=adapters, memory_budget=memory_budget, low_memory=low_memory,
+                   bucket=bool(cudagraphs) if bucket_lengths is None else bucket_lengths)
     for layer in layers:
-        _compile_layer(layer, dynamic, kwargs, adapters=adapters, memory_budget=memory_budget,
-                       low_memory=low_memory,
-                       bucket=bool(cudagraphs) if bucket_lengths is None else bucket_lengths)
+        _compile_layer(layer, dynamic, kwargs, options)
     return model

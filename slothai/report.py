@@ -6,18 +6,29 @@
 
 It reads Dynamo's counters and listens to its `graph_breaks` and `recompiles`
 logs for the duration (torch._logging is reset to its defaults on exit).
+
+Past `torch._dynamo.config.recompile_limit` variants of one function Dynamo stops
+compiling it and runs every call that matches no variant eager, with one log line
+the first time. The report catches that line (`recompile_limits`) and also names
+each region compiled by `slothai.compile` that sits at the limit (`eager_fallbacks`),
+so a hit before the block shows too; either makes `str(report)` open with WARNING
+and the block's exit emit a RuntimeWarning.
 """
 import dataclasses
 import logging
 import re
 import time
+import warnings
 
 import torch
 from torch._dynamo.utils import compilation_time_metrics, counters
 
+from . import regional
+
 _BREAK_LOGGERS = ("torch._dynamo.symbolic_convert.__graph_breaks", "torch._dynamo.convert_frame.__graph_breaks",
                   "torch._dynamo.exc.__graph_breaks")
 _RECOMPILE_LOGGERS = ("torch._dynamo.guards.__recompiles",)
+_LIMIT_LOGGERS = ("torch._dynamo.convert_frame",)  # "torch._dynamo hit config.recompile_limit (8)" warnings
 # Whole-frame compile time; AOT backward compilation happens inside it.
 _COMPILE_TIME_KEYS = ("_compile.compile_inner",)
 
@@ -42,6 +53,9 @@ class _Collect(logging.Handler):
 class CompileReport:
     graph_breaks: list = dataclasses.field(default_factory=list)  # {"reason", "count", "where"}
     recompiles: list = dataclasses.field(default_factory=list)    # {"function", "reason"}
+    recompile_limits: list = dataclasses.field(default_factory=list)  # {"function", "limit", "reason"}
+    eager_fallbacks: list = dataclasses.field(default_factory=list)   # {"function", "variants", "limit"}
+    region_calls: dict = dataclasses.field(default_factory=dict)      # slothai.compile'd layers: calls by path
     compilations: int = 0
     compile_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -49,8 +63,17 @@ class CompileReport:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def warnings(self):
+        """One line per recompile limit hit or region falling back to eager (empty: none)."""
+        out = [f"torch.compile hit {h['limit']} in {h['function']}: calls that match no compiled variant now run "
+               f"EAGER (last reason: {h['reason']})" for h in self.recompile_limits]
+        out += [f"compiled region {f['function']} has {f['variants']} variants, the recompile limit ({f['limit']}): "
+                f"a call that matches none runs EAGER" for f in self.eager_fallbacks]
+        return out
+
     def __str__(self):
-        lines = [f"torch.compile report: {self.compilations} compilation(s), {self.compile_seconds:.1f} s compiling "
+        lines = [f"WARNING: {w}" for w in self.warnings()]
+        lines += [f"torch.compile report: {self.compilations} compilation(s), {self.compile_seconds:.1f} s compiling "
                  f"(of {self.wall_seconds:.1f} s), {sum(b['count'] for b in self.graph_breaks)} graph break(s), "
                  f"{len(self.recompiles)} recompile(s)"]
         for b in self.graph_breaks:
@@ -58,6 +81,8 @@ class CompileReport:
             lines.append(f"  graph break x{b['count']}: {b['reason']}{where}")
         for r in self.recompiles:
             lines.append(f"  recompile of {r['function']}: {r['reason']}")
+        if self.region_calls:
+            lines.append("  slothai.compile regions: " + ", ".join(f"{n} {k}" for k, n in self.region_calls.items()))
         return "\n".join(lines)
 
 
@@ -69,16 +94,19 @@ class compile_report:  # noqa: N801  (used as a context manager, named like one)
         self._breaks0 = dict(counters["graph_break"])
         self._graphs0 = counters["stats"]["unique_graphs"]
         self._secs0 = _compile_seconds()
-        self._break_msgs, self._recompile_msgs = [], []
+        self._break_msgs, self._recompile_msgs, self._limit_msgs = [], [], []
         self._handlers = []
+        self._calls0 = dict(regional.REGION_CALLS)
         torch._logging.set_logs(graph_breaks=True, recompiles=True)
-        for names, sink in ((_BREAK_LOGGERS, self._break_msgs), (_RECOMPILE_LOGGERS, self._recompile_msgs)):
+        for names, sink in ((_BREAK_LOGGERS, self._break_msgs), (_RECOMPILE_LOGGERS, self._recompile_msgs),
+                            (_LIMIT_LOGGERS, self._limit_msgs)):
             for name in names:
                 logger = logging.getLogger(name)
                 handler = _Collect(sink)
                 self._handlers.append((logger, handler, logger.propagate))
                 logger.addHandler(handler)
-                logger.propagate = False  # collected here, not printed
+                if names is not _LIMIT_LOGGERS:  # collected here, not printed (Dynamo's own warnings still are)
+                    logger.propagate = False
         self._t0 = time.perf_counter()
         return self.report
 
@@ -101,6 +129,19 @@ class compile_report:  # noqa: N801  (used as a context manager, named like one)
             reasons = [ln.strip(" -") for ln in msg.splitlines() if ln.strip().startswith("- ")]
             r.recompiles.append(dict(function=m.group(1) if m else "?",
                                      reason="; ".join(reasons) or msg.splitlines()[-1].strip()))
+        for msg in self._limit_msgs:
+            m = re.search(r"hit config\.(\w+) \((\d+)\)", msg)
+            if m:
+                fn = re.search(r"function: (.+)", msg)
+                why = re.search(r"last reason: (.+)", msg)
+                r.recompile_limits.append(dict(function=fn.group(1).strip() if fn else "?",
+                                               limit=f"{m.group(1)} ({m.group(2)})",
+                                               reason=why.group(1).strip() if why else "?"))
+        r.eager_fallbacks = regional.regions_at_recompile_limit()
+        r.region_calls = {k: n - self._calls0.get(k, 0) for k, n in regional.REGION_CALLS.items()
+                          if n - self._calls0.get(k, 0) > 0}
+        if r.warnings():
+            warnings.warn("slothai.compile_report: " + "; ".join(r.warnings()), RuntimeWarning, stacklevel=2)
         return False
 
 

@@ -127,7 +127,9 @@ def test_report_cli_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"baseline (unpatched, eager)", "slothai"}
     run = data["runs"]["slothai"]
-    assert set(run["compile"]) == {"graph_breaks", "recompiles", "compilations", "compile_seconds", "wall_seconds"}
+    assert set(run["compile"]) == {"graph_breaks", "recompiles", "recompile_limits", "eager_fallbacks", "region_calls",
+                                   "compilations", "compile_seconds", "wall_seconds"}
+    assert run["compile"]["recompile_limits"] == [] and run["compile"]["eager_fallbacks"] == []
     assert run["compile"]["graph_breaks"] == [] and run["compile"]["compilations"] == 1
     assert len(run["losses"]) == 3 and run["tokens_per_second"] > 0 and run["peak_memory_gb"] > 0
     printed = capsys.readouterr().out
