@@ -20,6 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .fused_ce import fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_linear
 
@@ -47,7 +48,7 @@ def _standard_layout(module):
     """bitsandbytes (>= 0.49) repacks CPU weights into its own inference layout on
     an eval-mode forward without grad; put them back as bitsandbytes itself does
     before saving, so the codes are NF4 as stored."""
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
@@ -122,12 +123,16 @@ def _set_forward(module, fn):
 
 def patch(model, *, linear4bit=True, loss=True):
     """Patch `model` in place (idempotent) and return it. See the module docstring."""
+    distributed.check_not_sharded(model, "slothai.patch")  # FSDP2: patch comes before fully_shard
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
+            _standard_layout(module)
+            distributed.use_nf4_weight(module)  # Params4bit -> NF4Weight, which FSDP2 can shard
             _set_forward(module, _linear4bit_forward)
         elif loss and _is_causal_lm(module):
             _load_output_class()
             _set_forward(module, _causal_lm_forward)
+    distributed.skip_nf4_weights_in_ddp_broadcast(model)
     _patch_unsloth()
     return model
 
@@ -135,7 +140,9 @@ def patch(model, *, linear4bit=True, loss=True):
 def unpatch(model):
     """Undo `patch`: every patched module gets its own forward back (and Unsloth
     its own fast_dequantize)."""
+    distributed.check_not_sharded(model, "slothai.unpatch")
     for module in model.modules():
+        distributed.restore_params4bit(module)
         if _ORIGINAL in module.__dict__:
             del module.__dict__["forward"]
             delattr(module, _ORIGINAL)
