@@ -91,6 +91,9 @@ def _worker(rank, path, out):
                 model = DDP(model)
             else:
                 fully_shard_layers(model)
+                seen = []  # what the patched Linear4bit gets from FSDP's all-gather
+                q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+                q.register_forward_pre_hook(lambda m, a: seen.append((type(m.weight).__name__, tuple(m.weight.shape))))
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
             with slothai.compile_report() as report:
@@ -107,9 +110,12 @@ def _worker(rank, path, out):
             if kind == "fsdp2" and not compiled:
                 shard = next(p for p in inner.parameters() if isinstance(getattr(p, "_local_tensor", None), NF4Weight))
                 results[key]["nf4_shard_rows"] = (shard._local_tensor.shape[0], shard.shape[0])
+                results[key]["unsharded_seen"] = seen
                 if rank == 0:  # the adapter, gathered on every rank, saved by one
                     inner.save_pretrained(os.path.join(out, "adapter"), state_dict=lora)
                 dist.barrier()
+        log("trainer ddp")
+        results["trainer_ddp"] = _trainer_run(path, os.path.join(out, f"trainer{rank}"), rank)
         log("wrong order")
         wrong_order = fully_shard_layers(qlora.build(path=path))  # fully_shard before patch
         try:
@@ -125,6 +131,30 @@ def _worker(rank, path, out):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _trainer_data():
+    return [{"input_ids": ids[0], "labels": ids[0]} for ids in qlora.batches(256, 1, [24], 12, "cpu", seed=5)]
+
+
+def _trainer_run(path, out, rank=None):
+    """transformers' Trainer on the patched model: 12 rows, 3 steps of 4 (2 per rank under DDP),
+    in order, so one process and two see the same global batches."""
+    from transformers import Trainer, TrainingArguments
+
+    from slothai.distributed import adapter_state_dict
+
+    if rank is not None:  # accelerate reads the ranks from the environment and reuses our process group
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="29511")  # not dialled: the group exists already
+    model = slothai.patch(qlora.build(path=path))
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH // (WORLD if rank is not None else 1),
+                             max_steps=3, learning_rate=LR, report_to=[], use_cpu=True, save_strategy="no",
+                             train_sampling_strategy="sequential", logging_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_trainer_data())
+    result = trainer.train()
+    return dict(loss=result.training_loss, lora=adapter_state_dict(model),
+                wrapped=type(trainer.model_wrapped).__name__)
 
 
 def _spawn(path, out):
@@ -189,9 +219,20 @@ def test_two_ranks_match_one_process(runs, key):
         assert got["graph_breaks"] == [] and got["compilations"] == 1 and got["recompiles"] == [], got
 
 
+def test_trainer_ddp_matches_one_process(runs):
+    got = runs["results"]["trainer_ddp"]
+    want = _trainer_run(runs["path"], os.path.join(runs["out"], "trainer"))
+    assert got["wrapped"] == "DistributedDataParallel"
+    assert abs(got["loss"] - want["loss"]) <= 1e-4 * abs(want["loss"]), (got["loss"], want["loss"])
+    for name, w in want["lora"].items():
+        assert _rel(got["lora"][name], w) <= 1e-4, name
+
+
 def test_fsdp2_shards_the_4bit_weights(runs):
     local_rows, rows = runs["results"]["fsdp2"]["nf4_shard_rows"]
     assert local_rows * WORLD == rows
+    # Forward gets the whole weight back as 4-bit codes (an NF4Weight), never dense.
+    assert runs["results"]["fsdp2"]["unsharded_seen"] == [("NF4Weight", (64, 64))] * (len(SEQS) + 1)
 
 
 def test_patch_after_fully_shard_is_a_clear_error(runs):
