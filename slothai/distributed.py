@@ -21,6 +21,8 @@ same checkpoint), so `patch` lists them in `_ddp_params_and_buffers_to_ignore`:
 DDP's construction-time broadcast skips them, as it cannot flatten a tensor
 subclass. Gradients (LoRA only) are all-reduced as usual.
 """
+import sys
+
 import torch
 
 from .nf4_weight import NF4Weight, to_nf4_weight
@@ -56,13 +58,25 @@ def check_not_sharded(model, what):
 
 def use_nf4_weight(linear4bit):
     """Give a bitsandbytes NF4 Linear4bit an NF4Weight viewing its Params4bit's
-    tensors (no copy). Left as is when its rows do not split (see to_nf4_weight)."""
+    tensors (no copy). Left as is when its rows do not split (see to_nf4_weight),
+    and while Unsloth is loaded (its LoRA kernels take the Params4bit's own layout)."""
     weight = linear4bit.weight
-    if isinstance(weight, NF4Weight):
+    if isinstance(weight, NF4Weight) or "unsloth" in sys.modules:
         return
     nf4 = to_nf4_weight(weight)
     if nf4 is not None:
         linear4bit.weight = nf4
+        linear4bit._register_state_dict_hook(_params4bit_in_state_dict)
+
+
+def _params4bit_in_state_dict(module, state_dict, prefix, local_metadata):
+    """An unsharded NF4Weight is saved as the Params4bit it views, so a patched
+    model's state dict is bitsandbytes' own (bitsandbytes adds the quant_state
+    entries itself). FSDP's sharded DTensors are left to FSDP."""
+    weight = state_dict.get(prefix + "weight")
+    if isinstance(weight, NF4Weight) and weight.params4bit is not None:
+        p = weight.params4bit
+        state_dict[prefix + "weight"] = p if isinstance(weight, torch.nn.Parameter) else p.detach()
 
 
 def restore_params4bit(module):

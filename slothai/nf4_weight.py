@@ -28,7 +28,10 @@ which `slothai.unpatch` puts back.
 
 Outer shape [out_features, in_features], dtype uint8, requires_grad False: code
 that casts floating-point parameters (mixed precision, `Module.to(dtype)`) leaves
-it alone, as it leaves `Params4bit` alone. Any other op on it raises.
+it alone, as it leaves `Params4bit` alone. Unsharded, it also answers for that
+Params4bit (`quant_state`, `quant_type`, ..., and any op it does not handle itself
+runs on the Params4bit's packed bytes), so code written for bitsandbytes keeps
+working; a shard refuses any op it does not handle.
 """
 import torch
 
@@ -59,6 +62,21 @@ class NF4Weight(torch.Tensor):
         self.params4bit = params4bit  # the bitsandbytes Params4bit it views (unsharded only), for unpatch
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+
+    # Unsharded, the weight answers for the Params4bit it views, so code written for
+    # bitsandbytes (PEFT adding or merging adapters, Unsloth, bitsandbytes' own forward)
+    # keeps working after slothai.patch; a shard has no Params4bit to answer with.
+    def _params4bit(self, name):
+        p = self.__dict__.get("params4bit")
+        if p is None:
+            raise AttributeError(f"a sharded NF4Weight has no bitsandbytes {name}")
+        return getattr(p, name)
+
+    quant_state = property(lambda self: self._params4bit("quant_state"))
+    quant_type = property(lambda self: self._params4bit("quant_type"))
+    compress_statistics = property(lambda self: self._params4bit("compress_statistics"))
+    quant_storage = property(lambda self: self._params4bit("quant_storage"))
+    bnb_quantized = property(lambda self: self._params4bit("bnb_quantized"))
 
     def __repr__(self):
         form = "double-quantized" if self.code2 is not None else "fp32 scales"
@@ -118,10 +136,21 @@ class NF4Weight(torch.Tensor):
         kwargs = kwargs or {}
         handler = _OPS.get(func)
         if handler is None:
-            raise NotImplementedError(
-                f"NF4Weight (a frozen 4-bit weight) does not support {func}; dequantize it with "
-                "slothai.dequantize_nf4(weight) to get a dense tensor")
+            return _on_params4bit(func, args, kwargs)
         return handler(func, *args, **kwargs)
+
+
+def _on_params4bit(func, args, kwargs):
+    """Any op NF4Weight does not handle itself acts, on an unsharded weight, on its
+    Params4bit's packed bytes, as before patch (bitsandbytes' ops, `weight.t()`,
+    PEFT's dequantize for a merge); a shard refuses it."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    if not all(w.params4bit is not None for w in leaves if isinstance(w, NF4Weight)):
+        raise NotImplementedError(
+            f"NF4Weight (a frozen 4-bit weight) does not support {func}; dequantize it with "
+            "slothai.dequantize_nf4(weight) to get a dense tensor")
+    args, kwargs = torch.utils._pytree.tree_map_only(NF4Weight, lambda w: w.params4bit.data, (args, kwargs))
+    return func(*args, **kwargs)
 
 
 _OPS = {}
@@ -209,7 +238,7 @@ def _view(func, w, size):
     # inner tensors and takes the asked shape.
     size = list(size)
     if size not in ([-1], [w.numel()], list(w.shape)):
-        raise NotImplementedError(f"NF4Weight.view to {size}")
+        return _on_params4bit(func, (w, size), {})
     out = _detach(None, w)
     if size != list(w.shape):
         out = _Flat(out)
@@ -219,7 +248,7 @@ def _view(func, w, size):
 @_implements(aten.as_strided.default)
 def _as_strided(func, w, size, stride, storage_offset=0):
     if list(size) != list(w.shape) or storage_offset or (w.numel() > 1 and list(stride) != [w.shape[1], 1]):
-        raise NotImplementedError(f"NF4Weight.as_strided to size {list(size)}, stride {list(stride)}")
+        return _on_params4bit(func, (w, size, stride, storage_offset), {})
     return _detach(None, w)
 
 

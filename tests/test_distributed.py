@@ -91,9 +91,11 @@ def _worker(rank, path, out):
                 model = DDP(model)
             else:
                 fully_shard_layers(model)
-                seen = []  # what the patched Linear4bit gets from FSDP's all-gather
-                q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-                q.register_forward_pre_hook(lambda m, a: seen.append((type(m.weight).__name__, tuple(m.weight.shape))))
+                seen = []  # what the patched Linear4bit gets from FSDP's all-gather (eager: a hook on
+                if not compiled:  # one layer only would give the compiled layers two sets of guards)
+                    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+                    q.register_forward_pre_hook(lambda m, a: seen.append((type(m.weight).__name__,
+                                                                          tuple(m.weight.shape))))
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
             with slothai.compile_report() as report:
@@ -291,14 +293,28 @@ def test_nf4_weight_rows_dequantize_bit_identical(nested, storage):
     torch.testing.assert_close(x.grad, torch.ones(3, 40) @ want, rtol=1e-5, atol=1e-5)
 
 
-def test_nf4_weight_refuses_dense_ops():
+def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
     from slothai.nf4_weight import to_nf4_weight
 
-    w = to_nf4_weight(_params4bit(8, 64))
-    with pytest.raises(NotImplementedError, match="does not support"):
-        w + 1
+    p = _params4bit(8, 64)
+    w = to_nf4_weight(p)
+    # Unsharded: what bitsandbytes-aware code reads and does still works (PEFT, Unsloth, bnb's forward).
+    assert w.quant_state is p.quant_state and w.quant_type == "nf4" and w.compress_statistics
+    assert torch.equal(w.t(), p.data.t())
+    assert torch.equal(bnbF.dequantize_4bit(w.data, w.quant_state), bnbF.dequantize_4bit(p.data, p.quant_state))
+    layer = bnb.nn.Linear4bit(64, 8, bias=False, quant_type="nf4")
+    layer.weight = w
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(bnb.nn.Linear4bit.forward(layer, x), slothai.nf4_linear(x, w), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="cannot be cast"):
         w.to(torch.float32)
+    shard = torch.chunk(w, 2)[0]  # a shard has no Params4bit: nothing but what FSDP needs
+    assert getattr(shard, "quant_state", None) is None
+    with pytest.raises(NotImplementedError, match="does not support"):
+        shard + 1
 
 
 def test_patch_uses_nf4_weight_and_unpatch_gives_params4bit_back():
@@ -307,7 +323,11 @@ def test_patch_uses_nf4_weight_and_unpatch_gives_params4bit_back():
     model = qlora.build("tiny")
     ids = torch.randint(0, 256, (2, 10))
     want = model(input_ids=ids, labels=ids).loss
+    state = model.state_dict()
     slothai.patch(model)
+    patched_state = model.state_dict()  # bitsandbytes' own: Params4bit codes + quant_state entries
+    assert patched_state.keys() == state.keys()
+    assert all(type(patched_state[k]) is type(v) and torch.equal(patched_state[k], v) for k, v in state.items())
     weights = [p for p in model.parameters() if isinstance(p, NF4Weight)]
     assert len(weights) == 2 * 7
     assert sorted(model._ddp_params_and_buffers_to_ignore) == sorted(
