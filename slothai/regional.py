@@ -15,6 +15,13 @@ import functools
 import torch
 from torch.utils._pytree import tree_leaves
 
+from .offload import offloaded_call
+from .patch import is_patched
+
+# Low-memory mode: the loss head's chunk of logits (and their gradient, in place).
+# 128 MiB is 512 tokens at a 128K vocabulary in bf16: GEMMs still large enough.
+LOW_MEMORY_LOGITS_BYTES = 128 << 20
+
 
 def decoder_layers(model):
     """The repeated blocks: members of ModuleLists whose class name ends in 'DecoderLayer'."""
@@ -49,25 +56,60 @@ def mark_token_dims_dynamic(hidden, *others):
                     torch._dynamo.maybe_mark_dynamic(t, d)
 
 
-def _compile_layer(layer, dynamic, kwargs):
+def _hidden_of(args, kw):
+    hidden = args[0] if args else kw.get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _in_compute_dtype(fn):
+    """fn under autocast to the dtype of its hidden states when those are fp16/bf16:
+    PEFT keeps LoRA weights in fp32, and without autocast their matmuls (and the
+    casts around them) run in fp32; with it they run in the compute dtype, as under
+    HF Trainer's bf16=True. The fp32 weights stay the optimizer's master copy.
+    Traced by Dynamo, so it is part of the compiled region, not a guard on it."""
+
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        hidden = _hidden_of(args, kw)
+        if hidden is not None and hidden.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(hidden.device.type, dtype=hidden.dtype):
+                return fn(*args, **kw)
+        return fn(*args, **kw)
+
+    return run
+
+
+def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memory):
     """Compile the layer's forward in place; the marking runs outside the compiled
     region (inside it, marking is not allowed). A second call recompiles from the
     forward the layer had before the first."""
     original = layer.__dict__.get("_slothai_uncompiled_forward", layer.forward)
-    compiled = torch.compile(original, **kwargs)
+    compiled = torch.compile(_in_compute_dtype(original) if adapters == "compute" else original, **kwargs)
+    if memory_budget is not None:
+        # AOTAutograd's partitioner reads this when the layer compiles (inside the
+        # call): recompute cheap work in backward instead of saving it. Scoped to
+        # our layers' calls, not set for the user's process.
+        compiled = torch._functorch.config.patch(activation_memory_budget=memory_budget)(compiled)
+    params = [p for p in layer.parameters() if p.requires_grad] if low_memory else None
+
+    def call(*args, **kw):
+        hidden = _hidden_of(args, kw)
+        if dynamic and hidden is not None and hidden.dim() >= 2:
+            mark_token_dims_dynamic(hidden, args[1:], kw)
+        return compiled(*args, **kw)
 
     @functools.wraps(original)
     def forward(*args, **kw):
-        hidden = args[0] if args else kw.get("hidden_states")
-        if dynamic and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
-            mark_token_dims_dynamic(hidden, args[1:], kw)
-        return compiled(*args, **kw)
+        if low_memory and args and isinstance(args[0], torch.Tensor):  # backward recomputes through `call` too
+            return offloaded_call(call, params, args[0], args[1:], kw)
+        return call(*args, **kw)
 
     layer._slothai_uncompiled_forward = original
     layer.forward = forward
 
 
-def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, **options):
+def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
+            memory_budget=0.5, cudagraphs=False, low_memory=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
@@ -75,13 +117,31 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     dynamic: True makes batch and sequence sizes dynamic from the first call (no
     recompile for a new length); False leaves torch's default (static first,
     then dynamic where a size changed: one recompile).
+    adapters: "compute" runs the LoRA matmuls of each compiled layer in the
+    model's compute dtype (fp16/bf16; fp32 master weights kept); "float32" keeps
+    PEFT's fp32 adapter math.
+    memory_budget: AOTAutograd's activation-memory budget for the compiled layers
+    (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
+    cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
+    removing the per-kernel launch cost. A graph is recorded per sequence length
+    (about 1.6 s for the 1B shape, on the second step at a length), so this pays
+    off for fixed-length (packed or padded) batches only; off by default.
+    low_memory: each layer keeps only its input, in pinned host memory, and is
+    recomputed in backward (copies overlap compute on a side stream); the patched
+    loss head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
     """
     if mode not in ("regional", "full", "none"):
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
+    if adapters not in ("compute", "float32"):
+        raise ValueError(f"adapters must be 'compute' or 'float32', got {adapters!r}")
     if mode == "none":
         return model
     _disable_kv_cache(model)
     kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
+    if cudagraphs:
+        if backend != "inductor":
+            raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
+        kwargs["options"] = {"triton.cudagraphs": True, **kwargs.get("options", {})}
     if mode == "full":
         # The model's inputs are ids, labels and masks: every size of them is a
         # batch or sequence size; the weights' sizes stay static (parameters).
@@ -94,6 +154,11 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
+    if low_memory:
+        for module in model.modules():
+            if is_patched(module) and hasattr(module, "lm_head"):
+                module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
     for layer in layers:
-        _compile_layer(layer, dynamic, kwargs)
+        _compile_layer(layer, dynamic, kwargs, adapters=adapters, memory_budget=memory_budget,
+                       low_memory=low_memory)
     return model
