@@ -276,6 +276,7 @@ def trainer_run(path, env, args, steps):
     data = [{"input_ids": ids[r], "labels": ids[r]} for ids in steps for r in range(env.world)]
     kw = dict(output_dir=tempfile.mkdtemp(prefix="slothai-bench-trainer-"), per_device_train_batch_size=1,
               max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
+              max_grad_norm=0.0,  # no clipping: the other runs do not clip either
               optim="adamw_torch", report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
               dataloader_pin_memory=False, use_cpu=not env.cuda)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
