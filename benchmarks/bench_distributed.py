@@ -389,7 +389,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
     ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; cpu: aot_eager)")
-    ap.add_argument("--budget-s", type=float, default=420, help="start no new run after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=360, help="start no new run after this many seconds")
     ap.add_argument("--timeout-s", type=float, default=300, help="collective timeout")
     ap.add_argument("--build-timeout-s", type=float, default=600)
     ap.add_argument("--cache", default=None, help="where the 4-bit checkpoint is kept (default: a /tmp folder)")
