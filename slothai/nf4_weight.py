@@ -33,6 +33,8 @@ Params4bit (`quant_state`, `quant_type`, ..., and any op it does not handle itse
 runs on the Params4bit's packed bytes), so code written for bitsandbytes keeps
 working; a shard refuses any op it does not handle.
 """
+import copy
+
 import torch
 
 aten = torch.ops.aten
@@ -72,11 +74,28 @@ class NF4Weight(torch.Tensor):
             raise AttributeError(f"a sharded NF4Weight has no bitsandbytes {name}")
         return getattr(p, name)
 
-    quant_state = property(lambda self: self._params4bit("quant_state"))
+    # A shard's quant_state is None (no bitsandbytes state), so `weight.quant_state.<x>`
+    # checks written for Params4bit read "not there" rather than fail.
+    quant_state = property(lambda self: self._params4bit("quant_state") if self.params4bit is not None else None)
     quant_type = property(lambda self: self._params4bit("quant_type"))
     compress_statistics = property(lambda self: self._params4bit("compress_statistics"))
     quant_storage = property(lambda self: self._params4bit("quant_storage"))
     bnb_quantized = property(lambda self: self._params4bit("bnb_quantized"))
+
+    # deepcopy / pickle: an unsharded weight is rebuilt from a copy of its Params4bit,
+    # so the copy's weight and the copy's Params4bit share their tensors again (code that
+    # edits `weight.quant_state` moves both, as it moves the original's).
+    def __deepcopy__(self, memo):
+        if self.params4bit is None:
+            return super().__deepcopy__(memo)
+        new = _rebuild(copy.deepcopy(self.params4bit, memo), isinstance(self, torch.nn.Parameter))
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, protocol):
+        if self.params4bit is None:
+            return super().__reduce_ex__(protocol)
+        return _rebuild, (self.params4bit, isinstance(self, torch.nn.Parameter))
 
     def __repr__(self):
         form = "double-quantized" if self.code2 is not None else "fp32 scales"
@@ -289,6 +308,11 @@ def _Flat(w):
 
 
 # ---------------------------------------------------------------------------------------------
+def _rebuild(params4bit, is_param):
+    w = to_nf4_weight(params4bit)
+    return w if is_param else w.detach()
+
+
 def to_nf4_weight(param):
     """A bitsandbytes NF4 `Params4bit` as an `NF4Weight` parameter viewing the same
     tensors, or None when its layout does not split by rows (in_features not a

@@ -338,3 +338,28 @@ def test_patch_uses_nf4_weight_and_unpatch_gives_params4bit_back():
     assert not any(isinstance(p, NF4Weight) for p in model.parameters())
     assert sum(isinstance(p, bnb.nn.Params4bit) for p in model.parameters()) == 2 * 7
     assert torch.equal(model(input_ids=ids, labels=ids).loss, want)
+
+
+def test_nf4_weight_copies_keep_sharing_with_their_params4bit():
+    # deepcopy, pickle and torch.save rebuild the weight from a copy of its Params4bit: editing
+    # the copy's quant_state (as bitsandbytes-aware code does) moves what slothai's op computes.
+    import copy
+    import io
+    import pickle
+
+    import bitsandbytes.functional as bnbF
+
+    from slothai.nf4_weight import to_nf4_weight
+
+    w = to_nf4_weight(_params4bit(16, 128))
+    want = slothai.dequantize_nf4(w)
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(w), pickle.loads(pickle.dumps(w)), torch.load(buf, weights_only=False)):
+        assert isinstance(other, NF4Weight) and isinstance(other, torch.nn.Parameter)
+        assert torch.equal(slothai.dequantize_nf4(other), want)
+        other.quant_state.state2.absmax.mul_(2)
+        moved = bnbF.dequantize_4bit(other.params4bit.data, other.quant_state)
+        assert not torch.equal(moved, want) and torch.equal(slothai.dequantize_nf4(other), moved)
+    assert torch.equal(slothai.dequantize_nf4(w), want)
