@@ -25,9 +25,13 @@ SEQS = [2048, 2048, 2048, 1536, 2048, 1792]
 # label -> what the worker builds. The first run given is the reference for speed and loss.
 RUNS = {
     "eager": "HF + PEFT + bitsandbytes, eager",
-    "slothai": "slothai.patch + slothai.compile (defaults)",
+    "slothai": "slothai.patch + slothai.compile (defaults: CUDA graphs, bucketed lengths)",
     "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
-    "slothai-cudagraphs": "slothai.patch + slothai.compile(cudagraphs=True)",
+    "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
+    "slothai-saveall": "slothai.patch + slothai.compile(memory_budget=None)",
+    "slothai-b05": "slothai.patch + slothai.compile(memory_budget=0.5)",
+    "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
+    "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, memory_budget=0.1)",
     "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
     "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
@@ -68,7 +72,10 @@ def build_model(label, path, model_name):
         model.compile(dynamic=None)
     elif label.startswith("slothai"):
         slothai.patch(model)
-        opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), "slothai-cudagraphs": dict(cudagraphs=True),
+        opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
+                "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(memory_budget=None),
+                "slothai-b05": dict(memory_budget=0.5), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
+                "slothai-lowmem-b01": dict(low_memory=True, memory_budget=0.1),
                 "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)
     return model
@@ -107,6 +114,22 @@ def profile_step(model, batch):
                 top_kernels_ms=dict(sorted(((k, round(v, 1)) for k, v in top.items()), key=lambda kv: -kv[1])[:8]))
 
 
+def phase_peaks(model, ids):
+    """Peak memory of the forward (with the loss head), the backward and a plain SGD
+    update of one more step: where the step's peak comes from."""
+    import torch
+    peaks = {}
+    torch.cuda.reset_peak_memory_stats()
+    loss = model(input_ids=ids, labels=ids).loss
+    peaks["forward"] = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    peaks["backward"] = torch.cuda.max_memory_allocated() / 1e9
+    model.zero_grad(set_to_none=True)
+    peaks["after"] = torch.cuda.memory_allocated() / 1e9
+    return {k: round(v, 3) for k, v in peaks.items()}
+
+
 def worker(args):
     label = args.worker
     model = build_model(label, args.path, args.model)  # Unsloth first: it must import before transformers
@@ -124,16 +147,25 @@ def worker(args):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    step_peaks = []
+
+    def log(line):  # after each step: its own peak, so a compile-time peak in step 1 shows apart
+        step_peaks.append(torch.cuda.max_memory_allocated() / 1e9)
+        torch.cuda.reset_peak_memory_stats()
+        print(f"  [{label}]{line}  peak {step_peaks[-1]:.2f} GB", flush=True)
+
     with slothai.compile_report() as rep:
-        steps = qlora.train(model, batch_list, log=lambda s: print(f"  [{label}]{s}", flush=True))
+        steps = qlora.train(model, batch_list, log=log)
     phases = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if sum(v) > 0.05}
     phases = dict(sorted(phases.items(), key=lambda kv: -kv[1])[:12])
     rec = dict(label=label, what=RUNS[label], losses=[s[0] for s in steps], step_s=[s[1] for s in steps],
                seqs=seqs, steady_step_s=statistics.median(s[1] for s in steps[1:]),
-               peak_gb=torch.cuda.max_memory_allocated() / 1e9, model_gb=base / 1e9, compile=rep.to_dict(),
+               peak_gb=max(step_peaks), step_peak_gb=step_peaks, model_gb=base / 1e9, compile=rep.to_dict(),
                compile_phases_s=phases)
     print(f"[{label}] {rep}\n[{label}] steady {rec['steady_step_s']:.3f} s/step, peak {rec['peak_gb']:.2f} GB",
           flush=True)
+    rec["phase_peak_gb"] = phase_peaks(model, batch_list[0])
+    print(f"[{label}] one more step, peak GB by phase: {rec['phase_peak_gb']}", flush=True)
     if args.profile:
         rec["profile"] = profile_step(model, batch_list[0])
         print(f"[{label}] profiled step: {rec['profile']}", flush=True)

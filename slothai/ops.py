@@ -4,7 +4,10 @@ The schemas are declared once, in csrc/torch/library.cpp; importing `_C` loads
 them with their CPU and CUDA kernels. Each op's fake function sits here so that
 torch.compile can trace through it from metadata alone.
 """
+import math
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _C  # noqa: F401  (loads the op library)
 
@@ -43,6 +46,14 @@ def _nf4_linear_backward(ctx, grad):
 
 torch.library.register_autograd("slothai::nf4_linear", _nf4_linear_backward,
                                 setup_context=_nf4_linear_setup_context)
+
+
+# FLOP counts, for torch.utils.flop_counter and for the AOT partitioner, whose
+# activation-memory budget ranks what to recompute by FLOPs: an op without a
+# formula counts as free, and the base-weight GEMM would be recomputed in backward.
+@register_flop_formula(torch.ops.slothai.nf4_linear)
+def _nf4_linear_flops(x_shape, *args, out_shape=None, **kwargs):
+    return 2 * math.prod(out_shape) * x_shape[-1]
 
 
 # --------------------------------------------------------------------------

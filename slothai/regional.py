@@ -13,7 +13,7 @@ for the model's real hidden sizes.
 import functools
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .offload import offloaded_call
 from .patch import is_patched
@@ -79,7 +79,34 @@ def _in_compute_dtype(fn):
     return run
 
 
-def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memory):
+def padded_length(n):
+    """The bucket a sequence of n tokens is padded to under CUDA graphs: 8 buckets
+    per octave (multiples of 2^(k-3) for n in [2^k, 2^(k+1)), at least 64), so at
+    most 1/8 of the tokens are padding and a few dozen graphs cover every length."""
+    step = max(64, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _pad_tokens(args, kw, n, padded):
+    """Right-pad every tensor whose dim 1 is the token dim (hidden states, rotary
+    cos/sin, position ids; their dim 0 is the batch or 1) and every 1-D tensor of n
+    (cache positions) with zeros to `padded` tokens. Exact for a causal layer
+    without an attention mask: a token attends only to those before it, so the
+    padding, all after the real tokens, changes nothing of theirs, forward or back."""
+
+    def pad(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.dim() >= 2 and t.shape[1] == n:
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, padded - n))
+        if t.dim() == 1 and t.shape[0] == n:
+            return torch.nn.functional.pad(t, (0, padded - n))
+        return t
+
+    return tree_map(pad, args), tree_map(pad, kw)
+
+
+def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memory, bucket):
     """Compile the layer's forward in place; the marking runs outside the compiled
     region (inside it, marking is not allowed). A second call recompiles from the
     forward the layer had before the first."""
@@ -94,9 +121,17 @@ def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memor
 
     def call(*args, **kw):
         hidden = _hidden_of(args, kw)
+        n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
+        if bucket and n and kw.get("attention_mask") is None and padded_length(n) != n:
+            args, kw = _pad_tokens(args, kw, n, padded_length(n))
+            hidden = _hidden_of(args, kw)
+        else:
+            n = None
         if dynamic and hidden is not None and hidden.dim() >= 2:
             mark_token_dims_dynamic(hidden, args[1:], kw)
-        return compiled(*args, **kw)
+        out = compiled(*args, **kw)
+        return out if n is None else tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) and t.dim() >= 2
+                                              else t, out)
 
     @functools.wraps(original)
     def forward(*args, **kw):
@@ -109,7 +144,7 @@ def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memor
 
 
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
-            memory_budget=0.5, cudagraphs=False, low_memory=False, **options):
+            memory_budget=0.7, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
@@ -123,9 +158,12 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     memory_budget: AOTAutograd's activation-memory budget for the compiled layers
     (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
     cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
-    removing the per-kernel launch cost. A graph is recorded per sequence length
-    (about 1.6 s for the 1B shape, on the second step at a length), so this pays
-    off for fixed-length (packed or padded) batches only; off by default.
+    removing the per-kernel launch cost. A graph is recorded per sequence length,
+    once (about 1 s for the 1B shape, on the second step at a length), so lengths
+    are padded into 8 buckets per octave (`padded_length`; exact, see
+    `_pad_tokens`). None: on for a regional compile of a model on CUDA with
+    inductor, not with low_memory.
+    bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
     low_memory: each layer keeps only its input, in pinned host memory, and is
     recomputed in backward (copies overlap compute on a side stream); the patched
     loss head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
@@ -138,6 +176,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         return model
     _disable_kv_cache(model)
     kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
+    if cudagraphs is None:
+        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and \
+            any(p.is_cuda for p in model.parameters())
     if cudagraphs:
         if backend != "inductor":
             raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
@@ -160,5 +201,6 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
                 module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
     for layer in layers:
         _compile_layer(layer, dynamic, kwargs, adapters=adapters, memory_budget=memory_budget,
-                       low_memory=low_memory)
+                       low_memory=low_memory,
+                       bucket=bool(cudagraphs) if bucket_lengths is None else bucket_lengths)
     return model

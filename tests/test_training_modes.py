@@ -141,3 +141,56 @@ def test_unsloth_drop_in_has_unsloths_signature(monkeypatch):
     finally:
         slothai.unpatch(model)
     assert utils.fast_dequantize is original
+
+
+def test_padded_length_buckets():
+    from slothai.regional import padded_length
+
+    assert [padded_length(n) for n in (1, 64, 65, 100, 1500, 1536, 1537, 2048, 2049)] == \
+        [64, 64, 128, 128, 1536, 1536, 1664, 2048, 2304]
+    for n in range(1, 5000, 7):  # never shorter; padding under 64 tokens or an eighth of them
+        assert 0 <= padded_length(n) - n < max(64, n // 8 + 1)
+
+
+def test_bucketed_lengths_give_the_same_losses_and_gradients(monkeypatch):
+    # Right-padding each layer's tokens to the bucket must change nothing for the real
+    # tokens of a causal model: same loss, same LoRA gradients, and it must happen.
+    from slothai import regional
+
+    pads = []
+    real = regional._pad_tokens
+    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
+    ids = torch.randint(0, 256, (2, 37))
+    want_loss, want = one_step(slothai.patch(qlora.build("tiny", "llama")), ids)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
+    got_loss, got = one_step(model, ids)
+    assert pads and set(pads) == {(37, 64)}
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_with_bucketed_lengths_train_like_eager():
+    # The default on a GPU: inductor, each layer a CUDA graph per length bucket.
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cuda"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-3 * abs(b), (got, want)
+    assert report.graph_breaks == [] and report.compilations == 1, report
+
+
+def test_nf4_linear_counts_its_flops():
+    # The AOT partitioner's memory budget ranks recomputation by FLOPs: without a
+    # formula the base GEMM would look free to recompute.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    packed, state = bnbF.quantize_4bit(torch.randn(48, 64), quant_type="nf4", compress_statistics=True)
+    weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.quant_state = state
+    with FlopCounterMode(display=False) as counter:
+        slothai.nf4_linear(torch.randn(5, 7, 64), weight)
+    assert counter.get_total_flops() == 2 * 5 * 7 * 48 * 64
