@@ -21,6 +21,8 @@ leaves the earlier ones written):
                          Trainer with an `fsdp` config (accelerate keeps a model that is already sharded);
                          on the CPU (accelerate's FSDP needs GPUs) the same without fully_shard: Trainer DDP
 
+Every slothai run compiles without CUDA graphs (they cannot hold FSDP2's gathered
+weights; --cudagraphs turns them on for 1gpu and ddp), so all compile the same kernels.
 Frozen 4-bit weight memory per GPU is counted from the tensors each rank holds
 (codes + scales); memory after setup and the training peak come from the allocator.
 Table + JSON + PNG under benchmarks/results/ (bench_distributed_<model>.*).
@@ -201,7 +203,9 @@ def train(model, env, steps, *, rows, opt=None, backward=None, lr=1e-4, label=""
 def run(name, path, env, args, steps):
     """One run; returns its record (or None on ranks that take no part)."""
     mine = [env.rank]  # this rank's row of every global batch
-    compile_kw = dict(backend=args.backend)
+    # CUDA graphs (slothai.compile's default on one GPU since 7ea3d75) cannot hold FSDP2's gathered
+    # weights; off everywhere unless asked, so every run compiles the same kernels.
+    compile_kw = dict(backend=args.backend, cudagraphs=args.cudagraphs if name in ("1gpu", "ddp") else False)
     env.reset_memory()
     if name == "1gpu":
         if env.rank != 0:
@@ -269,7 +273,7 @@ def trainer_run(path, env, args, steps):
     model = slothai.patch(load(path, env, args))
     if env.cuda:
         fully_shard_layers(model)
-    slothai.compile(model, backend=args.backend)
+    slothai.compile(model, backend=args.backend, cudagraphs=False)
     setup = dict(frozen_4bit_gb=frozen_4bit_gb(model), allocated_gb=env.allocated_gb())
     # Rank r's k-th row is sample k * world + r: accelerate hands out consecutive batches of
     # one row to the ranks in turn, so in order each step's global batch is ours.
@@ -389,6 +393,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
     ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; cpu: aot_eager)")
+    ap.add_argument("--cudagraphs", action="store_true", help="CUDA graphs for the 1gpu and ddp runs")
     ap.add_argument("--budget-s", type=float, default=360, help="start no new run after this many seconds")
     ap.add_argument("--timeout-s", type=float, default=300, help="collective timeout")
     ap.add_argument("--build-timeout-s", type=float, default=600)

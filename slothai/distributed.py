@@ -6,7 +6,8 @@ The order of calls (each rank, after `init_process_group`):
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)                   # 2. FSDP2: each decoder layer, then the root
     fully_shard(model)                       #    (or: slothai.distributed.fully_shard_layers(model))
-    slothai.compile(model)                   # 3. regional compile (FSDP's hooks stay outside the graphs)
+    slothai.compile(model)                   # 3. regional compile (FSDP's hooks stay outside the graphs;
+                                             #    no CUDA graphs: FSDP reallocates the gathered weights)
 
 or, for DDP, `patch` -> `compile` -> `DistributedDataParallel(model)`.
 
@@ -47,11 +48,16 @@ def _fsdp_module_type():
     return FSDPModule
 
 
+def is_fully_sharded(model):
+    """Whether FSDP2's fully_shard has been applied to `model` or any module in it."""
+    fsdp_module = _fsdp_module_type()
+    return bool(fsdp_module) and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
 def check_not_sharded(model, what):
     """Raise if `fully_shard` already ran on `model` (any of its modules)."""
-    fsdp_module, dtensor = _fsdp_module_type(), _dtensor_type()
-    sharded = any(isinstance(m, fsdp_module) for m in model.modules()) if fsdp_module else False
-    if sharded or (dtensor and any(isinstance(p, dtensor) for p in model.parameters())):
+    dtensor = _dtensor_type()
+    if is_fully_sharded(model) or (dtensor and any(isinstance(p, dtensor) for p in model.parameters())):
         raise RuntimeError(f"{what} must be called before torch.distributed.fsdp.fully_shard: FSDP2 has already "
                            f"turned the 4-bit weights into plain sharded tensors. Order: {ORDER}")
 

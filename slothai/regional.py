@@ -15,6 +15,7 @@ import functools
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .distributed import is_fully_sharded
 from .offload import offloaded_call
 from .patch import is_patched
 
@@ -176,8 +177,12 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         return model
     _disable_kv_cache(model)
     kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
+    sharded = is_fully_sharded(model)  # FSDP2 frees and reallocates the gathered weights every step
+    if cudagraphs and sharded:
+        raise ValueError("cudagraphs=True on a model sharded by fully_shard: a CUDA graph replays the addresses "
+                         "of the weights it recorded, and FSDP2 frees and reallocates them every step")
     if cudagraphs is None:
-        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and \
+        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and not sharded and \
             any(p.is_cuda for p in model.parameters())
     if cudagraphs:
         if backend != "inductor":

@@ -124,6 +124,10 @@ def _worker(rank, path, out):
             slothai.patch(wrong_order)
         except RuntimeError as e:
             results["wrong_order"] = str(e)
+        try:  # CUDA graphs cannot hold FSDP2's gathered weights: refused before compiling anything
+            slothai.compile(wrong_order, cudagraphs=True)
+        except ValueError as e:
+            results["cudagraphs"] = str(e)
         log("done")
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
@@ -239,6 +243,7 @@ def test_fsdp2_shards_the_4bit_weights(runs):
 
 def test_patch_after_fully_shard_is_a_clear_error(runs):
     assert "must be called before torch.distributed.fsdp.fully_shard" in runs["results"]["wrong_order"]
+    assert "cudagraphs=True on a model sharded by fully_shard" in runs["results"]["cudagraphs"]
 
 
 def test_sharded_adapter_save_reloads_in_one_process(runs):
