@@ -54,6 +54,14 @@ def is_fully_sharded(model):
     return bool(fsdp_module) and any(isinstance(m, fsdp_module) for m in model.modules())
 
 
+def check_no_cudagraphs_under_fsdp(layer):
+    """A layer compiled with CUDA graphs must not run sharded (compiled before fully_shard)."""
+    fsdp_module = _fsdp_module_type()
+    if fsdp_module and isinstance(layer, fsdp_module):
+        raise RuntimeError("this layer was compiled with CUDA graphs and then sharded by fully_shard; CUDA graphs "
+                           f"cannot hold FSDP2's gathered weights. Compile after sharding: {ORDER}")
+
+
 def check_not_sharded(model, what):
     """Raise if `fully_shard` already ran on `model` (any of its modules)."""
     dtensor = _dtensor_type()

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .distributed import is_fully_sharded
+from .distributed import check_no_cudagraphs_under_fsdp, is_fully_sharded
 from .offload import offloaded_call
 from .patch import is_patched
 
@@ -119,8 +119,11 @@ def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memor
         # our layers' calls, not set for the user's process.
         compiled = torch._functorch.config.patch(activation_memory_budget=memory_budget)(compiled)
     params = [p for p in layer.parameters() if p.requires_grad] if low_memory else None
+    cudagraphs = bool(kwargs.get("options", {}).get("triton.cudagraphs"))
 
     def call(*args, **kw):
+        if cudagraphs:
+            check_no_cudagraphs_under_fsdp(layer)
         hidden = _hidden_of(args, kw)
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
         if bucket and n and kw.get("attention_mask") is None and padded_length(n) != n:

@@ -128,6 +128,13 @@ def _worker(rank, path, out):
             slothai.compile(wrong_order, cudagraphs=True)
         except ValueError as e:
             results["cudagraphs"] = str(e)
+        # Compiled with CUDA graphs, then sharded: the first call says so (before compiling anything).
+        compiled_first = slothai.compile(slothai.patch(qlora.build(path=path)), cudagraphs=True)
+        fully_shard_layers(compiled_first)
+        try:
+            compiled_first(input_ids=_eval_batch(), labels=_eval_batch())
+        except RuntimeError as e:
+            results["compiled_then_sharded"] = str(e)
         log("done")
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
@@ -244,6 +251,7 @@ def test_fsdp2_shards_the_4bit_weights(runs):
 def test_patch_after_fully_shard_is_a_clear_error(runs):
     assert "must be called before torch.distributed.fsdp.fully_shard" in runs["results"]["wrong_order"]
     assert "cudagraphs=True on a model sharded by fully_shard" in runs["results"]["cudagraphs"]
+    assert "compiled with CUDA graphs and then sharded" in runs["results"]["compiled_then_sharded"]
 
 
 def test_sharded_adapter_save_reloads_in_one_process(runs):
