@@ -8,6 +8,7 @@ import functools
 import torch
 
 from . import ops  # noqa: F401  (registers the op)
+from .nf4_weight import NF4Weight
 
 _dequant_nf4 = torch.ops.slothai.dequant_nf4.default
 _nf4_linear = torch.ops.slothai.nf4_linear.default
@@ -23,6 +24,9 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
     Bit-identical to `bitsandbytes.functional.dequantize_4bit`, in one kernel
     launch on CUDA (both levels of double quantization included).
     """
+    if quant_state is None and isinstance(weight, NF4Weight):  # slothai.patch's form of a Params4bit
+        *args, shape = weight.op_args()
+        return _dequant_nf4(weight.codes, *args[1:], shape, weight.compute_dtype if dtype is None else dtype)
     if quant_state is None:
         quant_state = getattr(weight, "quant_state", None)
         if quant_state is None:
@@ -67,10 +71,13 @@ def _state_args_of(qs):
 
 
 def nf4_linear(x, weight, bias=None):
-    """`x @ dequantize_nf4(weight).T + bias` for a bitsandbytes Params4bit, in x's
+    """`x @ dequantize_nf4(weight).T + bias` for a bitsandbytes Params4bit (or the
+    `NF4Weight` that slothai.patch makes of one), in x's
     dtype, differentiable in x and bias; backward dequantizes again instead of
     keeping the dense weight (`slothai::nf4_linear`: one op, so torch.compile
     cannot merge the two dequantizations and save the dense weight instead)."""
+    if isinstance(weight, NF4Weight):  # slothai.patch's form of a Params4bit (shardable by FSDP2)
+        return _nf4_linear(x, *weight.op_args(), bias)
     qs = weight.quant_state
     _check_state(qs)
     absmax, code2, absmax2, offset, blocksize, blocksize2 = _state_args_of(qs)

@@ -37,6 +37,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .fused_ce import fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_linear
 
@@ -101,7 +102,7 @@ def _standard_layout(module):
     """bitsandbytes (>= 0.49) repacks CPU weights into its own inference layout on
     an eval-mode forward without grad; put them back as bitsandbytes itself does
     before saving, so the codes are NF4 as stored."""
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
@@ -212,18 +213,22 @@ def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
     head's own forward runs, logits and all; only the NF4 layers are patched.
     Patching again with another value changes it.
     """
+    distributed.check_not_sharded(model, "slothai.patch")  # FSDP2: patch comes before fully_shard
     if _is_unsloth(model):
         # A FastLanguageModel computes its own chunked fused loss from the hidden
         # states; slothai leaves its head alone and serves its NF4 dequantization.
         loss = False
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
+            _standard_layout(module)
+            distributed.use_nf4_weight(module)  # Params4bit -> NF4Weight, which FSDP2 can shard
             _install(module, "linear4bit")
     if loss:
         _load_output_class()
         for module in _causal_lm_heads(model):
             _install(module, "causal_lm")
             setattr(module, _KEEP_LOGITS, bool(keep_logits))
+    distributed.skip_nf4_weights_in_ddp_broadcast(model)
     _patch_unsloth()
     from .trl import supply_trl_kernel
 
@@ -236,7 +241,9 @@ def unpatch(model):
     own fast_dequantize). Only what patch installed is removed: a forward another
     library put in a module's instance dict (TRL's fused LM head) stays, and if it
     kept slothai's forward to call, that now runs the module's own."""
+    distributed.check_not_sharded(model, "slothai.unpatch")
     for module in model.modules():
+        distributed.restore_params4bit(module)
         if is_patched(module):
             module.__class__ = type(module)._slothai_base
             module.__dict__.pop(_KEEP_LOGITS, None)

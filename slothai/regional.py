@@ -18,6 +18,7 @@ import weakref
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .distributed import check_no_cudagraphs_under_fsdp, is_fully_sharded
 from .offload import offloaded_call
 from .patch import is_patched
 
@@ -178,6 +179,8 @@ class _CompiledForward:
         return compiled
 
     def _run_compiled(self, *args, **kw):
+        if self.kwargs.get("options", {}).get("triton.cudagraphs"):
+            check_no_cudagraphs_under_fsdp(self.layer)  # compiled with CUDA graphs, then sharded: refuse
         if self._compiled is None:
             self._compiled = self._compile()
         hidden = _hidden_of(args, kw)
@@ -283,8 +286,12 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         return model
     _disable_kv_cache(model)
     kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
+    sharded = is_fully_sharded(model)  # FSDP2 frees and reallocates the gathered weights every step
+    if cudagraphs and sharded:
+        raise ValueError("cudagraphs=True on a model sharded by fully_shard: a CUDA graph replays the addresses "
+                         "of the weights it recorded, and FSDP2 frees and reallocates them every step")
     if cudagraphs is None:
-        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and \
+        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and not sharded and \
             any(p.is_cuda for p in model.parameters())
     if cudagraphs:
         if backend != "inductor":

@@ -1,0 +1,140 @@
+"""More than one GPU: slothai under PyTorch's FSDP2 and DDP.
+
+The order of calls (each rank, after `init_process_group`):
+
+    model = slothai.patch(model)             # 1. Params4bit -> NF4Weight (shardable), slothai's ops
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)                   # 2. FSDP2: each decoder layer, then the root
+    fully_shard(model)                       #    (or: slothai.distributed.fully_shard_layers(model))
+    slothai.compile(model)                   # 3. regional compile (FSDP's hooks stay outside the graphs;
+                                             #    no CUDA graphs: FSDP reallocates the gathered weights)
+
+or, for DDP, `patch` -> `compile` -> `DistributedDataParallel(model)`.
+
+`patch` after `fully_shard` raises: FSDP2 would already have turned bitsandbytes'
+`Params4bit` into a plain sharded tensor that lost its quantization state. The
+weights are only ever all-gathered as 4-bit codes and scales (see nf4_weight.py).
+`fully_shard` without `patch` is bitsandbytes' own gap (its Params4bit does not
+survive FSDP2); `patch` first closes it.
+
+DDP: the frozen 4-bit weights are the same on every rank (each rank loads the
+same checkpoint), so `patch` lists them in `_ddp_params_and_buffers_to_ignore`:
+DDP's construction-time broadcast skips them, as it cannot flatten a tensor
+subclass. Gradients (LoRA only) are all-reduced as usual.
+"""
+import sys
+
+import torch
+
+from .nf4_weight import NF4Weight, to_nf4_weight
+
+ORDER = ("slothai.patch(model) -> fully_shard(each decoder layer) -> fully_shard(model) -> "
+         "slothai.compile(model)")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return ()
+    return DTensor
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return ()
+    return FSDPModule
+
+
+def is_fully_sharded(model):
+    """Whether FSDP2's fully_shard has been applied to `model` or any module in it."""
+    fsdp_module = _fsdp_module_type()
+    return bool(fsdp_module) and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
+def check_no_cudagraphs_under_fsdp(layer):
+    """A layer compiled with CUDA graphs must not run sharded (compiled before fully_shard)."""
+    fsdp_module = _fsdp_module_type()
+    if fsdp_module and isinstance(layer, fsdp_module):
+        raise RuntimeError("this layer was compiled with CUDA graphs and then sharded by fully_shard; CUDA graphs "
+                           f"cannot hold FSDP2's gathered weights. Compile after sharding: {ORDER}")
+
+
+def check_not_sharded(model, what):
+    """Raise if `fully_shard` already ran on `model` (any of its modules)."""
+    dtensor = _dtensor_type()
+    if is_fully_sharded(model) or (dtensor and any(isinstance(p, dtensor) for p in model.parameters())):
+        raise RuntimeError(f"{what} must be called before torch.distributed.fsdp.fully_shard: FSDP2 has already "
+                           f"turned the 4-bit weights into plain sharded tensors. Order: {ORDER}")
+
+
+def use_nf4_weight(linear4bit):
+    """Give a bitsandbytes NF4 Linear4bit an NF4Weight viewing its Params4bit's
+    tensors (no copy). Left as is when its rows do not split (see to_nf4_weight),
+    and while Unsloth is loaded (its LoRA kernels take the Params4bit's own layout)."""
+    weight = linear4bit.weight
+    if isinstance(weight, NF4Weight) or "unsloth" in sys.modules:
+        return
+    nf4 = to_nf4_weight(weight)
+    if nf4 is not None:
+        linear4bit.weight = nf4
+        linear4bit._register_state_dict_hook(_params4bit_in_state_dict)
+
+
+def _params4bit_in_state_dict(module, state_dict, prefix, local_metadata):
+    """An unsharded NF4Weight is saved as the Params4bit it views, so a patched
+    model's state dict is bitsandbytes' own (bitsandbytes adds the quant_state
+    entries itself). FSDP's sharded DTensors are left to FSDP."""
+    weight = state_dict.get(prefix + "weight")
+    if isinstance(weight, NF4Weight) and weight.params4bit is not None:
+        p = weight.params4bit
+        state_dict[prefix + "weight"] = p if isinstance(weight, torch.nn.Parameter) else p.detach()
+
+
+def restore_params4bit(module):
+    """`unpatch`: give the module its bitsandbytes Params4bit back."""
+    weight = module.__dict__.get("_parameters", {}).get("weight")
+    if isinstance(weight, NF4Weight) and weight.params4bit is not None:
+        module.weight = weight.params4bit
+
+
+def skip_nf4_weights_in_ddp_broadcast(model):
+    names = {n for n, p in model.named_parameters() if isinstance(p, NF4Weight)}
+    if names:
+        model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+                                                         | names)
+
+
+def fully_shard_layers(model, **kwargs):
+    """FSDP2 as the recipe goes: `fully_shard` on each decoder layer, then on the
+    root (the embeddings, final norm and head). kwargs go to every call (mesh,
+    reshard_after_forward, mp_policy, ...). Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .regional import decoder_layers
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer)")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def adapter_state_dict(model):
+    """The trainable parameters (the LoRA adapter) as full, unsharded CPU tensors,
+    on every rank: FSDP2's sharded DTensors are all-gathered (a collective: call
+    it on every rank). Rank 0 then saves with PEFT:
+    `model.save_pretrained(path, state_dict=adapter_state_dict(model))`."""
+    dtensor = _dtensor_type()
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            if dtensor and isinstance(t, dtensor):
+                t = t.full_tensor()
+            out[name] = t.cpu()
+    return out

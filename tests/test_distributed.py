@@ -1,0 +1,378 @@
+"""slothai under PyTorch's FSDP2 (fully_shard) and DDP: 2 gloo ranks on the CPU.
+
+The ranks are spawned processes that meet through a FileStore and talk over the
+loopback interface only. Each runs every scenario on a tiny 4-bit Llama built as
+users build it (from_pretrained with a BitsAndBytesConfig, get_peft_model), each
+rank on its half of every batch; the parent trains the same model in one process
+on whole batches. Losses and LoRA weights must agree to 1e-4 (relative).
+"""
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+
+import slothai
+from slothai import qlora
+from slothai.nf4_weight import NF4Weight
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+WORLD = 2
+BATCH = 4  # global batch: 2 rows per rank
+SEQS = [32, 20, 32]  # 3 AdamW steps at two lengths: the compiled runs must not recompile
+LR = 1e-3
+TIMEOUT_S = 150  # the whole 2-rank run; a hang fails the test instead of the suite
+SCENARIOS = [("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True)]
+
+
+def _batches():
+    return list(qlora.batches(256, BATCH, SEQS, len(SEQS), "cpu", seed=3))
+
+
+def _eval_batch():
+    return next(qlora.batches(256, 2, [24], 1, "cpu", seed=7))
+
+
+def _lora(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train_distributed(model, rank, steps):
+    """AdamW on this rank's rows of each global batch; returns the global loss per step."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    per = BATCH // WORLD
+    losses = []
+    for ids in steps:
+        mine = ids[rank * per:(rank + 1) * per]
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        dist.all_reduce(value)  # equal rows per rank, every token counted: the mean of the means
+        losses.append(value.item() / WORLD)
+    return losses
+
+
+def _worker(rank, path, out):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from slothai.distributed import adapter_state_dict, fully_shard_layers
+
+    store = dist.FileStore(os.path.join(out, "store"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    t0 = time.perf_counter()
+
+    def log(msg):
+        with open(os.path.join(out, f"log{rank}.txt"), "a") as f:
+            f.write(f"{time.perf_counter() - t0:6.1f} s  {msg}\n")
+
+    try:
+        results = {}
+        for kind, compiled in SCENARIOS:
+            log(f"{kind} compiled={compiled}")
+            torch._dynamo.reset()
+            model = slothai.patch(qlora.build(path=path))
+            if kind == "ddp":
+                if compiled:
+                    slothai.compile(model, backend="aot_eager")
+                model = DDP(model)
+            else:
+                fully_shard_layers(model)
+                seen = []  # what the patched Linear4bit gets from FSDP's all-gather (eager: a hook on
+                if not compiled:  # one layer only would give the compiled layers two sets of guards)
+                    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+                    q.register_forward_pre_hook(lambda m, a: seen.append((type(m.weight).__name__,
+                                                                          tuple(m.weight.shape))))
+                if compiled:
+                    slothai.compile(model, backend="aot_eager")
+            with slothai.compile_report() as report:
+                losses = _train_distributed(model, rank, _batches())
+            ids = _eval_batch()
+            with torch.no_grad():
+                eval_loss = model(input_ids=ids, labels=ids).loss.item()
+            inner = model.module if kind == "ddp" else model
+            lora = adapter_state_dict(inner)
+            key = f"{kind}{'+compile' if compiled else ''}"
+            results[key] = dict(losses=losses, eval_loss=eval_loss, lora=lora,
+                                graph_breaks=report.graph_breaks, compilations=report.compilations,
+                                recompiles=report.recompiles)
+            if kind == "fsdp2" and not compiled:
+                shard = next(p for p in inner.parameters() if isinstance(getattr(p, "_local_tensor", None), NF4Weight))
+                results[key]["nf4_shard_rows"] = (shard._local_tensor.shape[0], shard.shape[0])
+                results[key]["unsharded_seen"] = seen
+                if rank == 0:  # the adapter, gathered on every rank, saved by one
+                    inner.save_pretrained(os.path.join(out, "adapter"), state_dict=lora)
+                dist.barrier()
+        log("trainer ddp")
+        results["trainer_ddp"] = _trainer_run(path, os.path.join(out, f"trainer{rank}"), rank)
+        log("wrong order")
+        wrong_order = fully_shard_layers(qlora.build(path=path))  # fully_shard before patch
+        try:
+            slothai.patch(wrong_order)
+        except RuntimeError as e:
+            results["wrong_order"] = str(e)
+        try:  # CUDA graphs cannot hold FSDP2's gathered weights: refused before compiling anything
+            slothai.compile(wrong_order, cudagraphs=True)
+        except ValueError as e:
+            results["cudagraphs"] = str(e)
+        # Compiled with CUDA graphs, then sharded: the first call says so (before compiling anything).
+        compiled_first = slothai.compile(slothai.patch(qlora.build(path=path)), cudagraphs=True)
+        fully_shard_layers(compiled_first)
+        try:
+            compiled_first(input_ids=_eval_batch(), labels=_eval_batch())
+        except RuntimeError as e:
+            results["compiled_then_sharded"] = str(e)
+        log("done")
+        if rank == 0:
+            torch.save(results, os.path.join(out, "results.pt"))
+    except BaseException:
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _trainer_data():
+    return [{"input_ids": ids[0], "labels": ids[0]} for ids in qlora.batches(256, 1, [24], 12, "cpu", seed=5)]
+
+
+def _trainer_run(path, out, rank=None):
+    """transformers' Trainer on the patched model: 12 rows, 3 steps of 4 (2 per rank under DDP),
+    in order, so one process and two see the same global batches."""
+    from transformers import Trainer, TrainingArguments
+
+    from slothai.distributed import adapter_state_dict
+
+    if rank is not None:  # accelerate reads the ranks from the environment and reuses our process group
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="29511")  # not dialled: the group exists already
+    model = slothai.patch(qlora.build(path=path))
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH // (WORLD if rank is not None else 1),
+                             max_steps=3, learning_rate=LR, report_to=[], use_cpu=True, save_strategy="no",
+                             train_sampling_strategy="sequential", logging_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_trainer_data())
+    result = trainer.train()
+    return dict(loss=result.training_loss, lora=adapter_state_dict(model),
+                wrapped=type(trainer.model_wrapped).__name__)
+
+
+def _spawn(path, out):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_worker, args=(path, out), nprocs=WORLD, join=False, start_method="spawn")
+    return ctx
+
+
+def _join(ctx, out):
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"2-rank run still going after {TIMEOUT_S} s")
+    except Exception:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        errors = [f"{f}:\n" + open(os.path.join(out, f)).read() for f in sorted(os.listdir(out))
+                  if f.startswith(("error", "log"))]
+        raise AssertionError("distributed run failed:\n" + "\n".join(errors)) from None
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every scenario on 2 ranks, and the one-process reference, once for the module."""
+    root = tmp_path_factory.mktemp("dist")
+    path, out = str(root / "ckpt"), str(root / "out")
+    os.makedirs(out)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(qlora.make_config("tiny"), dtype=torch.float32).save_pretrained(path)
+    t0 = time.perf_counter()
+    ctx = _spawn(path, out)
+    ref = slothai.patch(qlora.build(path=path))  # while the ranks start: the one-process run
+    ref_losses = [loss for loss, _, _ in qlora.train(ref, _batches(), lr=LR)]
+    ids = _eval_batch()
+    with torch.no_grad():
+        ref_eval = ref(input_ids=ids, labels=ids).loss.item()
+    _join(ctx, out)
+    results = torch.load(os.path.join(out, "results.pt"))
+    print(f"2-rank run: {time.perf_counter() - t0:.1f} s")
+    return dict(results=results, ref_losses=ref_losses, ref_lora=_lora(ref), ref_eval=ref_eval, path=path, out=out)
+
+
+@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "fsdp2", "fsdp2+compile"])
+def test_two_ranks_match_one_process(runs, key):
+    got = runs["results"][key]
+    for a, b in zip(got["losses"], runs["ref_losses"]):
+        assert abs(a - b) <= 1e-4 * abs(b), (key, got["losses"], runs["ref_losses"])
+    assert set(got["lora"]) == set(runs["ref_lora"]) and len(got["lora"]) == 2 * 7 * 2  # 2 layers x 7 x (A, B)
+    for name, want in runs["ref_lora"].items():
+        assert _rel(got["lora"][name], want) <= 1e-4, (key, name)
+    assert abs(got["eval_loss"] - runs["ref_eval"]) <= 1e-4 * abs(runs["ref_eval"])
+    if key.endswith("+compile"):  # every decoder layer from one graph, no break, no recompile across lengths
+        assert got["graph_breaks"] == [] and got["compilations"] == 1 and got["recompiles"] == [], got
+
+
+def test_trainer_ddp_matches_one_process(runs):
+    got = runs["results"]["trainer_ddp"]
+    want = _trainer_run(runs["path"], os.path.join(runs["out"], "trainer"))
+    assert got["wrapped"] == "DistributedDataParallel"
+    assert abs(got["loss"] - want["loss"]) <= 1e-4 * abs(want["loss"]), (got["loss"], want["loss"])
+    for name, w in want["lora"].items():
+        assert _rel(got["lora"][name], w) <= 1e-4, name
+
+
+def test_fsdp2_shards_the_4bit_weights(runs):
+    local_rows, rows = runs["results"]["fsdp2"]["nf4_shard_rows"]
+    assert local_rows * WORLD == rows
+    # Forward gets the whole weight back as 4-bit codes (an NF4Weight), never dense.
+    assert runs["results"]["fsdp2"]["unsharded_seen"] == [("NF4Weight", (64, 64))] * (len(SEQS) + 1)
+
+
+def test_patch_after_fully_shard_is_a_clear_error(runs):
+    assert "must be called before torch.distributed.fsdp.fully_shard" in runs["results"]["wrong_order"]
+    assert "cudagraphs=True on a model sharded by fully_shard" in runs["results"]["cudagraphs"]
+    assert "compiled with CUDA graphs and then sharded" in runs["results"]["compiled_then_sharded"]
+
+
+def test_sharded_adapter_save_reloads_in_one_process(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(runs["path"], quantization_config=quant, dtype=torch.float32,
+                                                device_map="cpu")
+    model = slothai.patch(PeftModel.from_pretrained(base, os.path.join(runs["out"], "adapter")))
+    ids = _eval_batch()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    want = runs["results"]["fsdp2"]["eval_loss"]
+    assert abs(loss - want) <= 1e-4 * abs(want), (loss, want)
+
+
+# ---- NF4Weight on its own (one process) ------------------------------------------------------
+def _params4bit(out_features, in_features, blocksize=64, nested=True, storage=torch.uint8):
+    import bitsandbytes as bnb
+
+    w = torch.randn(out_features, in_features)
+    return bnb.nn.Params4bit(w, requires_grad=False, blocksize=blocksize, compress_statistics=nested,
+                             quant_type="nf4", quant_storage=storage)._quantize("cpu")
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_nf4_weight_rows_dequantize_bit_identical(nested, storage):
+    # 40 x 448, blocksize 64: 7 blocks a row, 280 blocks, so the second-level block
+    # boundary (every 256 blocks) falls inside row 36. Split by rows as FSDP does
+    # (4 ranks: 10 rows each), every shard dequantizes to bitsandbytes' own rows.
+    import bitsandbytes.functional as bnbF
+
+    from slothai.nf4_weight import to_nf4_weight
+
+    p = _params4bit(40, 448, nested=nested, storage=storage)
+    want = bnbF.dequantize_4bit(p.data, p.quant_state)
+    w = to_nf4_weight(p)
+    assert isinstance(w, NF4Weight) and isinstance(w, torch.nn.Parameter) and not w.requires_grad
+    assert w.shape == (40, 448) and w.dtype == torch.uint8 and w.codes.data_ptr() == p.data.data_ptr()
+    assert torch.equal(slothai.dequantize_nf4(w), want)
+    assert torch.equal(slothai.dequantize_nf4(w.with_fp32_scales()), want)
+    shards = torch.chunk(w, 4)
+    assert [s.shape for s in shards] == [(10, 448)] * 4
+    assert torch.equal(torch.cat([slothai.dequantize_nf4(s) for s in shards]), want)
+    x = torch.randn(3, 448, requires_grad=True)
+    y = slothai.nf4_linear(x, w)
+    torch.testing.assert_close(y, x @ want.t(), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 40) @ want, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    from slothai.nf4_weight import to_nf4_weight
+
+    p = _params4bit(8, 64)
+    w = to_nf4_weight(p)
+    # Unsharded: what bitsandbytes-aware code reads and does still works (PEFT, Unsloth, bnb's forward).
+    assert w.quant_state is p.quant_state and w.quant_type == "nf4" and w.compress_statistics
+    assert torch.equal(w.t(), p.data.t())
+    assert torch.equal(bnbF.dequantize_4bit(w.data, w.quant_state), bnbF.dequantize_4bit(p.data, p.quant_state))
+    layer = bnb.nn.Linear4bit(64, 8, bias=False, quant_type="nf4")
+    layer.weight = w
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(bnb.nn.Linear4bit.forward(layer, x), slothai.nf4_linear(x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="cannot be cast"):
+        w.to(torch.float32)
+    shard = torch.chunk(w, 2)[0]  # a shard has no Params4bit: nothing but what FSDP needs
+    assert getattr(shard, "quant_state", None) is None
+    with pytest.raises(NotImplementedError, match="does not support"):
+        shard + 1
+
+
+def test_patch_uses_nf4_weight_and_unpatch_gives_params4bit_back():
+    import bitsandbytes as bnb
+
+    model = qlora.build("tiny")
+    ids = torch.randint(0, 256, (2, 10))
+    want = model(input_ids=ids, labels=ids).loss
+    state = model.state_dict()
+    slothai.patch(model)
+    patched_state = model.state_dict()  # bitsandbytes' own: Params4bit codes + quant_state entries
+    assert patched_state.keys() == state.keys()
+    assert all(type(patched_state[k]) is type(v) and torch.equal(patched_state[k], v) for k, v in state.items())
+    weights = [p for p in model.parameters() if isinstance(p, NF4Weight)]
+    assert len(weights) == 2 * 7
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == sorted(
+        n for n, p in model.named_parameters() if isinstance(p, NF4Weight))
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want, rtol=1e-5, atol=1e-6)
+    slothai.patch(model)  # idempotent
+    slothai.unpatch(model)
+    assert not any(isinstance(p, NF4Weight) for p in model.parameters())
+    assert sum(isinstance(p, bnb.nn.Params4bit) for p in model.parameters()) == 2 * 7
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, want)
+
+
+def test_nf4_weight_copies_keep_sharing_with_their_params4bit():
+    # deepcopy, pickle and torch.save rebuild the weight from a copy of its Params4bit: editing
+    # the copy's quant_state (as bitsandbytes-aware code does) moves what slothai's op computes.
+    import copy
+    import io
+    import pickle
+
+    import bitsandbytes.functional as bnbF
+
+    from slothai.nf4_weight import to_nf4_weight
+
+    w = to_nf4_weight(_params4bit(16, 128))
+    want = slothai.dequantize_nf4(w)
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(w), pickle.loads(pickle.dumps(w)), torch.load(buf, weights_only=False)):
+        assert isinstance(other, NF4Weight) and isinstance(other, torch.nn.Parameter)
+        assert torch.equal(slothai.dequantize_nf4(other), want)
+        other.quant_state.state2.absmax.mul_(2)
+        moved = bnbF.dequantize_4bit(other.params4bit.data, other.quant_state)
+        assert not torch.equal(moved, want) and torch.equal(slothai.dequantize_nf4(other), moved)
+    assert torch.equal(slothai.dequantize_nf4(w), want)
