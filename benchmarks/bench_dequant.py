@@ -17,6 +17,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+try:  # the real Unsloth, imported first (it patches what it imports); else the replica below
+    import unsloth  # noqa: E402
+    from unsloth.kernels.utils import fast_dequantize as real_unsloth_fast_dequantize  # noqa: E402
+    UNSLOTH = f"unsloth {unsloth.__version__} fast_dequantize"
+except ImportError:
+    real_unsloth_fast_dequantize = None
+    UNSLOTH = "replica of Unsloth's old two-launch fast_dequantize (unsloth not installed)"
+
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF  # noqa: E402
 from bitsandbytes.cextension import lib  # noqa: E402
@@ -30,7 +38,10 @@ DTYPES = [torch.bfloat16, torch.float16]
 def unsloth_fast_dequantize(W, quant_state):
     """Unsloth's fast_dequantize (unsloth/kernels/utils.py), as it calls
     bitsandbytes: the nested scales by one C kernel into a fresh fp32 buffer,
-    the offset by a torch add, the codes by a second C kernel."""
+    the offset by a torch add, the codes by a second C kernel. Unsloth 2026.10
+    replaced it by one Triton launch: with unsloth installed, that one runs."""
+    if real_unsloth_fast_dequantize is not None:
+        return real_unsloth_fast_dequantize(W, quant_state)
     absmax, shape, dtype = quant_state.absmax, quant_state.shape, quant_state.dtype
     blocksize, offset, state2 = quant_state.blocksize, quant_state.offset, quant_state.state2
     device = W.device
@@ -138,12 +149,12 @@ def main():
              f"torch {env['torch']}, {env['date']}, copy bandwidth {bw:.0f} GB/s"]
     lines += common.table(["shape", "dtype", "slothai", "bnb", "unsloth", "torch.compile", "floor", "of copy bw",
                            "vs unsloth"], rows)
-    lines.append(f"geometric-mean speedup vs Unsloth fast_dequantize: {geo:.2f}x")
+    lines.append(f"geometric-mean speedup vs {UNSLOTH}: {geo:.2f}x")
     lines.append("puzzle harness (3 MLPs x gate/up/down, 1000 rounds, sync each call), s: " +
                  ", ".join(f"{k} {v:.3f}" for k, v in puzzle.items()) +
                  f"  -> slothai {puzzle['unsloth'] / puzzle['slothai']:.2f}x vs unsloth")
     payload = dict(env, copy_bandwidth_gbs=bw, bitsandbytes=bnb.__version__, shapes=records,
-                   geomean_speedup_vs_unsloth=geo, puzzle_seconds=puzzle)
+                   geomean_speedup_vs_unsloth=geo, unsloth=UNSLOTH, puzzle_seconds=puzzle)
     common.write("dequant", payload, lines)
     plot(records, env)
 
