@@ -42,7 +42,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
     grad = torch.is_grad_enabled()
     loss, _, _, _ = _fused_ce(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), None,
+        hidden.reshape(target.numel(), hidden.shape[-1]), weight, bias, target.reshape(-1), None,
         int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss), REDUCTIONS[reduction],
         int(chunk_size or 0), grad and hidden.requires_grad, grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad,
@@ -148,7 +148,7 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
     """
     _check_reduction(reduction)
     _check_tokens(hidden, target)
-    x = hidden.reshape(-1, hidden.shape[-1])
+    x = hidden.reshape(hidden.shape[:-1].numel(), hidden.shape[-1])  # (-1, H) fails for H = 0
     t = target.reshape(x.shape[0], *target.shape[hidden.dim() - 1:])
     labels = not t.is_floating_point() and t.dim() == 1
     mask = (t != ignore_index) if labels else None

@@ -1,4 +1,6 @@
-"""slothai::dequant_nf4 against bitsandbytes and the exact fp32 formula (DESIGN.md §3)."""
+"""slothai::dequant_nf4 against bitsandbytes and the exact fp32 formula (docs/design.md)."""
+import copy
+
 import pytest
 import torch
 
@@ -145,7 +147,7 @@ BAD = [
     ("blocksize2 must be a power of two", ValueError, lambda a: a.__setitem__(6, 100)),
     ("shape must have non-negative sizes", ValueError, lambda a: a.__setitem__(7, [-1, 300])),
     ("dtype must be float32, float16 or bfloat16", TypeError, lambda a: a.__setitem__(8, torch.int32)),
-    ("packed must be contiguous", RuntimeError, lambda a: a.__setitem__(0, a[0].reshape(-1)[::2])),
+    ("offset must be a floating-point tensor, got Int", TypeError, lambda a: a.__setitem__(4, a[4].int())),
 ]
 
 
@@ -155,6 +157,56 @@ def test_bad_input_raises_named_error(device, msg, exc, mutate):
     mutate(a)
     with pytest.raises(exc, match=msg):
         torch.ops.slothai.dequant_nf4(*a)
+
+
+@pytest.mark.parametrize("offset_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_offset_as_bitsandbytes(device, offset_dtype):
+    # Some saved checkpoints hold the nested offset in half precision (bitsandbytes'
+    # test_gemm_4bit_non_float32_offset): bitsandbytes widens it and adds in fp32.
+    w = torch.randn(64, 130)
+    packed, state = quantize(w, 64, True)
+    state.offset = state.offset.to(offset_dtype)
+    want = bnb_dequantize(packed, state)
+    state32 = copy.deepcopy(state)
+    state32.offset = state.offset.float()
+    assert torch.equal(want, bnb_dequantize(packed, state32))  # what "widen, then add" means
+    packed, state = packed.to(device), to(state, device)
+    got = slothai.dequantize_nf4(packed, state)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_half_precision_offset_linear_as_bitsandbytes(device):
+    lin = _linear4bit(24, 130, "cpu")
+    lin.weight.quant_state.offset = lin.weight.quant_state.offset.half()
+    x = torch.randn(5, 130)
+    with torch._dynamo.config.patch(disable=True):
+        want = lin(x)
+    lin = lin.to(device)
+    got = slothai.nf4_linear(x.to(device), lin.weight)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_strided_inputs_are_read_in_logical_order(device, storage):
+    # A view whose elements are not adjacent in memory (every other element of a
+    # wider buffer) means the same codes and scales as its contiguous copy.
+    w = torch.randn(20, 33)  # 660 elements: 330 bytes, whole bf16 storage elements
+    packed, state = quantize(w, 32, True, storage=storage)
+    want = bnb_dequantize(packed, state)
+
+    def every_other(t):
+        buf = torch.zeros(t.numel(), 2, dtype=t.dtype)
+        buf[:, 0] = t.reshape(-1)
+        view = buf[:, 0].view(t.shape) if t.dim() == 1 else buf[:, 0].unsqueeze(1)
+        assert view.numel() == 1 or not view.is_contiguous()
+        return view.to(device)
+
+    s = to(state, device)
+    got = torch.ops.slothai.dequant_nf4(every_other(packed), every_other(state.absmax), every_other(s.state2.code),
+                                        every_other(s.state2.absmax), s.offset, 32, s.state2.blocksize,
+                                        list(state.shape), torch.float32)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(got, formula(packed.to(device), s, torch.float32))
 
 
 def test_plain_absmax_rejects_nested_tensors():

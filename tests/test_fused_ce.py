@@ -1,4 +1,6 @@
 """slothai::fused_ce and chunked_linear_loss against plain torch in float64."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,6 +113,37 @@ def test_all_ignored_rows(device):
     s = slothai.fused_linear_cross_entropy(x, w, t, reduction="sum")
     s.backward()
     assert s.item() == 0 and x.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_hidden_size_zero(device, reduction, bias):
+    # No features: every logit is the bias (or 0), so the loss is log V without one, as in torch.
+    x = torch.randn(2, 3, 0, device=device, requires_grad=True)
+    w = torch.randn(11, 0, device=device, requires_grad=True)
+    b = torch.randn(11, device=device, requires_grad=True) if bias else None
+    t = torch.randint(0, 11, (2, 3), device=device)
+    t[0, 0] = -100
+    got = slothai.fused_linear_cross_entropy(x, w, t, b, reduction=reduction)
+    z = F.linear(x, w, b).view(-1, 11)
+    want = F.cross_entropy(z, t.view(-1), reduction=reduction)
+    torch.testing.assert_close(got, want.view(got.shape))
+    if not bias and reduction != "sum":
+        torch.testing.assert_close(got[got != 0], torch.full_like(got[got != 0], math.log(11)))
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad((got * g).sum(), [x, w] + ([b] if bias else []))
+    want_grads = torch.autograd.grad((want.view(got.shape) * g).sum(), [x, w] + ([b] if bias else []))
+    for a, e in zip(grads, want_grads):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
+
+
+def test_chunked_linear_loss_hidden_size_zero():
+    x = torch.randn(4, 0, requires_grad=True)
+    w = torch.randn(7, 0, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    got = slothai.chunked_linear_loss(x, w, t, lambda z, tt: F.cross_entropy(z, tt, reduction="none"))
+    torch.testing.assert_close(got, torch.tensor(math.log(7)))
 
 
 def test_fp32_accumulation_across_chunks(device):
