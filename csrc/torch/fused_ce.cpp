@@ -130,7 +130,7 @@ fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
             else
                 at::mm_out(z, xc, wt);
 
-            slothai_ce_rows_args a{};
+            slothai_fused_ce_rows_args a{};
             a.logits = z.data_ptr();
             a.dtype = core_dtype(x.scalar_type(), "hidden");
             a.rows = rows;
@@ -191,9 +191,9 @@ fused_ce_cpu(const at::Tensor &hidden, const at::Tensor &weight, const std::opti
 {
     CeDevice dev;
     dev.chunk_bytes = int64_t(64) << 20;
-    dev.rows = [](const slothai_ce_rows_args &a) {
+    dev.rows = [](const slothai_fused_ce_rows_args &a) {
         at::parallel_for(0, a.rows, 1, [&](int64_t begin, int64_t end) {
-            check_status(slothai_ce_rows_cpu(&a, begin, end), "fused_ce rows (cpu)");
+            check_status(slothai_fused_ce_rows_cpu(&a, begin, end), "fused_ce rows (cpu)");
         });
     };
     return fused_ce_impl(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,

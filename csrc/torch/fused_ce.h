@@ -14,7 +14,7 @@
 namespace slothai {
 
 struct CeDevice {
-    std::function<void(const slothai_ce_rows_args &)> rows; // run the core kernel on all rows
+    std::function<void(const slothai_fused_ce_rows_args &)> rows; // run the core kernel on all rows
     int64_t chunk_bytes;                                   // logits budget when chunk_size <= 0
 };
 

@@ -29,8 +29,8 @@ fused_ce_cuda(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
     const int64_t cap = grad_weight ? int64_t(1) << 30 : int64_t(512) << 20;
     dev.chunk_bytes = std::max<int64_t>(int64_t(64) << 20, std::min<int64_t>(cap, free_bytes / 8));
-    dev.rows = [](const slothai_ce_rows_args &a) {
-        check_status(slothai_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()), "fused_ce rows (cuda)");
+    dev.rows = [](const slothai_fused_ce_rows_args &a) {
+        check_status(slothai_fused_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()), "fused_ce rows (cuda)");
     };
     return fused_ce_impl(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,
                          reduction, chunk_size, grad_hidden, grad_weight, grad_bias, dev);
