@@ -40,12 +40,14 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
-    grad = torch.is_grad_enabled()
+    # With reduction none the gradients need the upstream one per row: backward forms them.
+    grad = torch.is_grad_enabled() and reduction != "none"
     loss, _, _, _ = _fused_ce(
-        hidden.reshape(target.numel(), hidden.shape[-1]), weight, bias, target.reshape(-1), None,
-        int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss), REDUCTIONS[reduction],
-        int(chunk_size or 0), grad and hidden.requires_grad, grad and weight.requires_grad,
-        grad and bias is not None and bias.requires_grad,
+        hidden=hidden.reshape(target.numel(), hidden.shape[-1]), weight=weight, bias=bias, target=target.reshape(-1),
+        grad_rows=None, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+        softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction, chunk_size=int(chunk_size or 0),
+        grad_hidden=grad and hidden.requires_grad, grad_weight=grad and weight.requires_grad,
+        grad_bias=grad and bias is not None and bias.requires_grad,
     )
     return loss.view(target.shape) if reduction == "none" else loss
 

@@ -4,9 +4,33 @@ The schemas are declared once, in csrc/torch/library.cpp; importing `_C` loads
 them with their CPU and CUDA kernels. Each op's fake function sits here so that
 torch.compile can trace through it from metadata alone.
 """
+import types
+
 import torch
 
 from . import _C  # noqa: F401  (loads the op library)
+
+
+class Arguments:
+    """An op's arguments by name, read from its own schema (csrc/torch/library.cpp),
+    so that no Python code repeats an argument's position."""
+
+    def __init__(self, op):
+        self.names = tuple(a.name for a in op._schema.arguments)
+
+    def bind(self, values):
+        """Per-argument values (a call's inputs, or ctx.needs_input_grad) by name."""
+        values = tuple(values)
+        if len(values) != len(self.names):
+            raise TypeError(f"expected {len(self.names)} values for {self.names}, got {len(values)}")
+        return types.SimpleNamespace(**dict(zip(self.names, values)))
+
+    def gradients(self, **grads):
+        """What the op's backward returns: these gradients at their arguments' places, None elsewhere."""
+        unknown = set(grads) - set(self.names)
+        if unknown:
+            raise TypeError(f"no argument named {sorted(unknown)} in {self.names}")
+        return tuple(grads.get(name) for name in self.names)
 
 
 @torch.library.register_fake("slothai::dequant_nf4")
@@ -26,19 +50,24 @@ def _nf4_linear_fake(x, packed, absmax, code2, absmax2, offset, blocksize, block
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+_NF4_LINEAR = Arguments(torch.ops.slothai.nf4_linear.default)
+
+
 def _nf4_linear_setup_context(ctx, inputs, output):
-    x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias = inputs
-    ctx.save_for_backward(packed, absmax, code2, absmax2, offset)
-    ctx.meta = (blocksize, blocksize2, shape, x.dtype)
+    a = _NF4_LINEAR.bind(inputs)
+    ctx.save_for_backward(a.packed, a.absmax, a.code2, a.absmax2, a.offset)
+    ctx.meta = dict(blocksize=a.blocksize, blocksize2=a.blocksize2, shape=a.shape, dtype=a.x.dtype)
 
 
 def _nf4_linear_backward(ctx, grad):
+    need = _NF4_LINEAR.bind(ctx.needs_input_grad)
     dx = db = None
-    if ctx.needs_input_grad[0]:
-        dx = grad @ _dequant(*ctx.saved_tensors, *ctx.meta)
-    if ctx.needs_input_grad[9]:
+    if need.x:
+        packed, absmax, code2, absmax2, offset = ctx.saved_tensors
+        dx = grad @ _dequant(packed=packed, absmax=absmax, code2=code2, absmax2=absmax2, offset=offset, **ctx.meta)
+    if need.bias:
         db = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return (dx,) + (None,) * 8 + (db,)
+    return _NF4_LINEAR.gradients(x=dx, bias=db)
 
 
 torch.library.register_autograd("slothai::nf4_linear", _nf4_linear_backward,
@@ -46,36 +75,33 @@ torch.library.register_autograd("slothai::nf4_linear", _nf4_linear_backward,
 
 
 # --------------------------------------------------------------------------
-# slothai::fused_ce — reduction codes as the schema takes them.
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-
-
-def _fused_ce_wants_grad(bias, grad_rows, reduction, grad_hidden, grad_weight, grad_bias):
-    return grad_rows is not None or (
-        reduction != 0 and (grad_hidden or grad_weight or (grad_bias and bias is not None)))
+# slothai::fused_ce — forms exactly the gradients its grad_* flags ask for.
+REDUCTIONS = ("mean", "none", "sum")
+_fused_ce = torch.ops.slothai.fused_ce.default
+_FUSED_CE = Arguments(_fused_ce)
+_FUSED_CE_OPTIONS = ("ignore_index", "label_smoothing", "softcap", "z_loss", "reduction", "chunk_size")
 
 
 @torch.library.register_fake("slothai::fused_ce")
-def _fused_ce_fake(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,
-                   reduction, chunk_size, grad_hidden, grad_weight, grad_bias):
-    n, h = hidden.shape
-    v = weight.shape[0]
-    g = _fused_ce_wants_grad(bias, grad_rows, reduction, grad_hidden, grad_weight, grad_bias)
-    loss = hidden.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
-    dh = hidden.new_empty((n, h) if g and grad_hidden else (0, 0))
-    dw = hidden.new_empty((v, h) if g and grad_weight else (0, 0))
-    db = hidden.new_empty((v,) if g and grad_bias and bias is not None else (0,))
+def _fused_ce_fake(*args):
+    a = _FUSED_CE.bind(args)
+    n, h = a.hidden.shape
+    v = a.weight.shape[0]
+    loss = a.hidden.new_empty((n,) if a.reduction == "none" else (), dtype=torch.float32)
+    dh = a.hidden.new_empty((n, h) if a.grad_hidden else (0, 0))
+    dw = a.hidden.new_empty((v, h) if a.grad_weight else (0, 0))
+    db = a.hidden.new_empty((v,) if a.grad_bias else (0,))
     return loss, dh, dw, db
 
 
 def _fused_ce_setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, _, *options = inputs
-    ctx.options = options  # ignore_index ... grad_bias, passed on unchanged
-    ctx.has_bias = bias is not None
+    a = _FUSED_CE.bind(inputs)
+    ctx.options = {name: getattr(a, name) for name in _FUSED_CE_OPTIONS}
+    ctx.formed = (a.grad_hidden, a.grad_weight, a.grad_bias)
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
-    if options[4] == 0:  # reduction none: backward recomputes with per-row factors
-        ctx.save_for_backward(hidden, weight, bias, target)
+    if a.reduction == "none":  # backward recomputes with per-row factors
+        ctx.save_for_backward(a.hidden, a.weight, a.bias, a.target)
     else:  # sum / mean: the forward already formed the gradients for an upstream 1
         ctx.save_for_backward(dh, dw, db)
 
@@ -96,15 +122,17 @@ def _scaled(t, g, slab=1 << 24):
 
 
 def _fused_ce_backward(ctx, g_loss, _dh, _dw, _db):
-    *_, grad_hidden, grad_weight, grad_bias = ctx.options
-    if ctx.options[4] == 0:
+    need = _FUSED_CE.bind(ctx.needs_input_grad)
+    if ctx.options["reduction"] == "none":
         hidden, weight, bias, target = ctx.saved_tensors
-        _, dh, dw, db = torch.ops.slothai.fused_ce(hidden, weight, bias, target, g_loss.float().reshape(-1),
-                                                   *ctx.options)
+        wanted = (need.hidden, need.weight, need.bias and bias is not None)
+        _, dh, dw, db = _fused_ce(hidden, weight, bias, target, g_loss.float().reshape(-1), **ctx.options,
+                                  grad_hidden=wanted[0], grad_weight=wanted[1], grad_bias=wanted[2])
     else:
+        wanted = ctx.formed
         dh, dw, db = (_scaled(t, g_loss) for t in ctx.saved_tensors)
-    return (dh if grad_hidden else None, dw if grad_weight else None,
-            db if grad_bias and ctx.has_bias else None) + (None,) * 11
+    return _FUSED_CE.gradients(hidden=dh if wanted[0] else None, weight=dw if wanted[1] else None,
+                               bias=db if wanted[2] else None)
 
 
 torch.library.register_autograd("slothai::fused_ce", _fused_ce_backward, setup_context=_fused_ce_setup_context)

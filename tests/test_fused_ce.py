@@ -227,15 +227,33 @@ def _op_args(device, reduction, grads, bias=True, grad_rows=False):
         w.requires_grad_()
         if b is not None:
             b.requires_grad_()
-    return (x, w, b, t, g, -100, 0.1, 0.0, 1e-3, reduction, 4, grads, grads, grads and bias)
+    form = grads and (reduction != "none" or grad_rows)  # the gradients the op forms in this call
+    return (x, w, b, t, g, -100, 0.1, 0.0, 1e-3, reduction, 4, form, form, form and bias)
 
 
-@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("grads", [True, False])
 def test_opcheck(device, reduction, grads):
     torch.library.opcheck(torch.ops.slothai.fused_ce.default, _op_args(device, reduction, grads))
-    if reduction == 0:
-        torch.library.opcheck(torch.ops.slothai.fused_ce.default, _op_args(device, 0, False, grad_rows=True))
+    if reduction == "none":
+        torch.library.opcheck(torch.ops.slothai.fused_ce.default, _op_args(device, "none", grads, grad_rows=True))
+
+
+BAD_OP = [
+    ("reduction must be one of 'mean', 'none', 'sum', got 'avg'", ValueError, dict(reduction="avg")),
+    ("with reduction 'none' need grad_rows", ValueError, dict(reduction="none", grad_hidden=True)),
+    ("grad_bias is set but bias is None", ValueError, dict(bias=None, grad_bias=True)),
+]
+
+
+@pytest.mark.parametrize("msg,exc,change", BAD_OP, ids=[b[0][:30] for b in BAD_OP])
+def test_op_bad_arguments(device, msg, exc, change):
+    op = torch.ops.slothai.fused_ce.default
+    names = [a.name for a in op._schema.arguments]
+    args = dict(zip(names, _op_args(device, "mean", False)))
+    args.update(change)
+    with pytest.raises(exc, match=msg):
+        op(**args)
 
 
 def test_compile_no_graph_breaks_no_recompile_per_token_count(device, compile_counters):

@@ -16,10 +16,11 @@ TORCH_LIBRARY(slothai, m)
     m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
           "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias) -> Tensor");
 
-    // Linear + cross-entropy over chunks of rows; reduction 0 none, 1 sum, 2 mean.
-    // Returns (loss, d hidden, d weight, d bias); a gradient not asked for (or
-    // with neither grad_rows nor a reduction to differentiate) comes back empty.
+    // Linear + cross-entropy over chunks of rows; reduction "none", "sum" or "mean".
+    // Returns (loss, d hidden, d weight, d bias): exactly the gradients the grad_*
+    // flags ask for (the others empty), for the upstream factors grad_rows or,
+    // with reduction sum / mean and no grad_rows, for the reduced loss itself.
     m.def("fused_ce(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? grad_rows, "
-          "int ignore_index, float label_smoothing, float softcap, float z_loss, int reduction, int chunk_size, "
+          "int ignore_index, float label_smoothing, float softcap, float z_loss, str reduction, int chunk_size, "
           "bool grad_hidden, bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }
