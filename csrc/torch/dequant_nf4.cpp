@@ -1,10 +1,10 @@
 // slothai::dequant_nf4: checks, output allocation, and the CPU kernel.
 // The CUDA kernel is registered in dequant_nf4_cuda.cpp; the fake (meta)
-// function and the Python signature live in slothai/ops.py.
+// function and the Python function live in slothai/ops/dequant_nf4.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "dequant_nf4.h"
 
 namespace slothai {
 

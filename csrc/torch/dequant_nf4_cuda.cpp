@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "dequant_nf4.h"
 
 namespace slothai {
 namespace {
