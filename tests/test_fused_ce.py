@@ -12,7 +12,7 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 3e-2), torch.float16:
 
 def reference(x, w, t, b=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
               z_loss=0.0):
-    """DESIGN.md §4 in float64: logits rounded to the input dtype first, as the GEMM does."""
+    """The loss of docs/design.md in float64: logits rounded to the input dtype first, as the GEMM does."""
     z = x @ w.t()
     if b is not None:
         z = z + b

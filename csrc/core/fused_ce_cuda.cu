@@ -5,8 +5,10 @@
  * and keeps, per thread, an online (max, sum of exp) pair and the sum of y for
  * label smoothing; a block reduction combines them into lse. Pass 2 (only with
  * a gradient) reads the row again, mostly from L2, and writes dz in place.
- * Rows whose vocabulary is a multiple of 8 (and 16-byte aligned) move 16 bytes
- * per load/store; others one element at a time, still coalesced.
+ * Rows that can be read 16 bytes at a time (vocabulary and row stride a multiple
+ * of 16 / sizeof(T) elements: 8 for fp16 / bf16, 4 for fp32; logits 16-byte
+ * aligned) move 16 bytes per load/store; others one element at a time, still
+ * coalesced.
  *
  * Traffic per row: 2 x vocab x sizeof(T) read + vocab x sizeof(T) written with
  * a gradient (vocab x sizeof(T) read without). Memory-bound; exp and tanh are

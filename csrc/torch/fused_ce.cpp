@@ -8,7 +8,8 @@
 // The gradients asked for (grad_* flags) are formed for per-row upstream factors
 // (grad_rows; the backward of reduction none passes them) or, with reduction
 // sum / mean, for the reduced loss' own upstream 1 (mean: 1 / #counted rows, read
-// on the device, no host sync); autograd multiplies in the real one.
+// on the device, no host sync); autograd multiplies in the real one. The fake
+// function and autograd: slothai/ops/fused_ce.py; the reasoning: docs/design.md.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
