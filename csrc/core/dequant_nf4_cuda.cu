@@ -33,6 +33,8 @@ constexpr int kGroup = 8;
 
 __constant__ float kNF4[16] = SLOTHAI_NF4_LEVELS;
 
+// Stores of the output type T: store1 one element, store8 eight consecutive
+// ones (16-byte aligned) from fp32 values, rounded to nearest-even.
 template <typename T> struct Out;
 template <> struct Out<float> {
     static __device__ __forceinline__ void store8(float *p, const float v[8]) {
@@ -41,23 +43,33 @@ template <> struct Out<float> {
     }
     static __device__ __forceinline__ void store1(float *p, float v) { *p = v; }
 };
-template <> struct Out<__half> {
-    static __device__ __forceinline__ void store8(__half *p, const float v[8]) {
+// fp16 and bf16 differ only in their conversions: pack2 rounds two values into
+// one 32-bit pair, and store8 writes four pairs as one 16-byte store.
+template <typename T> struct Out16 {
+    static __device__ __forceinline__ void store8(T *p, const float v[8]) {
         uint4 u;
-        __half2 h[4] = {__floats2half2_rn(v[0], v[1]), __floats2half2_rn(v[2], v[3]),
-                        __floats2half2_rn(v[4], v[5]), __floats2half2_rn(v[6], v[7])};
-        memcpy(&u, h, 16);
+        u.x = Out<T>::pack2(v[0], v[1]);
+        u.y = Out<T>::pack2(v[2], v[3]);
+        u.z = Out<T>::pack2(v[4], v[5]);
+        u.w = Out<T>::pack2(v[6], v[7]);
         *reinterpret_cast<uint4 *>(p) = u;
+    }
+};
+template <> struct Out<__half> : Out16<__half> {
+    static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+        const __half2 h = __floats2half2_rn(a, b);
+        uint32_t u;
+        memcpy(&u, &h, 4);
+        return u;
     }
     static __device__ __forceinline__ void store1(__half *p, float v) { *p = __float2half_rn(v); }
 };
-template <> struct Out<__nv_bfloat16> {
-    static __device__ __forceinline__ void store8(__nv_bfloat16 *p, const float v[8]) {
-        uint4 u;
-        __nv_bfloat162 h[4] = {__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3]),
-                               __floats2bfloat162_rn(v[4], v[5]), __floats2bfloat162_rn(v[6], v[7])};
-        memcpy(&u, h, 16);
-        *reinterpret_cast<uint4 *>(p) = u;
+template <> struct Out<__nv_bfloat16> : Out16<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        uint32_t u;
+        memcpy(&u, &h, 4);
+        return u;
     }
     static __device__ __forceinline__ void store1(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
 };
