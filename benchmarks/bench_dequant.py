@@ -149,13 +149,10 @@ def main():
 
 
 def plot(records, env):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = common.figure(figsize=(11, 4))
+    if made is None:
         return
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = made
     labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['dtype']}" for r in records]
     names = ["slothai", "unsloth", "bnb", "torch.compile"]
     width = 0.2
@@ -168,9 +165,7 @@ def plot(records, env):
     ax.set_yscale("log")
     ax.set_title(f"NF4 dequant, {env['card']}, torch {env['torch']}, {env['date']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    for folder in filter(None, [common.RESULTS, os.environ.get("OUT")]):
-        fig.savefig(os.path.join(folder, "dequant.png"), dpi=110)
+    common.save_figure(fig, "dequant")
 
 
 if __name__ == "__main__":

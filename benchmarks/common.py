@@ -55,6 +55,26 @@ def write(name, payload, table_lines):
             f.write(text)
 
 
+def figure(*subplots, **kwargs):
+    """(fig, axes) from `plt.subplots(*subplots, **kwargs)` with the headless Agg
+    backend, or None when matplotlib is not installed (plots are optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt.subplots(*subplots, **kwargs)
+
+
+def save_figure(fig, name):
+    """Writes <name>.png to results/ and to $OUT, beside write()'s files."""
+    fig.tight_layout()
+    for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
+        os.makedirs(folder, exist_ok=True)
+        fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
+
+
 def table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join("{:>%d}" % w for w in widths)
