@@ -1,4 +1,4 @@
-"""slothai::fused_ce and chunked_linear_loss against plain torch in float64."""
+"""slothai::fused_ce (fused_linear_cross_entropy) against plain torch in float64."""
 import math
 
 import pytest
@@ -67,41 +67,33 @@ def check(dtype, device, *, n=37, h=24, v=131, bias=False, shape=None, chunk=Non
             continue
         ref_grad = ref.grad
         assert mine.grad is not None and mine.grad.dtype == dtype
-        err = (mine.grad.double().cpu() - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)
-        assert err < 3 * rtol, f"relative gradient error {err:.2e}"
+        err = (mine.grad.double().cpu() - ref_grad).norm()
+        assert err <= 3 * rtol * ref_grad.norm() + atol, f"gradient error {err:.2e} of norm {ref_grad.norm():.2e}"
     if frozen:
         assert wd.grad is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (token shape, H, V): one row and a vocabulary of one; odd sizes and a prime
+# vocabulary; 3-D hidden with a vocabulary that is a multiple of 8 (on CUDA the
+# 16-byte vector path of the row kernel; the others take the scalar path).
+SHAPES = [((1,), 3, 1), ((37,), 24, 131), ((3, 11), 16, 128), ((5,), 7, 517)]
+OPTIONS = [dict(), dict(label_smoothing=0.1), dict(softcap=2.5), dict(z_loss=1e-3), dict(ignore_index=7),
+           dict(label_smoothing=0.2, softcap=5.0, z_loss=1e-2), dict(frozen=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_torch(device, dtype, reduction):
-    check(dtype, device, reduction=reduction, chunk=8)
-
-
-@pytest.mark.parametrize("opts", [dict(label_smoothing=0.1), dict(softcap=2.5), dict(z_loss=1e-3),
-                                  dict(label_smoothing=0.2, softcap=5.0, z_loss=1e-2, reduction="none"),
-                                  dict(ignore_index=7)], ids=str)
-def test_options(device, opts):
-    check(torch.float32, device, chunk=5, **opts)
+def test_matches_torch(device, dtype, shape, opts, reduction):
+    tokens, h, v = shape
+    check(dtype, device, shape=tokens, h=h, v=v, chunk=8, bias=not opts, reduction=reduction, **opts)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 36, 37, 1000, None])
 def test_chunk_sizes_and_bias(device, chunk):
     check(torch.float32, device, chunk=chunk, bias=True)
-
-
-def test_3d_input_frozen_weight_bf16(device):
-    check(torch.bfloat16, device, shape=(3, 11), frozen=True, chunk=4)
-
-
-def test_fp16(device):
-    check(torch.float16, device, chunk=16, bias=True)
-
-
-def test_awkward_vocab_one_row(device):
-    check(torch.float32, device, n=1, v=1, h=3)
-    check(torch.float32, device, n=5, v=50257 // 97, h=7, chunk=2)
 
 
 def test_all_ignored_rows(device):
@@ -136,14 +128,6 @@ def test_hidden_size_zero(device, reduction, bias):
     for a, e in zip(grads, want_grads):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e)
-
-
-def test_chunked_linear_loss_hidden_size_zero():
-    x = torch.randn(4, 0, requires_grad=True)
-    w = torch.randn(7, 0, requires_grad=True)
-    t = torch.randint(0, 7, (4,))
-    got = slothai.chunked_linear_loss(x, w, t, lambda z, tt: F.cross_entropy(z, tt, reduction="none"))
-    torch.testing.assert_close(got, torch.tensor(math.log(7)))
 
 
 def test_fp32_accumulation_across_chunks(device):
@@ -202,9 +186,10 @@ def test_target_out_of_range_cuda_is_nan_not_a_crash():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_cpu_reference(dtype):
-    (_, _, _, _), (x, w, b, t) = make(300, 64, 1000, dtype, "cpu", bias=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1000, 1001, 1028])  # multiple of 8; odd; multiple of 4 (vector path in fp32 only)
+def test_cuda_matches_cpu_reference(dtype, vocab):
+    (_, _, _, _), (x, w, b, t) = make(300, 64, vocab, dtype, "cpu", bias=True)
     outs = []
     for dev in ("cpu", "cuda"):
         xs, ws, bs = (a.detach().to(dev).requires_grad_() for a in (x, w, b))
@@ -286,72 +271,6 @@ def test_compile_inductor_training_step(device, compile_counters):
     reference(x.double(), head.weight.double(), t).backward()
     torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-6)
     assert compile_counters["graph_break"] == {}
-
-
-# ---------------------------------------------------------------------------
-# chunked_linear_loss: the general form
-
-def _xent(z, t):
-    return F.cross_entropy(z, t, ignore_index=-100, reduction="none")
-
-
-def _zloss_ce(z, t):
-    return _xent(z, t) + 1e-2 * torch.logsumexp(z, -1) ** 2
-
-
-def _kl_distill(z, teacher):
-    return F.kl_div(F.log_softmax(z, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
-
-
-def _grpo(z, target):
-    ids, adv = target[:, 0].long(), target[:, 1]
-    return -adv * torch.log_softmax(z, -1).gather(-1, ids[:, None]).squeeze(-1)
-
-
-def _unchunked(x, w, b, t, fn, reduction, labels):
-    z = (x @ w.t() + (b if b is not None else 0)).reshape(-1, w.shape[0])
-    per = fn(z, t.reshape(z.shape[0], *t.shape[x.dim() - 1:]))
-    if labels:
-        per = per * (t.reshape(-1) != -100)
-    if reduction == "none":
-        return per.view(x.shape[:-1])
-    if reduction == "sum":
-        return per.sum()
-    return per.sum() / ((t.reshape(-1) != -100).sum() if labels else z.shape[0])
-
-
-@pytest.mark.parametrize("kind", ["xent", "zloss", "kl", "grpo"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_chunked_linear_loss_matches_unchunked(kind, reduction):
-    x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(29, 8, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(29, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 29, (2, 13))
-    labels[0, :4] = -100
-    fn, t, is_labels = {
-        "xent": (_xent, labels, True),
-        "zloss": (_zloss_ce, labels.clamp_min(0), True),
-        "kl": (_kl_distill, torch.randn(2, 13, 29, dtype=torch.float64), False),
-        "grpo": (_grpo, torch.stack([labels.clamp_min(0).double(), torch.randn(2, 13, dtype=torch.float64)], -1),
-                 False),
-    }[kind]
-    got = slothai.chunked_linear_loss(x, w, t, fn, bias=b, chunk_size=5, reduction=reduction)
-    want = _unchunked(x, w, b, t, fn, reduction, is_labels)
-    torch.testing.assert_close(got.double(), want.float().double(), rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(want)
-    grads = torch.autograd.grad((got.double() * g).sum(), (x, w, b))
-    want_grads = torch.autograd.grad((want * g).sum(), (x, w, b))
-    for a, e in zip(grads, want_grads):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
-
-
-def test_chunked_linear_loss_gradcheck_float64():
-    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 6, (7,))
-    assert torch.autograd.gradcheck(
-        lambda x, w: slothai.chunked_linear_loss(x, w, t, lambda z, tt: _xent(z.double(), tt), chunk_size=3),
-        (x, w))
 
 
 def test_upstream_gradient_is_applied_in_fp32(device):
