@@ -43,36 +43,20 @@ template <> struct Out<float> {
     }
     static __device__ __forceinline__ void store1(float *p, float v) { *p = v; }
 };
-// fp16 and bf16 differ only in their conversions: pack2 rounds two values into
-// one 32-bit pair, and store8 writes four pairs as one 16-byte store.
-template <typename T> struct Out16 {
+// fp16 and bf16 differ only in their conversions: `pair` rounds two values into
+// one 32-bit pair; store8 writes four pairs as one 16-byte store.
+template <typename T, typename T2, T2 (*pair)(float, float), T (*one)(float)> struct Out16 {
     static __device__ __forceinline__ void store8(T *p, const float v[8]) {
         uint4 u;
-        u.x = Out<T>::pack2(v[0], v[1]);
-        u.y = Out<T>::pack2(v[2], v[3]);
-        u.z = Out<T>::pack2(v[4], v[5]);
-        u.w = Out<T>::pack2(v[6], v[7]);
+        const T2 h[4] = {pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7])};
+        memcpy(&u, h, 16);
         *reinterpret_cast<uint4 *>(p) = u;
     }
+    static __device__ __forceinline__ void store1(T *p, float v) { *p = one(v); }
 };
-template <> struct Out<__half> : Out16<__half> {
-    static __device__ __forceinline__ uint32_t pack2(float a, float b) {
-        const __half2 h = __floats2half2_rn(a, b);
-        uint32_t u;
-        memcpy(&u, &h, 4);
-        return u;
-    }
-    static __device__ __forceinline__ void store1(__half *p, float v) { *p = __float2half_rn(v); }
-};
-template <> struct Out<__nv_bfloat16> : Out16<__nv_bfloat16> {
-    static __device__ __forceinline__ uint32_t pack2(float a, float b) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-        uint32_t u;
-        memcpy(&u, &h, 4);
-        return u;
-    }
-    static __device__ __forceinline__ void store1(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
-};
+template <> struct Out<__half> : Out16<__half, __half2, __floats2half2_rn, __float2half_rn> {};
+template <>
+struct Out<__nv_bfloat16> : Out16<__nv_bfloat16, __nv_bfloat162, __floats2bfloat162_rn, __float2bfloat16_rn> {};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
