@@ -34,6 +34,12 @@ def impls():
     out = {"slothai": lambda x, w, y: slothai.fused_linear_cross_entropy(x, w, y),
            "chunked": lambda x, w, y: slothai.chunked_linear_loss(x, w, y, ce_rows),
            "eager": eager, "torch.compile": _compiled}
+    out["slothai-1k"] = lambda x, w, y: slothai.fused_linear_cross_entropy(x, w, y, chunk_size=1024)
+    try:
+        from unsloth_zoo.fused_losses.fused_linear import fused_linear_cross_entropy as zoo_flce
+        out["unsloth_zoo"] = lambda x, w, y: zoo_flce(x, w, None, y, divisor=(y != -100).sum())
+    except ImportError:
+        pass
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
@@ -149,7 +155,7 @@ def main():
               ", ".join(f"{k} {t:.1f} ms / {rec['peak_gb'].get(k, 0) or 0:.2f} GB" if t else f"{k} OOM"
                         for k, t in rec["ms"].items()), flush=True)
 
-    names = ["slothai", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
+    names = ["slothai", "slothai-1k", "unsloth_zoo", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
     rows = []
     for r in records:
         fmt = lambda d, k, p: "-" if d.get(k) is None else f"{d[k]:.{p}f}"  # noqa: E731
@@ -174,10 +180,10 @@ def main():
 
 
 def plot(records, env, name="fused_ce"):
-    made = common.figure(1, 2, figsize=(11, 4))
-    if made is None:
+    try:
+        fig, (a1, a2) = common.subplots(1, 2, size=(11, 4))
+    except ImportError:  # plots are optional
         return
-    fig, (a1, a2) = made
     sweep = sorted((r for r in records if r["v"] == 128256 and r["h"] == 4096 and not r["trained"]),
                    key=lambda r: r["n"])
     for k in ["slothai", "eager", "liger", "cce", "gemms"]:
@@ -193,8 +199,7 @@ def plot(records, env, name="fused_ce"):
         a.set_xlabel("tokens N (H=4096, V=128256, frozen head)")
         a.set_ylabel(lab)
         a.legend(fontsize=8)
-    fig.suptitle(f"Linear + CE, {env['card']}, torch {env['torch']}, {env['date']}")
-    common.save_figure(fig, name)
+    common.save_figure(fig, name, f"Linear + CE, {env['card']}, torch {env['torch']}, {env['date']}")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,43 @@
-"""A QLoRA training step, end to end: HF + PEFT + bitsandbytes eager vs slothai
-(patch + regional compile) [vs torch.compile(model) with --full], same batches.
+"""A QLoRA training step, end to end, each run in its own process on the same checkpoint
+and batches: HF + PEFT + bitsandbytes eager, slothai (patch + compile), slothai's
+low-memory mode, the real Unsloth (gradient checkpointing off, and its offloaded
+checkpointing), torch.compile(model).
 
-    python benchmarks/bench_qlora.py [--model llama-1b] [--full] [--runs eager slothai full] [--name SUFFIX]
+    python benchmarks/bench_qlora.py [--model llama-1b] [--runs eager slothai unsloth ...] [--repeat 2] [--name SUFFIX]
 
 Llama-3.2-1B shape (random weights, tied 128256 vocab), NF4 double-quant, bf16
-compute, LoRA r=32 alpha=64 on all 7 projections, bsz 2, sequence lengths
-2048 2048 2048 1536 2048 1792, AdamW. Table + JSON + PNG under benchmarks/results/.
+compute, LoRA r=32 alpha=64 dropout 0 on all 7 projections, bsz 2, sequence lengths
+2048 2048 2048 1536 2048 1792, AdamW lr 1e-3. Table + JSON + PNG under benchmarks/results/.
+The Unsloth runs need `unsloth` importable (../shared/tools/carry-unsloth.sh) and are
+skipped, with a note in the table, where it is not.
 """
 import argparse
-import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 
-import torch
-from torch._dynamo.utils import compilation_time_metrics
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import slothai  # noqa: E402
-from slothai import qlora  # noqa: E402
-
+HERE = os.path.dirname(os.path.abspath(__file__))
 SEQS = [2048, 2048, 2048, 1536, 2048, 1792]
 
+# label -> what the worker builds. The first run given is the reference for speed and loss.
+RUNS = {
+    "eager": "HF + PEFT + bitsandbytes, eager",
+    "slothai": "slothai.patch + slothai.compile (defaults: CUDA graphs, bucketed lengths)",
+    "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
+    "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
+    "slothai-saveall": "slothai.patch + slothai.compile(memory_budget=None)",
+    "slothai-b05": "slothai.patch + slothai.compile(memory_budget=0.5)",
+    "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
+    "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, memory_budget=0.1)",
+    "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
+    "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
+    "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
+    "unsloth+slothai": "Unsloth FastLanguageModel (checkpointing off), then slothai.patch",
+    "full": "torch.compile(model) on HF + PEFT + bitsandbytes",
+}
 
 # GPU kernels by kind, for --profile: first matching pattern wins.
 KERNEL_KINDS = [("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attn")),
@@ -32,9 +45,48 @@ KERNEL_KINDS = [("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas")), ("atte
                 ("optimizer", ("adam", "multi_tensor")), ("inductor (triton)", ("triton",))]
 
 
+# ---------------------------------------------------------------------------
+# Worker: one run, in this process.
+
+def build_model(label, path, model_name):
+    import torch
+
+    if label.startswith("unsloth"):
+        from unsloth import FastLanguageModel  # before transformers/peft: Unsloth patches them at import
+
+        from slothai import qlora
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=16384, dtype=torch.bfloat16,
+                                                     load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(
+            model, r=32, lora_alpha=64, lora_dropout=0.0, bias="none", target_modules=qlora.PROJECTIONS,
+            use_gradient_checkpointing="unsloth" if label == "unsloth-offload" else False, random_state=1)
+        if label == "unsloth+slothai":
+            import slothai
+            slothai.patch(model)
+        return model
+    import slothai
+    from slothai import qlora
+    model = qlora.build(path=path, device="cuda", dtype=torch.bfloat16, lora_r=32)
+    if label == "full":
+        model.config.use_cache = False
+        model.compile(dynamic=None)
+    elif label.startswith("slothai"):
+        slothai.patch(model)
+        opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
+                "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(memory_budget=None),
+                "slothai-b05": dict(memory_budget=0.5), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
+                "slothai-lowmem-b01": dict(low_memory=True, memory_budget=0.1),
+                "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
+        slothai.compile(model, **opts)
+    return model
+
+
 def profile_step(model, batch):
     """Two more steps, the second under torch.profiler: its wall time, the GPU's
     kernel time, and that time by kind and by kernel."""
+    import torch
+
+    from slothai import qlora
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
 
@@ -62,41 +114,106 @@ def profile_step(model, batch):
                 top_kernels_ms=dict(sorted(((k, round(v, 1)) for k, v in top.items()), key=lambda kv: -kv[1])[:8]))
 
 
-def run(label, patch, mode, *, path, batch_list, profile=False):
-    torch._dynamo.reset()
-    model = qlora.build(path=path, device="cuda", dtype=torch.bfloat16, lora_r=32)
-    if patch:
-        slothai.patch(model)
-    if mode == "full":
-        model.config.use_cache = False
-        model.compile(dynamic=None)
-    elif mode == "regional":
-        slothai.compile(model)
-    gc.collect()  # the previous run's model sits in reference cycles: free it before measuring
+def phase_peaks(model, ids):
+    """Peak memory of the forward (with the loss head), the backward and a plain SGD
+    update of one more step: where the step's peak comes from."""
+    import torch
+    peaks = {}
+    torch.cuda.reset_peak_memory_stats()
+    loss = model(input_ids=ids, labels=ids).loss
+    peaks["forward"] = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    peaks["backward"] = torch.cuda.max_memory_allocated() / 1e9
+    model.zero_grad(set_to_none=True)
+    peaks["after"] = torch.cuda.memory_allocated() / 1e9
+    return {k: round(v, 3) for k, v in peaks.items()}
+
+
+def worker(args):
+    label = args.worker
+    model = build_model(label, args.path, args.model)  # Unsloth first: it must import before transformers
+    import gc
+
+    import torch
+    from torch._dynamo.utils import compilation_time_metrics
+
+    import slothai
+    from slothai import qlora
+    vocab = model.config.vocab_size
+    seqs = args.seq * args.repeat
+    batch_list = list(qlora.batches(vocab, args.batch, seqs, len(seqs), "cuda"))
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    before = {k: sum(v) for k, v in compilation_time_metrics.items()}
+    step_peaks = []
+
+    def log(line):  # after each step: its own peak, so a compile-time peak in step 1 shows apart
+        step_peaks.append(torch.cuda.max_memory_allocated() / 1e9)
+        torch.cuda.reset_peak_memory_stats()
+        print(f"  [{label}]{line}  peak {step_peaks[-1]:.2f} GB", flush=True)
+
     with slothai.compile_report() as rep:
-        steps = qlora.train(model, batch_list, log=lambda s: print(f"  [{label}]{s}", flush=True))
-    # Where compiling went: the 12 largest of torch's own phase timers (nested, so they overlap).
-    phases = {k: sum(v) - before.get(k, 0.0) for k, v in compilation_time_metrics.items()}
-    phases = dict(sorted(((k, round(v, 2)) for k, v in phases.items() if v > 0.05), key=lambda kv: -kv[1])[:12])
-    rec = dict(label=label, losses=[s[0] for s in steps], step_s=[s[1] for s in steps],
-               steady_step_s=statistics.median(s[1] for s in steps[1:]),
-               peak_gb=torch.cuda.max_memory_allocated() / 1e9, model_gb=base / 1e9, compile=rep.to_dict(),
+        steps = qlora.train(model, batch_list, log=log)
+    phases = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if sum(v) > 0.05}
+    phases = dict(sorted(phases.items(), key=lambda kv: -kv[1])[:12])
+    rec = dict(label=label, what=RUNS[label], losses=[s[0] for s in steps], step_s=[s[1] for s in steps],
+               seqs=seqs, steady_step_s=statistics.median(s[1] for s in steps[1:]),
+               peak_gb=max(step_peaks), step_peak_gb=step_peaks, model_gb=base / 1e9, compile=rep.to_dict(),
                compile_phases_s=phases)
-    print(f"[{label}] {rep}\n[{label}] steady {rec['steady_step_s']:.3f} s/step, peak {rec['peak_gb']:.1f} GB",
+    print(f"[{label}] {rep}\n[{label}] steady {rec['steady_step_s']:.3f} s/step, peak {rec['peak_gb']:.2f} GB",
           flush=True)
-    if phases:
-        print(f"[{label}] compile phases (s): {phases}", flush=True)
-    if profile:
+    rec["phase_peak_gb"] = phase_peaks(model, batch_list[0])
+    print(f"[{label}] one more step, peak GB by phase: {rec['phase_peak_gb']}", flush=True)
+    if args.profile:
         rec["profile"] = profile_step(model, batch_list[0])
         print(f"[{label}] profiled step: {rec['profile']}", flush=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return rec
+    with open(args.out, "w") as f:
+        json.dump(rec, f)
+
+
+# ---------------------------------------------------------------------------
+# Parent: the checkpoint, one process per run, the table and plot.
+
+def save_checkpoint(model_name, path):
+    """Random weights in bf16 plus a word-level tokenizer (Unsloth's loader wants one)."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from slothai import qlora
+    config = qlora.make_config(model_name)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")
+    tok.save_pretrained(path)
+
+
+def first_at_new_length(rec):
+    """Seconds of the slowest first step at a length not seen before (step 0 aside)."""
+    seen, worst = {rec["seqs"][0]}, None
+    for s, t in zip(rec["seqs"][1:], rec["step_s"][1:]):
+        if s not in seen:
+            seen.add(s)
+            worst = t if worst is None else max(worst, t)
+    return worst
+
+
+def plot(recs, name, title):
+    import common
+    fig, (a1, a2) = common.subplots(2)
+    for r in recs:
+        a1.plot(range(2, len(r["step_s"]) + 1), r["step_s"][1:], "o-", label=r["label"], markersize=3)
+        a2.barh(r["label"], r["peak_gb"])
+    a1.set_yscale("log")
+    a1.set_xlabel("step (the first, which compiles, left out; log scale)")
+    a1.set_ylabel("seconds")
+    a1.legend(fontsize=7)
+    a2.set_xlabel("peak GPU memory, GB")
+    common.save_figure(fig, name, title)
 
 
 def main():
@@ -104,8 +221,7 @@ def main():
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, nargs="+", default=SEQS)
-    ap.add_argument("--full", action="store_true", help="also time torch.compile(model) (slow to compile)")
-    ap.add_argument("--runs", nargs="+", choices=["eager", "slothai", "full"], default=["eager", "slothai"],
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=["eager", "slothai", "unsloth"],
                     help="which runs (the first is the reference for speedup and loss)")
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--profile", action="store_true",
@@ -113,61 +229,74 @@ def main():
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the sequence lengths this many times; the last pass gives 'settled s/step', "
                          "once every compile and first-call autotune is behind")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.full and "full" not in args.runs:
-        args.runs.append("full")
-    env = common.environment()
-    # Compile times are cold: a fresh inductor/Triton cache for this process, not one
-    # left on the machine by an earlier run.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slothai-bench-inductor-")
-    with tempfile.TemporaryDirectory() as path:
-        torch.manual_seed(0)
-        from transformers import AutoModelForCausalLM
+    if args.worker:
+        return worker(args)
 
-        AutoModelForCausalLM.from_config(qlora.make_config(args.model), dtype=torch.bfloat16).save_pretrained(path)
-        vocab = qlora.make_config(args.model).vocab_size
-        seqs = args.seq * args.repeat
-        batch_list = list(qlora.batches(vocab, args.batch, seqs, len(seqs), "cuda"))
-        plans = {"eager": ("eager", False, "none"), "slothai": ("slothai", True, "regional"),
-                 "full": ("torch.compile", False, "full")}
-        recs = [run(*plans[r], path=path, batch_list=batch_list, profile=args.profile) for r in args.runs]
+    sys.path.insert(0, HERE)
+    import common
+    env = common.environment()
+    recs, failed = [], {}
+    with tempfile.TemporaryDirectory() as path:
+        save_checkpoint(args.model, path)
+        for label in args.runs:
+            out = os.path.join(path, f"{label}.json")
+            # Compile times are cold: a fresh inductor/Triton cache for every run.
+            run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="slothai-bench-inductor-"),
+                           UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--path", path, "--out", out,
+                   "--model", args.model, "--batch", str(args.batch), "--repeat", str(args.repeat),
+                   "--seq", *map(str, args.seq)] + (["--profile"] if args.profile else [])
+            try:
+                rc = subprocess.run(cmd, env=run_env, timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc == 0 and os.path.exists(out):
+                with open(out) as f:
+                    recs.append(json.load(f))
+            else:
+                failed[label] = f"exit {rc}"
+                print(f"[{label}] failed: exit {rc}", flush=True)
+            if recs:  # after every run, so a call cut short still leaves its results
+                report(args, env, recs, failed)
+
+
+def report(args, env, recs, failed):
+    import common
+    n_last = len(args.seq)
     for r in recs:
-        r["settled_step_s"] = statistics.median(r["step_s"][-len(args.seq):]) if args.repeat > 1 else None
+        r["settled_step_s"] = statistics.median(r["step_s"][-n_last:]) if args.repeat > 1 else None
+        r["first_new_length_s"] = first_at_new_length(r)
     ref = recs[0]  # speedup, memory and loss differences are against the first run
     rows = []
     for r in recs:
         rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
         r[f"max_rel_loss_diff_vs_{ref['label']}"] = rel
         c = r["compile"]
-        settled = f"{r['settled_step_s']:.3f}" if r["settled_step_s"] else "-"
-        speedup = f"{ref['steady_step_s'] / r['steady_step_s']:.2f}x"
-        rows.append([r["label"], f"{r['steady_step_s']:.3f}", speedup, settled,
-                     f"{r['peak_gb']:.1f}", f"{r['peak_gb'] / ref['peak_gb']:.2f}", f"{rel:.1e}",
+        steady = r["settled_step_s"] or r["steady_step_s"]
+        new_len = f"{r['first_new_length_s'] / steady:.2f}x" if r["first_new_length_s"] else "-"
+        rows.append([r["label"], f"{r['steady_step_s']:.3f}", f"{r['settled_step_s']:.3f}" if r["settled_step_s"]
+                     else "-", f"{(ref['settled_step_s'] or ref['steady_step_s']) / steady:.2f}x",
+                     new_len, f"{r['peak_gb']:.2f}", f"{r['peak_gb'] / ref['peak_gb']:.2f}", f"{rel:.1e}",
                      str(sum(b["count"] for b in c["graph_breaks"])), str(c["compilations"]),
                      f"{c['compile_seconds']:.0f}"])
+    for label, why in failed.items():
+        rows.append([label, why] + ["-"] * 9)
     lines = [f"QLoRA step, {args.model} shape, NF4 double-quant, bf16, LoRA r=32 on 7 projections, bsz {args.batch}, "
              f"seq {args.seq} x {args.repeat}, AdamW. {env['card']}, torch {env['torch']}, {env['date']}"]
-    lines += common.table(["run", "steady s/step", f"speedup vs {ref['label']}", "settled s/step", "peak GB",
-                           f"vs {ref['label']}", "max rel loss diff", "graph breaks", "compilations", "compile s"],
-                          rows)
+    lines += common.table(["run", "median s/step", "settled s/step", f"speed vs {ref['label']}",
+                           "first new length", "peak GB", f"vs {ref['label']}", "max rel loss diff",
+                           "graph breaks", "compilations", "compile s"], rows)
+    lines += [f"  {r['label']}: {r['what']}" for r in recs]
     name = f"qlora_{args.model}{args.name}"
-    common.write(name, dict(env, model=args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, runs=recs),
-                 lines)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in recs:
-            ax.plot(range(2, len(r["step_s"]) + 1), r["step_s"][1:], "o-", label=r["label"])
-        ax.set_xlabel("step (the first, which compiles, left out)")
-        ax.set_ylabel("seconds")
-        ax.set_title(f"QLoRA {args.model}, {env['card']}, {env['date']}", fontsize=9)
-        ax.legend()
-        for folder in filter(None, [common.RESULTS, os.environ.get("OUT")]):
-            fig.savefig(os.path.join(folder, f"{name}.png"), dpi=110)
-    except ImportError:
-        pass
+    common.write(name, dict(env, model=args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, runs=recs,
+                            failed=failed), lines)
+    plot(recs, name, f"QLoRA {args.model}, bsz {args.batch}, {env['card']}, torch {env['torch']}, {env['date']}")
+
 
 
 if __name__ == "__main__":

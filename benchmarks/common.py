@@ -55,27 +55,25 @@ def write(name, payload, table_lines):
             f.write(text)
 
 
-def figure(*subplots, **kwargs):
-    """(fig, axes) from `plt.subplots(*subplots, **kwargs)` with the headless Agg
-    backend, or None when matplotlib is not installed (plots are optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt.subplots(*subplots, **kwargs)
-
-
-def save_figure(fig, name):
-    """Writes <name>.png to results/ and to $OUT, beside write()'s files."""
-    fig.tight_layout()
-    for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
-        os.makedirs(folder, exist_ok=True)
-        fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
-
-
 def table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join("{:>%d}" % w for w in widths)
     return [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows]
+
+
+def subplots(rows=1, cols=1, size=(7, 3.2)):
+    """A matplotlib figure (Agg backend) with rows x cols axes, each row `size` big."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0], size[1] * rows), squeeze=False)
+    return fig, axes.ravel()
+
+
+def save_figure(fig, name, title):
+    """Title, tight layout, <name>.png to results/ and to $OUT."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
+        os.makedirs(folder, exist_ok=True)
+        fig.savefig(os.path.join(folder, f"{name}.png"), dpi=110)

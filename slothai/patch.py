@@ -81,9 +81,12 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     softcap_attr = CAUSAL_LM_FAMILIES.get(self.config.model_type)
     softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
+    chunk_bytes = getattr(self, "slothai_loss_chunk_bytes", None)  # set by slothai.compile(low_memory=True)
+    chunk = max(1, chunk_bytes // (head.weight.shape[0] * head.weight.element_size())) if chunk_bytes else None
     loss = fused_linear_cross_entropy(
         hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), head.bias,
-        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap)
+        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap,
+        chunk_size=chunk)
     if num_items is not None:  # gradient accumulation: transformers divides the sum by it
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     output_cls, fields = _OUTPUT
@@ -120,8 +123,17 @@ def _set_forward(module, fn):
     module.forward = forward
 
 
+def _is_unsloth(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "unsloth_version", None) is not None
+
+
 def patch(model, *, linear4bit=True, loss=True):
     """Patch `model` in place (idempotent) and return it. See the module docstring."""
+    if _is_unsloth(model):
+        # A FastLanguageModel computes its own chunked fused loss from the hidden
+        # states; slothai leaves its head alone and serves its NF4 dequantization.
+        loss = False
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
             _set_forward(module, _linear4bit_forward)
@@ -147,17 +159,21 @@ def is_patched(module):
     return _ORIGINAL in module.__dict__
 
 
-def _unsloth_fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False):
-    """Unsloth's fast_dequantize signature on top of slothai's op."""
-    if quant_state is None:
-        return W
-    if isinstance(quant_state, list):  # Unsloth's compressed-statistics list form: not handled, defer
-        return _UNSLOTH_ORIGINAL["fast_dequantize"](W, quant_state, out, use_global_buffer)
+def _unsloth_fast_dequantize(W, quant_state=None, out=None, use_global_buffer=False, dtype=None):
+    """Unsloth's `fast_dequantize(W, quant_state, out, use_global_buffer, dtype)` on top of
+    slothai's op for bitsandbytes NF4 states; every other format (fp4, int4, fp8, MXFP4,
+    NVFP4, the legacy list form) goes to Unsloth's own function. As in Unsloth, `dtype`
+    steers only fp8 and an NF4 weight comes out in `quant_state.dtype`; the scratch
+    buffer of `use_global_buffer` is Unsloth's decode optimisation, not needed here."""
+    if quant_state is None or type(quant_state).__name__ != "QuantState" or \
+            getattr(quant_state, "quant_type", None) != "nf4" or W.dtype == torch.float8_e4m3fn:
+        return _UNSLOTH_ORIGINAL["fast_dequantize"](W, quant_state, out=out, use_global_buffer=use_global_buffer,
+                                                    dtype=dtype)
     w = dequantize_nf4(W, quant_state)
     if out is not None:
         out.copy_(w)
         w = out
-    return w.t() if W.shape[0] == 1 else w
+    return w.t() if W.shape[0] == 1 else w  # Unsloth passes W.t() of the (n/2, 1) codes and expects W^T back
 
 
 _UNSLOTH_ORIGINAL = {}
@@ -165,7 +181,7 @@ _UNSLOTH_ORIGINAL = {}
 
 def _patch_unsloth():
     """If Unsloth is loaded, send its fast_dequantize (and the modules that
-    imported it by name) to slothai's op. Not verified against a real Unsloth."""
+    imported it by name) to slothai's op."""
     utils = sys.modules.get("unsloth.kernels.utils")
     if utils is None or "fast_dequantize" in _UNSLOTH_ORIGINAL:
         return

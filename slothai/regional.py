@@ -13,7 +13,14 @@ for the model's real hidden sizes.
 import functools
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .offload import offloaded_call
+from .patch import is_patched
+
+# Low-memory mode: the loss head's chunk of logits (and their gradient, in place).
+# 128 MiB is 512 tokens at a 128K vocabulary in bf16: GEMMs still large enough.
+LOW_MEMORY_LOGITS_BYTES = 128 << 20
 
 
 def decoder_layers(model):
@@ -49,25 +56,95 @@ def mark_token_dims_dynamic(hidden, *others):
                     torch._dynamo.maybe_mark_dynamic(t, d)
 
 
-def _compile_layer(layer, dynamic, kwargs):
+def _hidden_of(args, kw):
+    hidden = args[0] if args else kw.get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _in_compute_dtype(fn):
+    """fn under autocast to the dtype of its hidden states when those are fp16/bf16:
+    PEFT keeps LoRA weights in fp32, and without autocast their matmuls (and the
+    casts around them) run in fp32; with it they run in the compute dtype, as under
+    HF Trainer's bf16=True. The fp32 weights stay the optimizer's master copy.
+    Traced by Dynamo, so it is part of the compiled region, not a guard on it."""
+
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        hidden = _hidden_of(args, kw)
+        if hidden is not None and hidden.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(hidden.device.type, dtype=hidden.dtype):
+                return fn(*args, **kw)
+        return fn(*args, **kw)
+
+    return run
+
+
+def padded_length(n):
+    """The bucket a sequence of n tokens is padded to under CUDA graphs: 8 buckets
+    per octave (multiples of 2^(k-3) for n in [2^k, 2^(k+1)), at least 64), so at
+    most 1/8 of the tokens are padding and a few dozen graphs cover every length."""
+    step = max(64, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _pad_tokens(args, kw, n, padded):
+    """Right-pad every tensor whose dim 1 is the token dim (hidden states, rotary
+    cos/sin, position ids; their dim 0 is the batch or 1) and every 1-D tensor of n
+    (cache positions) with zeros to `padded` tokens. Exact for a causal layer
+    without an attention mask: a token attends only to those before it, so the
+    padding, all after the real tokens, changes nothing of theirs, forward or back."""
+
+    def pad(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.dim() >= 2 and t.shape[1] == n:
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, padded - n))
+        if t.dim() == 1 and t.shape[0] == n:
+            return torch.nn.functional.pad(t, (0, padded - n))
+        return t
+
+    return tree_map(pad, args), tree_map(pad, kw)
+
+
+def _compile_layer(layer, dynamic, kwargs, *, adapters, memory_budget, low_memory, bucket):
     """Compile the layer's forward in place; the marking runs outside the compiled
     region (inside it, marking is not allowed). A second call recompiles from the
     forward the layer had before the first."""
     original = layer.__dict__.get("_slothai_uncompiled_forward", layer.forward)
-    compiled = torch.compile(original, **kwargs)
+    compiled = torch.compile(_in_compute_dtype(original) if adapters == "compute" else original, **kwargs)
+    if memory_budget is not None:
+        # AOTAutograd's partitioner reads this when the layer compiles (inside the
+        # call): recompute cheap work in backward instead of saving it. Scoped to
+        # our layers' calls, not set for the user's process.
+        compiled = torch._functorch.config.patch(activation_memory_budget=memory_budget)(compiled)
+    params = [p for p in layer.parameters() if p.requires_grad] if low_memory else None
+
+    def call(*args, **kw):
+        hidden = _hidden_of(args, kw)
+        n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
+        if bucket and n and kw.get("attention_mask") is None and padded_length(n) != n:
+            args, kw = _pad_tokens(args, kw, n, padded_length(n))
+            hidden = _hidden_of(args, kw)
+        else:
+            n = None
+        if dynamic and hidden is not None and hidden.dim() >= 2:
+            mark_token_dims_dynamic(hidden, args[1:], kw)
+        out = compiled(*args, **kw)
+        return out if n is None else tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) and t.dim() >= 2
+                                              else t, out)
 
     @functools.wraps(original)
     def forward(*args, **kw):
-        hidden = args[0] if args else kw.get("hidden_states")
-        if dynamic and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
-            mark_token_dims_dynamic(hidden, args[1:], kw)
-        return compiled(*args, **kw)
+        if low_memory and args and isinstance(args[0], torch.Tensor):  # backward recomputes through `call` too
+            return offloaded_call(call, params, args[0], args[1:], kw)
+        return call(*args, **kw)
 
     layer._slothai_uncompiled_forward = original
     layer.forward = forward
 
 
-def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, **options):
+def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
+            memory_budget=0.7, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
@@ -75,13 +152,37 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     dynamic: True makes batch and sequence sizes dynamic from the first call (no
     recompile for a new length); False leaves torch's default (static first,
     then dynamic where a size changed: one recompile).
+    adapters: "compute" runs the LoRA matmuls of each compiled layer in the
+    model's compute dtype (fp16/bf16; fp32 master weights kept); "float32" keeps
+    PEFT's fp32 adapter math.
+    memory_budget: AOTAutograd's activation-memory budget for the compiled layers
+    (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
+    cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
+    removing the per-kernel launch cost. A graph is recorded per sequence length,
+    once (about 1 s for the 1B shape, on the second step at a length), so lengths
+    are padded into 8 buckets per octave (`padded_length`; exact, see
+    `_pad_tokens`). None: on for a regional compile of a model on CUDA with
+    inductor, not with low_memory.
+    bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
+    low_memory: each layer keeps only its input, in pinned host memory, and is
+    recomputed in backward (copies overlap compute on a side stream); the patched
+    loss head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
     """
     if mode not in ("regional", "full", "none"):
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
+    if adapters not in ("compute", "float32"):
+        raise ValueError(f"adapters must be 'compute' or 'float32', got {adapters!r}")
     if mode == "none":
         return model
     _disable_kv_cache(model)
     kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
+    if cudagraphs is None:
+        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and \
+            any(p.is_cuda for p in model.parameters())
+    if cudagraphs:
+        if backend != "inductor":
+            raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
+        kwargs["options"] = {"triton.cudagraphs": True, **kwargs.get("options", {})}
     if mode == "full":
         # The model's inputs are ids, labels and masks: every size of them is a
         # batch or sequence size; the weights' sizes stay static (parameters).
@@ -94,6 +195,12 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
+    if low_memory:
+        for module in model.modules():
+            if is_patched(module) and hasattr(module, "lm_head"):
+                module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
     for layer in layers:
-        _compile_layer(layer, dynamic, kwargs)
+        _compile_layer(layer, dynamic, kwargs, adapters=adapters, memory_budget=memory_budget,
+                       low_memory=low_memory,
+                       bucket=bool(cudagraphs) if bucket_lengths is None else bucket_lengths)
     return model

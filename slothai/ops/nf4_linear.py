@@ -2,7 +2,10 @@
 x's dtype into a temporary. Backward dequantizes again, so only the 4-bit codes
 are kept; being one op, torch.compile cannot merge the forward's and the
 backward's dequantization and save the dense weight instead."""
+import math
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import _C  # noqa: F401  (loads the op library)
 from .dequant_nf4 import check_quant_state, quant_state_args
@@ -40,6 +43,14 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("slothai::nf4_linear", _backward, setup_context=_setup_context)
+
+
+# FLOP count, for torch.utils.flop_counter and for the AOT partitioner, whose
+# activation-memory budget ranks what to recompute by FLOPs: an op without a
+# formula counts as free, and the base-weight GEMM would be recomputed in backward.
+@register_flop_formula(torch.ops.slothai.nf4_linear)
+def _flops(x_shape, *args, out_shape=None, **kwargs):
+    return 2 * math.prod(out_shape) * x_shape[-1]
 
 
 def nf4_linear(x, weight, bias=None):

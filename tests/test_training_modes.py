@@ -1,0 +1,196 @@
+"""slothai.compile's training options on tiny 4-bit QLoRA models (CPU): adapters in the
+compute dtype, the low-memory mode (layer inputs kept on the host, layers recomputed),
+and the Unsloth drop-in with Unsloth's real `fast_dequantize` signature."""
+import pytest
+import torch
+
+import slothai
+from slothai import qlora
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+SEQS = [40, 24, 40]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def one_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def test_low_memory_gives_the_same_losses_and_gradients():
+    # The recompute must reproduce the layer exactly: same loss, same LoRA gradients
+    # (every layer's, including the first, whose input needs no grad of its own).
+    ids = torch.randint(0, 256, (2, 33))
+    want_loss, want = one_step(slothai.patch(qlora.build("tiny", "llama")), ids)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", low_memory=True)
+    got_loss, got = one_step(model, ids)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys() and len(got) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_low_memory_trains_like_eager_with_dropout_and_one_graph_per_grad_mode():
+    # Dropout in the LoRA path: the recompute must draw the same masks as the forward.
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+
+    def build():
+        model = qlora.build("tiny", "llama")
+        for m in model.modules():
+            if hasattr(m, "lora_dropout"):
+                for d in m.lora_dropout.values():
+                    d.p = 0.3
+        return model
+
+    torch.manual_seed(7)
+    want = qlora.train(slothai.patch(build()), batches)
+    model = slothai.compile(slothai.patch(build()), backend="aot_eager", low_memory=True)
+    torch.manual_seed(7)
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-4 * abs(b), (got, want)
+    assert report.graph_breaks == []
+    # The forward runs the layer without autograd, backward with it: two variants, no more.
+    assert report.compilations == 2, report
+
+
+def test_adapters_in_compute_dtype_stay_close_to_fp32_adapters():
+    # bf16 model: the LoRA matmuls run in bf16 under "compute", in fp32 under "float32".
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama", dtype=torch.bfloat16)), batches)
+    for adapters in ("compute", "float32"):
+        torch._dynamo.reset()
+        model = qlora.build("tiny", "llama", dtype=torch.bfloat16)
+        slothai.compile(slothai.patch(model), backend="aot_eager", adapters=adapters)
+        got = qlora.train(model, batches)
+        for (a, _, _), (b, _, _) in zip(got, want):
+            assert abs(a - b) <= 1e-2 * abs(b), (adapters, got, want)
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_adapters_compute_runs_lora_matmuls_in_the_compute_dtype():
+    seen = []
+
+    def spy(mod, args, out):
+        seen.append(out.dtype)
+
+    model = slothai.patch(qlora.build("tiny", "llama", dtype=torch.bfloat16))
+    slothai.compile(model, backend="eager", adapters="compute")
+    hooks = [m.register_forward_hook(spy) for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    ids = torch.randint(0, 256, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen and set(seen) == {torch.bfloat16}
+    for h in hooks:
+        h.remove()
+
+
+@pytest.mark.parametrize("bad", [dict(adapters="fp16"), dict(mode="regionl")])
+def test_compile_rejects_unknown_options(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        slothai.compile(torch.nn.Linear(2, 2), **bad)
+
+
+def test_unsloth_drop_in_has_unsloths_signature(monkeypatch):
+    # A stand-in with the real Unsloth 2026.10's signature and call forms:
+    # fast_dequantize(W, quant_state, out=None, use_global_buffer=False, dtype=None),
+    # called as fast_dequantize(W.t(), state, use_global_buffer=True, dtype=X.dtype) by its
+    # LoRA kernels. NF4 goes to slothai; anything else to the original.
+    import sys
+    import types
+
+    calls = []
+
+    def original(W, quant_state=None, out=None, use_global_buffer=False, dtype=None):
+        calls.append(type(quant_state).__name__)
+        return "unsloth's own"
+
+    utils = types.ModuleType("unsloth.kernels.utils")
+    utils.fast_dequantize = original
+    monkeypatch.setitem(sys.modules, "unsloth.kernels.utils", utils)
+    model = slothai.patch(torch.nn.Linear(2, 2))
+    try:
+        packed, state = bnbF.quantize_4bit(torch.randn(40, 24), quant_type="nf4", compress_statistics=True)
+        want = bnbF.dequantize_4bit(packed, state)
+        with torch._dynamo.config.patch(disable=True):
+            assert torch.equal(utils.fast_dequantize(packed, state, use_global_buffer=True, dtype=torch.float16), want)
+            got_t = utils.fast_dequantize(packed.t(), state, dtype=torch.float32)
+            assert got_t.shape == (24, 40) and torch.equal(got_t, want.t())
+            out = torch.empty_like(want)
+            assert utils.fast_dequantize(packed, state, out=out) is out and torch.equal(out, want)
+            assert calls == []
+            fp4_packed, fp4_state = bnbF.quantize_4bit(torch.randn(8, 8), quant_type="fp4")
+            assert utils.fast_dequantize(fp4_packed, fp4_state) == "unsloth's own"
+            assert utils.fast_dequantize(packed, [state.absmax]) == "unsloth's own"  # legacy list form
+            assert calls == ["QuantState", "list"]
+    finally:
+        slothai.unpatch(model)
+    assert utils.fast_dequantize is original
+
+
+def test_padded_length_buckets():
+    from slothai.regional import padded_length
+
+    assert [padded_length(n) for n in (1, 64, 65, 100, 1500, 1536, 1537, 2048, 2049)] == \
+        [64, 64, 128, 128, 1536, 1536, 1664, 2048, 2304]
+    for n in range(1, 5000, 7):  # never shorter; padding under 64 tokens or an eighth of them
+        assert 0 <= padded_length(n) - n < max(64, n // 8 + 1)
+
+
+def test_bucketed_lengths_give_the_same_losses_and_gradients(monkeypatch):
+    # Right-padding each layer's tokens to the bucket must change nothing for the real
+    # tokens of a causal model: same loss, same LoRA gradients, and it must happen.
+    from slothai import regional
+
+    pads = []
+    real = regional._pad_tokens
+    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
+    ids = torch.randint(0, 256, (2, 37))
+    want_loss, want = one_step(slothai.patch(qlora.build("tiny", "llama")), ids)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
+    got_loss, got = one_step(model, ids)
+    assert pads and set(pads) == {(37, 64)}
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_with_bucketed_lengths_train_like_eager():
+    # The default on a GPU: inductor, each layer a CUDA graph per length bucket.
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cuda"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-3 * abs(b), (got, want)
+    assert report.graph_breaks == [] and report.compilations == 1, report
+
+
+def test_nf4_linear_counts_its_flops():
+    # The AOT partitioner's memory budget ranks recomputation by FLOPs: without a
+    # formula the base GEMM would look free to recompute.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    packed, state = bnbF.quantize_4bit(torch.randn(48, 64), quant_type="nf4", compress_statistics=True)
+    weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.quant_state = state
+    with FlopCounterMode(display=False) as counter:
+        slothai.nf4_linear(torch.randn(5, 7, 64), weight)
+    assert counter.get_total_flops() == 2 * 5 * 7 * 48 * 64
