@@ -174,7 +174,7 @@ def test_plain_absmax_rejects_nested_tensors():
 def test_mixed_devices_raise():
     a = _args("cuda")
     a[4] = a[4].cpu()
-    with pytest.raises(RuntimeError, match="offset must be on cuda:0"):
+    with pytest.raises(ValueError, match="offset must be on cuda:0"):
         torch.ops.slothai.dequant_nf4(*a)
 
 

@@ -170,6 +170,9 @@ def test_bad_input(device):
         slothai.fused_linear_cross_entropy(x.double(), w.double(), t)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         slothai.fused_linear_cross_entropy(x, w, t, label_smoothing=1.5)
+    if device == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="weight must be on cpu"):
+            slothai.fused_linear_cross_entropy(x, w.cuda(), t)
 
 
 def test_target_out_of_range():

@@ -27,7 +27,7 @@ inline void check_dtype(const at::Tensor &t, at::ScalarType want, const char *na
 
 inline void check_device(const at::Tensor &t, const at::Device &want, const char *name)
 {
-    TORCH_CHECK(t.device() == want, name, " must be on ", want, " (where the first input is), got ", t.device());
+    TORCH_CHECK_VALUE(t.device() == want, name, " must be on ", want, " (where the first input is), got ", t.device());
 }
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
