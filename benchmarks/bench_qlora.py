@@ -230,6 +230,7 @@ def main():
                     help="run the sequence lengths this many times; the last pass gives 'settled s/step', "
                          "once every compile and first-call autotune is behind")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--checkpoint", help="folder to keep the random-weight checkpoint in and reuse")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -241,10 +242,12 @@ def main():
     import common
     env = common.environment()
     recs, failed = [], {}
-    with tempfile.TemporaryDirectory() as path:
-        save_checkpoint(args.model, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or tmp
+        if not os.path.exists(os.path.join(path, "config.json")):
+            save_checkpoint(args.model, path)
         for label in args.runs:
-            out = os.path.join(path, f"{label}.json")
+            out = os.path.join(tmp, f"{label}.json")
             # Compile times are cold: a fresh inductor/Triton cache for every run.
             run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="slothai-bench-inductor-"),
                            UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))

@@ -90,7 +90,9 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device)
                                           if hidden.device.type == "cuda" else None)
         with torch.no_grad():
-            out = run(hidden)
+            # A copy: under CUDA graphs the output lives in the graph's memory pool,
+            # which the layer's recompute in backward replays over.
+            out = run(hidden).clone()
         ctx.run, ctx.copy = run, _HostCopy(hidden)
         ctx.hidden_needs_grad = hidden.requires_grad
         return out
