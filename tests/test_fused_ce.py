@@ -263,6 +263,25 @@ def test_compile_no_graph_breaks_no_recompile_per_token_count(device, compile_co
     assert compile_counters["stats"]["unique_graphs"] <= 2  # static first, then dynamic
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_compile_other_reductions_gradients(device, compile_counters, reduction):
+    # none: backward calls the op again with per-row factors; sum: backward scales.
+    x = torch.randn(2, 9, 16, device=device, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    t = torch.randint(0, 40, (2, 9), device=device)
+    t[0, 0] = -100
+    g = torch.randn(2, 9, device=device) if reduction == "none" else torch.tensor(0.7, device=device)
+    f = torch.compile(lambda x, w, b: slothai.fused_linear_cross_entropy(x, w, t, b, reduction=reduction) * g,
+                      fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(f(x, w, b).sum(), (x, w, b))
+    xs, ws, bs = (a.detach().double().requires_grad_() for a in (x, w, b))
+    want = torch.autograd.grad((reference(xs, ws, t, bs, reduction=reduction) * g.double()).sum(), (xs, ws, bs))
+    for a, e in zip(grads, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-6)
+    assert compile_counters["graph_break"] == {}
+
+
 def test_compile_inductor_training_step(device, compile_counters):
     head = torch.nn.Linear(16, 40, bias=False, device=device)
     x = torch.randn(2, 9, 16, device=device, requires_grad=True)
