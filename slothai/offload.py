@@ -110,7 +110,9 @@ class _OffloadedLayer(torch.autograd.Function):
             out = ctx.run(hidden)
         wrt = ([hidden] if ctx.hidden_needs_grad else []) + params
         grads = list(torch.autograd.grad(out, wrt, grad_out, allow_unused=True)) if wrt else []
-        d_hidden = grads.pop(0) if ctx.hidden_needs_grad else None
+        # A copy, as in forward: under CUDA graphs the gradient lives in the pool
+        # that the next layer's recompute replays over.
+        d_hidden = grads.pop(0).clone() if ctx.hidden_needs_grad else None
         it = iter(grads)
         d_params = [next(it) if need else None for need in ctx.needs_input_grad[2:]]
         return (None, d_hidden, *d_params)
