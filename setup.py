@@ -4,6 +4,15 @@ CUDA sources are compiled when torch has CUDA and nvcc is found (CUDA_HOME),
 for sm_75..sm_90 plus PTX unless TORCH_CUDA_ARCH_LIST says otherwise;
 otherwise a CPU-only extension is built. Install with
 `pip install --no-build-isolation .` so the torch already installed is used.
+
+Which files are built, by name (no list to keep up to date):
+  csrc/core/*.c, csrc/module.c     C11, always (compiled by BuildC below)
+  csrc/torch/*.cpp                 C++, always, EXCEPT files ending in `_cuda.cpp`:
+  csrc/torch/*_cuda.cpp            C++ that includes CUDA headers (CUDA registrations),
+                                   only in a CUDA build
+  csrc/core/*.cu                   nvcc, only in a CUDA build
+So a new op's CUDA registration goes in csrc/torch/<op>_cuda.cpp and its kernel in
+csrc/core/<op>_cuda.cu; CONTRIBUTING.md lists the rest.
 """
 import glob
 import os
@@ -48,7 +57,7 @@ class BuildC(BuildExtension):
 def extension():
     cuda = want_cuda()
     sources = sorted(glob.glob("csrc/core/*.c")) + ["csrc/module.c"]
-    sources += [s for s in sorted(glob.glob("csrc/torch/*.cpp")) if cuda or not s.endswith("_cuda.cpp")]
+    sources += [s for s in sorted(glob.glob("csrc/torch/*.cpp")) if cuda or not s.endswith("_cuda.cpp")]  # see above
     cxx = ["-O3", "-ffp-contract=off"]  # torch adds Py_LIMITED_API for py_limited_api=True
     kwargs = dict(
         name="slothai._C",

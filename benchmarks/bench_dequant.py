@@ -161,12 +161,9 @@ def main():
 
 def plot(records, env):
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        fig, (ax,) = common.subplots(size=(11, 4))
+    except ImportError:  # plots are optional
         return
-    fig, ax = plt.subplots(figsize=(11, 4))
     labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['dtype']}" for r in records]
     names = ["slothai", "unsloth", "bnb", "torch.compile"]
     width = 0.2
@@ -177,11 +174,8 @@ def plot(records, env):
     ax.set_xticks([x + 1.5 * width for x in range(len(records))], labels, fontsize=7)
     ax.set_ylabel("us (median)")
     ax.set_yscale("log")
-    ax.set_title(f"NF4 dequant, {env['card']}, torch {env['torch']}, {env['date']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    for folder in filter(None, [common.RESULTS, os.environ.get("OUT")]):
-        fig.savefig(os.path.join(folder, "dequant.png"), dpi=110)
+    common.save_figure(fig, "dequant", f"NF4 dequant, {env['card']}, torch {env['torch']}, {env['date']}")
 
 
 if __name__ == "__main__":

@@ -181,14 +181,11 @@ def main():
 
 def plot(records, env, name="fused_ce"):
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        fig, (a1, a2) = common.subplots(1, 2, size=(11, 4))
+    except ImportError:  # plots are optional
         return
     sweep = sorted((r for r in records if r["v"] == 128256 and r["h"] == 4096 and not r["trained"]),
                    key=lambda r: r["n"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for k in ["slothai", "eager", "liger", "cce", "gemms"]:
         pts = [(r["n"], r["ms"].get(k)) for r in sweep if r["ms"].get(k)]
         if pts:
@@ -202,10 +199,7 @@ def plot(records, env, name="fused_ce"):
         a.set_xlabel("tokens N (H=4096, V=128256, frozen head)")
         a.set_ylabel(lab)
         a.legend(fontsize=8)
-    fig.suptitle(f"Linear + CE, {env['card']}, torch {env['torch']}, {env['date']}")
-    fig.tight_layout()
-    for folder in filter(None, [common.RESULTS, os.environ.get("OUT")]):
-        fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
+    common.save_figure(fig, name, f"Linear + CE, {env['card']}, torch {env['torch']}, {env['date']}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@
     W = slothai.dequantize_nf4(layer.weight)   # bitsandbytes Params4bit -> dense weight
     loss = slothai.fused_linear_cross_entropy(hidden, lm_head.weight, labels)
 
-Ops: torch.ops.slothai.dequant_nf4, torch.ops.slothai.fused_ce (see README for the schemas).
+Ops: torch.ops.slothai.dequant_nf4, .nf4_linear and .fused_ce (schemas in the README;
+one module each in slothai/ops/).
 """
-from . import ops  # noqa: F401  (loads and registers the custom ops)
-from .fused_ce import FusedLinearCrossEntropyLoss, chunked_linear_loss, fused_linear_cross_entropy
-from .nf4 import dequantize_nf4, nf4_levels, nf4_linear
+from .chunked_loss import chunked_linear_loss
+from .ops import FusedLinearCrossEntropyLoss, dequantize_nf4, fused_linear_cross_entropy, nf4_levels, nf4_linear
 from .patch import is_patched, patch, unpatch
 from .regional import compile
 from .report import CompileReport, compile_report

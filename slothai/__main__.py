@@ -29,7 +29,8 @@ def report(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     name, path = (args.model, None) if args.model in qlora.SHAPES else ("path", args.model)
-    print(f"slothai report: model {args.model} ({args.family if name == 'tiny' else 'checkpoint'}), {device}, "
+    source = "checkpoint" if path else f"{args.family if name == 'tiny' else 'llama'} shape, random weights"
+    print(f"slothai report: model {args.model} ({source}), {device}, "
           f"{dtype}, batch {args.batch}, seq {args.seq}, {args.steps} steps, compile {args.compile}, "
           f"patch {'off' if args.no_patch else 'on'}")
     runs = {}

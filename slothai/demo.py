@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from .nf4 import dequantize_nf4
+from .ops import dequantize_nf4
 
 
 def _median_ms(fn, device, reps=20):

@@ -11,16 +11,6 @@
 
 static const float kNF4[16] = SLOTHAI_NF4_LEVELS;
 
-const char *slothai_status_string(slothai_status s)
-{
-    switch (s) {
-    case SLOTHAI_OK: return "ok";
-    case SLOTHAI_EINVAL: return "invalid argument";
-    case SLOTHAI_ECUDA: return "CUDA error";
-    }
-    return "unknown status";
-}
-
 static float block_scale(const slothai_nf4_args *a, int64_t b)
 {
     if (a->absmax_f32) return a->absmax_f32[b];

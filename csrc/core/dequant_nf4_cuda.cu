@@ -33,6 +33,8 @@ constexpr int kGroup = 8;
 
 __constant__ float kNF4[16] = SLOTHAI_NF4_LEVELS;
 
+// Stores of the output type T: store1 one element, store8 eight consecutive
+// ones (16-byte aligned) from fp32 values, rounded to nearest-even.
 template <typename T> struct Out;
 template <> struct Out<float> {
     static __device__ __forceinline__ void store8(float *p, const float v[8]) {
@@ -41,26 +43,32 @@ template <> struct Out<float> {
     }
     static __device__ __forceinline__ void store1(float *p, float v) { *p = v; }
 };
-template <> struct Out<__half> {
-    static __device__ __forceinline__ void store8(__half *p, const float v[8]) {
+// fp16 and bf16 differ only in their conversions (Conv): `pair` rounds two values
+// into one 32-bit pair, `one` a single value; store8 writes four pairs as one
+// 16-byte store.
+template <typename T, typename Conv> struct Out16 {
+    static __device__ __forceinline__ void store8(T *p, const float v[8]) {
         uint4 u;
-        __half2 h[4] = {__floats2half2_rn(v[0], v[1]), __floats2half2_rn(v[2], v[3]),
-                        __floats2half2_rn(v[4], v[5]), __floats2half2_rn(v[6], v[7])};
-        memcpy(&u, h, 16);
+        const auto h0 = Conv::pair(v[0], v[1]), h1 = Conv::pair(v[2], v[3]);
+        const auto h2 = Conv::pair(v[4], v[5]), h3 = Conv::pair(v[6], v[7]);
+        memcpy(&u.x, &h0, 4);
+        memcpy(&u.y, &h1, 4);
+        memcpy(&u.z, &h2, 4);
+        memcpy(&u.w, &h3, 4);
         *reinterpret_cast<uint4 *>(p) = u;
     }
-    static __device__ __forceinline__ void store1(__half *p, float v) { *p = __float2half_rn(v); }
+    static __device__ __forceinline__ void store1(T *p, float v) { *p = Conv::one(v); }
 };
-template <> struct Out<__nv_bfloat16> {
-    static __device__ __forceinline__ void store8(__nv_bfloat16 *p, const float v[8]) {
-        uint4 u;
-        __nv_bfloat162 h[4] = {__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3]),
-                               __floats2bfloat162_rn(v[4], v[5]), __floats2bfloat162_rn(v[6], v[7])};
-        memcpy(&u, h, 16);
-        *reinterpret_cast<uint4 *>(p) = u;
-    }
-    static __device__ __forceinline__ void store1(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+struct HalfConv {
+    static __device__ __forceinline__ __half2 pair(float a, float b) { return __floats2half2_rn(a, b); }
+    static __device__ __forceinline__ __half one(float v) { return __float2half_rn(v); }
 };
+struct Bf16Conv {
+    static __device__ __forceinline__ __nv_bfloat162 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
+    static __device__ __forceinline__ __nv_bfloat16 one(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Out<__half> : Out16<__half, HalfConv> {};
+template <> struct Out<__nv_bfloat16> : Out16<__nv_bfloat16, Bf16Conv> {};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)

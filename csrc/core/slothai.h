@@ -103,13 +103,13 @@ typedef struct {
     const float *grad;     /* NULL: loss only */
     int64_t grad_stride;   /* 0: one factor for every row; 1: one per row */
     float *loss;           /* rows */
-} slothai_ce_rows_args;
+} slothai_fused_ce_rows_args;
 
 /* CPU reference: rows [row_begin, row_end). */
-slothai_status slothai_ce_rows_cpu(const slothai_ce_rows_args *a, int64_t row_begin, int64_t row_end);
+slothai_status slothai_fused_ce_rows_cpu(const slothai_fused_ce_rows_args *a, int64_t row_begin, int64_t row_end);
 
 /* CUDA: one launch on `stream`, one thread block per row. */
-slothai_status slothai_ce_rows_cuda(const slothai_ce_rows_args *a, void *stream);
+slothai_status slothai_fused_ce_rows_cuda(const slothai_fused_ce_rows_args *a, void *stream);
 
 #ifdef __cplusplus
 }

@@ -5,9 +5,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include <optional>
-#include <string>
-
 #include "core/slothai.h"
 
 namespace slothai {
@@ -30,7 +27,7 @@ inline void check_dtype(const at::Tensor &t, at::ScalarType want, const char *na
 
 inline void check_device(const at::Tensor &t, const at::Device &want, const char *name)
 {
-    TORCH_CHECK(t.device() == want, name, " must be on ", want, " (where the first input is), got ", t.device());
+    TORCH_CHECK_VALUE(t.device() == want, name, " must be on ", want, " (where the first input is), got ", t.device());
 }
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
@@ -39,12 +36,5 @@ inline void check_status(slothai_status s, const char *what)
 {
     TORCH_CHECK(s == SLOTHAI_OK, "slothai: ", what, " failed: ", slothai_status_string(s));
 }
-
-// Validates the dequant_nf4 arguments against each other, allocates the output
-// and returns the core's argument block pointing at it.
-slothai_nf4_args nf4_args(const at::Tensor &packed, const at::Tensor &absmax,
-                          const std::optional<at::Tensor> &code2, const std::optional<at::Tensor> &absmax2,
-                          const std::optional<at::Tensor> &offset, int64_t blocksize, int64_t blocksize2,
-                          c10::SymIntArrayRef shape, at::ScalarType dtype, at::Tensor &out);
 
 } // namespace slothai

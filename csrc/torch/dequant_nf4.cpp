@@ -1,17 +1,16 @@
 // slothai::dequant_nf4: checks, output allocation, and the CPU kernel.
 // The CUDA kernel is registered in dequant_nf4_cuda.cpp; the fake (meta)
-// function and the Python signature live in slothai/ops.py.
+// function and the Python function live in slothai/ops/dequant_nf4.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "dequant_nf4.h"
 
 namespace slothai {
 
-slothai_nf4_args nf4_args(const at::Tensor &packed, const at::Tensor &absmax,
-                          const std::optional<at::Tensor> &code2, const std::optional<at::Tensor> &absmax2,
-                          const std::optional<at::Tensor> &offset, int64_t blocksize, int64_t blocksize2,
-                          c10::SymIntArrayRef sym_shape, at::ScalarType dtype, at::Tensor &out)
+Nf4Call nf4_call(const at::Tensor &packed, const at::Tensor &absmax, const std::optional<at::Tensor> &code2,
+                 const std::optional<at::Tensor> &absmax2, const std::optional<at::Tensor> &offset,
+                 int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef sym_shape, at::ScalarType dtype)
 {
     const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
     const at::Device dev = packed.device();
@@ -20,11 +19,11 @@ slothai_nf4_args nf4_args(const at::Tensor &packed, const at::Tensor &absmax,
         TORCH_CHECK_VALUE(d >= 0, "shape must have non-negative sizes, got ", shape);
         numel *= d;
     }
-    slothai_nf4_args a{};
+    Nf4Call c;
+    slothai_nf4_args &a = c.args;
     a.out_dtype = core_dtype(dtype, "dtype");
     TORCH_CHECK_VALUE(is_pow2(blocksize) && blocksize >= 32 && blocksize <= 4096,
                       "blocksize must be a power of two in [32, 4096], got ", blocksize);
-    TORCH_CHECK(packed.is_contiguous(), "packed must be contiguous (its bytes are read in order)");
     const int64_t bytes = packed.numel() * (int64_t)packed.element_size();
     TORCH_CHECK_VALUE(bytes >= (numel + 1) / 2, "packed holds ", bytes, " bytes but shape ", shape, " needs ",
                       (numel + 1) / 2);
@@ -33,18 +32,23 @@ slothai_nf4_args nf4_args(const at::Tensor &packed, const at::Tensor &absmax,
     check_device(absmax, dev, "absmax");
     TORCH_CHECK_VALUE(absmax.numel() >= nblocks, "absmax has ", absmax.numel(), " scales but shape ", shape,
                       " with blocksize ", blocksize, " needs ", nblocks);
-    TORCH_CHECK(absmax.is_contiguous(), "absmax must be contiguous");
+    // The kernels read every input as a flat array in logical order: a strided
+    // view is copied first (a no-op for the contiguous tensors bitsandbytes makes).
+    c.packed = packed.contiguous();
+    c.absmax = absmax.contiguous();
     if (absmax.scalar_type() == at::kByte) {
         // Double quantization: the block scales are uint8 codes into code2.
         TORCH_CHECK_VALUE(code2 && absmax2 && offset,
                           "absmax is uint8 (double-quantized), so code2, absmax2 and offset are required");
-        const char *names[] = {"code2", "absmax2", "offset"};
-        const at::Tensor *ts[] = {&*code2, &*absmax2, &*offset};
-        for (int i = 0; i < 3; ++i) {
-            check_dtype(*ts[i], at::kFloat, names[i]);
-            check_device(*ts[i], dev, names[i]);
-            TORCH_CHECK(ts[i]->is_contiguous(), names[i], " must be contiguous");
-        }
+        check_dtype(*code2, at::kFloat, "code2");
+        check_dtype(*absmax2, at::kFloat, "absmax2");
+        // bitsandbytes adds a float16 / bfloat16 offset (some saved checkpoints
+        // hold one) to the fp32 scales after widening it, which is exact: do the same.
+        TORCH_CHECK_TYPE(at::isFloatingType(offset->scalar_type()), "offset must be a floating-point tensor, got ",
+                         offset->scalar_type());
+        check_device(*code2, dev, "code2");
+        check_device(*absmax2, dev, "absmax2");
+        check_device(*offset, dev, "offset");
         TORCH_CHECK_VALUE(code2->numel() == 256, "code2 must have 256 levels, got ", code2->numel());
         TORCH_CHECK_VALUE(offset->numel() == 1, "offset must hold one value, got ", offset->numel());
         TORCH_CHECK_VALUE(is_pow2(blocksize2) && blocksize2 <= 4096,
@@ -52,24 +56,27 @@ slothai_nf4_args nf4_args(const at::Tensor &packed, const at::Tensor &absmax,
         const int64_t nblocks2 = (nblocks + blocksize2 - 1) / blocksize2;
         TORCH_CHECK_VALUE(absmax2->numel() >= nblocks2, "absmax2 has ", absmax2->numel(), " scales but ", nblocks,
                           " blocks with blocksize2 ", blocksize2, " need ", nblocks2);
-        a.absmax_u8 = absmax.data_ptr<uint8_t>();
-        a.code2 = code2->data_ptr<float>();
-        a.absmax2 = absmax2->data_ptr<float>();
-        a.offset = offset->data_ptr<float>();
+        c.code2 = code2->contiguous();
+        c.absmax2 = absmax2->contiguous();
+        c.offset = offset->to(at::kFloat);
+        a.absmax_u8 = c.absmax.data_ptr<uint8_t>();
+        a.code2 = c.code2.data_ptr<float>();
+        a.absmax2 = c.absmax2.data_ptr<float>();
+        a.offset = c.offset.data_ptr<float>();
     } else {
         TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, "absmax must be uint8 or float32, got ",
                          absmax.scalar_type());
         TORCH_CHECK_VALUE(!code2 && !absmax2 && !offset,
                           "absmax is float32 (not double-quantized), so code2, absmax2 and offset must be None");
-        a.absmax_f32 = absmax.data_ptr<float>();
+        a.absmax_f32 = c.absmax.data_ptr<float>();
     }
-    out = at::empty(shape, packed.options().dtype(dtype));
-    a.packed = static_cast<const uint8_t *>(packed.data_ptr());
+    c.out = at::empty(shape, packed.options().dtype(dtype));
+    a.packed = static_cast<const uint8_t *>(c.packed.data_ptr());
     a.numel = numel;
     a.blocksize = blocksize;
     a.blocksize2 = blocksize2;
-    a.out = out.data_ptr();
-    return a;
+    a.out = c.out.data_ptr();
+    return c;
 }
 
 namespace {
@@ -78,12 +85,11 @@ at::Tensor dequant_nf4_cpu(const at::Tensor &packed, const at::Tensor &absmax, c
                            const std::optional<at::Tensor> &absmax2, const std::optional<at::Tensor> &offset,
                            int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef shape, at::ScalarType dtype)
 {
-    at::Tensor out;
-    const slothai_nf4_args a = nf4_args(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype, out);
-    at::parallel_for(0, a.numel, 1 << 16, [&](int64_t begin, int64_t end) {
-        check_status(slothai_dequant_nf4_cpu(&a, begin, end), "dequant_nf4 (cpu)");
+    const Nf4Call c = nf4_call(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype);
+    at::parallel_for(0, c.args.numel, 1 << 16, [&](int64_t begin, int64_t end) {
+        check_status(slothai_dequant_nf4_cpu(&c.args, begin, end), "dequant_nf4 (cpu)");
     });
-    return out;
+    return c.out;
 }
 
 } // namespace

@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "dequant_nf4.h"
 
 namespace slothai {
 namespace {
@@ -14,10 +14,9 @@ at::Tensor dequant_nf4_cuda(const at::Tensor &packed, const at::Tensor &absmax, 
                             int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef shape, at::ScalarType dtype)
 {
     const c10::cuda::CUDAGuard guard(packed.device());
-    at::Tensor out;
-    const slothai_nf4_args a = nf4_args(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype, out);
-    check_status(slothai_dequant_nf4_cuda(&a, at::cuda::getCurrentCUDAStream().stream()), "dequant_nf4 (cuda)");
-    return out;
+    const Nf4Call c = nf4_call(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype);
+    check_status(slothai_dequant_nf4_cuda(&c.args, at::cuda::getCurrentCUDAStream().stream()), "dequant_nf4 (cuda)");
+    return c.out;
 }
 
 } // namespace

@@ -5,10 +5,11 @@
 //   dx_c  = dz_c W                             written straight into dX
 //   dW   += dz_c^T x_c                         fp32 accumulator across chunks
 //   db   += sum_rows dz_c                      fp32
-// With reduction sum/mean the gradients are formed here, in the forward, for an
-// upstream gradient of 1 (mean: scaled by 1 / #counted rows, read on the device,
-// no host sync); autograd multiplies in the real one. With reduction none the
-// backward calls this op again with per-row factors (grad_rows).
+// The gradients asked for (grad_* flags) are formed for per-row upstream factors
+// (grad_rows; the backward of reduction none passes them) or, with reduction
+// sum / mean, for the reduced loss' own upstream 1 (mean: 1 / #counted rows, read
+// on the device, no host sync); autograd multiplies in the real one. The fake
+// function and autograd: slothai/ops/fused_ce.py; the reasoning: docs/design.md.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,9 +18,15 @@
 
 namespace slothai {
 
-namespace {
+Reduction parse_reduction(c10::string_view reduction)
+{
+    if (reduction == "none") return Reduction::kNone;
+    if (reduction == "sum") return Reduction::kSum;
+    if (reduction == "mean") return Reduction::kMean;
+    TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'none', 'sum', got '", reduction, "'");
+}
 
-enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+namespace {
 
 // dst += a @ b with an fp32 dst and half-precision a, b: cuBLAS accumulates in
 // fp32 and adds into fp32 on CUDA; the CPU path upcasts.
@@ -34,8 +41,7 @@ void addmm_fp32(at::Tensor &dst, const at::Tensor &a, const at::Tensor &b)
 }
 
 void check_inputs(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
-                  const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, double label_smoothing,
-                  double softcap, int64_t reduction)
+                  const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, const FusedCeOptions &o)
 {
     const at::Device dev = hidden.device();
     core_dtype(hidden.scalar_type(), "hidden");
@@ -63,64 +69,136 @@ void check_inputs(const at::Tensor &hidden, const at::Tensor &weight, const std:
         TORCH_CHECK_VALUE(grad_rows->numel() == hidden.size(0) || grad_rows->numel() == 1,
                           "grad_rows must hold 1 or ", hidden.size(0), " values, got ", grad_rows->numel());
     }
-    TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                      "label_smoothing must be in [0, 1], got ", label_smoothing);
-    TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be positive (or 0 for none), got ", softcap);
-    TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
-                      reduction);
+    TORCH_CHECK_VALUE(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0,
+                      "label_smoothing must be in [0, 1], got ", o.label_smoothing);
+    TORCH_CHECK_VALUE(o.softcap >= 0.0, "softcap must be positive (or 0 for none), got ", o.softcap);
+    TORCH_CHECK_VALUE(!o.any_grad() || grad_rows || o.reduction != Reduction::kNone,
+                      "gradients asked for with reduction 'none' need grad_rows (the upstream gradient per row)");
+    TORCH_CHECK_VALUE(!o.grad_bias || bias, "grad_bias is set but bias is None");
 }
+
+// On the CPU a bad target costs nothing to find: raise. (On CUDA such rows come
+// out NaN instead of forcing a host sync.)
+void check_targets_on_cpu(const at::Tensor &target, int64_t vocab, int64_t ignore_index)
+{
+    const at::Tensor bad = (target != ignore_index).logical_and_((target < 0).logical_or_(target >= vocab));
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), "target must be in [0, ", vocab, ") or ignore_index (", ignore_index,
+                      "), got ", target.masked_select(bad)[0].item<int64_t>());
+}
+
+// Rows per chunk: chunk_size, or as many rows of logits as fit the device's budget.
+int64_t rows_per_chunk(const FusedCeOptions &o, const FusedCeDevice &dev, int64_t rows, int64_t vocab,
+                       int64_t elem_size)
+{
+    const int64_t chunk = o.chunk_size > 0 ? o.chunk_size : dev.chunk_bytes / (vocab * elem_size);
+    return std::max<int64_t>(1, std::min(chunk, rows));
+}
+
+// The upstream factor of each row: grad_rows as given, or the reduced loss'
+// own (1 for sum, 1 / #counted for mean); undefined when no gradient is asked for.
+at::Tensor upstream_factor(const std::optional<at::Tensor> &grad_rows, const FusedCeOptions &o,
+                           const at::Tensor &counted, const at::TensorOptions &fopts)
+{
+    if (!o.any_grad()) return {};
+    if (grad_rows) return grad_rows->contiguous();
+    return o.reduction == Reduction::kMean ? counted.clamp_min(1).to(at::kFloat).reciprocal() : at::ones({1}, fopts);
+}
+
+// The core kernel's arguments for rows [start, start + z.size(0)) of one chunk of logits z.
+slothai_fused_ce_rows_args rows_args(at::Tensor &z, const at::Tensor &target, const at::Tensor &g,
+                                     at::Tensor &loss, int64_t start, const FusedCeOptions &o)
+{
+    slothai_fused_ce_rows_args a{};
+    a.logits = z.data_ptr();
+    a.dtype = core_dtype(z.scalar_type(), "hidden");
+    a.rows = z.size(0);
+    a.vocab = z.size(1);
+    a.ld = z.stride(0);
+    a.target = target.data_ptr<int64_t>() + start;
+    a.ignore_index = o.ignore_index;
+    a.label_smoothing = (float)o.label_smoothing;
+    a.softcap = (float)o.softcap;
+    a.z_loss = (float)o.z_loss;
+    if (g.defined()) {
+        a.grad_stride = g.numel() == 1 ? 0 : 1;
+        a.grad = g.data_ptr<float>() + a.grad_stride * start;
+    }
+    a.loss = loss.data_ptr<float>() + start;
+    return a;
+}
+
+// The gradients of the inputs, chunk by chunk: dx rows written in place, dW and db
+// summed in fp32 (dW straight from one GEMM when there is a single chunk:
+// cuBLAS's own fp32 accumulation is then the whole sum).
+class GradientSums {
+  public:
+    GradientSums(const at::Tensor &x, const at::Tensor &w, const FusedCeOptions &o, int64_t nchunks)
+        : x_(x), w_(w), o_(o), dw_direct_(nchunks == 1)
+    {
+        const auto fopts = x.options().dtype(at::kFloat);
+        const int64_t N = x.size(0), H = x.size(1), V = w.size(0);
+        dx_ = at::empty({o.grad_hidden ? N : 0, o.grad_hidden ? H : 0}, x.options());
+        if (o.grad_weight && !dw_direct_) dw_acc_ = at::zeros({V, H}, fopts);
+        if (o.grad_bias) db_acc_ = at::zeros({V}, fopts);
+    }
+
+    // dz: the chunk's d loss / d z (rows [start, start + dz.size(0))); xc: its hidden rows.
+    void add(const at::Tensor &dz, const at::Tensor &xc, int64_t start)
+    {
+        if (o_.grad_hidden) {
+            at::Tensor dxc = dx_.narrow(0, start, dz.size(0));
+            at::mm_out(dxc, dz, w_);
+        }
+        if (o_.grad_weight) {
+            if (dw_direct_)
+                dw_ = at::mm(dz.t(), xc);
+            else
+                addmm_fp32(dw_acc_, dz.t(), xc);
+        }
+        if (o_.grad_bias) db_acc_.add_(dz.sum(0, false, at::kFloat));
+    }
+
+    // (dx, dW, db) in the input dtype; a gradient not asked for comes back empty.
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> finish()
+    {
+        const auto opts = x_.options();
+        if (o_.grad_weight && !dw_direct_) {
+            dw_ = dw_acc_.to(x_.scalar_type());
+            dw_acc_.reset();
+        }
+        at::Tensor dw = dw_.defined() ? dw_ : at::empty({0, 0}, opts);
+        at::Tensor db = o_.grad_bias ? db_acc_.to(x_.scalar_type()) : at::empty({0}, opts);
+        return {dx_, dw, db};
+    }
+
+  private:
+    const at::Tensor &x_, &w_;
+    const FusedCeOptions &o_;
+    const bool dw_direct_;
+    at::Tensor dx_, dw_, dw_acc_, db_acc_;
+};
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
-              const at::Tensor &target_in, const std::optional<at::Tensor> &grad_rows, int64_t ignore_index,
-              double label_smoothing, double softcap, double z_loss, int64_t reduction, int64_t chunk_size,
-              bool grad_hidden, bool grad_weight, bool grad_bias, const CeDevice &dev)
+FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                            const at::Tensor &target_in, const std::optional<at::Tensor> &grad_rows,
+                            const FusedCeOptions &o, const FusedCeDevice &dev)
 {
-    check_inputs(hidden, weight, bias, target_in, grad_rows, label_smoothing, softcap, reduction);
-    const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+    check_inputs(hidden, weight, bias, target_in, grad_rows, o);
+    const int64_t N = hidden.size(0), V = weight.size(0);
     const at::Tensor x = hidden.contiguous(), w = weight.contiguous();
     const at::Tensor target = target_in.to(at::kLong).contiguous();
-    const auto opts = x.options();
-    const auto fopts = opts.dtype(at::kFloat);
+    if (!x.is_cuda()) check_targets_on_cpu(target, V, o.ignore_index);
 
-    if (!x.is_cuda()) {
-        // On the CPU a bad target costs nothing to find: raise. (On CUDA such
-        // rows come out NaN instead of forcing a host sync.)
-        const at::Tensor bad = (target != ignore_index).logical_and_((target < 0).logical_or_(target >= V));
-        TORCH_CHECK_VALUE(!bad.any().item<bool>(), "target must be in [0, ", V, ") or ignore_index (", ignore_index,
-                          "), got ", target.masked_select(bad)[0].item<int64_t>());
-    }
+    const at::Tensor counted = (target != o.ignore_index).sum();
+    const at::Tensor g = upstream_factor(grad_rows, o, counted, x.options().dtype(at::kFloat));
+    at::Tensor loss = at::empty({N}, x.options().dtype(at::kFloat));
 
-    // Upstream factor per row: given (backward of reduction none), or 1 / 1/count
-    // (the reduced loss' own gradient), or none at all (forward only).
-    at::Tensor counted = (target != ignore_index).sum();
-    at::Tensor g;
-    if (grad_rows)
-        g = grad_rows->contiguous();
-    else if (reduction != kNone && (grad_hidden || grad_weight || (grad_bias && bias)))
-        g = reduction == kMean ? counted.clamp_min(1).to(at::kFloat).reciprocal() : at::ones({1}, fopts);
-    const bool with_grad = g.defined();
-    grad_hidden &= with_grad;
-    grad_weight &= with_grad;
-    grad_bias &= with_grad && bias.has_value();
-
-    at::Tensor loss = at::empty({N}, fopts);
-    at::Tensor dx = at::empty({grad_hidden ? N : 0, grad_hidden ? H : 0}, opts);
-    at::Tensor dw, dw_acc, db_acc;
-
-    if (N > 0) {
-        int64_t chunk = chunk_size > 0 ? chunk_size : dev.chunk_bytes / (V * (int64_t)x.element_size());
-        chunk = std::max<int64_t>(1, std::min(chunk, N));
-        const int64_t nchunks = (N + chunk - 1) / chunk;
-        // One chunk: cuBLAS's own fp32 accumulation is the whole sum, write dW directly.
-        const bool dw_direct = nchunks == 1;
-        if (grad_weight && !dw_direct) dw_acc = at::zeros({V, H}, fopts);
-        if (grad_bias) db_acc = at::zeros({V}, fopts);
-        at::Tensor zbuf = at::empty({chunk, V}, opts);
+    const int64_t chunk = rows_per_chunk(o, dev, N, V, x.element_size());
+    GradientSums grads(x, w, o, (N + chunk - 1) / chunk);
+    {
+        at::Tensor zbuf = at::empty({N > 0 ? chunk : 0, V}, x.options()); // one chunk of logits, reused
         const at::Tensor wt = w.t();
-
         for (int64_t start = 0; start < N; start += chunk) {
             const int64_t rows = std::min(chunk, N - start);
             const at::Tensor xc = x.narrow(0, start, rows);
@@ -129,79 +207,35 @@ fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
                 at::addmm_out(z, *bias, xc, wt);
             else
                 at::mm_out(z, xc, wt);
-
-            slothai_ce_rows_args a{};
-            a.logits = z.data_ptr();
-            a.dtype = core_dtype(x.scalar_type(), "hidden");
-            a.rows = rows;
-            a.vocab = V;
-            a.ld = V;
-            a.target = target.data_ptr<int64_t>() + start;
-            a.ignore_index = ignore_index;
-            a.label_smoothing = (float)label_smoothing;
-            a.softcap = (float)softcap;
-            a.z_loss = (float)z_loss;
-            if (with_grad) {
-                a.grad_stride = g.numel() == 1 ? 0 : 1;
-                a.grad = g.data_ptr<float>() + a.grad_stride * start;
-            }
-            a.loss = loss.data_ptr<float>() + start;
-            dev.rows(a);
-
-            if (!with_grad) continue;
-            if (grad_hidden) {
-                at::Tensor dxc = dx.narrow(0, start, rows);
-                at::mm_out(dxc, z, w);
-            }
-            if (grad_weight) {
-                if (dw_direct)
-                    dw = at::mm(z.t(), xc);
-                else
-                    addmm_fp32(dw_acc, z.t(), xc);
-            }
-            if (grad_bias) db_acc.add_(z.sum(0, false, at::kFloat));
+            dev.rows(rows_args(z, target, g, loss, start, o)); // loss rows; z becomes dz when g is defined
+            if (g.defined()) grads.add(z, xc, start);
         }
-        zbuf.reset();
-        if (grad_weight && !dw_direct) {
-            dw = dw_acc.to(x.scalar_type());
-            dw_acc.reset();
-        }
-    } else if (grad_weight) {
-        dw = at::zeros({V, H}, opts);
-        if (grad_bias) db_acc = at::zeros({V}, fopts);
-    }
+    } // the logits buffer is freed before dW is converted
 
-    if (!dw.defined()) dw = at::empty({0, 0}, opts);
-    at::Tensor db = grad_bias ? db_acc.to(x.scalar_type()) : at::empty({0}, opts);
-    if (reduction == kSum) {
+    auto [dx, dw, db] = grads.finish();
+    if (o.reduction == Reduction::kSum)
         loss = loss.sum();
-    } else if (reduction == kMean) {
+    else if (o.reduction == Reduction::kMean)
         loss = loss.sum() / counted; // 0 / 0 = NaN when every row is ignored, as torch
-    }
     return {loss, dx, dw, db};
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fused_ce_cpu(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
-             const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, int64_t ignore_index,
-             double label_smoothing, double softcap, double z_loss, int64_t reduction, int64_t chunk_size,
-             bool grad_hidden, bool grad_weight, bool grad_bias)
+FusedCeDevice cpu_device(const FusedCeOptions &)
 {
-    CeDevice dev;
+    FusedCeDevice dev;
     dev.chunk_bytes = int64_t(64) << 20;
-    dev.rows = [](const slothai_ce_rows_args &a) {
+    dev.rows = [](const slothai_fused_ce_rows_args &a) {
         at::parallel_for(0, a.rows, 1, [&](int64_t begin, int64_t end) {
-            check_status(slothai_ce_rows_cpu(&a, begin, end), "fused_ce rows (cpu)");
+            check_status(slothai_fused_ce_rows_cpu(&a, begin, end), "fused_ce rows (cpu)");
         });
     };
-    return fused_ce_impl(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,
-                         reduction, chunk_size, grad_hidden, grad_weight, grad_bias, dev);
+    return dev;
 }
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(slothai, CPU, m) { m.impl("fused_ce", &fused_ce_cpu); }
+TORCH_LIBRARY_IMPL(slothai, CPU, m) { m.impl("fused_ce", &fused_ce_kernel<cpu_device>); }
 
 } // namespace slothai

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/string_view.h>
 
 #include <functional>
 #include <optional>
@@ -13,15 +15,50 @@
 
 namespace slothai {
 
-struct CeDevice {
-    std::function<void(const slothai_ce_rows_args &)> rows; // run the core kernel on all rows
-    int64_t chunk_bytes;                                   // logits budget when chunk_size <= 0
+enum class Reduction { kNone, kSum, kMean };
+
+// "none" / "sum" / "mean" (as torch's losses take it); anything else raises ValueError.
+Reduction parse_reduction(c10::string_view reduction);
+
+// The op's scalar arguments, in schema order after the tensors.
+struct FusedCeOptions {
+    int64_t ignore_index;
+    double label_smoothing, softcap, z_loss; // softcap 0: none
+    Reduction reduction;
+    int64_t chunk_size; // rows per chunk; <= 0: from the device's logits budget
+    // The gradients to form, exactly: each needs an upstream factor (grad_rows,
+    // or the reduced loss' own with reduction sum / mean); grad_bias needs a bias.
+    bool grad_hidden, grad_weight, grad_bias;
+
+    bool any_grad() const { return grad_hidden || grad_weight || grad_bias; }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
-              const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, int64_t ignore_index,
-              double label_smoothing, double softcap, double z_loss, int64_t reduction, int64_t chunk_size,
-              bool grad_hidden, bool grad_weight, bool grad_bias, const CeDevice &dev);
+// What differs per device: the core's row kernel and a chunk's logits budget.
+struct FusedCeDevice {
+    std::function<void(const slothai_fused_ce_rows_args &)> rows; // runs the kernel on all rows of a chunk
+    int64_t chunk_bytes;                                          // logits budget when chunk_size <= 0
+};
+
+using FusedCeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>; // loss, dhidden, dweight, dbias
+
+FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                            const at::Tensor &target, const std::optional<at::Tensor> &grad_rows,
+                            const FusedCeOptions &o, const FusedCeDevice &dev);
+
+// The op's kernel with its dispatcher signature (the schema in library.cpp),
+// written once for every device: packs the scalars, and under a guard for
+// hidden's device runs the shared loop with that device's FusedCeDevice.
+template <FusedCeDevice (*device)(const FusedCeOptions &)>
+FusedCeResult fused_ce_kernel(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                              const at::Tensor &target, const std::optional<at::Tensor> &grad_rows,
+                              int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
+                              c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
+                              bool grad_bias)
+{
+    const c10::DeviceGuard guard(hidden.device());
+    const FusedCeOptions o{ignore_index,   label_smoothing, softcap,     z_loss,   parse_reduction(reduction),
+                           chunk_size,     grad_hidden,     grad_weight, grad_bias};
+    return fused_ce_impl(hidden, weight, bias, target, grad_rows, o, device(o));
+}
 
 } // namespace slothai

@@ -1,7 +1,6 @@
 // slothai::fused_ce on CUDA: the shared chunk loop of fused_ce.cpp with the
 // core's CUDA row kernel, on the current stream of the inputs' device.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -11,14 +10,10 @@
 namespace slothai {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fused_ce_cuda(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
-              const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, int64_t ignore_index,
-              double label_smoothing, double softcap, double z_loss, int64_t reduction, int64_t chunk_size,
-              bool grad_hidden, bool grad_weight, bool grad_bias)
+// Runs under fused_ce_kernel's guard for the inputs' device.
+FusedCeDevice cuda_device(const FusedCeOptions &o)
 {
-    const c10::cuda::CUDAGuard guard(hidden.device());
-    CeDevice dev;
+    FusedCeDevice dev;
     // Logits budget, capped at an eighth of what is free. A frozen weight: 256 MiB
     // (1K rows at a 128K vocabulary; H100, N=16384 H=4096 V=128256: 53.0 ms /
     // 0.54 GB with 1K-row chunks, 54.7 ms / 0.67 GB with 512 MiB ones). A trained
@@ -27,17 +22,17 @@ fused_ce_cuda(const at::Tensor &hidden, const at::Tensor &weight, const std::opt
     // 84.1 ms with 1 GiB chunks, 97.8 ms with 1K-row ones).
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
-    const int64_t cap = grad_weight ? int64_t(1) << 30 : int64_t(256) << 20;
+    const int64_t cap = o.grad_weight ? int64_t(1) << 30 : int64_t(256) << 20;
     dev.chunk_bytes = std::max<int64_t>(int64_t(64) << 20, std::min<int64_t>(cap, free_bytes / 8));
-    dev.rows = [](const slothai_ce_rows_args &a) {
-        check_status(slothai_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()), "fused_ce rows (cuda)");
+    dev.rows = [](const slothai_fused_ce_rows_args &a) {
+        check_status(slothai_fused_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()),
+                     "fused_ce rows (cuda)");
     };
-    return fused_ce_impl(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss,
-                         reduction, chunk_size, grad_hidden, grad_weight, grad_bias, dev);
+    return dev;
 }
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(slothai, CUDA, m) { m.impl("fused_ce", &fused_ce_cuda); }
+TORCH_LIBRARY_IMPL(slothai, CUDA, m) { m.impl("fused_ce", &fused_ce_kernel<cuda_device>); }
 
 } // namespace slothai

@@ -1,14 +1,17 @@
 // The op schemas: the one place where slothai's operators are declared.
-// Implementations register per device beside their kernels; fake (meta)
-// functions and autograd live in slothai/ops.py.
+// Implementations register per device beside their kernels (csrc/torch/<op>.cpp,
+// <op>_cuda.cpp); each op's fake (meta) function and autograd live in the Python
+// module named before its schema, which torch checks when they are registered.
 #include <torch/library.h>
 
 TORCH_LIBRARY(slothai, m)
 {
+    m.set_python_module("slothai.ops.dequant_nf4");
     // NF4 codes (+ block scales, optionally double-quantized) -> dense weight.
     m.def("dequant_nf4(Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
           "int blocksize, int blocksize2, SymInt[] shape, ScalarType dtype) -> Tensor");
 
+    m.set_python_module("slothai.ops.nf4_linear");
     // x @ dequant_nf4(...)^T + bias, the weight dequantized in x's dtype into a
     // temporary. One opaque op, so that under torch.compile the backward's own
     // dequant_nf4 cannot be merged with the forward's (which would keep every
@@ -16,10 +19,12 @@ TORCH_LIBRARY(slothai, m)
     m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
           "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias) -> Tensor");
 
-    // Linear + cross-entropy over chunks of rows; reduction 0 none, 1 sum, 2 mean.
-    // Returns (loss, d hidden, d weight, d bias); a gradient not asked for (or
-    // with neither grad_rows nor a reduction to differentiate) comes back empty.
+    m.set_python_module("slothai.ops.fused_ce");
+    // Linear + cross-entropy over chunks of rows; reduction "none", "sum" or "mean".
+    // Returns (loss, d hidden, d weight, d bias): exactly the gradients the grad_*
+    // flags ask for (the others empty), for the upstream factors grad_rows or,
+    // with reduction sum / mean and no grad_rows, for the reduced loss itself.
     m.def("fused_ce(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? grad_rows, "
-          "int ignore_index, float label_smoothing, float softcap, float z_loss, int reduction, int chunk_size, "
+          "int ignore_index, float label_smoothing, float softcap, float z_loss, str reduction, int chunk_size, "
           "bool grad_hidden, bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,7 +1,7 @@
 // slothai::nf4_linear: y = x W^T + b with W = dequant_nf4(...) in x's dtype,
 // built from the dequant op (through the dispatcher, so CPU and CUDA take their
 // own kernels) and at::linear. The dense W lives only for the GEMM. Autograd
-// (backward dequantizes again) and the fake function live in slothai/ops.py.
+// (backward dequantizes again) and the fake function live in slothai/ops/nf4_linear.py.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

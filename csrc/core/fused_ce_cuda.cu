@@ -1,12 +1,14 @@
 /*
- * Cross-entropy rows on CUDA. Formula: slothai_ce_rows_args in slothai.h.
+ * Cross-entropy rows on CUDA. Formula: slothai_fused_ce_rows_args in slothai.h.
  *
  * Work split: one thread block (kThreads) per row. Pass 1 reads the row once
  * and keeps, per thread, an online (max, sum of exp) pair and the sum of y for
  * label smoothing; a block reduction combines them into lse. Pass 2 (only with
  * a gradient) reads the row again, mostly from L2, and writes dz in place.
- * Rows whose vocabulary is a multiple of 8 (and 16-byte aligned) move 16 bytes
- * per load/store; others one element at a time, still coalesced.
+ * Rows that can be read 16 bytes at a time (vocabulary and row stride a multiple
+ * of 16 / sizeof(T) elements: 8 for fp16 / bf16, 4 for fp32; logits 16-byte
+ * aligned) move 16 bytes per load/store; others one element at a time, still
+ * coalesced.
  *
  * Traffic per row: 2 x vocab x sizeof(T) read + vocab x sizeof(T) written with
  * a gradient (vocab x sizeof(T) read without). Memory-bound; exp and tanh are
@@ -86,7 +88,7 @@ __device__ Stats block_reduce(Stats st)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) ce_rows_kernel(slothai_ce_rows_args a, bool vec_ok)
+__global__ void __launch_bounds__(kThreads) fused_ce_rows_kernel(slothai_fused_ce_rows_args a, bool vec_ok)
 {
     constexpr int kVec = 16 / sizeof(T);
     const int64_t r = blockIdx.x;
@@ -152,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(slothai_ce_rows_args 
 
 } // namespace
 
-extern "C" slothai_status slothai_ce_rows_cuda(const slothai_ce_rows_args *a, void *stream)
+extern "C" slothai_status slothai_fused_ce_rows_cuda(const slothai_fused_ce_rows_args *a, void *stream)
 {
     if (!a || a->vocab <= 0 || a->ld < a->vocab || a->rows < 0 || a->rows > 0x7fffffff) return SLOTHAI_EINVAL;
     if (a->rows == 0) return SLOTHAI_OK;
@@ -163,9 +165,9 @@ extern "C" slothai_status slothai_ce_rows_cuda(const slothai_ce_rows_args *a, vo
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const unsigned grid = (unsigned)a->rows;
     switch (a->dtype) {
-    case SLOTHAI_FLOAT32: ce_rows_kernel<float><<<grid, kThreads, 0, s>>>(*a, vec_ok); break;
-    case SLOTHAI_FLOAT16: ce_rows_kernel<__half><<<grid, kThreads, 0, s>>>(*a, vec_ok); break;
-    case SLOTHAI_BFLOAT16: ce_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(*a, vec_ok); break;
+    case SLOTHAI_FLOAT32: fused_ce_rows_kernel<float><<<grid, kThreads, 0, s>>>(*a, vec_ok); break;
+    case SLOTHAI_FLOAT16: fused_ce_rows_kernel<__half><<<grid, kThreads, 0, s>>>(*a, vec_ok); break;
+    case SLOTHAI_BFLOAT16: fused_ce_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(*a, vec_ok); break;
     default: return SLOTHAI_EINVAL;
     }
     return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;

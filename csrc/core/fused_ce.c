@@ -1,5 +1,5 @@
 /*
- * Cross-entropy rows, the C reference (CPU). Formula: slothai_ce_rows_args in
+ * Cross-entropy rows, the C reference (CPU). Formula: slothai_fused_ce_rows_args in
  * slothai.h. Per row: two reads of the logits (max, then sum of exponentials)
  * and, with a gradient, a third read and one write in place. Sums in double so
  * the reference stays accurate at vocabularies of 256K.
@@ -9,7 +9,7 @@
 #include "half.h"
 #include "slothai.h"
 
-static float load(const slothai_ce_rows_args *a, const void *row, int64_t j)
+static float load(const slothai_fused_ce_rows_args *a, const void *row, int64_t j)
 {
     float z;
     switch (a->dtype) {
@@ -20,7 +20,7 @@ static float load(const slothai_ce_rows_args *a, const void *row, int64_t j)
     return a->softcap > 0.0f ? a->softcap * tanhf(z / a->softcap) : z;
 }
 
-static void store(const slothai_ce_rows_args *a, void *row, int64_t j, float v)
+static void store(const slothai_fused_ce_rows_args *a, void *row, int64_t j, float v)
 {
     switch (a->dtype) {
     case SLOTHAI_FLOAT16: ((uint16_t *)row)[j] = slothai_f32_to_f16(v); break;
@@ -31,7 +31,7 @@ static void store(const slothai_ce_rows_args *a, void *row, int64_t j, float v)
 
 static size_t elem_size(slothai_dtype d) { return d == SLOTHAI_FLOAT32 ? 4 : 2; }
 
-slothai_status slothai_ce_rows_cpu(const slothai_ce_rows_args *a, int64_t row_begin, int64_t row_end)
+slothai_status slothai_fused_ce_rows_cpu(const slothai_fused_ce_rows_args *a, int64_t row_begin, int64_t row_end)
 {
     if (!a || row_begin < 0 || row_end > a->rows || a->vocab <= 0 || a->ld < a->vocab) return SLOTHAI_EINVAL;
     const int64_t V = a->vocab;

@@ -1,0 +1,140 @@
+"""slothai::fused_ce: linear + cross-entropy without the [tokens x vocab] logits.
+
+The op (schema in csrc/torch/library.cpp, chunk loop in csrc/torch/fused_ce.cpp)
+returns (loss, d hidden, d weight, d bias) and forms exactly the gradients its
+grad_* flags ask for, for the per-row upstream factors grad_rows or, with
+reduction sum / mean, for the reduced loss itself. With sum / mean the user
+function asks for them in the forward (3 GEMMs, nothing recomputed) and backward
+only scales them; with none, backward calls the op again with grad_rows.
+"""
+import torch
+
+from .. import _C  # noqa: F401  (loads the op library)
+from .schema import Arguments
+
+REDUCTIONS = ("mean", "none", "sum")
+
+_fused_ce = torch.ops.slothai.fused_ce.default
+_ARGS = Arguments(_fused_ce)
+_OPTIONS = ("ignore_index", "label_smoothing", "softcap", "z_loss", "reduction", "chunk_size")
+
+
+@torch.library.register_fake("slothai::fused_ce")
+def _fake(*args):
+    a = _ARGS.bind(args)
+    n, h = a.hidden.shape
+    v = a.weight.shape[0]
+    loss = a.hidden.new_empty((n,) if a.reduction == "none" else (), dtype=torch.float32)
+    dh = a.hidden.new_empty((n, h) if a.grad_hidden else (0, 0))
+    dw = a.hidden.new_empty((v, h) if a.grad_weight else (0, 0))
+    db = a.hidden.new_empty((v,) if a.grad_bias else (0,))
+    return loss, dh, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    a = _ARGS.bind(inputs)
+    ctx.options = {name: getattr(a, name) for name in _OPTIONS}
+    ctx.formed = (a.grad_hidden, a.grad_weight, a.grad_bias)
+    _, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    if a.reduction == "none":  # backward recomputes with per-row factors
+        ctx.save_for_backward(a.hidden, a.weight, a.bias, a.target)
+    else:  # sum / mean: the forward already formed the gradients for an upstream 1
+        ctx.save_for_backward(dh, dw, db)
+
+
+def _scaled(t, g, slab=1 << 24):
+    """t * g with the product formed in fp32 and rounded once (g is an fp32 scalar
+    tensor: casting it to bf16 first would scale every gradient by up to 2^-9),
+    a slab at a time so no full fp32 copy of t (dW can be 1 GB) ever exists."""
+    if not isinstance(t.numel(), int):  # traced with symbolic sizes: one expression, which inductor fuses
+        return (t.float() * g).to(t.dtype)
+    if t.dtype == torch.float32 or t.numel() == 0:
+        return t * g
+    out = torch.empty_like(t)
+    flat_in, flat_out = t.view(-1), out.view(-1)
+    for start in range(0, t.numel(), slab):
+        flat_out[start:start + slab] = (flat_in[start:start + slab].float() * g).to(t.dtype)
+    return out
+
+
+def _backward(ctx, g_loss, _dh, _dw, _db):
+    need = _ARGS.bind(ctx.needs_input_grad)
+    if ctx.options["reduction"] == "none":
+        hidden, weight, bias, target = ctx.saved_tensors
+        wanted = (need.hidden, need.weight, need.bias and bias is not None)
+        _, dh, dw, db = _fused_ce(hidden, weight, bias, target, g_loss.float().reshape(-1), **ctx.options,
+                                  grad_hidden=wanted[0], grad_weight=wanted[1], grad_bias=wanted[2])
+    else:
+        wanted = ctx.formed
+        dh, dw, db = (_scaled(t, g_loss) for t in ctx.saved_tensors)
+    return _ARGS.gradients(hidden=dh if wanted[0] else None, weight=dw if wanted[1] else None,
+                           bias=db if wanted[2] else None)
+
+
+torch.library.register_autograd("slothai::fused_ce", _backward, setup_context=_setup_context)
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+
+
+def check_tokens(hidden, target):
+    if hidden.dim() < 1 or tuple(target.shape[: hidden.dim() - 1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target's leading dims {tuple(target.shape)} must match hidden's "
+                         f"{tuple(hidden.shape[:-1])} (hidden is (..., H))")
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, softcap=None, z_loss=0.0, chunk_size=None):
+    """Cross-entropy of `hidden @ weight.T + bias` against `target`, chunk by chunk.
+
+    Equals `F.cross_entropy(z.float().view(-1, V), target.view(-1), ignore_index=...,
+    reduction=..., label_smoothing=...)` with z softcapped as `softcap * tanh(z / softcap)`
+    when given, plus `z_loss * lse**2` per counted row. hidden (..., H) fp16/bf16/fp32,
+    weight (V, H), bias (V,) or None, target integer with hidden's leading shape.
+    Returns an fp32 scalar, or per-token losses (0 where ignored) for reduction="none".
+
+    Gradients go only to the inputs that require them; a frozen weight costs no dW
+    work or memory. On CUDA a target outside [0, V) that is not ignore_index makes
+    its row's loss NaN (no host sync to check it); on the CPU it raises ValueError.
+    """
+    check_reduction(reduction)
+    check_tokens(hidden, target)
+    if target.dim() != hidden.dim() - 1:
+        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
+    # With reduction none the gradients need the upstream one per row: backward forms them.
+    grad = torch.is_grad_enabled() and reduction != "none"
+    loss, _, _, _ = _fused_ce(
+        hidden=hidden.reshape(target.numel(), hidden.shape[-1]), weight=weight, bias=bias, target=target.reshape(-1),
+        grad_rows=None, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+        softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction, chunk_size=int(chunk_size or 0),
+        grad_hidden=grad and hidden.requires_grad, grad_weight=grad and weight.requires_grad,
+        grad_bias=grad and bias is not None and bias.requires_grad,
+    )
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of `fused_linear_cross_entropy`: `loss_fn(hidden, weight, target, bias=None)`."""
+
+    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                 chunk_size=None):
+        super().__init__()
+        check_reduction(reduction)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.softcap, self.z_loss, self.chunk_size = softcap, z_loss, chunk_size
+
+    def forward(self, hidden, weight, target, bias=None):
+        return fused_linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss,
+            chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"

@@ -1,0 +1,93 @@
+"""slothai::nf4_linear: x @ W^T + b with W dequantized on the fly, forward and
+backward, against a dense weight from the exact formula and against bitsandbytes."""
+import pytest
+import torch
+
+import slothai
+from nf4_reference import DTYPES, formula, linear4bit
+
+
+def test_half_precision_offset_linear_as_bitsandbytes(device):
+    lin = linear4bit(24, 130, "cpu")
+    lin.weight.quant_state.offset = lin.weight.quant_state.offset.half()
+    x = torch.randn(5, 130)
+    with torch._dynamo.config.patch(disable=True):
+        want = lin(x)
+    lin = lin.to(device)
+    got = slothai.nf4_linear(x.to(device), lin.weight)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def _nf4_linear_ref(x, w, b):
+    """The same product through a dense W from the formula, differentiated by autograd."""
+    wd = formula(w.data, w.quant_state, x.dtype)
+    return torch.nn.functional.linear(x, wd, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("o,i,lead,bias", [(10, 24, (3, 5), True), (33, 17, (7,), False), (1, 64, (2, 1, 3), True)])
+def test_nf4_linear_matches_dense(device, dtype, o, i, lead, bias):
+    w = linear4bit(o, i, device).weight
+    x = torch.randn(*lead, i, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(o, device=device, dtype=dtype, requires_grad=True) if bias else None
+    y = slothai.nf4_linear(x, w, b)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_() if bias else None
+    y2 = _nf4_linear_ref(x2, w, b2)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else {}
+    torch.testing.assert_close(y, y2, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    if bias:
+        torch.testing.assert_close(b.grad, b2.grad, **tol)
+
+
+def _nf4_linear_args(device, o=12, i=20, bias=True):
+    w = linear4bit(o, i, device).weight
+    s = w.quant_state
+    x = torch.randn(4, i, device=device, requires_grad=True)
+    b = torch.randn(o, device=device, requires_grad=True) if bias else None
+    return [x, w.data, s.absmax, s.state2.code, s.state2.absmax, s.offset, s.blocksize, s.state2.blocksize,
+            list(s.shape), b]
+
+
+def test_nf4_linear_opcheck(device):
+    for bias in (True, False):
+        torch.library.opcheck(torch.ops.slothai.nf4_linear.default, _nf4_linear_args(device, bias=bias))
+
+
+BAD_LINEAR = [
+    ("x must end in in_features = 20", ValueError, lambda a: a.__setitem__(0, a[0][:, :19])),
+    ("x must be float32, float16 or bfloat16, got Int", TypeError, lambda a: a.__setitem__(0, a[0].int())),
+    ("shape must be \\[out_features, in_features\\]", ValueError, lambda a: a.__setitem__(8, [240])),
+    ("bias must have shape \\[12\\]", ValueError, lambda a: a.__setitem__(9, a[9][:5])),
+    ("bias must be Float, got Half", TypeError, lambda a: a.__setitem__(9, a[9].half())),
+    ("absmax has", ValueError, lambda a: a.__setitem__(2, a[2][:1])),
+]
+
+
+@pytest.mark.parametrize("msg,exc,mutate", BAD_LINEAR, ids=[b[0][:30] for b in BAD_LINEAR])
+def test_nf4_linear_bad_input_raises_named_error(device, msg, exc, mutate):
+    a = _nf4_linear_args(device)
+    a[0] = a[0].detach()
+    mutate(a)
+    with pytest.raises(exc, match=msg):
+        torch.ops.slothai.nf4_linear(*a)
+
+
+def test_nf4_linear_compiled_keeps_no_dense_weight(device, compile_counters):
+    # Under torch.compile the backward's dequantization must stay a recomputation:
+    # nothing of the dense weight's shape may be saved for backward.
+    o, i = 72, 40
+    w = linear4bit(o, i, device).weight
+    f = torch.compile(lambda x: slothai.nf4_linear(x, w).sum(), fullgraph=True, dynamic=True)
+    saved = []
+    x = torch.randn(6, i, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = f(x)
+    loss.backward()
+    assert saved and (o, i) not in saved and (i, o) not in saved, saved
+    torch.testing.assert_close(x.grad, formula(w.data, w.quant_state, torch.float32).sum(0).expand(6, i))
+    assert compile_counters["graph_break"] == {}

@@ -1,0 +1,55 @@
+"""Every model family `slothai.patch` claims (patch.CAUSAL_LM_FAMILIES) is tested
+here: a tiny 4-bit QLoRA model of the family, patched, gives the unpatched model's
+loss and LoRA gradients, with its 7 projections per layer and its head patched.
+(tests/test_qlora.py adds compile and training for some of them.)"""
+import pytest
+import torch
+
+import slothai
+from slothai import qlora
+from slothai.patch import CAUSAL_LM_FAMILIES
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+# Families with a final-logit softcap get one, so the capped loss path is exercised.
+SOFTCAP = 30.0
+
+
+def _checkpoint(family, path):
+    from transformers import AutoModelForCausalLM
+
+    config = qlora.make_config("tiny", family)
+    if CAUSAL_LM_FAMILIES[family]:
+        setattr(config, CAUSAL_LM_FAMILIES[family], SOFTCAP)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(CAUSAL_LM_FAMILIES))
+def test_patched_family_matches_unpatched(family, tmp_path):
+    path = _checkpoint(family, tmp_path)
+    model, ref = qlora.build(path=path), qlora.build(path=path)
+    assert model.config.model_type == family
+    slothai.patch(model)
+    patched = [type(m).__name__ for m in model.modules() if slothai.is_patched(m)]
+    layers = model.config.num_hidden_layers
+    assert patched.count("Linear4bit") == layers * 7 and len(patched) == layers * 7 + 1, patched
+    if CAUSAL_LM_FAMILIES[family]:
+        assert getattr(model.config, CAUSAL_LM_FAMILIES[family]) == SOFTCAP
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out, want = model(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    want.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    want_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == want_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
