@@ -24,8 +24,7 @@ class _HostCopy:
     """One layer input on its way to the host and back. `prev` (a weak reference)
     is the input saved just before this one: the next to be needed in backward."""
 
-    stream = None  # the copy stream, shared by all copies (one per device in use)
-    last = None    # weak reference to the copy made most recently
+    last = None  # weak reference to the copy made most recently
 
     def __init__(self, t):
         self.device, self.dev, self.ready = t.device, None, None
@@ -44,8 +43,9 @@ class _HostCopy:
         t.record_stream(stream)  # t's memory is not reused before the copy has read it
 
     def prefetch(self):
-        """Start the copy back to the device (once)."""
-        if self.dev is not None:
+        """Start the copy back to the device (once; not after `load`, which can come
+        first when several forwards share one backward)."""
+        if self.dev is not None or self.host is None:
             return
         stream = _copy_stream(self.device)
         with torch.cuda.stream(stream):
