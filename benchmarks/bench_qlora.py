@@ -29,7 +29,7 @@ RUNS = {
     "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
     "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
     "slothai-saveall": "slothai.patch + slothai.compile(memory_budget=None)",
-    "slothai-b05": "slothai.patch + slothai.compile(memory_budget=0.5)",
+    "slothai-b07": "slothai.patch + slothai.compile(memory_budget=0.7)",
     "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
     "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, memory_budget=0.1)",
     "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
@@ -48,14 +48,16 @@ KERNEL_KINDS = [("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas")), ("atte
 # ---------------------------------------------------------------------------
 # Worker: one run, in this process.
 
-def build_model(label, path, model_name):
+def build_model(label, path, args):
     import torch
 
     if label.startswith("unsloth"):
         from unsloth import FastLanguageModel  # before transformers/peft: Unsloth patches them at import
 
         from slothai import qlora
-        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=16384, dtype=torch.bfloat16,
+        # max_seq_length past the config's max_position_embeddings makes Unsloth scale RoPE:
+        # another model than ours. The longest length of the run, then.
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max(args.seq), dtype=torch.bfloat16,
                                                      load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(
             model, r=32, lora_alpha=64, lora_dropout=0.0, bias="none", target_modules=qlora.PROJECTIONS,
@@ -74,7 +76,7 @@ def build_model(label, path, model_name):
         slothai.patch(model)
         opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
                 "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(memory_budget=None),
-                "slothai-b05": dict(memory_budget=0.5), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
+                "slothai-b07": dict(memory_budget=0.7), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
                 "slothai-lowmem-b01": dict(low_memory=True, memory_budget=0.1),
                 "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)
@@ -132,7 +134,7 @@ def phase_peaks(model, ids):
 
 def worker(args):
     label = args.worker
-    model = build_model(label, args.path, args.model)  # Unsloth first: it must import before transformers
+    model = build_model(label, args.path, args)  # Unsloth first: it must import before transformers
     import gc
 
     import torch
