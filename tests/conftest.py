@@ -23,3 +23,4 @@ def compile_counters():
     counters.clear()
     yield counters
     torch._dynamo.reset()
+

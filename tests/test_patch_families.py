@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import slothai
+from training_checks import assert_patched_matches
 from slothai import qlora
 from slothai.patch import CAUSAL_LM_FAMILIES
 
@@ -43,13 +44,4 @@ def test_patched_family_matches_unpatched(family, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     labels = ids.clone()
     labels[0, :3] = -100
-    out, want = model(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
-    assert out.logits is None
-    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    want.loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    want_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    assert grads.keys() == want_grads.keys() and len(grads) > 0
-    for name, g in grads.items():
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_patched_matches(model, ref, ids, labels)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import slothai
+from training_checks import assert_patched_matches
 from slothai import qlora
 
 pytest.importorskip("transformers")
@@ -34,16 +35,7 @@ def test_peft_wrappers_patch_the_model_that_owns_the_head(task_type):
     slothai.patch(model)
     assert _patched_heads(model) == [model.get_base_model()]  # never the PEFT wrapper
     ids = _ids()
-    out, want = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
-    assert out.logits is None
-    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    want.loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(g is not None for g in grads.values())
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    assert_patched_matches(model, ref, ids, ids)
 
 
 def _perturb(model):
