@@ -2,14 +2,17 @@
 through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
 
 - Every bitsandbytes NF4 `Linear4bit` (bare, or the base layer inside PEFT's
-  LoRA wrapper) computes through `slothai::dequant_nf4`, and its backward
-  dequantizes again instead of keeping the dense weight.
+  LoRA wrapper) computes through `slothai::nf4_linear` (dequantize into a
+  temporary, one GEMM), and its backward dequantizes again instead of keeping the
+  dense weight. Its `Params4bit` becomes an `NF4Weight` (slothai/nf4_weight.py),
+  which FSDP2 can shard.
 - Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
   loss with `fused_linear_cross_entropy` from the last hidden states when labels
   are given: the [tokens x vocab] logits are never built, and the output's
   `logits` is None. Without labels the model's own forward runs unchanged; with
   `keep_logits=True` the head is left alone.
-- If Unsloth is importable, its `fast_dequantize` is routed to slothai's op.
+- If Unsloth is loaded, its `fast_dequantize` is routed to slothai's op for NF4
+  (with Unsloth's own signature), and an Unsloth model keeps its own loss head.
 - If TRL is loaded and has no kernel for its fused LM head here (no Triton: the
   CPU), slothai supplies one (see slothai/trl.py).
 
