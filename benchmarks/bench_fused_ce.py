@@ -36,6 +36,7 @@ def impls():
            "eager": eager, "torch.compile": _compiled}
     out["slothai-1k"] = lambda x, w, y: slothai.fused_linear_cross_entropy(x, w, y, chunk_size=1024)
     try:
+        import unsloth  # noqa: F401  (unsloth_zoo refuses to import before it)
         from unsloth_zoo.fused_losses.fused_linear import fused_linear_cross_entropy as zoo_flce
         out["unsloth_zoo"] = lambda x, w, y: zoo_flce(x, w, None, y, divisor=(y != -100).sum())
     except ImportError:
