@@ -12,7 +12,7 @@ into one (`to_nf4_weight`); the patched forward hands its fields to
   blocks, counted over the whole flattened weight) does not split on row
   boundaries in general, so a shard carries the first-level scales already
   recovered in fp32: `s = code2[absmax] * absmax2[b // 256]`, then `s + offset`,
-  each step rounded in fp32 — the op's own first step (DESIGN §3), so the weight
+  each step rounded in fp32 — the op's own first step (docs/design.md), so the weight
   it dequantizes is bit-identical to bitsandbytes'. Cost: 4 bytes of scale per 64
   weights instead of ~1 (the codes are 32).
 - all-gather: `fsdp_pre_all_gather` hands FSDP the two byte tensors (codes, fp32

@@ -16,7 +16,7 @@ memory traffic slothai's fused pass has, and computes exactly the fields TRL's
 losses and logged metrics are defined on (plus temperature, logit scale and
 softcap, set per trainer); replacing it would buy nothing on a GPU and would tie
 slothai to a private TRL interface that changes between releases. slothai's part
-under TRL is the backbone: NF4 layers through `dequant_nf4`, decoder layers
+under TRL is the backbone: NF4 layers through `nf4_linear`, decoder layers
 compiled by `slothai.compile`.
 
 Where TRL has no kernel — Triton ships with PyTorch's CUDA wheels on Linux only,
