@@ -34,6 +34,7 @@ runs on the Params4bit's packed bytes), so code written for bitsandbytes keeps
 working; a shard refuses any op it does not handle.
 """
 import copy
+import hashlib
 
 import torch
 
@@ -133,6 +134,16 @@ class NF4Weight(torch.Tensor):
         return NF4Weight(inner["codes"], inner["absmax"], inner.get("code2"), inner.get("absmax2"),
                          inner.get("offset"), blocksize=blocksize, blocksize2=blocksize2,
                          compute_dtype=compute_dtype)
+
+    def _stable_hash_for_caching(self):
+        """The AOT autograd cache key of this weight's metadata (what a compiled graph
+        depends on: sizes, strides, dtypes, devices, blocksizes), stable across processes."""
+        names = NESTED if self.code2 is not None else FLAT
+        parts = [type(self).__qualname__, str(tuple(self.shape)), str(self.blocksize), str(self.blocksize2),
+                 str(self.compute_dtype)]
+        parts += [f"{n}:{tuple(t.shape)}:{t.stride()}:{t.dtype}:{t.device.type}"
+                  for n, t in ((n, getattr(self, n)) for n in names)]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     # ---- FSDP2 all-gather extension --------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):

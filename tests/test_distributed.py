@@ -306,6 +306,17 @@ def test_nf4_weight_rows_dequantize_bit_identical(nested, storage):
     torch.testing.assert_close(x.grad, torch.ones(3, 40) @ want, rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_weight_cache_key_follows_its_metadata():
+    # AOT autograd's cache keys a compiled graph on it: equal for equal metadata, in any
+    # process; different when what the graph depends on differs.
+    from slothai.nf4_weight import to_nf4_weight
+
+    a, b = to_nf4_weight(_params4bit(40, 448)), to_nf4_weight(_params4bit(40, 448))
+    assert a._stable_hash_for_caching() == b._stable_hash_for_caching()
+    assert a._stable_hash_for_caching() != a.with_fp32_scales()._stable_hash_for_caching()
+    assert a._stable_hash_for_caching() != to_nf4_weight(_params4bit(40, 512))._stable_hash_for_caching()
+
+
 def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
