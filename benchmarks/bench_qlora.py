@@ -117,8 +117,10 @@ def profile_step(model, batch):
 
 
 def phase_peaks(model, ids):
-    """Peak memory of the forward (with the loss head), the backward and a plain SGD
-    update of one more step: where the step's peak comes from."""
+    """Peak memory of the forward (with the loss head) and the backward of one more
+    step, and what stays allocated after it: where a step's peak comes from. Under
+    CUDA graphs a replay allocates nothing (its memory was taken when the graph was
+    recorded), so for those runs only the per-step peaks say anything."""
     import torch
     peaks = {}
     torch.cuda.reset_peak_memory_stats()

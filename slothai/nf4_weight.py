@@ -211,18 +211,12 @@ def _dim0(dim, ndim):
         raise NotImplementedError(f"NF4Weight is split by rows (dim 0) only, got dim={dim}")
 
 
-@_implements(aten.split.Tensor)
-def _split(func, w, split_size, dim=0):
+@_implements(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(func, w, split, dim=0):
+    """Rows in chunks of `split` (an int) or of the sizes listed."""
     _dim0(dim, w.dim())
     f = w.with_fp32_scales()
-    return [f._with(c, a) for c, a in zip(f.codes.split(split_size), f.absmax.split(split_size))]
-
-
-@_implements(aten.split_with_sizes.default)
-def _split_with_sizes(func, w, sizes, dim=0):
-    _dim0(dim, w.dim())
-    f = w.with_fp32_scales()
-    return [f._with(c, a) for c, a in zip(f.codes.split(sizes), f.absmax.split(sizes))]
+    return [f._with(c, a) for c, a in zip(f.codes.split(split), f.absmax.split(split))]
 
 
 @_implements(aten.slice.Tensor)

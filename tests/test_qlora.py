@@ -151,33 +151,6 @@ def test_compile_report_names_graph_breaks_and_recompiles():
     assert "graph break" in str(report) and report.to_dict()["compilations"] == report.compilations
 
 
-def test_unsloth_fast_dequantize_is_routed(monkeypatch):
-    # A stand-in for Unsloth's modules (Unsloth itself needs a GPU to import):
-    # patch must send its fast_dequantize, and the modules that imported it by
-    # name, to slothai's op, and unpatch must give them back.
-    import sys
-    import types
-
-    import bitsandbytes.functional as bnbF
-
-    def original(W, quant_state=None, out=None, use_global_buffer=False):
-        raise AssertionError("the original fast_dequantize was called")
-
-    utils = types.ModuleType("unsloth.kernels.utils")
-    utils.fast_dequantize = original
-    user = types.ModuleType("unsloth.kernels.fast_lora")
-    user.fast_dequantize = original
-    monkeypatch.setitem(sys.modules, "unsloth.kernels.utils", utils)
-    monkeypatch.setitem(sys.modules, "unsloth.kernels.fast_lora", user)
-    model = slothai.patch(torch.nn.Linear(2, 2))
-    packed, state = bnbF.quantize_4bit(torch.randn(40, 24), quant_type="nf4", compress_statistics=True)
-    for fn in (utils.fast_dequantize, user.fast_dequantize):
-        with torch._dynamo.config.patch(disable=True):
-            assert torch.equal(fn(packed, state), bnbF.dequantize_4bit(packed, state))
-    slothai.unpatch(model)
-    assert utils.fast_dequantize is original and user.fast_dequantize is original
-
-
 def test_hf_trainer_with_patch_and_compile(tmp_path):
     # transformers' Trainer passes num_items_in_batch; the patched loss honours it.
     from transformers import Trainer, TrainingArguments

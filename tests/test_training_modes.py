@@ -121,13 +121,17 @@ def test_unsloth_drop_in_has_unsloths_signature(monkeypatch):
 
     utils = types.ModuleType("unsloth.kernels.utils")
     utils.fast_dequantize = original
+    user = types.ModuleType("unsloth.kernels.fast_lora")  # imported it by name: routed too
+    user.fast_dequantize = original
     monkeypatch.setitem(sys.modules, "unsloth.kernels.utils", utils)
+    monkeypatch.setitem(sys.modules, "unsloth.kernels.fast_lora", user)
     model = slothai.patch(torch.nn.Linear(2, 2))
     try:
         packed, state = bnbF.quantize_4bit(torch.randn(40, 24), quant_type="nf4", compress_statistics=True)
         want = bnbF.dequantize_4bit(packed, state)
+        assert user.fast_dequantize is utils.fast_dequantize is not original
         with torch._dynamo.config.patch(disable=True):
-            assert torch.equal(utils.fast_dequantize(packed, state, use_global_buffer=True, dtype=torch.float16), want)
+            assert torch.equal(user.fast_dequantize(packed, state, use_global_buffer=True, dtype=torch.float16), want)
             got_t = utils.fast_dequantize(packed.t(), state, dtype=torch.float32)
             assert got_t.shape == (24, 40) and torch.equal(got_t, want.t())
             out = torch.empty_like(want)
@@ -139,7 +143,7 @@ def test_unsloth_drop_in_has_unsloths_signature(monkeypatch):
             assert calls == ["QuantState", "list"]
     finally:
         slothai.unpatch(model)
-    assert utils.fast_dequantize is original
+    assert utils.fast_dequantize is original and user.fast_dequantize is original
 
 
 def test_padded_length_buckets():
