@@ -17,9 +17,9 @@ leaves the earlier ones written):
   ddp                    slothai patch + regional compile, DistributedDataParallel
   accelerate_fsdp2       slothai patch, accelerate's FSDP2 plugin (Accelerator.prepare), regional compile
   baseline_accelerate    accelerate's FSDP2 plugin + PEFT + bitsandbytes, no slothai, eager
-  trainer_fsdp2          slothai patch, fully_shard per layer + root, regional compile, then transformers'
-                         Trainer with an `fsdp` config (accelerate keeps a model that is already sharded);
-                         on the CPU (accelerate's FSDP needs GPUs) the same without fully_shard: Trainer DDP
+  trainer_fsdp2          slothai patch + regional compile (defaults), then transformers' Trainer with an
+                         `fsdp` config (version 2, each LlamaDecoderLayer): accelerate shards inside train();
+                         on the CPU (accelerate's FSDP needs GPUs) the same gives Trainer DDP
 
 Every slothai run compiles without CUDA graphs (they cannot hold FSDP2's gathered
 weights; --cudagraphs turns them on for 1gpu and ddp), so all compile the same kernels.
@@ -270,11 +270,10 @@ def trainer_run(path, env, args, steps):
 
     AcceleratorState._reset_state(True)  # the Accelerator of the accelerate runs: Trainer makes its own
     _ACCELERATOR.clear()
-    model = slothai.patch(load(path, env, args))
-    if env.cuda:
-        fully_shard_layers(model)
-    slothai.compile(model, backend=args.backend, cudagraphs=False)
-    setup = dict(frozen_4bit_gb=frozen_4bit_gb(model), allocated_gb=env.allocated_gb())
+    # As a Trainer user writes it: patch and compile, then the Trainer (accelerate) shards each
+    # decoder layer inside train(); compile's default CUDA graphs go off at the first call.
+    model = slothai.compile(slothai.patch(load(path, env, args)), backend=args.backend)
+    setup = dict(allocated_gb=env.allocated_gb())
     # Rank r's k-th row is sample k * world + r: accelerate hands out consecutive batches of
     # one row to the ranks in turn, so in order each step's global batch is ours.
     data = [{"input_ids": ids[r], "labels": ids[r]} for ids in steps for r in range(env.world)]
@@ -305,8 +304,10 @@ def trainer_run(path, env, args, steps):
     trainer = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=data, callbacks=[StepTimer()])
     with slothai.compile_report() as report:
         trainer.train()
+    setup["frozen_4bit_gb"] = frozen_4bit_gb(model)  # sharded in place by the Trainer
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    env.log(f"[trainer_fsdp2] {type(trainer.model_wrapped).__name__}, losses {losses}, step s {times}")
+    env.log(f"[trainer_fsdp2] {type(trainer.model_wrapped).__name__}, losses {losses}, step s {times}, "
+            f"4-bit GB held {setup['frozen_4bit_gb']:.2f}")
     steady = statistics.median(times[args.warmup:])
     rec = dict(run="trainer_fsdp2", gpus=env.world, wrapped=type(trainer.model_wrapped).__name__, losses=losses,
                step_s=times, steady_step_s=steady, tokens_per_s=steps[0].numel() / steady, peak_gb=env.peak_gb(),

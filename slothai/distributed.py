@@ -22,6 +22,8 @@ same checkpoint), so `patch` lists them in `_ddp_params_and_buffers_to_ignore`:
 DDP's construction-time broadcast skips them, as it cannot flatten a tensor
 subclass. Gradients (LoRA only) are all-reduced as usual.
 """
+import contextlib
+import functools
 import sys
 
 import torch
@@ -59,7 +61,8 @@ def check_no_cudagraphs_under_fsdp(layer):
     fsdp_module = _fsdp_module_type()
     if fsdp_module and isinstance(layer, fsdp_module):
         raise RuntimeError("this layer was compiled with CUDA graphs and then sharded by fully_shard; CUDA graphs "
-                           f"cannot hold FSDP2's gathered weights. Compile after sharding: {ORDER}")
+                           f"cannot hold FSDP2's gathered weights. Compile after sharding ({ORDER}), or "
+                           "leave cudagraphs to slothai.compile's default (off once sharded)")
 
 
 def check_not_sharded(model, what):
@@ -81,6 +84,54 @@ def use_nf4_weight(linear4bit):
     if nf4 is not None:
         linear4bit.weight = nf4
         linear4bit._register_state_dict_hook(_params4bit_in_state_dict)
+        _let_fully_shard_take_nf4_weights()
+
+
+def _let_fully_shard_take_nf4_weights():
+    """torch before 2.13 (2.11 seen on the GPU): FSDP2 wraps each shard as
+    `nn.Parameter(dtensor)`, whose default requires_grad=True fails on a uint8
+    tensor ("only Tensors of floating point dtype can require gradients"), and only
+    then sets the parameter's own requires_grad. Later releases pass
+    `requires_grad=param.requires_grad`. While FSDP2 sets up an NF4Weight's shard, a
+    Parameter of a non-floating tensor therefore defaults to requires_grad=False: what
+    those releases do, and a no-op on them. Installed once, at the first NF4Weight."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    except ImportError:  # a torch built without distributed
+        return
+    init = FSDPParam._init_sharded_param
+    if getattr(init, "_slothai", False):
+        return
+
+    @functools.wraps(init)
+    def _init_sharded_param(self, param, *args, **kwargs):
+        if not isinstance(param, NF4Weight):
+            return init(self, param, *args, **kwargs)
+        with integer_parameters_default_to_no_grad():
+            return init(self, param, *args, **kwargs)
+
+    _init_sharded_param._slothai = True
+    FSDPParam._init_sharded_param = _init_sharded_param
+
+
+@contextlib.contextmanager
+def integer_parameters_default_to_no_grad():
+    """Within: `nn.Parameter(t)` of a tensor that cannot require grad (integer dtypes)
+    gives a frozen parameter instead of raising. Not thread-safe (it swaps
+    `nn.Parameter.__new__`); used only around FSDP2's set-up of one NF4Weight."""
+    cls = torch.nn.Parameter
+    new = cls.__dict__["__new__"]
+
+    def __new__(c, data=None, requires_grad=True):
+        if requires_grad and data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return new.__func__(c, data, requires_grad)
+
+    cls.__new__ = __new__
+    try:
+        yield
+    finally:
+        cls.__new__ = new
 
 
 def _params4bit_in_state_dict(module, state_dict, prefix, local_metadata):
@@ -105,6 +156,29 @@ def skip_nf4_weights_in_ddp_broadcast(model):
     if names:
         model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
                                                          | names)
+
+
+def as_forward_of(module, fn, *args):
+    """`fn(*args)`, which reads `module`'s parameters without calling the module, run as
+    a forward of `module` for FSDP2: slothai's loss reads `lm_head.weight` (it never
+    builds the logits), and where the head is sharded in a unit of its own (accelerate's
+    FSDP2 plugin carves [final norm, lm_head] into one) only a forward of the head
+    all-gathers it, hooks its backward and reshards it. This goes through
+    `torch.distributed.fsdp.register_fsdp_forward_method`, registered once per head.
+    A module that is not its own FSDP unit: just `fn(*args)`."""
+    fsdp_module = _fsdp_module_type()
+    if not (fsdp_module and isinstance(module, fsdp_module)):
+        return fn(*args)
+    if "_slothai_forward" not in module.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        module._slothai_forward = _call
+        register_fsdp_forward_method(module, "_slothai_forward")
+    return module._slothai_forward(fn, *args)
+
+
+def _call(fn, *args):
+    return fn(*args)
 
 
 def fully_shard_layers(model, **kwargs):

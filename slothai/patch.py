@@ -151,10 +151,14 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
     softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
     chunk_bytes = getattr(self, "slothai_loss_chunk_bytes", None)  # set by slothai.compile(low_memory=True)
     chunk = max(1, chunk_bytes // (head.weight.shape[0] * head.weight.element_size())) if chunk_bytes else None
-    loss = fused_linear_cross_entropy(
-        hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), head.bias,
-        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap,
-        chunk_size=chunk)
+
+    def head_loss(hidden):  # reads the head's weight: under FSDP2 it may be all-gathered just for this
+        return fused_linear_cross_entropy(
+            hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), head.bias,
+            ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap,
+            chunk_size=chunk)
+
+    loss = distributed.as_forward_of(head, head_loss, hidden)
     if num_items is not None:  # gradient accumulation: transformers divides the sum by it
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     output_cls, fields = _OUTPUT

@@ -132,14 +132,15 @@ class _CompiledForward:
     torch.compile's wrappers neither copy nor pickle).
     """
 
-    def __init__(self, layer, original, dynamic, kwargs, options):
+    def __init__(self, layer, original, dynamic, kwargs, options, model=None):
         self.layer, self.original, self.dynamic, self.kwargs = layer, original, dynamic, kwargs
-        self.options = options  # adapters, memory_budget, low_memory, bucket: see `compile`
+        self.options = options  # adapters, memory_budget, low_memory, bucket, cudagraphs: see `compile`
+        self._model = weakref.ref(model) if model is not None else None  # for _settle_cudagraphs
         self._compiled = None
         _REGIONS.add(self)
 
     def __getstate__(self):
-        return {**self.__dict__, "_compiled": None, "_code": None}
+        return {**self.__dict__, "_compiled": None, "_code": None, "_model": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -178,7 +179,23 @@ class _CompiledForward:
             compiled = torch._functorch.config.patch(activation_memory_budget=self.options["memory_budget"])(compiled)
         return compiled
 
+    def _settle_cudagraphs(self):
+        """CUDA graphs by `compile`'s default, on a model FSDP2 has sharded since
+        (transformers' Trainer and accelerate shard inside `train()` / `prepare`):
+        off for this layer, with the length buckets that serve them. Asked for
+        explicitly, they stay, and the check in _run_compiled refuses them."""
+        model = self._model() if self._model is not None else self.layer
+        if self.options["cudagraphs"] != "default" or model is None or not is_fully_sharded(model):
+            return
+        kwargs = {k: v for k, v in self.kwargs.items() if k != "options"}
+        rest = {k: v for k, v in self.kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
+        self.kwargs = {**kwargs, "options": rest} if rest else kwargs
+        if self.options["bucket_default"]:
+            self.options = {**self.options, "bucket": False}
+
     def _run_compiled(self, *args, **kw):
+        if self._compiled is None:
+            self._settle_cudagraphs()
         if self.kwargs.get("options", {}).get("triton.cudagraphs"):
             check_no_cudagraphs_under_fsdp(self.layer)  # compiled with CUDA graphs, then sharded: refuse
         if self._compiled is None:
@@ -224,13 +241,13 @@ def regions_at_recompile_limit():
     return out
 
 
-def _compile_layer(layer, dynamic, kwargs, options):
+def _compile_layer(layer, dynamic, kwargs, options, model):
     """Compile the layer's forward in place; the marking runs outside the compiled
     region (inside it, marking is not allowed). A second call recompiles from the
     forward the layer had before the first."""
     current = layer.__dict__.get("forward")
     original = current.original if isinstance(current, _CompiledForward) else current
-    layer.forward = _CompiledForward(layer, original, dynamic, kwargs, options)
+    layer.forward = _CompiledForward(layer, original, dynamic, kwargs, options, model)
 
 
 def compiled_layers(model):
@@ -272,7 +289,8 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     once (about 1 s for the 1B shape, on the second step at a length), so lengths
     are padded into 8 buckets per octave (`padded_length`; exact, see
     `_pad_tokens`). None: on for a regional compile of a model on CUDA with
-    inductor, not with low_memory.
+    inductor, not with low_memory, nor on a model FSDP2 shards (before this call,
+    or after it, as transformers' Trainer and accelerate do: then at the first call).
     bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
     low_memory: each layer keeps only its input, in pinned host memory, and is
     recomputed in backward (copies overlap compute on a side stream); the patched
@@ -290,6 +308,7 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     if cudagraphs and sharded:
         raise ValueError("cudagraphs=True on a model sharded by fully_shard: a CUDA graph replays the addresses "
                          "of the weights it recorded, and FSDP2 frees and reallocates them every step")
+    cudagraphs_default, bucket_default = cudagraphs is None, bucket_lengths is None
     if cudagraphs is None:
         cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and not sharded and \
             any(p.is_cuda for p in model.parameters())
@@ -314,7 +333,8 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
             if is_patched(module) and hasattr(module, "lm_head"):
                 module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
     options = dict(adapters=adapters, memory_budget=memory_budget, low_memory=low_memory,
-                   bucket=bool(cudagraphs) if bucket_lengths is None else bucket_lengths)
+                   bucket=bool(cudagraphs) if bucket_default else bucket_lengths, bucket_default=bucket_default,
+                   cudagraphs="default" if cudagraphs_default else bool(cudagraphs))
     for layer in layers:
-        _compile_layer(layer, dynamic, kwargs, options)
+        _compile_layer(layer, dynamic, kwargs, options, model)
     return model

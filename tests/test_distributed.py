@@ -27,7 +27,7 @@ BATCH = 4  # global batch: 2 rows per rank
 SEQS = [32, 20, 32]  # 3 AdamW steps at two lengths: the compiled runs must not recompile
 LR = 1e-3
 TIMEOUT_S = 150  # the whole 2-rank run; a hang fails the test instead of the suite
-SCENARIOS = [("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True)]
+SCENARIOS = [("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True), ("fsdp2_units", True)]
 
 
 def _batches():
@@ -69,6 +69,7 @@ def _worker(rank, path, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from slothai.distributed import adapter_state_dict, fully_shard_layers
+    from slothai.regional import compiled_layers
 
     store = dist.FileStore(os.path.join(out, "store"), WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
@@ -89,6 +90,9 @@ def _worker(rank, path, out):
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
                 model = DDP(model)
+            elif kind == "fsdp2_units":  # the units accelerate's FSDP2 plugin (1.15) makes: the head is
+                _shard_as_accelerate_does(model)  # gathered only by a forward of its own unit
+                slothai.compile(model, backend="aot_eager")
             else:
                 fully_shard_layers(model)
                 seen = []  # what the patched Linear4bit gets from FSDP's all-gather (eager: a hook on
@@ -135,6 +139,17 @@ def _worker(rank, path, out):
             compiled_first(input_ids=_eval_batch(), labels=_eval_batch())
         except RuntimeError as e:
             results["compiled_then_sharded"] = str(e)
+        # CUDA graphs by compile's default (as on a CUDA model), then sharded, as transformers'
+        # Trainer and accelerate shard: off at the first call, which runs and matches.
+        default_first = slothai.compile(slothai.patch(qlora.build(path=path)), backend="aot_eager")
+        regions = [layer.forward for layer in compiled_layers(default_first)]
+        for region in regions:  # what compile's default gives a model on CUDA
+            region.kwargs = {**region.kwargs, "options": {"triton.cudagraphs": True}}
+            region.options = {**region.options, "bucket": True}
+        fully_shard_layers(default_first)
+        loss = default_first(input_ids=_eval_batch(), labels=_eval_batch()).loss
+        results["default_then_sharded"] = dict(
+            loss=loss.item(), settled=[("options" in r.kwargs, r.options["bucket"]) for r in regions])
         log("done")
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
@@ -144,6 +159,23 @@ def _worker(rank, path, out):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _shard_as_accelerate_does(model):
+    """accelerate 1.15's `fsdp2_prepare_model` on an untied PEFT model: each decoder
+    layer, the input embeddings, the tail unit [final norm, lm_head] (its final-norm
+    search looks at the children of PeftModel's `model`, the CausalLM, and finds none:
+    the head alone), kept gathered after forward, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    from slothai.regional import decoder_layers
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    causal_lm = model.get_base_model()
+    fully_shard(causal_lm.model.embed_tokens)
+    fully_shard([causal_lm.lm_head], reshard_after_forward=False)
+    fully_shard(model)
 
 
 def _trainer_data():
@@ -219,7 +251,7 @@ def runs(tmp_path_factory):
     return dict(results=results, ref_losses=ref_losses, ref_lora=_lora(ref), ref_eval=ref_eval, path=path, out=out)
 
 
-@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "fsdp2", "fsdp2+compile"])
+@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "fsdp2", "fsdp2+compile", "fsdp2_units+compile"])
 def test_two_ranks_match_one_process(runs, key):
     got = runs["results"][key]
     for a, b in zip(got["losses"], runs["ref_losses"]):
@@ -252,6 +284,14 @@ def test_patch_after_fully_shard_is_a_clear_error(runs):
     assert "must be called before torch.distributed.fsdp.fully_shard" in runs["results"]["wrong_order"]
     assert "cudagraphs=True on a model sharded by fully_shard" in runs["results"]["cudagraphs"]
     assert "compiled with CUDA graphs and then sharded" in runs["results"]["compiled_then_sharded"]
+
+
+def test_cudagraphs_by_default_go_off_when_sharded_after_compile(runs):
+    got = runs["results"]["default_then_sharded"]
+    assert got["settled"] == [(False, False)] * 2  # both layers: no CUDA graphs, no length buckets
+    ref = slothai.patch(qlora.build(path=runs["path"]))
+    want = ref(input_ids=_eval_batch(), labels=_eval_batch()).loss.item()
+    assert abs(got["loss"] - want) <= 1e-4 * abs(want), (got["loss"], want)
 
 
 def test_sharded_adapter_save_reloads_in_one_process(runs):
@@ -315,6 +355,29 @@ def test_nf4_weight_cache_key_follows_its_metadata():
     assert a._stable_hash_for_caching() == b._stable_hash_for_caching()
     assert a._stable_hash_for_caching() != a.with_fp32_scales()._stable_hash_for_caching()
     assert a._stable_hash_for_caching() != to_nf4_weight(_params4bit(40, 512))._stable_hash_for_caching()
+
+
+def test_fully_shard_set_up_of_an_nf4_weight_on_torch_before_2_13():
+    # torch 2.11's FSDP2 makes each shard `nn.Parameter(dtensor)` (requires_grad=True by
+    # default: a uint8 shard raises) and sets requires_grad after; 2.13 passes it. patch
+    # wraps FSDP2's set-up so that both work: within it, an integer Parameter is frozen.
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    from slothai.distributed import integer_parameters_default_to_no_grad
+    from slothai.nf4_weight import to_nf4_weight
+
+    w = to_nf4_weight(_params4bit(8, 64))
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(w.detach())  # what torch 2.11's FSDP2 does with a shard
+    with integer_parameters_default_to_no_grad():
+        p = torch.nn.Parameter(w.detach())
+        assert isinstance(p, NF4Weight) and not p.requires_grad
+        assert torch.nn.Parameter(torch.zeros(2)).requires_grad  # floating point: unchanged
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(w.detach())  # restored on the way out
+    model = slothai.patch(qlora.build("tiny"))
+    assert getattr(FSDPParam._init_sharded_param, "_slothai", False)
+    assert any(isinstance(p, NF4Weight) for p in model.parameters())
 
 
 def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
