@@ -14,6 +14,8 @@ leaves the earlier ones written):
 
   1gpu                   slothai patch + regional compile, rank 0 alone
   fsdp2                  slothai patch, fully_shard per decoder layer + root, regional compile
+  fsdp2_keep             the same with reshard_after_forward=False: a layer's gathered 4-bit weights stay
+                         from its forward to its backward (no second all-gather; more memory)
   ddp                    slothai patch + regional compile, DistributedDataParallel
   accelerate_fsdp2       slothai patch, accelerate's FSDP2 plugin (Accelerator.prepare), regional compile
   baseline_accelerate    accelerate's FSDP2 plugin + PEFT + bitsandbytes, no slothai, eager
@@ -52,7 +54,7 @@ from slothai import qlora  # noqa: E402
 from slothai.distributed import adapter_state_dict, fully_shard_layers  # noqa: E402
 from slothai.nf4_weight import NF4Weight  # noqa: E402
 
-RUNS = ["1gpu", "fsdp2", "ddp", "accelerate_fsdp2", "baseline_accelerate", "trainer_fsdp2"]
+RUNS = ["1gpu", "fsdp2", "fsdp2_keep", "ddp", "accelerate_fsdp2", "baseline_accelerate", "trainer_fsdp2"]
 
 
 class Env:
@@ -213,9 +215,9 @@ def run(name, path, env, args, steps):
         model = slothai.compile(slothai.patch(load(path, env, args)), **compile_kw)
         setup = dict(frozen_4bit_gb=frozen_4bit_gb(model), allocated_gb=env.allocated_gb())
         rows, backward, opt, world = list(range(env.world)), None, None, 1
-    elif name == "fsdp2":
+    elif name in ("fsdp2", "fsdp2_keep"):
         model = slothai.patch(load(path, env, args))
-        fully_shard_layers(model)
+        fully_shard_layers(model, reshard_after_forward=name == "fsdp2")
         slothai.compile(model, **compile_kw)
         setup = dict(frozen_4bit_gb=frozen_4bit_gb(model), allocated_gb=env.allocated_gb())
         rows, backward, opt, world = mine, None, None, env.world
@@ -252,7 +254,7 @@ def run(name, path, env, args, steps):
     steady = statistics.median(step_s[args.warmup:])
     rec = dict(run=name, gpus=world, wrapped=type(model).__name__, losses=[v for v, _ in result], step_s=step_s, steady_step_s=steady,
                tokens_per_s=tokens / steady, peak_gb=env.peak_gb(), compile=report.to_dict(), **setup)
-    if name in ("fsdp2", "ddp", "accelerate_fsdp2"):  # every rank gathers (a collective); rank 0 keeps it
+    if name in ("fsdp2", "fsdp2_keep", "ddp", "accelerate_fsdp2"):  # every rank gathers (a collective); rank 0 keeps it
         rec["lora_numel"] = sum(t.numel() for t in adapter_state_dict(getattr(model, "module", model)).values())
     del model, opt
     if name.startswith(("accelerate", "baseline")):

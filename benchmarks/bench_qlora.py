@@ -29,6 +29,7 @@ RUNS = {
     "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
     "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
     "slothai-saveall": "slothai.patch + slothai.compile(memory_budget=None)",
+    "slothai-b06": "slothai.patch + slothai.compile(memory_budget=0.6)",
     "slothai-b07": "slothai.patch + slothai.compile(memory_budget=0.7)",
     "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
     "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, memory_budget=0.1)",
@@ -76,7 +77,7 @@ def build_model(label, path, args):
         slothai.patch(model)
         opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
                 "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(memory_budget=None),
-                "slothai-b07": dict(memory_budget=0.7), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
+                "slothai-b06": dict(memory_budget=0.6), "slothai-b07": dict(memory_budget=0.7), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
                 "slothai-lowmem-b01": dict(low_memory=True, memory_budget=0.1),
                 "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)

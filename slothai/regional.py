@@ -180,12 +180,15 @@ class _CompiledForward:
         return compiled
 
     def _settle_cudagraphs(self):
-        """CUDA graphs by `compile`'s default, on a model FSDP2 has sharded since
-        (transformers' Trainer and accelerate shard inside `train()` / `prepare`):
-        off for this layer, with the length buckets that serve them. Asked for
-        explicitly, they stay, and the check in _run_compiled refuses them."""
+        """CUDA graphs by `compile`'s default, at the first compiled call, on a model
+        that FSDP2 has sharded since (transformers' Trainer and accelerate shard inside
+        `train()` / `prepare`) or whose layers now checkpoint their activations
+        (transformers' `gradient_checkpointing`, on by default in TRL's configs): off
+        for this layer, with the length buckets that serve them. Asked for explicitly,
+        they stay, and the checks in _run_compiled refuse them."""
         model = self._model() if self._model is not None else self.layer
-        if self.options["cudagraphs"] != "default" or model is None or not is_fully_sharded(model):
+        if self.options["cudagraphs"] != "default" or model is None or not (
+                is_fully_sharded(model) or _checkpointed(self.layer)):
             return
         kwargs = {k: v for k, v in self.kwargs.items() if k != "options"}
         rest = {k: v for k, v in self.kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
@@ -198,6 +201,12 @@ class _CompiledForward:
             self._settle_cudagraphs()
         if self.kwargs.get("options", {}).get("triton.cudagraphs"):
             check_no_cudagraphs_under_fsdp(self.layer)  # compiled with CUDA graphs, then sharded: refuse
+            if _checkpointed(self.layer):
+                raise RuntimeError(
+                    "cudagraphs=True with gradient checkpointing: the checkpoint's recomputation in backward "
+                    "replays the layer's CUDA graph and overwrites outputs the backward still reads. Turn one off "
+                    "(gradient_checkpointing=False: slothai.compile's memory_budget already recomputes cheap "
+                    "work), or leave cudagraphs to slothai.compile's default (off under checkpointing)")
         if self._compiled is None:
             self._compiled = self._compile()
         hidden = _hidden_of(args, kw)
@@ -217,6 +226,12 @@ class _CompiledForward:
     @property
     def __signature__(self):
         return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
+
+
+def _checkpointed(layer):
+    """Whether transformers checkpoints this layer's activations
+    (`model.gradient_checkpointing_enable()`, which TRL's and Trainer's configs call)."""
+    return bool(getattr(layer, "gradient_checkpointing", False))
 
 
 REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
@@ -289,8 +304,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     once (about 1 s for the 1B shape, on the second step at a length), so lengths
     are padded into 8 buckets per octave (`padded_length`; exact, see
     `_pad_tokens`). None: on for a regional compile of a model on CUDA with
-    inductor, not with low_memory, nor on a model FSDP2 shards (before this call,
-    or after it, as transformers' Trainer and accelerate do: then at the first call).
+    inductor, not with low_memory, nor on a model FSDP2 shards or whose layers
+    checkpoint activations (transformers' gradient checkpointing) — before this
+    call, or after it, as Trainer, TRL and accelerate do: then at the first call.
     bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
     low_memory: each layer keeps only its input, in pinned host memory, and is
     recomputed in backward (copies overlap compute on a side stream); the patched

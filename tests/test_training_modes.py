@@ -185,6 +185,38 @@ def test_cuda_graphs_with_bucketed_lengths_train_like_eager():
     assert report.graph_breaks == [] and report.compilations == 1, report
 
 
+def _as_if_cuda_graphs(model, explicit):
+    """Set the compiled layers up as compile's CUDA default does (the CPU has no CUDA graphs)."""
+    from slothai.regional import compiled_layers
+
+    regions = [layer.forward for layer in compiled_layers(model)]
+    for region in regions:
+        region.kwargs = {**region.kwargs, "options": {"triton.cudagraphs": True}}
+        region.options = {**region.options, "bucket": True, "cudagraphs": True if explicit else "default"}
+    return regions
+
+
+def test_cuda_graphs_by_default_go_off_under_gradient_checkpointing():
+    # TRL's configs and Trainer turn gradient checkpointing on after the model was compiled;
+    # its recomputation would replay a layer's CUDA graph and overwrite outputs the backward
+    # still reads (seen on an H100 under TRL's SFTTrainer). compile's default gives way.
+    ids = torch.randint(0, 256, (2, 37))
+    want_loss, want = one_step(slothai.patch(qlora.build("tiny")), ids)
+    model = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
+    regions = _as_if_cuda_graphs(model, explicit=False)
+    model.gradient_checkpointing_enable()
+    got_loss, got = one_step(model, ids)
+    assert [("options" in r.kwargs, r.options["bucket"]) for r in regions] == [(False, False)] * 2
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    asked = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
+    _as_if_cuda_graphs(asked, explicit=True)
+    asked.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match="cudagraphs=True with gradient checkpointing"):
+        one_step(asked, ids)
+
+
 def test_nf4_linear_counts_its_flops():
     # The AOT partitioner's memory budget ranks recomputation by FLOPs: without a
     # formula the base GEMM would look free to recompute.
