@@ -88,30 +88,40 @@ def use_nf4_weight(linear4bit):
 
 
 def _let_fully_shard_take_nf4_weights():
-    """torch before 2.13 (2.11 seen on the GPU): FSDP2 wraps each shard as
-    `nn.Parameter(dtensor)`, whose default requires_grad=True fails on a uint8
-    tensor ("only Tensors of floating point dtype can require gradients"), and only
-    then sets the parameter's own requires_grad. Later releases pass
-    `requires_grad=param.requires_grad`. While FSDP2 sets up an NF4Weight's shard, a
-    Parameter of a non-floating tensor therefore defaults to requires_grad=False: what
-    those releases do, and a no-op on them. Installed once, at the first NF4Weight."""
+    """FSDP2 makes parameters with `nn.Parameter(t)`, whose default requires_grad=True
+    fails on a uint8 tensor ("only Tensors of floating point dtype can require
+    gradients"), in two places: torch before 2.13 (2.11 seen on the GPU) wraps each
+    shard so and only then sets the parameter's own requires_grad (later releases pass
+    it), and every release so moves a tensor-subclass parameter that is not on the
+    mesh's device yet (a model loaded on the CPU, sharded onto GPUs). During those two
+    steps, for a module holding an NF4Weight, a Parameter of a non-floating tensor
+    defaults to requires_grad=False: what torch does for a plain frozen parameter.
+    Installed once, at the first NF4Weight."""
     try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_init
         from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
     except ImportError:  # a torch built without distributed
         return
-    init = FSDPParam._init_sharded_param
-    if getattr(init, "_slothai", False):
+    if getattr(FSDPParam._init_sharded_param, "_slothai", False):
         return
+    FSDPParam._init_sharded_param = _frozen_nf4_parameters(FSDPParam._init_sharded_param, lambda a: a[1:2])
+    if hasattr(_fsdp_init, "_move_states_to_device"):
+        _fsdp_init._move_states_to_device = _frozen_nf4_parameters(_fsdp_init._move_states_to_device,
+                                                                   lambda a: a[0])
 
-    @functools.wraps(init)
-    def _init_sharded_param(self, param, *args, **kwargs):
-        if not isinstance(param, NF4Weight):
-            return init(self, param, *args, **kwargs)
+
+def _frozen_nf4_parameters(fn, params_of):
+    """`fn`, run under integer_parameters_default_to_no_grad when any of
+    `params_of(args)` is an NF4Weight."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not any(isinstance(p, NF4Weight) for p in params_of(args)):
+            return fn(*args, **kwargs)
         with integer_parameters_default_to_no_grad():
-            return init(self, param, *args, **kwargs)
+            return fn(*args, **kwargs)
 
-    _init_sharded_param._slothai = True
-    FSDPParam._init_sharded_param = _init_sharded_param
+    wrapper._slothai = True
+    return wrapper
 
 
 @contextlib.contextmanager

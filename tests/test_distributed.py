@@ -74,6 +74,9 @@ def _worker(rank, path, out):
     store = dist.FileStore(os.path.join(out, "store"), WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))  # fully_shard's default is the GPU where there is one
     t0 = time.perf_counter()
 
     def log(msg):
@@ -91,10 +94,10 @@ def _worker(rank, path, out):
                     slothai.compile(model, backend="aot_eager")
                 model = DDP(model)
             elif kind == "fsdp2_units":  # the units accelerate's FSDP2 plugin (1.15) makes: the head is
-                _shard_as_accelerate_does(model)  # gathered only by a forward of its own unit
+                _shard_as_accelerate_does(model, mesh)  # gathered only by a forward of its own unit
                 slothai.compile(model, backend="aot_eager")
             else:
-                fully_shard_layers(model)
+                fully_shard_layers(model, mesh=mesh)
                 seen = []  # what the patched Linear4bit gets from FSDP's all-gather (eager: a hook on
                 if not compiled:  # one layer only would give the compiled layers two sets of guards)
                     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
@@ -123,7 +126,7 @@ def _worker(rank, path, out):
         log("trainer ddp")
         results["trainer_ddp"] = _trainer_run(path, os.path.join(out, f"trainer{rank}"), rank)
         log("wrong order")
-        wrong_order = fully_shard_layers(qlora.build(path=path))  # fully_shard before patch
+        wrong_order = fully_shard_layers(qlora.build(path=path), mesh=mesh)  # fully_shard before patch
         try:
             slothai.patch(wrong_order)
         except RuntimeError as e:
@@ -134,7 +137,7 @@ def _worker(rank, path, out):
             results["cudagraphs"] = str(e)
         # Compiled with CUDA graphs, then sharded: the first call says so (before compiling anything).
         compiled_first = slothai.compile(slothai.patch(qlora.build(path=path)), cudagraphs=True)
-        fully_shard_layers(compiled_first)
+        fully_shard_layers(compiled_first, mesh=mesh)
         try:
             compiled_first(input_ids=_eval_batch(), labels=_eval_batch())
         except RuntimeError as e:
@@ -146,7 +149,7 @@ def _worker(rank, path, out):
         for region in regions:  # what compile's default gives a model on CUDA
             region.kwargs = {**region.kwargs, "options": {"triton.cudagraphs": True}}
             region.options = {**region.options, "bucket": True}
-        fully_shard_layers(default_first)
+        fully_shard_layers(default_first, mesh=mesh)
         loss = default_first(input_ids=_eval_batch(), labels=_eval_batch()).loss
         results["default_then_sharded"] = dict(
             loss=loss.item(), settled=[("options" in r.kwargs, r.options["bucket"]) for r in regions])
@@ -161,7 +164,7 @@ def _worker(rank, path, out):
         dist.destroy_process_group()
 
 
-def _shard_as_accelerate_does(model):
+def _shard_as_accelerate_does(model, mesh):
     """accelerate 1.15's `fsdp2_prepare_model` on an untied PEFT model: each decoder
     layer, the input embeddings, the tail unit [final norm, lm_head] (its final-norm
     search looks at the children of PeftModel's `model`, the CausalLM, and finds none:
@@ -171,11 +174,11 @@ def _shard_as_accelerate_does(model):
     from slothai.regional import decoder_layers
 
     for layer in decoder_layers(model):
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     causal_lm = model.get_base_model()
-    fully_shard(causal_lm.model.embed_tokens)
-    fully_shard([causal_lm.lm_head], reshard_after_forward=False)
-    fully_shard(model)
+    fully_shard(causal_lm.model.embed_tokens, mesh=mesh)
+    fully_shard([causal_lm.lm_head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
 
 
 def _trainer_data():
@@ -378,6 +381,24 @@ def test_fully_shard_set_up_of_an_nf4_weight_on_torch_before_2_13():
     model = slothai.patch(qlora.build("tiny"))
     assert getattr(FSDPParam._init_sharded_param, "_slothai", False)
     assert any(isinstance(p, NF4Weight) for p in model.parameters())
+
+
+def test_fully_shard_moves_an_nf4_weight_to_the_mesh_device():
+    # fully_shard moves a tensor-subclass parameter that is not on the mesh's device with
+    # `nn.Parameter(t.to(device))` (requires_grad=True by default: a uint8 one raises, seen on
+    # a GPU host with the model on the CPU). After patch it moves, frozen; here to "meta".
+    from torch.distributed.fsdp._fully_shard import _fsdp_init
+
+    from slothai.nf4_weight import to_nf4_weight
+
+    slothai.patch(qlora.build("tiny"))  # installs the wrapper
+    move = _fsdp_init._move_states_to_device
+    w = to_nf4_weight(_params4bit(8, 64))
+    with pytest.raises(RuntimeError, match="floating point"):
+        move.__wrapped__([w], [], torch.device("meta"))
+    move([w], [], torch.device("meta"))
+    assert isinstance(w, NF4Weight) and w.device.type == "meta" and w.codes.device.type == "meta"
+    assert isinstance(w, torch.nn.Parameter) and not w.requires_grad
 
 
 def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
