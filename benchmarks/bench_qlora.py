@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -200,6 +199,13 @@ def save_checkpoint(model_name, path):
     tok.save_pretrained(path)
 
 
+def checkpoint_path(model_name, path):
+    """`path`, holding the random-weight checkpoint: made there unless it already is."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        save_checkpoint(model_name, path)
+    return path
+
+
 def first_at_new_length(rec):
     """Seconds of the slowest first step at a length not seen before (step 0 aside)."""
     seen, worst = {rec["seqs"][0]}, None
@@ -251,27 +257,18 @@ def main():
     env = common.environment()
     recs, failed = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint or tmp
-        if not os.path.exists(os.path.join(path, "config.json")):
-            save_checkpoint(args.model, path)
+        path = checkpoint_path(args.model, args.checkpoint or tmp)
         for label in args.runs:
             out = os.path.join(tmp, f"{label}.json")
-            # Compile times are cold: a fresh inductor/Triton cache for every run.
-            run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="slothai-bench-inductor-"),
-                           UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--path", path, "--out", out,
-                   "--model", args.model, "--batch", str(args.batch), "--repeat", str(args.repeat),
-                   "--seq", *map(str, args.seq)] + (["--profile"] if args.profile else [])
-            try:
-                rc = subprocess.run(cmd, env=run_env, timeout=args.timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc == 0 and os.path.exists(out):
-                with open(out) as f:
-                    recs.append(json.load(f))
+            rec, why = common.run_worker(
+                __file__, ["--worker", label, "--path", path, "--out", out, "--model", args.model, "--batch",
+                           str(args.batch), "--repeat", str(args.repeat), "--seq", *map(str, args.seq)]
+                + (["--profile"] if args.profile else []), out, args.timeout, label,
+                UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
+            if rec is not None:
+                recs.append(rec)
             else:
-                failed[label] = f"exit {rc}"
-                print(f"[{label}] failed: exit {rc}", flush=True)
+                failed[label] = why
             if recs:  # after every run, so a call cut short still leaves its results
                 report(args, env, recs, failed)
 

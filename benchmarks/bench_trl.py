@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -182,40 +181,30 @@ def main():
     ap.add_argument("--checkpoint", help="folder to keep the random-weight checkpoint in and reuse")
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--trainer", help=argparse.SUPPRESS)
-    ap.add_argument("--run", help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    for hidden in ("--trainer", "--run", "--path", "--out"):  # what the parent hands each worker
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     sys.path.insert(0, HERE)
     import common
-    from bench_qlora import save_checkpoint
-    env = common.environment()
-    recs, failed = [], {}
+    from bench_qlora import checkpoint_path
+    recs, failed, env = [], {}, common.environment()
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint or tmp
-        if not os.path.exists(os.path.join(path, "config.json")):
-            save_checkpoint(args.model, path)
+        path = checkpoint_path(args.model, args.checkpoint or tmp)
         for trainer in args.trainers:
             for run in args.runs:
                 if trainer == "grpo" and run == "slothai-nogc":
                     continue  # GRPO's step is generation-bound: one slothai run says enough
                 out = os.path.join(tmp, f"{trainer}-{run}.json")
-                run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="slothai-bench-inductor-"))
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--trainer", trainer, "--run", run,
-                       "--path", path, "--out", out, "--model", args.model, "--steps", str(args.steps)]
-                try:
-                    rc = subprocess.run(cmd, env=run_env, timeout=args.timeout).returncode
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
-                if rc == 0 and os.path.exists(out):
-                    with open(out) as f:
-                        recs.append(json.load(f))
+                rec, why = common.run_worker(
+                    __file__, ["--worker", "--trainer", trainer, "--run", run, "--path", path, "--out", out,
+                               "--model", args.model, "--steps", str(args.steps)], out, args.timeout,
+                    f"{trainer} {run}")
+                if rec is not None:
+                    recs.append(rec)
                 else:
-                    failed[(trainer, run)] = f"exit {rc}"
-                    print(f"[{trainer} {run}] failed: exit {rc}", flush=True)
+                    failed[(trainer, run)] = why
                 report(recs, failed, args, env)
 
 

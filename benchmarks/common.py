@@ -5,6 +5,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -77,3 +80,20 @@ def save_figure(fig, name, title):
     for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
         os.makedirs(folder, exist_ok=True)
         fig.savefig(os.path.join(folder, f"{name}.png"), dpi=110)
+
+
+def run_worker(script, worker_args, out, timeout, label, **env):
+    """`python script *worker_args` in its own process, with a cold inductor cache (compile
+    times are cold) and `env` added; the worker writes its record to `out` as JSON.
+    Returns (record, None), or (None, why) after printing that `label` failed."""
+    run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="slothai-bench-inductor-"), **env)
+    try:
+        rc = subprocess.run([sys.executable, os.path.abspath(script), *worker_args], env=run_env,
+                            timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    if rc == 0 and os.path.exists(out):
+        with open(out) as f:
+            return json.load(f), None
+    print(f"[{label}] failed: exit {rc}", flush=True)
+    return None, f"exit {rc}"
