@@ -38,7 +38,7 @@ RUNS = {
 
 def _words(vocab, n, g):
     import torch
-    return " ".join(f"t{int(i)}" for i in torch.randint(4, vocab, (n,), generator=g))  # t0..t3 are specials
+    return " ".join(f"t{int(i)}" for i in torch.randint(len(SPECIALS), vocab, (n,), generator=g))
 
 
 def _even_share(completions, **kwargs):
@@ -50,17 +50,24 @@ def _even_share(completions, **kwargs):
     return out
 
 
+SPECIALS = ("<unk>", "<pad>", "<eos>", "<bos>")  # ids 0..3; not "t0".."t3": transformers finds special
+# tokens inside words, so "t120" became "t1" + "20" (unk) with those (as in the 2026-11-26 GPU run)
+
+
 def _tokenizer(vocab):
-    """Word-level: "t<i>" is token i (t0..t3: unk, pad, eos, bos), split on whitespace."""
+    """Word-level over whitespace: "t<i>" is token i for i >= 4, SPECIALS are 0..3."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words = {w: i for i, w in enumerate(SPECIALS)}
+    words.update({f"t{i}": i for i in range(len(SPECIALS), vocab)})
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", pad_token="t1", eos_token="t2",
-                                  bos_token="t3")
-    ids = tok("t7 t8 t9", add_special_tokens=False)["input_ids"]
-    assert ids == [7, 8, 9], f"the tokenizer splits words wrongly: {ids}"
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                  bos_token="<bos>")
+    want = [4, vocab // 3, vocab - 1]  # one digit, several, the most: each word one id
+    got = tok(" ".join(f"t{i}" for i in want), add_special_tokens=False)["input_ids"]
+    assert got == want, f"the tokenizer splits words wrongly: {got}, not {want}"
     return tok
 
 
