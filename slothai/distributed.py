@@ -50,19 +50,15 @@ def _fsdp_module_type():
     return FSDPModule
 
 
+def is_fsdp_module(module):
+    """Whether `fully_shard` was applied to `module` itself."""
+    fsdp_module = _fsdp_module_type()
+    return bool(fsdp_module) and isinstance(module, fsdp_module)
+
+
 def is_fully_sharded(model):
     """Whether FSDP2's fully_shard has been applied to `model` or any module in it."""
-    fsdp_module = _fsdp_module_type()
-    return bool(fsdp_module) and any(isinstance(m, fsdp_module) for m in model.modules())
-
-
-def check_no_cudagraphs_under_fsdp(layer):
-    """A layer compiled with CUDA graphs must not run sharded (compiled before fully_shard)."""
-    fsdp_module = _fsdp_module_type()
-    if fsdp_module and isinstance(layer, fsdp_module):
-        raise RuntimeError("this layer was compiled with CUDA graphs and then sharded by fully_shard; CUDA graphs "
-                           f"cannot hold FSDP2's gathered weights. Compile after sharding ({ORDER}), or "
-                           "leave cudagraphs to slothai.compile's default (off once sharded)")
+    return any(is_fsdp_module(m) for m in model.modules())
 
 
 def check_not_sharded(model, what):
@@ -172,12 +168,11 @@ def as_forward_of(module, fn, *args):
     """`fn(*args)`, which reads `module`'s parameters without calling the module, run as
     a forward of `module` for FSDP2: slothai's loss reads `lm_head.weight` (it never
     builds the logits), and where the head is sharded in a unit of its own (accelerate's
-    FSDP2 plugin carves [final norm, lm_head] into one) only a forward of the head
-    all-gathers it, hooks its backward and reshards it. This goes through
+    FSDP2 plugin gives it one, with the final norm where it finds it) only a forward of
+    that unit all-gathers it, hooks its backward and reshards it. This goes through
     `torch.distributed.fsdp.register_fsdp_forward_method`, registered once per head.
     A module that is not its own FSDP unit: just `fn(*args)`."""
-    fsdp_module = _fsdp_module_type()
-    if not (fsdp_module and isinstance(module, fsdp_module)):
+    if not is_fsdp_module(module):
         return fn(*args)
     if "_slothai_forward" not in module.__dict__:
         from torch.distributed.fsdp import register_fsdp_forward_method

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .distributed import check_no_cudagraphs_under_fsdp, is_fully_sharded
+from .distributed import is_fsdp_module, is_fully_sharded
 from .offload import offloaded_call
 from .patch import is_patched
 
@@ -179,34 +179,32 @@ class _CompiledForward:
             compiled = torch._functorch.config.patch(activation_memory_budget=self.options["memory_budget"])(compiled)
         return compiled
 
-    def _settle_cudagraphs(self):
-        """CUDA graphs by `compile`'s default, at the first compiled call, on a model
-        that FSDP2 has sharded since (transformers' Trainer and accelerate shard inside
-        `train()` / `prepare`) or whose layers now checkpoint their activations
-        (transformers' `gradient_checkpointing`, on by default in TRL's configs): off
-        for this layer, with the length buckets that serve them. Asked for explicitly,
-        they stay, and the checks in _run_compiled refuse them."""
-        model = self._model() if self._model is not None else self.layer
-        if self.options["cudagraphs"] != "default" or model is None or not (
-                is_fully_sharded(model) or _checkpointed(self.layer)):
+    def _settle_cudagraphs(self, model=None):
+        """CUDA graphs cannot run on a layer under transformers' gradient checkpointing
+        (the recomputation in backward replays the graph over outputs the backward
+        still reads) nor on a model FSDP2 shards (a graph replays the weight addresses
+        it recorded; FSDP2 reallocates them every step). Trainer, TRL and accelerate
+        turn those on after the user compiled, so this runs at the layer's calls (the
+        whole model is looked at on the first only): CUDA graphs by `compile`'s default
+        go off for the layer, with the length buckets that serve them, and it compiles
+        again if it had; asked for explicitly, they are refused."""
+        if not self.kwargs.get("options", {}).get("triton.cudagraphs"):
             return
+        why = _why_no_cudagraphs(self.layer, model)
+        if why is None:
+            return
+        if self.options.get("cudagraphs") != "default":
+            raise RuntimeError(f"cudagraphs=True, but {why}. Compile with cudagraphs=False, or leave cudagraphs to "
+                               "slothai.compile's default, which turns them off here")
         kwargs = {k: v for k, v in self.kwargs.items() if k != "options"}
-        rest = {k: v for k, v in self.kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
+        rest = {k: v for k, v in self.kwargs["options"].items() if k != "triton.cudagraphs"}
         self.kwargs = {**kwargs, "options": rest} if rest else kwargs
-        if self.options["bucket_default"]:
+        if self.options.get("bucket_default"):
             self.options = {**self.options, "bucket": False}
+        self._compiled = None
 
     def _run_compiled(self, *args, **kw):
-        if self._compiled is None:
-            self._settle_cudagraphs()
-        if self.kwargs.get("options", {}).get("triton.cudagraphs"):
-            check_no_cudagraphs_under_fsdp(self.layer)  # compiled with CUDA graphs, then sharded: refuse
-            if _checkpointed(self.layer):
-                raise RuntimeError(
-                    "cudagraphs=True with gradient checkpointing: the checkpoint's recomputation in backward "
-                    "replays the layer's CUDA graph and overwrites outputs the backward still reads. Turn one off "
-                    "(gradient_checkpointing=False: slothai.compile's memory_budget already recomputes cheap "
-                    "work), or leave cudagraphs to slothai.compile's default (off under checkpointing)")
+        self._settle_cudagraphs(self._model() if self._compiled is None and self._model is not None else None)
         if self._compiled is None:
             self._compiled = self._compile()
         hidden = _hidden_of(args, kw)
@@ -228,10 +226,16 @@ class _CompiledForward:
         return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
 
 
-def _checkpointed(layer):
-    """Whether transformers checkpoints this layer's activations
-    (`model.gradient_checkpointing_enable()`, which TRL's and Trainer's configs call)."""
-    return bool(getattr(layer, "gradient_checkpointing", False))
+def _why_no_cudagraphs(layer, model=None):
+    """Why CUDA graphs cannot replay `layer` now (see _settle_cudagraphs), or None."""
+    if getattr(layer, "gradient_checkpointing", False):  # transformers' gradient_checkpointing_enable()
+        return ("the layer checkpoints its activations (transformers' gradient checkpointing, on in TRL's "
+                "configs): the recomputation in backward replays its CUDA graph over outputs the backward still "
+                "reads")
+    if is_fully_sharded(model) if model is not None else is_fsdp_module(layer):  # the whole model: first call only
+        return ("the model is sharded by FSDP2's fully_shard: a CUDA graph replays the weight addresses it "
+                "recorded, and FSDP2 frees and reallocates them every step")
+    return None
 
 
 REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
@@ -306,7 +310,7 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     `_pad_tokens`). None: on for a regional compile of a model on CUDA with
     inductor, not with low_memory, nor on a model FSDP2 shards or whose layers
     checkpoint activations (transformers' gradient checkpointing) — before this
-    call, or after it, as Trainer, TRL and accelerate do: then at the first call.
+    call, or after it, as Trainer, TRL and accelerate do: then at a layer's next call.
     bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
     low_memory: each layer keeps only its input, in pinned host memory, and is
     recomputed in backward (copies overlap compute on a side stream); the patched

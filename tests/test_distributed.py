@@ -286,7 +286,7 @@ def test_fsdp2_shards_the_4bit_weights(runs):
 def test_patch_after_fully_shard_is_a_clear_error(runs):
     assert "must be called before torch.distributed.fsdp.fully_shard" in runs["results"]["wrong_order"]
     assert "cudagraphs=True on a model sharded by fully_shard" in runs["results"]["cudagraphs"]
-    assert "compiled with CUDA graphs and then sharded" in runs["results"]["compiled_then_sharded"]
+    assert "cudagraphs=True, but the model is sharded by FSDP2" in runs["results"]["compiled_then_sharded"]
 
 
 def test_cudagraphs_by_default_go_off_when_sharded_after_compile(runs):

@@ -213,8 +213,17 @@ def test_cuda_graphs_by_default_go_off_under_gradient_checkpointing():
     asked = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
     _as_if_cuda_graphs(asked, explicit=True)
     asked.gradient_checkpointing_enable()
-    with pytest.raises(RuntimeError, match="cudagraphs=True with gradient checkpointing"):
+    with pytest.raises(RuntimeError, match="cudagraphs=True, but the layer checkpoints its activations"):
         one_step(asked, ids)
+    # Checkpointing turned on after the layers ran (and compiled) with CUDA graphs: they compile again, without.
+    later = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
+    regions = _as_if_cuda_graphs(later, explicit=False)
+    one_step(later, ids)
+    assert all(r._compiled is not None and "options" in r.kwargs for r in regions)
+    later.gradient_checkpointing_enable()
+    got_loss, got = one_step(later, ids)
+    assert [("options" in r.kwargs, r.options["bucket"]) for r in regions] == [(False, False)] * 2
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_nf4_linear_counts_its_flops():
