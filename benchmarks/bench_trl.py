@@ -3,9 +3,9 @@ on the same checkpoint, data and seed:
 
     python benchmarks/bench_trl.py [--trainers sft grpo] [--runs trl slothai slothai-nogc] [--steps 16]
 
-Llama-3.2-1B shape (random weights, the word-level tokenizer bench_qlora.py saves), NF4
-double-quant, bf16, PEFT LoRA r=32 alpha=64 on all 7 projections (`task_type="CAUSAL_LM"`),
-TRL 1.15 with its defaults but where named below.
+Llama-3.2-1B shape (random weights; texts of random words "t<id>", one token each through
+a word-level tokenizer built here), NF4 double-quant, bf16, PEFT LoRA r=32 alpha=64 on all 7
+projections (`task_type="CAUSAL_LM"`), TRL 1.15 with its defaults but where named below.
 
   SFT   SFTTrainer, packing=True (best-fit, padding-free rows), max_length 2048, 2 rows a
         step (~4096 tokens), lr 1e-4 constant; texts of 200-1500 random tokens.
@@ -36,6 +36,10 @@ RUNS = {
 }
 
 
+SPECIALS = ("<unk>", "<pad>", "<eos>", "<bos>")  # ids 0..3; not "t0".."t3": transformers finds special
+# tokens inside words, so "t120" became "t1" + "20" (unk) with those (as in the 2026-11-26 GPU run)
+
+
 def _words(vocab, n, g):
     import torch
     return " ".join(f"t{int(i)}" for i in torch.randint(len(SPECIALS), vocab, (n,), generator=g))
@@ -48,10 +52,6 @@ def _even_share(completions, **kwargs):
         ids = [int(w[1:]) for w in c.split() if w[1:].isdigit()]
         out.append(sum(i % 2 == 0 for i in ids) / max(1, len(ids)))
     return out
-
-
-SPECIALS = ("<unk>", "<pad>", "<eos>", "<bos>")  # ids 0..3; not "t0".."t3": transformers finds special
-# tokens inside words, so "t120" became "t1" + "20" (unk) with those (as in the 2026-11-26 GPU run)
 
 
 def _tokenizer(vocab):
