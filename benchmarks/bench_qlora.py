@@ -25,13 +25,14 @@ SEQS = [2048, 2048, 2048, 1536, 2048, 1792]
 RUNS = {
     "eager": "HF + PEFT + bitsandbytes, eager",
     "slothai": "slothai.patch + slothai.compile (defaults: CUDA graphs, bucketed lengths)",
-    "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', memory_budget=None, cudagraphs=False)",
+    "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', saves=None, cudagraphs=False)",
     "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
-    "slothai-saveall": "slothai.patch + slothai.compile(memory_budget=None)",
-    "slothai-b06": "slothai.patch + slothai.compile(memory_budget=0.6)",
-    "slothai-b07": "slothai.patch + slothai.compile(memory_budget=0.7)",
+    "slothai-saveall": "slothai.patch + slothai.compile(saves=None)",
+    "slothai-matmuls": "slothai.patch + slothai.compile(saves='matmuls')",
+    "slothai-b06": "slothai.patch + slothai.compile(saves=None, memory_budget=0.6)",
+    "slothai-b07": "slothai.patch + slothai.compile(saves=None, memory_budget=0.7)",
     "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
-    "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, memory_budget=0.1)",
+    "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, saves=None, memory_budget=0.1)",
     "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
     "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
@@ -75,10 +76,10 @@ def build_model(label, path, args):
     elif label.startswith("slothai"):
         slothai.patch(model)
         opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
-                "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(memory_budget=None),
-                "slothai-b06": dict(memory_budget=0.6), "slothai-b07": dict(memory_budget=0.7), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
-                "slothai-lowmem-b01": dict(low_memory=True, memory_budget=0.1),
-                "slothai-fp32": dict(adapters="float32", memory_budget=None, cudagraphs=False)}[label]
+                "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(saves=None), "slothai-matmuls": dict(saves="matmuls"),
+                "slothai-b06": dict(saves=None, memory_budget=0.6), "slothai-b07": dict(saves=None, memory_budget=0.7), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
+                "slothai-lowmem-b01": dict(low_memory=True, saves=None, memory_budget=0.1),
+                "slothai-fp32": dict(adapters="float32", saves=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)
     return model
 

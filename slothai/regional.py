@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .distributed import is_fsdp_module, is_fully_sharded
 from .offload import offloaded_call
 from .patch import is_patched
+from .saving import check_saves, with_saves
 
 # Low-memory mode: the loss head's chunk of logits (and their gradient, in place).
 # 128 MiB is 512 tokens at a 128K vocabulary in bf16: GEMMs still large enough.
@@ -134,7 +135,7 @@ class _CompiledForward:
 
     def __init__(self, layer, original, dynamic, kwargs, options, model=None):
         self.layer, self.original, self.dynamic, self.kwargs = layer, original, dynamic, kwargs
-        self.options = options  # adapters, memory_budget, low_memory, bucket, cudagraphs: see `compile`
+        self.options = options  # adapters, saves, memory_budget, low_memory, bucket, cudagraphs: see `compile`
         self._model = weakref.ref(model) if model is not None else None  # for _settle_cudagraphs
         self._compiled = None
         _REGIONS.add(self)
@@ -170,6 +171,8 @@ class _CompiledForward:
         fn = self.original if self.original is not None else type(self.layer).forward
         skip = 0 if self.original is not None else 1
         target = _in_compute_dtype(fn, skip) if self.options["adapters"] == "compute" else fn
+        if self.options.get("saves") is not None:
+            target = with_saves(target, self.options["saves"])
         self._code = target.__code__  # what Dynamo caches variants on, for regions_at_recompile_limit
         compiled = torch.compile(target, **self.kwargs)
         if self.options["memory_budget"] is not None:
@@ -288,21 +291,25 @@ def _enable_input_require_grads(model):
 
 
 def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
-            memory_budget=0.5, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
+            saves="lean", memory_budget=None, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
     """Compile `model` in place for training and return it.
 
     mode: "regional" (each decoder layer, compiled once and reused), "full"
-    (the whole model, as `model.compile()`), or "none".
+    (the whole model, as `model.compile()`: saves and memory_budget do not
+    apply), or "none".
     dynamic: True makes batch and sequence sizes dynamic from the first call (no
     recompile for a new length); False leaves torch's default (static first,
     then dynamic where a size changed: one recompile).
     adapters: "compute" runs the LoRA matmuls of each compiled layer in the
     model's compute dtype (fp16/bf16; fp32 master weights kept); "float32" keeps
     PEFT's fp32 adapter math.
-    memory_budget: AOTAutograd's activation-memory budget for the compiled layers
+    saves: what each compiled layer keeps for backward (slothai/saving.py).
+    "lean": its matmul and attention outputs, except the MLP's up projection,
+    which backward recomputes with the elementwise work between them (1B shape,
+    H100: 4.33 GB, 0.067 s/step); "matmuls": the up projection's too (5.25 GB,
+    0.063 s); None: AOTAutograd's partitioner decides, under memory_budget.
+    memory_budget: with saves=None, the partitioner's activation-memory budget
     (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
-    0.5 recomputes some MLP projections in backward (1B shape, H100: 4.7 GB,
-    0.073 s/step); 0.7 recomputes only elementwise work (5.4 GB, 0.062 s).
     cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
     removing the per-kernel launch cost. A graph is recorded per sequence length,
     once (about 1 s for the 1B shape, on the second step at a length), so lengths
@@ -320,6 +327,7 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
     if adapters not in ("compute", "float32"):
         raise ValueError(f"adapters must be 'compute' or 'float32', got {adapters!r}")
+    check_saves(saves, memory_budget)
     if mode == "none":
         return model
     _disable_kv_cache(model)
@@ -352,7 +360,7 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         for module in model.modules():
             if is_patched(module) and hasattr(module, "lm_head"):
                 module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
-    options = dict(adapters=adapters, memory_budget=memory_budget, low_memory=low_memory,
+    options = dict(adapters=adapters, saves=saves, memory_budget=memory_budget, low_memory=low_memory,
                    bucket=bool(cudagraphs) if bucket_default else bucket_lengths, bucket_default=bucket_default,
                    cudagraphs="default" if cudagraphs_default else bool(cudagraphs))
     for layer in layers:
