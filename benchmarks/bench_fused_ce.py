@@ -39,8 +39,8 @@ def impls():
         import unsloth  # noqa: F401  (unsloth_zoo refuses to import before it)
         from unsloth_zoo.fused_losses.fused_linear import fused_linear_cross_entropy as zoo_flce
         out["unsloth_zoo"] = lambda x, w, y: zoo_flce(x, w, None, y, divisor=(y != -100).sum())
-    except ImportError:
-        pass
+    except ImportError as e:
+        print("unsloth_zoo unavailable:", e)
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)

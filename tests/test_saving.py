@@ -7,6 +7,7 @@ import torch
 import slothai
 from slothai import qlora
 from slothai.regional import compiled_layers
+from conftest import DEVICES
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -49,22 +50,22 @@ def qlora_layers(model):
     return slothai.regional.decoder_layers(model)
 
 
-def build(dtype):
-    return slothai.patch(qlora.build("tiny", "llama", dtype=dtype))
+def build(dtype, device="cpu"):
+    return slothai.patch(qlora.build("tiny", "llama", dtype=dtype, device=device))
 
 
-@pytest.mark.parametrize("backend", ["inductor", "eager"])
-def test_lean_drops_exactly_the_up_projection_and_matches_eager(backend):
+@pytest.mark.parametrize("device, backend", [(d, "inductor") for d in DEVICES] + [("cpu", "eager")])
+def test_lean_drops_exactly_the_up_projection_and_matches_eager(device, backend):
     # "eager" runs the policy through eager SAC (a forward and a recompute pass; what it
     # keeps is cached where autograd's hooks do not see it), inductor through AOTAutograd's
     # partitioner. Per layer, "lean" keeps the same tensors as "matmuls" but the MLP's up
     # projection: tokens x intermediate_size elements.
-    ids = torch.randint(0, 256, TOKENS)
-    want_loss, want, _ = step_saving(build(torch.float32), ids)
+    ids = torch.randint(0, 256, TOKENS, device=device)
+    want_loss, want, _ = step_saving(build(torch.float32, device), ids)
     got = {}
     for saves in ("lean", "matmuls"):
         torch._dynamo.reset()
-        model = slothai.compile(build(torch.float32), backend=backend, saves=saves)
+        model = slothai.compile(build(torch.float32, device), backend=backend, saves=saves, cudagraphs=False)
         loss, grads, got[saves] = step_saving(model, ids)
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
         assert grads.keys() == want.keys() and len(grads) == 2 * 7 * 2
