@@ -12,13 +12,13 @@ backward's own kernels.
               outputs (and its log-sum-exp), and LoRA's A(x) (r columns);
   recomputed  norms, RoPE, activations, the residual adds, LoRA's B(.) * s, casts;
               with saves="lean" also the MLP's up projection (its GEMM, its LoRA
-              term and the product with act(gate)), the largest kept output
-              after gate's. Per token and layer that is intermediate_size
-              elements less: Llama-3.2-1B, bsz 2 x 2048: 4.33 GB peak against
-              5.25 GB for "matmuls", 0.067 s/step against 0.063 (H100,
-              README). Every other output is kept: the up projection is the
-              cheapest GEMM to redo per byte it frees (attention or o_proj free
-              a quarter as much at a similar cost).
+              term and the product with act(gate)). Per token and layer that is
+              intermediate_size elements less: Llama-3.2-1B, bsz 2 x 2048: 4.33 GB
+              peak against 5.25 GB for "matmuls", 0.067 s/step against 0.063
+              (H100, README). Why up: per byte freed, redoing o_proj or attention
+              costs about as many FLOPs (at 2048 tokens, a quarter of the bytes
+              for a quarter of the FLOPs; attention's share grows with length),
+              but in smaller, less efficient kernels.
 
 The policy reads the op stream in forward order: the up projection is the second
 expanding (out > in features) nf4_linear on the same input tensor as the one
@@ -30,7 +30,13 @@ import logging
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from . import _C  # noqa: F401  (loads the op library)
+from .ops.schema import Arguments
+
 SAVES = ("lean", "matmuls")
+
+_NF4_LINEAR = torch.ops.slothai.nf4_linear.default
+_NF4_LINEAR_ARGS = Arguments(_NF4_LINEAR)
 
 aten = torch.ops.aten
 _ATTENTION = frozenset(getattr(aten, name).default for name in (
@@ -53,11 +59,12 @@ class _Policy:
 
     def __call__(self, ctx, op, *args, **kwargs):
         s = self.state.setdefault(ctx.is_recompute, dict(expanding_input=None, in_up=False, width=None))
-        if op is torch.ops.slothai.nf4_linear.default:
-            x, (out_features, in_features) = args[0], args[8]
+        if op is _NF4_LINEAR:
+            a = _NF4_LINEAR_ARGS.bind(args)
+            out_features, in_features = a.shape
             expanding = out_features > in_features
-            s["in_up"] = self.recompute_up and expanding and s["expanding_input"] is x
-            s["expanding_input"] = x if expanding and not s["in_up"] else None
+            s["in_up"] = self.recompute_up and expanding and s["expanding_input"] is a.x
+            s["expanding_input"] = a.x if expanding and not s["in_up"] else None
             s["width"] = out_features  # its LoRA sum, if any, comes next
             return CheckpointPolicy.MUST_RECOMPUTE if s["in_up"] else CheckpointPolicy.MUST_SAVE
         if s["in_up"]:  # up's LoRA term and act(gate) * up, until the next projection
