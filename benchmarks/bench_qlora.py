@@ -31,7 +31,6 @@ RUNS = {
     "slothai-matmuls": "slothai.patch + slothai.compile(saves='matmuls')",
     "slothai-b06": "slothai.patch + slothai.compile(saves=None, memory_budget=0.6)",
     "slothai-b07": "slothai.patch + slothai.compile(saves=None, memory_budget=0.7)",
-    "slothai-lowmem-cg": "slothai.patch + slothai.compile(low_memory=True, cudagraphs=True)",
     "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, saves=None, memory_budget=0.1)",
     "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
@@ -77,7 +76,7 @@ def build_model(label, path, args):
         slothai.patch(model)
         opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
                 "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(saves=None), "slothai-matmuls": dict(saves="matmuls"),
-                "slothai-b06": dict(saves=None, memory_budget=0.6), "slothai-b07": dict(saves=None, memory_budget=0.7), "slothai-lowmem-cg": dict(low_memory=True, cudagraphs=True),
+                "slothai-b06": dict(saves=None, memory_budget=0.6), "slothai-b07": dict(saves=None, memory_budget=0.7),
                 "slothai-lowmem-b01": dict(low_memory=True, saves=None, memory_budget=0.1),
                 "slothai-fp32": dict(adapters="float32", saves=None, cudagraphs=False)}[label]
         slothai.compile(model, **opts)

@@ -89,10 +89,8 @@ class _OffloadedLayer(torch.autograd.Function):
         # Dropout in the layer must draw the same masks when backward recomputes it.
         ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device)
                                           if hidden.device.type == "cuda" else None)
-        with torch.no_grad():
-            # A copy: under CUDA graphs the output lives in the graph's memory pool,
-            # which the layer's recompute in backward replays over.
-            out = run(hidden).clone()
+        with torch.no_grad():  # (no CUDA graphs here: compile refuses them with low_memory)
+            out = run(hidden)
         ctx.run, ctx.copy = run, _HostCopy(hidden)
         ctx.hidden_needs_grad = hidden.requires_grad
         return out
@@ -110,9 +108,7 @@ class _OffloadedLayer(torch.autograd.Function):
             out = ctx.run(hidden)
         wrt = ([hidden] if ctx.hidden_needs_grad else []) + params
         grads = list(torch.autograd.grad(out, wrt, grad_out, allow_unused=True)) if wrt else []
-        # A copy, as in forward: under CUDA graphs the gradient lives in the pool
-        # that the next layer's recompute replays over.
-        d_hidden = grads.pop(0).clone() if ctx.hidden_needs_grad else None
+        d_hidden = grads.pop(0) if ctx.hidden_needs_grad else None
         it = iter(grads)
         d_params = [next(it) if need else None for need in ctx.needs_input_grad[2:]]
         return (None, d_hidden, *d_params)

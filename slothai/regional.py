@@ -336,6 +336,10 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     if cudagraphs and sharded:
         raise ValueError("cudagraphs=True on a model sharded by fully_shard: a CUDA graph replays the addresses "
                          "of the weights it recorded, and FSDP2 frees and reallocates them every step")
+    if cudagraphs and low_memory:
+        raise ValueError("cudagraphs=True with low_memory=True: each layer is recomputed in backward, and the "
+                         "replay overwrites graph outputs the backward still reads (seen on an H100); "
+                         "low_memory runs without CUDA graphs")
     cudagraphs_default, bucket_default = cudagraphs is None, bucket_lengths is None
     if cudagraphs is None:
         cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and not sharded and \

@@ -103,7 +103,8 @@ def test_lean_keeps_less_than_the_partitioner_and_bf16_trains_alike():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(saves="all"), "saves must be one of"),
     (dict(saves="lean", memory_budget=0.5), "memory_budget=0.5 is AOTAutograd"),
+    (dict(low_memory=True, cudagraphs=True), "cudagraphs=True with low_memory=True"),
 ])
-def test_bad_saves_arguments_are_named(kwargs, match):
+def test_bad_compile_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         slothai.compile(build(torch.float32), **kwargs)
