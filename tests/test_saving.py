@@ -1,6 +1,7 @@
 """slothai.compile(saves=...): what a compiled layer keeps for backward (slothai/saving.py),
-on tiny 4-bit QLoRA models on the CPU: the bytes each layer saves, measured with autograd's
-saved-tensor hooks, and the same losses and LoRA gradients as the eager model."""
+on tiny 4-bit QLoRA models (CPU, and CUDA where there is one): the bytes each layer saves,
+measured with autograd's saved-tensor hooks, and the same losses and LoRA gradients as the
+eager model."""
 import pytest
 import torch
 
@@ -96,7 +97,7 @@ def test_lean_keeps_less_than_the_partitioner_and_bf16_trains_alike():
     with slothai.compile_report() as report:
         got = qlora.train(model, batches)
     for (a, _, _), (b, _, _) in zip(got, want):
-        assert abs(a - b) <= 2e-2 * abs(b), (got, want)  # bf16 kernels of inductor vs eager
+        assert abs(a - b) <= 1e-3 * abs(b), (got, want)  # inductor's bf16 kernels vs eager's: ~3e-5 seen
     assert report.graph_breaks == [] and report.compilations == 1, report
 
 
