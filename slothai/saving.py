@@ -71,13 +71,22 @@ class _Policy:
             return CheckpointPolicy.MUST_RECOMPUTE
         if op in _ATTENTION:
             return CheckpointPolicy.MUST_SAVE
-        if op in _MATMULS and args[-2].shape[-1] >= KEEP_MATMUL_INNER:
+        # Sizes are compared only where they are plain ints: a comparison with a symbolic
+        # (token-count) size would put a guard on it, and a new length could recompile.
+        if op in _MATMULS and _inner_is_costly(args[-2].shape[-1]):
             return CheckpointPolicy.MUST_SAVE
         if op is aten.add.Tensor and s["width"] is not None and all(
-                isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-1] == s["width"] for a in args[:2]):
+                isinstance(a, torch.Tensor) and a.dim() >= 2 and isinstance(a.shape[-1], int)
+                and a.shape[-1] == s["width"] for a in args[:2]):
             s["width"] = None  # base(x) + LoRA term: keep the sum; the base output is then not needed
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _inner_is_costly(k):
+    """A model width (a plain int) of at least KEEP_MATMUL_INNER, or a token count
+    (symbolic: attention's probabilities @ values in eager attention)."""
+    return not isinstance(k, int) or k >= KEEP_MATMUL_INNER
 
 
 def _contexts(recompute_up):

@@ -23,4 +23,3 @@ def compile_counters():
     counters.clear()
     yield counters
     torch._dynamo.reset()
-
