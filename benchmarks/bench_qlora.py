@@ -21,18 +21,30 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEQS = [2048, 2048, 2048, 1536, 2048, 1792]
 
+# slothai runs: label -> the keyword arguments of slothai.compile (after slothai.patch).
+SLOTHAI_RUNS = {
+    "slothai": {},
+    "slothai-fp32": dict(adapters="float32", saves=None, cudagraphs=False),
+    "slothai-nocg": dict(cudagraphs=False),
+    "slothai-saveall": dict(saves=None),
+    "slothai-matmuls": dict(saves="matmuls"),
+    "slothai-b06": dict(saves=None, memory_budget=0.6),
+    "slothai-b07": dict(saves=None, memory_budget=0.7),
+    "slothai-lowmem-b01": dict(low_memory=True, saves=None, memory_budget=0.1),
+    "slothai-lowmem": dict(low_memory=True),
+}
+
+
+def _compile_call(kwargs):
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"slothai.patch + slothai.compile({args})" if args else \
+        "slothai.patch + slothai.compile (defaults: CUDA graphs, bucketed lengths)"
+
+
 # label -> what the worker builds. The first run given is the reference for speed and loss.
 RUNS = {
     "eager": "HF + PEFT + bitsandbytes, eager",
-    "slothai": "slothai.patch + slothai.compile (defaults: CUDA graphs, bucketed lengths)",
-    "slothai-fp32": "slothai.patch + slothai.compile(adapters='float32', saves=None, cudagraphs=False)",
-    "slothai-nocg": "slothai.patch + slothai.compile(cudagraphs=False)",
-    "slothai-saveall": "slothai.patch + slothai.compile(saves=None)",
-    "slothai-matmuls": "slothai.patch + slothai.compile(saves='matmuls')",
-    "slothai-b06": "slothai.patch + slothai.compile(saves=None, memory_budget=0.6)",
-    "slothai-b07": "slothai.patch + slothai.compile(saves=None, memory_budget=0.7)",
-    "slothai-lowmem-b01": "slothai.patch + slothai.compile(low_memory=True, saves=None, memory_budget=0.1)",
-    "slothai-lowmem": "slothai.patch + slothai.compile(low_memory=True)",
+    **{label: _compile_call(kwargs) for label, kwargs in SLOTHAI_RUNS.items()},
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
     "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
     "unsloth+slothai": "Unsloth FastLanguageModel (checkpointing off), then slothai.patch",
@@ -72,14 +84,9 @@ def build_model(label, path, args):
     if label == "full":
         model.config.use_cache = False
         model.compile(dynamic=None)
-    elif label.startswith("slothai"):
+    elif label in SLOTHAI_RUNS:
         slothai.patch(model)
-        opts = {"slothai": {}, "slothai-lowmem": dict(low_memory=True), 
-                "slothai-nocg": dict(cudagraphs=False), "slothai-saveall": dict(saves=None), "slothai-matmuls": dict(saves="matmuls"),
-                "slothai-b06": dict(saves=None, memory_budget=0.6), "slothai-b07": dict(saves=None, memory_budget=0.7),
-                "slothai-lowmem-b01": dict(low_memory=True, saves=None, memory_budget=0.1),
-                "slothai-fp32": dict(adapters="float32", saves=None, cudagraphs=False)}[label]
-        slothai.compile(model, **opts)
+        slothai.compile(model, **SLOTHAI_RUNS[label])
     return model
 
 
