@@ -18,14 +18,19 @@ import weakref
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import graph_trees
+from . import graph_trees
 from .distributed import is_fsdp_module, is_fully_sharded
 from .offload import offloaded_call
-from .patch import is_patched
+from .patch import is_patched, slice_tokens
 from .saving import check_saves, with_saves
 
 # Low-memory mode: the loss head's chunk of logits (and their gradient, in place).
 # 128 MiB is 512 tokens at a 128K vocabulary in bf16: GEMMs still large enough.
 LOW_MEMORY_LOGITS_BYTES = 128 << 20
+# Low-memory mode: each layer's MLP runs over this many slices of the tokens under
+# autograd (offload.sliced_forward), so that its backward holds a slice's temporaries.
+LOW_MEMORY_MLP_SLICES = 4
 
 
 def decoder_layers(model):
@@ -270,6 +275,10 @@ def _compile_layer(layer, dynamic, kwargs, options, model):
     current = layer.__dict__.get("forward")
     original = current.original if isinstance(current, _CompiledForward) else current
     layer.forward = _CompiledForward(layer, original, dynamic, kwargs, options, model)
+    mlp = getattr(layer, "mlp", None)
+    if all(isinstance(getattr(mlp, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
+        # a gated MLP (tensor in, tensor out, per token): not a mixture of experts, whose router spans tokens
+        slice_tokens(mlp, LOW_MEMORY_MLP_SLICES if options["low_memory"] else None)
 
 
 def compiled_layers(model):
@@ -320,8 +329,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     call, or after it, as Trainer, TRL and accelerate do: then at a layer's next call.
     bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
     low_memory: each layer keeps only its input, in pinned host memory, and is
-    recomputed in backward (copies overlap compute on a side stream); the patched
-    loss head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
+    recomputed in backward (copies overlap compute on a side stream); its MLP runs
+    over token slices (LOW_MEMORY_MLP_SLICES) and the patched loss head takes
+    smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
     """
     if mode not in ("regional", "full", "none"):
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
@@ -348,6 +358,8 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         if backend != "inductor":
             raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
         kwargs["options"] = {"triton.cudagraphs": True, **kwargs.get("options", {})}
+        graph_trees.install()  # cheaper bookkeeping when a graph is recorded (one per length bucket)
+        graph_trees.install()  # cheaper bookkeeping when a graph is recorded (one per length bucket)
     if mode == "full":
         # The model's inputs are ids, labels and masks: every size of them is a
         # batch or sequence size; the weights' sizes stay static (parameters).
