@@ -129,3 +129,38 @@ def offloaded_call(fn, params, hidden, args, kwargs):
     if not torch.is_grad_enabled() or not (hidden.requires_grad or any(p.requires_grad for p in params)):
         return fn(hidden, *args, **kwargs)
     return _OffloadedLayer.apply(_Bound(fn, args, kwargs, params), hidden, *params)
+
+
+SLICES_ATTR = "slothai_token_slices"  # the instance attribute sliced_forward reads n from
+
+
+def _draws_dropout(module):
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
+def sliced_forward(self, x, *args, **kwargs):
+    """A per-token module's forward (an MLP) over n (its SLICES_ATTR) slices
+    of the tokens in turn, in training mode: what its backward holds at once shrinks
+    to a slice's. Installed by `patch.slice_tokens` as a class-level forward, shared
+    by every layer (a per-layer object would be guarded by identity: a recompile
+    per layer).
+
+    Why (low-memory mode): backward recomputes the layer, and the MLP's compiled
+    backward keeps ~10 tensors of tokens x intermediate_size alive together
+    (inductor fuses the activation's backward with recomputing what LoRA's
+    gradients read) — on the Llama-3.2-1B shape, bsz 2 x 2048, 10 x 67 MB at the
+    step's peak (H100, torch.cuda.memory history). Exact: each token's output
+    depends on that token alone. Tokens are zero-padded to a multiple of n and the
+    padding's outputs dropped, so a slice's size is one expression in the length,
+    not a guard on the length modulo n. Without grad (low_memory's forward) it runs
+    whole, unless it draws dropout masks: then sliced too, so that backward's
+    recompute draws the same ones. Whole in eval mode (generation)."""
+    forward = type(self)._slothai_base.forward
+    n = getattr(self, SLICES_ATTR)
+    if not self.training or x.dim() != 3 or not (torch.is_grad_enabled() or _draws_dropout(self)):
+        return forward(self, x, *args, **kwargs)
+    batch, tokens, width = x.shape
+    per = (tokens + n - 1) // n
+    slices = torch.nn.functional.pad(x, (0, 0, 0, per * n - tokens)).view(batch, n, per, width)
+    out = torch.stack([forward(self, slices[:, i], *args, **kwargs) for i in range(n)], dim=1)
+    return out.view(batch, per * n, out.shape[-1])[:, :tokens]

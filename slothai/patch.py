@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from . import distributed
 from .fused_ce import fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_linear
+from .offload import SLICES_ATTR, sliced_forward
 
 # model_type -> config attribute holding the final-logit softcap (None: no softcap).
 CAUSAL_LM_FAMILIES = {
@@ -201,13 +202,25 @@ def _is_unsloth(model):
     return getattr(config, "unsloth_version", None) is not None
 
 
-_KINDS = {"linear4bit": _linear4bit_forward, "causal_lm": _causal_lm_forward}
+_KINDS = {"linear4bit": _linear4bit_forward, "causal_lm": _causal_lm_forward, "token_slices": sliced_forward}
 _PATCHED_CLASSES = {}  # (base class, kind) -> generated subclass
 
 
 def _install(module, kind):
     if not is_patched(module):
         module.__class__ = _patched_class(type(module), kind)
+
+
+def slice_tokens(module, n):
+    """Run `module` (per-token: an MLP) over n token slices in training mode
+    (offload.sliced_forward; what compile(low_memory=True) does to each layer's
+    MLP); n=None undoes it."""
+    if n:
+        _install(module, "token_slices")
+        setattr(module, SLICES_ATTR, n)
+    elif is_patched(module) and type(module)._slothai_kind == "token_slices":
+        module.__class__ = type(module)._slothai_base
+        module.__dict__.pop(SLICES_ATTR, None)
 
 
 def patch(model, *, linear4bit=True, loss=True, keep_logits=False):
@@ -254,6 +267,7 @@ def unpatch(model):
         if is_patched(module):
             module.__class__ = type(module)._slothai_base
             module.__dict__.pop(_KEEP_LOGITS, None)
+            module.__dict__.pop(SLICES_ATTR, None)
     _unpatch_unsloth()
     return model
 

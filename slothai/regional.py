@@ -19,7 +19,6 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import graph_trees
-from . import graph_trees
 from .distributed import is_fsdp_module, is_fully_sharded
 from .offload import offloaded_call
 from .patch import is_patched, slice_tokens
@@ -358,7 +357,6 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         if backend != "inductor":
             raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
         kwargs["options"] = {"triton.cudagraphs": True, **kwargs.get("options", {})}
-        graph_trees.install()  # cheaper bookkeeping when a graph is recorded (one per length bucket)
         graph_trees.install()  # cheaper bookkeeping when a graph is recorded (one per length bucket)
     if mode == "full":
         # The model's inputs are ids, labels and masks: every size of them is a

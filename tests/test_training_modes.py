@@ -7,6 +7,8 @@ import torch
 import slothai
 from training_checks import assert_losses_close
 from slothai import qlora
+from slothai.patch import is_patched, slice_tokens
+from slothai.regional import LOW_MEMORY_MLP_SLICES, decoder_layers
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -58,8 +60,13 @@ def test_low_memory_trains_like_eager_with_dropout_and_one_graph_per_grad_mode()
                     d.p = 0.3
         return model
 
+    # Low-memory mode runs each MLP over token slices, one dropout draw per slice: the
+    # eager reference does the same (test_token_slices_are_exact checks slicing alone).
+    reference = slothai.patch(build())
+    for layer in decoder_layers(reference):
+        slice_tokens(layer.mlp, LOW_MEMORY_MLP_SLICES)
     torch.manual_seed(7)
-    want = qlora.train(slothai.patch(build()), batches)
+    want = qlora.train(reference, batches)
     model = slothai.compile(slothai.patch(build()), backend="aot_eager", low_memory=True)
     torch.manual_seed(7)
     with slothai.compile_report() as report:
@@ -68,6 +75,52 @@ def test_low_memory_trains_like_eager_with_dropout_and_one_graph_per_grad_mode()
     assert report.graph_breaks == []
     # The forward runs the layer without autograd, backward with it: two variants, no more.
     assert report.compilations == 2, report
+
+
+def test_token_slices_are_exact_and_leave_eval_whole():
+    # Lengths below, at and past a multiple of the slice count (zero padding dropped).
+    mlp = qlora.build("tiny", "llama").base_model.model.model.layers[0].mlp
+    base = type(mlp)
+    slice_tokens(mlp, 4)
+    for tokens in (1, 3, 4, 33):
+        x = torch.randn(2, tokens, 64, requires_grad=True)
+        want = base.forward(mlp, x)
+        (dx_want,) = torch.autograd.grad(want.sum(), x)
+        got = mlp(x)
+        (dx_got,) = torch.autograd.grad(got.sum(), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx_got, dx_want, rtol=1e-5, atol=1e-6)
+    calls = []
+    mlp.gate_proj.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    mlp(torch.randn(1, 10, 64))
+    assert calls == [(1, 3, 64)] * 4
+    calls.clear()
+    with torch.no_grad():  # low_memory's forward: whole, as no dropout draws masks
+        mlp(torch.randn(1, 10, 64))
+    assert calls == [(1, 10, 64)]
+    mlp.gate_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    calls.clear()
+    with torch.no_grad():  # now sliced, so that backward's recompute draws the same masks
+        mlp(torch.randn(1, 10, 64))
+    assert calls == [(1, 3, 64)] * 4
+    mlp.eval()
+    calls.clear()
+    mlp(torch.randn(1, 10, 64))
+    assert calls == [(1, 10, 64)]  # generation: one call, no padding
+    slice_tokens(mlp, None)
+    assert type(mlp) is base and not hasattr(mlp, "slothai_token_slices")
+
+
+def test_low_memory_slices_mlps_and_a_later_compile_or_unpatch_undoes_it():
+    model = slothai.patch(qlora.build("tiny", "llama"))
+    slothai.compile(model, backend="aot_eager", low_memory=True)
+    mlps = [layer.mlp for layer in decoder_layers(model)]
+    assert all(is_patched(m) and m.slothai_token_slices == LOW_MEMORY_MLP_SLICES for m in mlps)
+    slothai.compile(model, backend="aot_eager")
+    assert not any(is_patched(m) for m in mlps)
+    slothai.compile(model, backend="aot_eager", low_memory=True)
+    slothai.unpatch(model)
+    assert not any(is_patched(m) or hasattr(m, "slothai_token_slices") for m in mlps)
 
 
 def test_adapters_in_compute_dtype_stay_close_to_fp32_adapters():
