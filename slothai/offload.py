@@ -1,20 +1,28 @@
 """Low-memory training: each decoder layer keeps only its input, and keeps it in
 pinned host memory; backward brings it back and recomputes the layer.
 
-Per layer and step the GPU holds one activation tensor while the layer runs
-instead of everything the layer saves for backward. The copies run on a side
-stream so they overlap compute:
+The compiled layer runs under a save policy that recomputes everything
+(`saving.with_saves(fn, "inputs")`), so what its forward saves for backward is its
+inputs; of those, the hidden states (the only activation) go to the host through
+saved-tensor hooks, on a side stream that overlaps compute:
 
-  forward,  layer i:  run the layer without autograd; copy its input to the
-                      host on the copy stream (the compute stream does not wait).
+  forward,  layer i:  the compiled forward (saves nothing of its own); copy its
+                      input to the host on the copy stream; the compute stream
+                      waits for that copy one layer later, before the input's
+                      memory can be reused.
   backward, layer i:  wait for layer i's input on the device; start copying
-                      layer i-1's input back on the copy stream; recompute layer
-                      i with autograd and take d input and d (trainable params).
+                      layer i-1's input back on the copy stream; the compiled
+                      backward recomputes the layer and takes its gradients.
 
-The cost: one more forward of every layer (about a third more layer compute)
-and 2 x (tokens x hidden x 2 bytes) of PCIe traffic per layer, hidden behind the
+One compiled variant of the layer (the forward no longer runs apart without
+grad). No CUDA graphs: the input comes back at a new address every step, and a
+backward graph replays the addresses of the saved tensors it recorded (it
+re-recorded every step, measured: `compile` refuses the combination). The cost:
+one more forward of every layer (about a third more layer compute) and
+2 x (tokens x hidden x 2 bytes) of PCIe traffic per layer, hidden behind the
 layer's own compute when the link is fast enough.
 """
+import contextlib
 import weakref
 
 import torch
@@ -22,11 +30,18 @@ import torch
 
 class _HostCopy:
     """One layer input on its way to the host and back. `prev` (a weak reference)
-    is the input saved just before this one: the next to be needed in backward."""
+    is the input saved just before this one: the next to be needed in backward.
+
+    The device tensor is held until the compute stream has waited for the copy
+    (at the next copy, or backward's first load), rather than handed to the
+    allocator with record_stream: its memory is then free at the same point of
+    every step."""
 
     last = None  # weak reference to the copy made most recently
+    pending = None  # the copy whose device tensor is still held
 
     def __init__(self, t):
+        _HostCopy.release_pending()
         self.device, self.dev, self.ready = t.device, None, None
         self.prev = _HostCopy.last
         _HostCopy.last = weakref.ref(self)
@@ -40,7 +55,15 @@ class _HostCopy:
             self.host.copy_(t, non_blocking=True)
             self.d2h = torch.cuda.Event()
             self.d2h.record(stream)
-        t.record_stream(stream)  # t's memory is not reused before the copy has read it
+        self.src = t
+        _HostCopy.pending = self
+
+    @staticmethod
+    def release_pending():
+        copy, _HostCopy.pending = _HostCopy.pending, None
+        if copy is not None:
+            torch.cuda.current_stream(copy.device).wait_event(copy.d2h)
+            copy.src = None
 
     def prefetch(self):
         """Start the copy back to the device (once; not after `load`, which can come
@@ -58,6 +81,7 @@ class _HostCopy:
         """The tensor on its device, usable on the current stream; then prefetch the
         input saved before this one, which backward needs next."""
         if self.device.type == "cuda":
+            _HostCopy.release_pending()
             self.prefetch()
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.ready)
@@ -78,70 +102,32 @@ def _copy_stream(device):
     return _STREAMS[device]
 
 
-class _OffloadedLayer(torch.autograd.Function):
-    """y = layer(hidden) with nothing kept on the device for backward: the input goes
-    to the host, backward recomputes. `run(hidden)` calls the layer with its other
-    (non-trainable) arguments bound; `params` are the layer's trainable parameters,
-    passed so autograd routes their gradients through here."""
+@contextlib.contextmanager
+def inputs_to_host(hidden):
+    """Within: a tensor autograd saves that is `hidden` (same storage, same size)
+    goes to pinned host memory and comes back when backward unpacks it; every
+    other saved tensor (weights, position embeddings) is kept as it is."""
+    key = (hidden.untyped_storage().data_ptr(), hidden.shape)
 
-    @staticmethod
-    def forward(ctx, run, hidden, *params):
-        # Dropout in the layer must draw the same masks when backward recomputes it.
-        ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device)
-                                          if hidden.device.type == "cuda" else None)
-        with torch.no_grad():  # (no CUDA graphs here: compile refuses them with low_memory)
-            out = run(hidden)
-        ctx.run, ctx.copy = run, _HostCopy(hidden)
-        ctx.hidden_needs_grad = hidden.requires_grad
-        return out
+    def pack(t):
+        if (t.untyped_storage().data_ptr(), t.shape) == key:
+            return _HostCopy(t)
+        return t
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden = ctx.copy.load().detach().requires_grad_(ctx.hidden_needs_grad)
-        params = [p for p, need in zip(ctx.run.params, ctx.needs_input_grad[2:]) if need]
-        cpu_rng, cuda_rng = ctx.rng
-        devices = [hidden.device] if cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type="cuda"), torch.enable_grad():
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, hidden.device)
-            out = ctx.run(hidden)
-        wrt = ([hidden] if ctx.hidden_needs_grad else []) + params
-        grads = list(torch.autograd.grad(out, wrt, grad_out, allow_unused=True)) if wrt else []
-        d_hidden = grads.pop(0) if ctx.hidden_needs_grad else None
-        it = iter(grads)
-        d_params = [next(it) if need else None for need in ctx.needs_input_grad[2:]]
-        return (None, d_hidden, *d_params)
+    def unpack(saved):
+        return saved.load() if isinstance(saved, _HostCopy) else saved
 
-
-class _Bound:
-    """layer_fn(hidden, *args, **kwargs) with everything but hidden bound."""
-
-    def __init__(self, fn, args, kwargs, params):
-        self.fn, self.args, self.kwargs, self.params = fn, args, kwargs, params
-
-    def __call__(self, hidden):
-        return self.fn(hidden, *self.args, **self.kwargs)
-
-
-def offloaded_call(fn, params, hidden, args, kwargs):
-    """fn(hidden, *args, **kwargs), training with only `hidden` kept (on the host)."""
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or any(p.requires_grad for p in params)):
-        return fn(hidden, *args, **kwargs)
-    return _OffloadedLayer.apply(_Bound(fn, args, kwargs, params), hidden, *params)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 SLICES_ATTR = "slothai_token_slices"  # the instance attribute sliced_forward reads n from
 
 
-def _draws_dropout(module):
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
-
-
 def sliced_forward(self, x, *args, **kwargs):
     """A per-token module's forward (an MLP) over n (its SLICES_ATTR) slices
-    of the tokens in turn, in training mode: what its backward holds at once shrinks
-    to a slice's. Installed by `patch.slice_tokens` as a class-level forward, shared
+    of the tokens in turn, in training mode under autograd: what its backward holds
+    at once shrinks to a slice's. Installed by `patch.slice_tokens` as a class-level forward, shared
     by every layer (a per-layer object would be guarded by identity: a recompile
     per layer).
 
@@ -152,12 +138,11 @@ def sliced_forward(self, x, *args, **kwargs):
     step's peak (H100, torch.cuda.memory history). Exact: each token's output
     depends on that token alone. Tokens are zero-padded to a multiple of n and the
     padding's outputs dropped, so a slice's size is one expression in the length,
-    not a guard on the length modulo n. Without grad (low_memory's forward) it runs
-    whole, unless it draws dropout masks: then sliced too, so that backward's
-    recompute draws the same ones. Whole in eval mode (generation)."""
+    not a guard on the length modulo n. Whole without grad and in eval mode
+    (generation)."""
     forward = type(self)._slothai_base.forward
     n = getattr(self, SLICES_ATTR)
-    if not self.training or x.dim() != 3 or not (torch.is_grad_enabled() or _draws_dropout(self)):
+    if not self.training or x.dim() != 3 or not torch.is_grad_enabled():
         return forward(self, x, *args, **kwargs)
     batch, tokens, width = x.shape
     per = (tokens + n - 1) // n

@@ -89,8 +89,18 @@ def _inner_is_costly(k):
     return not isinstance(k, int) or k >= KEEP_MATMUL_INNER
 
 
-def _contexts(recompute_up):
-    return create_selective_checkpoint_contexts(_Policy(recompute_up))
+def _keep_inputs_only(ctx, op, *args, **kwargs):
+    """saves="inputs" (low_memory): recompute every op in backward, so the forward
+    keeps only its inputs. Random ops excepted: recomputed, they would draw new
+    numbers; the partitioner keeps what they drew."""
+    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _contexts(saves):
+    policy = _keep_inputs_only if saves == "inputs" else _Policy(recompute_up=saves == "lean")
+    return create_selective_checkpoint_contexts(policy)
 
 
 def check_saves(saves, memory_budget):
@@ -102,8 +112,9 @@ def check_saves(saves, memory_budget):
 
 
 def with_saves(fn, saves):
-    """fn, run so that its compiled graph keeps what `saves` says (module docstring)."""
-    contexts = functools.partial(_contexts, recompute_up=saves == "lean")
+    """fn, run so that its compiled graph keeps what `saves` says (module docstring;
+    "inputs": nothing but its inputs, for low_memory)."""
+    contexts = functools.partial(_contexts, saves)
 
     @functools.wraps(fn)
     def run(*args, **kw):

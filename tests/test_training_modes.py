@@ -1,6 +1,8 @@
 """slothai.compile's training options on tiny 4-bit QLoRA models (CPU): adapters in the
 compute dtype, the low-memory mode (layer inputs kept on the host, layers recomputed),
 and the Unsloth drop-in with Unsloth's real `fast_dequantize` signature."""
+import contextlib
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ import slothai
 from training_checks import assert_losses_close
 from slothai import qlora
 from slothai.patch import is_patched, slice_tokens
+from slothai import regional
 from slothai.regional import LOW_MEMORY_MLP_SLICES, decoder_layers
 
 pytest.importorskip("transformers")
@@ -73,8 +76,35 @@ def test_low_memory_trains_like_eager_with_dropout_and_one_graph_per_grad_mode()
         got = qlora.train(model, batches)
     assert_losses_close(got, want, 1e-4)
     assert report.graph_breaks == []
-    # The forward runs the layer without autograd, backward with it: two variants, no more.
-    assert report.compilations == 2, report
+    # One compiled layer: its forward saves only its input (to the host), its backward recomputes.
+    assert report.compilations == 1, report
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_low_memory_layer_saves_only_its_input(monkeypatch, backend):
+    # What each compiled layer hands autograd to keep: its input (which low_memory sends
+    # to the host), the rotary cos/sin and weights; no activation of its own.
+    saved = []
+
+    @contextlib.contextmanager
+    def recording(hidden):
+        key = hidden.untyped_storage().data_ptr()
+
+        def pack(t):
+            saved.append((t.untyped_storage().data_ptr() == key, tuple(t.shape), t.is_floating_point()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+    monkeypatch.setattr(regional, "inputs_to_host", recording)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend=backend, low_memory=True)
+    ids = torch.randint(0, 256, (2, 40))
+    model(input_ids=ids, labels=ids).loss.backward()
+    per_token = [(is_input, shape) for is_input, shape, fp in saved if fp and len(shape) >= 2 and shape[-2] == 40]
+    assert any(is_input for is_input, _ in per_token)
+    head_dim = model.config.head_dim
+    assert all(is_input or shape[-1] == head_dim for is_input, shape in per_token), per_token
 
 
 def test_token_slices_are_exact_and_leave_eval_whole():
@@ -95,14 +125,9 @@ def test_token_slices_are_exact_and_leave_eval_whole():
     mlp(torch.randn(1, 10, 64))
     assert calls == [(1, 3, 64)] * 4
     calls.clear()
-    with torch.no_grad():  # low_memory's forward: whole, as no dropout draws masks
+    with torch.no_grad():  # nothing for a backward to hold: whole
         mlp(torch.randn(1, 10, 64))
     assert calls == [(1, 10, 64)]
-    mlp.gate_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)
-    calls.clear()
-    with torch.no_grad():  # now sliced, so that backward's recompute draws the same masks
-        mlp(torch.randn(1, 10, 64))
-    assert calls == [(1, 3, 64)] * 4
     mlp.eval()
     calls.clear()
     mlp(torch.randn(1, 10, 64))
