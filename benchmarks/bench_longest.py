@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +41,7 @@ def worker(label, path, lengths):
     model = bench_qlora.build_model(label, path, types.SimpleNamespace(seq=[max(lengths)]))
     import torch
 
+    from slothai import qlora
     model.train()  # Unsloth's models come back in eval mode, where its offloaded checkpointing is off
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     fits = None
@@ -50,22 +50,15 @@ def worker(label, path, lengths):
             for step in range(2):
                 ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
                 torch.cuda.reset_peak_memory_stats()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                value = loss.item()
-                torch.cuda.synchronize()
-                print(f"{label} len {n} step {step} loss {value:.4f} {time.perf_counter() - start:.2f} s "
+                value, seconds = qlora.train_step(model, opt, ids)
+                print(f"{label} len {n} step {step} loss {value:.4f} {seconds:.2f} s "
                       f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
             fits = n
         except torch.cuda.OutOfMemoryError as e:
             print(f"{label} len {n}: OOM ({str(e)[:120]})", flush=True)
             break
         finally:
-            loss = ids = None
+            ids = None
             gc.collect()
     print(f"RESULT {label} longest fitting bsz-1 length among {lengths}: {fits}", flush=True)
 

@@ -78,25 +78,30 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB, process peak so far
 
 
+def train_step(model, opt, ids):
+    """One AdamW step on (ids -> labels=ids), timed to the device's end; returns (loss, seconds)."""
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    value = loss.item()
+    if cuda:
+        torch.cuda.synchronize()
+    return value, time.perf_counter() - t
+
+
 def train(model, batch_list, *, lr=1e-3, log=None):
     """AdamW steps on (ids -> labels=ids); returns [(loss, seconds, tokens)]."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     out = []
-    device = next(iter(params)).device.type
     for i, ids in enumerate(batch_list):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        value, dt = train_step(model, opt, ids)
         out.append((value, dt, ids.numel()))
         if log:
             log(f"  step {i + 1}/{len(batch_list)}  seq {ids.shape[1]:5d}  loss {value:.4f}  "
