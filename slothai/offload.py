@@ -125,11 +125,11 @@ SLICES_ATTR = "slothai_token_slices"  # the instance attribute sliced_forward re
 
 
 def sliced_forward(self, x, *args, **kwargs):
-    """A per-token module's forward (an MLP) over n (its SLICES_ATTR) slices
-    of the tokens in turn, in training mode under autograd: what its backward holds
-    at once shrinks to a slice's. Installed by `patch.slice_tokens` as a class-level forward, shared
-    by every layer (a per-layer object would be guarded by identity: a recompile
-    per layer).
+    """A per-token module's forward (an MLP) over n (its SLICES_ATTR) slices of the
+    tokens in turn, in training mode under autograd: what its backward holds at
+    once shrinks to a slice's. Installed by `patch.slice_tokens` as a class-level
+    forward, shared by every layer (a per-layer object would be guarded by
+    identity: a recompile per layer).
 
     Why (low-memory mode): backward recomputes the layer, and the MLP's compiled
     backward keeps ~10 tensors of tokens x intermediate_size alive together
