@@ -30,7 +30,6 @@ SLOTHAI_RUNS = {
     "slothai-matmuls": dict(saves="matmuls"),
     "slothai-b06": dict(saves=None, memory_budget=0.6),
     "slothai-b07": dict(saves=None, memory_budget=0.7),
-    "slothai-lowmem-b01": dict(low_memory=True, saves=None, memory_budget=0.1),
     "slothai-lowmem": dict(low_memory=True),
 }
 

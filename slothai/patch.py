@@ -212,8 +212,8 @@ def _install(module, kind):
 
 
 def slice_tokens(module, n):
-    """Run `module` (per-token: an MLP) over n token slices in training mode
-    (offload.sliced_forward; what compile(low_memory=True) does to each layer's
+    """Run `module` (per-token: an MLP) over n token slices in training mode under
+    autograd (offload.sliced_forward; what compile(low_memory=True) does to each layer's
     MLP); n=None undoes it."""
     if n:
         _install(module, "token_slices")
