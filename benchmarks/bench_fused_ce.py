@@ -35,6 +35,8 @@ def impls():
            "chunked": lambda x, w, y: slothai.chunked_linear_loss(x, w, y, ce_rows),
            "eager": eager, "torch.compile": _compiled}
     out["slothai-1k"] = lambda x, w, y: slothai.fused_linear_cross_entropy(x, w, y, chunk_size=1024)
+    # dW summed in bf16 across chunks (unsloth_zoo's default), not in an fp32 buffer
+    out["slothai-bf16dW"] = lambda x, w, y: slothai.fused_linear_cross_entropy(x, w, y, fp32_weight_grad=False)
     try:
         import unsloth  # noqa: F401  (unsloth_zoo refuses to import before it)
         from unsloth_zoo.fused_losses.fused_linear import fused_linear_cross_entropy as zoo_flce
@@ -156,7 +158,7 @@ def main():
               ", ".join(f"{k} {t:.1f} ms / {rec['peak_gb'].get(k, 0) or 0:.2f} GB" if t else f"{k} OOM"
                         for k, t in rec["ms"].items()), flush=True)
 
-    names = ["slothai", "slothai-1k", "unsloth_zoo", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
+    names = ["slothai", "slothai-1k", "slothai-bf16dW", "unsloth_zoo", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
     rows = []
     for r in records:
         fmt = lambda d, k, p: "-" if d.get(k) is None else f"{d[k]:.{p}f}"  # noqa: E731

@@ -142,6 +142,41 @@ def test_fp32_accumulation_across_chunks(device):
     assert err < 4e-3, err  # one bf16 rounding of the total, not 64
 
 
+def test_weight_grad_summed_in_input_dtype(device):
+    # fp32_weight_grad=False rounds the dW sum once per chunk: over 64 chunks it
+    # drifts further from the one-chunk GEMM than the fp32 sum does, yet stays a
+    # bf16-accurate gradient; the other gradients and the loss do not change.
+    (x64, w64, _, t64), (x, w, _, t) = make(256, 16, 64, torch.bfloat16, device, ignore_frac=0)
+    wr = w64.to(torch.bfloat16).double().requires_grad_()
+    reference(x64.to(torch.bfloat16).double(), wr, t64, reduction="sum").backward()
+    got = {}
+    for fp32, chunk in ((True, 256), (True, 4), (False, 4)):
+        xg, wg = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = slothai.fused_linear_cross_entropy(xg, wg, t, reduction="sum", chunk_size=chunk,
+                                                  fp32_weight_grad=fp32)
+        loss.backward()
+        got[fp32, chunk] = loss.detach(), xg.grad, wg.grad.double().cpu()
+    whole = got[True, 256][2]
+    drift = {fp32: (got[fp32, 4][2] - whole).norm() / whole.norm() for fp32 in (True, False)}
+    assert drift[False] > 2 * drift[True], drift
+    assert (got[False, 4][2] - wr.grad).norm() / wr.grad.norm() < 2e-2
+    assert torch.equal(got[False, 4][0], got[True, 4][0]) and torch.equal(got[False, 4][1], got[True, 4][1])
+
+
+@pytest.mark.parametrize("fp32_weight_grad", [True, False])
+def test_backward_twice_with_retained_graph(device, fp32_weight_grad):
+    # Backward scales the gradients the forward formed in place only when the graph
+    # is not kept: a retained graph gives the same gradients every time.
+    (_, _, _, _), (x, w, _, t) = make(40, 16, 70, torch.bfloat16, device)
+    x.requires_grad_()
+    w.requires_grad_()
+    loss = slothai.fused_linear_cross_entropy(x, w, t, chunk_size=16, fp32_weight_grad=fp32_weight_grad)
+    grads = [torch.autograd.grad(loss * 3, (x, w), retain_graph=True) for _ in range(2)]
+    grads.append(torch.autograd.grad(loss * 3, (x, w)))
+    for got in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, grads[0]))
+
+
 def test_no_grad_returns_loss_only(device):
     (_, _, _, _), (x, w, _, t) = make(9, 8, 12, torch.float32, device)
     with torch.no_grad():
@@ -216,7 +251,7 @@ def _op_args(device, reduction, grads, bias=True, grad_rows=False):
         if b is not None:
             b.requires_grad_()
     form = grads and (reduction != "none" or grad_rows)  # the gradients the op forms in this call
-    return (x, w, b, t, g, -100, 0.1, 0.0, 1e-3, reduction, 4, form, form, form and bias)
+    return (x, w, b, t, g, -100, 0.1, 0.0, 1e-3, reduction, 4, form, form, form and bias, True)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])

@@ -4,6 +4,7 @@ generate() on a compiled model, and compile_report's recompile-limit warnings.
 Tiny 4-bit QLoRA models built as users build them (qlora.build: from_pretrained
 with a BitsAndBytesConfig, get_peft_model with task_type="CAUSAL_LM")."""
 import copy
+import importlib
 import io
 import pickle
 
@@ -166,3 +167,18 @@ def test_compile_report_says_loudly_when_the_recompile_limit_is_hit():
             model(torch.randn(2, 2, 2, 4, requires_grad=True))
         assert later.recompile_limits == [] and later.eager_fallbacks, later
     torch._dynamo.reset()
+
+
+def test_fp32_head_grad_switch_reaches_the_loss(monkeypatch):
+    patch_module = importlib.import_module("slothai.patch")
+    seen, real = [], patch_module.fused_linear_cross_entropy
+    monkeypatch.setattr(patch_module, "fused_linear_cross_entropy",
+                        lambda *a, **k: seen.append(k["fp32_weight_grad"]) or real(*a, **k))
+    model = slothai.patch(qlora.build("tiny", "llama"), fp32_head_grad=False)
+    ids = _ids()
+    model(input_ids=ids, labels=ids)
+    slothai.patch(model)  # patching again with the default: fp32 again
+    model(input_ids=ids, labels=ids)
+    assert seen == [False, True]
+    slothai.unpatch(model)
+    assert not any("_slothai_fp32_head_grad" in m.__dict__ for m in model.modules())

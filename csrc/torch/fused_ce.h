@@ -29,6 +29,9 @@ struct FusedCeOptions {
     // The gradients to form, exactly: each needs an upstream factor (grad_rows,
     // or the reduced loss' own with reduction sum / mean); grad_bias needs a bias.
     bool grad_hidden, grad_weight, grad_bias;
+    // dW summed over chunks in fp32, rounded once (eager's accuracy; a V x H fp32
+    // accumulator), or in the input dtype, rounded once per chunk (no accumulator).
+    bool fp32_weight_grad;
 
     bool any_grad() const { return grad_hidden || grad_weight || grad_bias; }
 };
@@ -53,11 +56,11 @@ FusedCeResult fused_ce_kernel(const at::Tensor &hidden, const at::Tensor &weight
                               const at::Tensor &target, const std::optional<at::Tensor> &grad_rows,
                               int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
                               c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-                              bool grad_bias)
+                              bool grad_bias, bool fp32_weight_grad)
 {
     const c10::DeviceGuard guard(hidden.device());
-    const FusedCeOptions o{ignore_index,   label_smoothing, softcap,     z_loss,   parse_reduction(reduction),
-                           chunk_size,     grad_hidden,     grad_weight, grad_bias};
+    const FusedCeOptions o{ignore_index, label_smoothing, softcap,   z_loss,          parse_reduction(reduction),
+                           chunk_size,   grad_hidden,     grad_weight, grad_bias, fp32_weight_grad};
     return fused_ce_impl(hidden, weight, bias, target, grad_rows, o, device(o));
 }
 

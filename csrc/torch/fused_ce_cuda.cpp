@@ -17,9 +17,10 @@ FusedCeDevice cuda_device(const FusedCeOptions &o)
     // Logits budget, capped at an eighth of what is free. A frozen weight: 256 MiB
     // (1K rows at a 128K vocabulary; H100, N=16384 H=4096 V=128256: 53.0 ms /
     // 0.54 GB with 1K-row chunks, 54.7 ms / 0.67 GB with 512 MiB ones). A trained
-    // one: 1 GiB, since every chunk also reads and writes the fp32 dW accumulator
-    // (8 bytes per weight element), so fewer chunks move fewer bytes (same shape:
-    // 84.1 ms with 1 GiB chunks, 97.8 ms with 1K-row ones).
+    // one: 1 GiB, since every chunk also reads and writes the dW sum (8 bytes per
+    // weight element in fp32, 4 in bf16), so fewer chunks move fewer bytes (same
+    // shape, fp32: 84.1 ms with 1 GiB chunks, 97.8 ms with 1K-row ones) and, in
+    // bf16, round fewer times.
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
     const int64_t cap = o.grad_weight ? int64_t(1) << 30 : int64_t(256) << 20;

@@ -24,7 +24,9 @@ TORCH_LIBRARY(slothai, m)
     // Returns (loss, d hidden, d weight, d bias): exactly the gradients the grad_*
     // flags ask for (the others empty), for the upstream factors grad_rows or,
     // with reduction sum / mean and no grad_rows, for the reduced loss itself.
+    // fp32_weight_grad: d weight summed over chunks in fp32 (else in the input dtype).
     m.def("fused_ce(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? grad_rows, "
           "int ignore_index, float label_smoothing, float softcap, float z_loss, str reduction, int chunk_size, "
-          "bool grad_hidden, bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+          "bool grad_hidden, bool grad_weight, bool grad_bias, bool fp32_weight_grad) "
+          "-> (Tensor, Tensor, Tensor, Tensor)");
 }

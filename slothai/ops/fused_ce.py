@@ -5,7 +5,8 @@ returns (loss, d hidden, d weight, d bias) and forms exactly the gradients its
 grad_* flags ask for, for the per-row upstream factors grad_rows or, with
 reduction sum / mean, for the reduced loss itself. With sum / mean the user
 function asks for them in the forward (3 GEMMs, nothing recomputed) and backward
-only scales them; with none, backward calls the op again with grad_rows.
+only scales them (in place, unless the graph is kept: the op's gradient outputs
+are what autograd saved); with none, backward calls the op again with grad_rows.
 """
 import torch
 
@@ -16,7 +17,7 @@ REDUCTIONS = ("mean", "none", "sum")
 
 _fused_ce = torch.ops.slothai.fused_ce.default
 _ARGS = Arguments(_fused_ce)
-_OPTIONS = ("ignore_index", "label_smoothing", "softcap", "z_loss", "reduction", "chunk_size")
+_OPTIONS = ("ignore_index", "label_smoothing", "softcap", "z_loss", "reduction", "chunk_size", "fp32_weight_grad")
 
 
 @torch.library.register_fake("slothai::fused_ce")
@@ -37,21 +38,36 @@ def _setup_context(ctx, inputs, output):
     ctx.formed = (a.grad_hidden, a.grad_weight, a.grad_bias)
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
+    # Else autograd hands backward zeros for dh, dw and db, the size of the
+    # gradients themselves (measured: 1.2 GB more at N16384 H4096 V128256).
+    ctx.set_materialize_grads(False)
     if a.reduction == "none":  # backward recomputes with per-row factors
         ctx.save_for_backward(a.hidden, a.weight, a.bias, a.target)
     else:  # sum / mean: the forward already formed the gradients for an upstream 1
         ctx.save_for_backward(dh, dw, db)
 
 
+def _graph_kept():
+    """Whether the running backward keeps the graph (retain_graph): if not, what it
+    saved is read once, and can be scaled in place. True where torch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else keep()
+
+
 def _scaled(t, g, slab=1 << 24):
     """t * g with the product formed in fp32 and rounded once (g is an fp32 scalar
     tensor: casting it to bf16 first would scale every gradient by up to 2^-9),
-    a slab at a time so no full fp32 copy of t (dW can be 1 GB) ever exists."""
-    if not isinstance(t.numel(), int):  # traced with symbolic sizes: one expression, which inductor fuses
+    a slab at a time so no full fp32 copy of t (dW can be 1 GB) ever exists; in
+    place when the graph is not kept (t, saved by forward, is not read again)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        # traced (Dynamo, or AOTAutograd's fake / functional tensors): one
+        # out-of-place expression, which inductor fuses
         return (t.float() * g).to(t.dtype)
-    if t.dtype == torch.float32 or t.numel() == 0:
-        return t * g
-    out = torch.empty_like(t)
+    if t.numel() == 0:
+        return t
+    out = t if not _graph_kept() else torch.empty_like(t)
+    if t.dtype == torch.float32:
+        return torch.mul(t, g, out=out)
     flat_in, flat_out = t.view(-1), out.view(-1)
     for start in range(0, t.numel(), slab):
         flat_out[start:start + slab] = (flat_in[start:start + slab].float() * g).to(t.dtype)
@@ -59,6 +75,8 @@ def _scaled(t, g, slab=1 << 24):
 
 
 def _backward(ctx, g_loss, _dh, _dw, _db):
+    if g_loss is None:  # no gradient reached the loss
+        return _ARGS.gradients()
     need = _ARGS.bind(ctx.needs_input_grad)
     if ctx.options["reduction"] == "none":
         hidden, weight, bias, target = ctx.saved_tensors
@@ -87,7 +105,7 @@ def check_tokens(hidden, target):
 
 
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                               label_smoothing=0.0, softcap=None, z_loss=0.0, chunk_size=None):
+                               label_smoothing=0.0, softcap=None, z_loss=0.0, chunk_size=None, fp32_weight_grad=True):
     """Cross-entropy of `hidden @ weight.T + bias` against `target`, chunk by chunk.
 
     Equals `F.cross_entropy(z.float().view(-1, V), target.view(-1), ignore_index=...,
@@ -97,7 +115,11 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     Returns an fp32 scalar, or per-token losses (0 where ignored) for reduction="none".
 
     Gradients go only to the inputs that require them; a frozen weight costs no dW
-    work or memory. On CUDA a target outside [0, V) that is not ignore_index makes
+    work or memory. A trained half-precision weight's gradient is summed over the
+    chunks in fp32 and rounded once, as eager's one GEMM (the default: a V x H fp32
+    buffer, 2.1 GB at 128K x 4096); fp32_weight_grad=False sums it in the weight's
+    dtype instead, rounding once per chunk (unsloth_zoo's default: no buffer, a
+    little less accurate; measured in benchmarks/results/fused_ce*.txt). On CUDA a target outside [0, V) that is not ignore_index makes
     its row's loss NaN (no host sync to check it); on the CPU it raises ValueError.
     """
     check_reduction(reduction)
@@ -115,7 +137,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
         grad_rows=None, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
         softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction, chunk_size=int(chunk_size or 0),
         grad_hidden=grad and hidden.requires_grad, grad_weight=grad and weight.requires_grad,
-        grad_bias=grad and bias is not None and bias.requires_grad,
+        grad_bias=grad and bias is not None and bias.requires_grad, fp32_weight_grad=bool(fp32_weight_grad),
     )
     return loss.view(target.shape) if reduction == "none" else loss
 
@@ -124,17 +146,18 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Module form of `fused_linear_cross_entropy`: `loss_fn(hidden, weight, target, bias=None)`."""
 
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                 chunk_size=None):
+                 chunk_size=None, fp32_weight_grad=True):
         super().__init__()
         check_reduction(reduction)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.softcap, self.z_loss, self.chunk_size = softcap, z_loss, chunk_size
+        self.fp32_weight_grad = fp32_weight_grad
 
     def forward(self, hidden, weight, target, bias=None):
         return fused_linear_cross_entropy(
             hidden, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss,
-            chunk_size=self.chunk_size)
+            chunk_size=self.chunk_size, fp32_weight_grad=self.fp32_weight_grad)
 
     def extra_repr(self):
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
