@@ -1,6 +1,6 @@
 """The longest bsz-1 sequence a training run fits on one GPU, each run in its own
-process on bench_qlora.py's checkpoint: two AdamW steps per length (the second with
-the optimizer's state), lengths in the order given, stopping at the first OOM.
+process on bench_qlora.py's checkpoint: two AdamW steps per length (--steps; the second
+with the optimizer's state), lengths in the order given, stopping at the first OOM.
 
     python benchmarks/bench_longest.py [--model llama-8b] [--runs slothai-lowmem unsloth-offload] \
         [--lengths 16384 32768 65536] [--checkpoint DIR]
@@ -36,7 +36,7 @@ def allow_positions(path, n):
             json.dump(config, f, indent=1)
 
 
-def worker(label, path, lengths):
+def worker(label, path, lengths, steps=2):
     import bench_qlora
     model = bench_qlora.build_model(label, path, types.SimpleNamespace(seq=[max(lengths)]))
     import torch
@@ -47,7 +47,7 @@ def worker(label, path, lengths):
     fits = None
     for n in lengths:
         try:
-            for step in range(2):
+            for step in range(steps):
                 ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
                 torch.cuda.reset_peak_memory_stats()
                 value, seconds = qlora.train_step(model, opt, ids)
@@ -68,19 +68,20 @@ def main():
     ap.add_argument("--model", default="llama-8b")
     ap.add_argument("--runs", nargs="+", default=["slothai-lowmem", "unsloth-offload"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--steps", type=int, default=2, help="AdamW steps per length")
     ap.add_argument("--checkpoint", help="folder to keep the random-weight checkpoint in and reuse")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.path, args.lengths)
+        return worker(args.worker, args.path, args.lengths, args.steps)
     import bench_qlora
     with tempfile.TemporaryDirectory() as tmp:
         path = bench_qlora.checkpoint_path(args.model, args.checkpoint or tmp)
         allow_positions(path, max(LLAMA_31_POSITIONS, *args.lengths))
         for label in args.runs:  # own process each: Unsloth patches transformers when imported
-            subprocess.run([sys.executable, __file__, "--worker", label, "--path", path, "--lengths",
-                            *map(str, args.lengths)],
+            subprocess.run([sys.executable, __file__, "--worker", label, "--path", path, "--steps", str(args.steps),
+                            "--lengths", *map(str, args.lengths)],
                            env=dict(os.environ, UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-")))
 
 

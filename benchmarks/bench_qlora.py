@@ -31,6 +31,7 @@ SLOTHAI_RUNS = {
     "slothai-b06": dict(saves=None, memory_budget=0.6),
     "slothai-b07": dict(saves=None, memory_budget=0.7),
     "slothai-lowmem": dict(low_memory=True),
+    "slothai-lowmem-nocg": dict(low_memory=True, cudagraphs=False),
 }
 
 

@@ -31,6 +31,12 @@ LOW_MEMORY_LOGITS_BYTES = 128 << 20
 # Low-memory mode: each layer's MLP runs over this many slices of the tokens under
 # autograd (offload.sliced_forward), so that its backward holds a slice's temporaries.
 LOW_MEMORY_MLP_SLICES = 4
+# Low-memory mode with CUDA graphs by default: a layer call of more tokens than this
+# runs compiled without them (a second variant, compiled at the first such call).
+# A long call is GPU-bound, and a graph costs there without paying back (8B shape,
+# bsz 1 x 65536, H100: the recording step 24.9 s against 14.5 s, peak 22.0 GB
+# against 20.2); at 1B bsz 2 x 2048 (4096 tokens) graphs made the step 2.5x faster.
+LOW_MEMORY_CUDAGRAPH_TOKENS = 32768
 
 
 def decoder_layers(model):
@@ -142,11 +148,11 @@ class _CompiledForward:
         self.layer, self.original, self.dynamic, self.kwargs = layer, original, dynamic, kwargs
         self.options = options  # adapters, saves, memory_budget, low_memory, bucket, cudagraphs: see `compile`
         self._model = weakref.ref(model) if model is not None else None  # for _settle_cudagraphs
-        self._compiled = None
+        self._compiled = self._compiled_long = None
         _REGIONS.add(self)
 
     def __getstate__(self):
-        return {**self.__dict__, "_compiled": None, "_code": None, "_model": None}
+        return {**self.__dict__, "_compiled": None, "_compiled_long": None, "_code": None, "_model": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -167,7 +173,7 @@ class _CompiledForward:
         REGION_CALLS["compiled"] += 1
         return self._run_compiled(*args, **kw)
 
-    def _compile(self):
+    def _compile(self, kwargs=None):
         # The class's forward, compiled once: every layer passes itself, so all
         # share the code object and its cache entries (as bound methods did).
         fn = self.original if self.original is not None else type(self.layer).forward
@@ -178,7 +184,7 @@ class _CompiledForward:
         elif self.options.get("saves") is not None:
             target = with_saves(target, self.options["saves"])
         self._code = target.__code__  # what Dynamo caches variants on, for regions_at_recompile_limit
-        compiled = torch.compile(target, **self.kwargs)
+        compiled = torch.compile(target, **(self.kwargs if kwargs is None else kwargs))
         if self.options["memory_budget"] is not None:
             # AOTAutograd's partitioner reads this when the layer compiles (inside the
             # call): recompute cheap work in backward instead of saving it. Scoped to
@@ -203,20 +209,31 @@ class _CompiledForward:
         if self.options.get("cudagraphs") != "default":
             raise RuntimeError(f"cudagraphs=True, but {why}. Compile with cudagraphs=False, or leave cudagraphs to "
                                "slothai.compile's default, which turns them off here")
-        kwargs = {k: v for k, v in self.kwargs.items() if k != "options"}
-        rest = {k: v for k, v in self.kwargs["options"].items() if k != "triton.cudagraphs"}
-        self.kwargs = {**kwargs, "options": rest} if rest else kwargs
+        self.kwargs = _without_cudagraphs(self.kwargs)
         if self.options.get("bucket_default"):
             self.options = {**self.options, "bucket": False}
-        self._compiled = None
+        self._compiled = self._compiled_long = None
+
+    def _long_call(self, hidden):
+        """A low-memory call too long for CUDA graphs by default (LOW_MEMORY_CUDAGRAPH_TOKENS)."""
+        return self.options["low_memory"] and self.options.get("cudagraphs") == "default" and \
+            hidden is not None and "triton.cudagraphs" in self.kwargs.get("options", {}) and \
+            hidden.numel() // max(1, hidden.shape[-1]) > LOW_MEMORY_CUDAGRAPH_TOKENS
 
     def _run_compiled(self, *args, **kw):
-        self._settle_cudagraphs(self._model() if self._compiled is None and self._model is not None else None)
-        if self._compiled is None:
-            self._compiled = self._compile()
+        first = self._compiled is None and self._compiled_long is None
+        self._settle_cudagraphs(self._model() if first and self._model is not None else None)
         hidden = _hidden_of(args, kw)
+        if self._long_call(hidden):
+            if self._compiled_long is None:
+                self._compiled_long = self._compile(_without_cudagraphs(self.kwargs))
+            compiled, bucket = self._compiled_long, False
+        else:
+            if self._compiled is None:
+                self._compiled = self._compile()
+            compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
-        if self.options["bucket"] and n and kw.get("attention_mask") is None and padded_length(n) != n:
+        if bucket and n and kw.get("attention_mask") is None and padded_length(n) != n:
             args, kw = _pad_tokens(args, kw, n, padded_length(n))
             hidden = _hidden_of(args, kw)
         else:
@@ -226,8 +243,7 @@ class _CompiledForward:
         offload = inputs_to_host(hidden) if self.options["low_memory"] and hidden is not None else \
             contextlib.nullcontext()
         with offload:
-            out = self._compiled(*args, **kw) if self.original is not None else \
-                self._compiled(self.layer, *args, **kw)
+            out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
         if n is None:
             return out
         return tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) and t.dim() >= 2 else t, out)
@@ -235,6 +251,13 @@ class _CompiledForward:
     @property
     def __signature__(self):
         return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
+
+
+def _without_cudagraphs(kwargs):
+    """torch.compile keyword arguments with inductor's CUDA graphs option removed."""
+    rest = {k: v for k, v in kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
+    kwargs = {k: v for k, v in kwargs.items() if k != "options"}
+    return {**kwargs, "options": rest} if rest else kwargs
 
 
 def _why_no_cudagraphs(layer, model=None):
@@ -327,14 +350,16 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     once (0.7-0.85 s for the 1B shape, on the second step at a length), so lengths
     are padded into 8 buckets per octave (`padded_length`; exact, see
     `_pad_tokens`). None: on for a regional compile of a model on CUDA with
-    inductor, not with low_memory, nor on a model FSDP2 shards or whose layers
+    inductor, not on a model FSDP2 shards or whose layers
     checkpoint activations (transformers' gradient checkpointing) — before this
     call, or after it, as Trainer, TRL and accelerate do: then at a layer's next call.
     bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
     low_memory: each layer keeps only its input, in pinned host memory, and is
     recomputed in backward (copies overlap compute on a side stream; `saves` does
-    not apply); its MLP runs over token slices (LOW_MEMORY_MLP_SLICES) and the
-    patched loss head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
+    not apply; inputs come back into two fixed buffers, so CUDA graphs replay; by
+    default a call of more than LOW_MEMORY_CUDAGRAPH_TOKENS tokens runs without them);
+    its MLP runs over token slices (LOW_MEMORY_MLP_SLICES) and the patched loss
+    head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
     """
     if mode not in ("regional", "full", "none"):
         raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
@@ -349,14 +374,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     if cudagraphs and sharded:
         raise ValueError("cudagraphs=True on a model sharded by fully_shard: a CUDA graph replays the addresses "
                          "of the weights it recorded, and FSDP2 frees and reallocates them every step")
-    if cudagraphs and low_memory:
-        raise ValueError("cudagraphs=True with low_memory=True: each layer's input comes back from the host at a new "
-                         "address every step, and a layer's backward graph replays the addresses it recorded for "
-                         "the tensors it reads (it re-recorded every step on an H100: 0.51 s/step against 0.18 "
-                         "without CUDA graphs); low_memory runs without them")
     cudagraphs_default, bucket_default = cudagraphs is None, bucket_lengths is None
     if cudagraphs is None:
-        cudagraphs = mode == "regional" and backend == "inductor" and not low_memory and not sharded and \
+        cudagraphs = mode == "regional" and backend == "inductor" and not sharded and \
             any(p.is_cuda for p in model.parameters())
     if cudagraphs:
         if backend != "inductor":

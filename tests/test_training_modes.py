@@ -317,6 +317,33 @@ def test_nf4_linear_counts_its_flops():
     assert counter.get_total_flops() == 2 * 5 * 7 * 48 * 64
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and host copies run on CUDA only")
+def test_low_memory_cuda_graphs_record_once_per_length(monkeypatch):
+    # Each layer's input comes back from the host into the landing buffer of its
+    # parity: the same address every step, so the backward graphs that read it replay
+    # instead of recording again (with fresh tensors they re-recorded every step).
+    # A call longer than LOW_MEMORY_CUDAGRAPH_TOKENS runs without graphs.
+    from torch._inductor import cudagraph_trees
+
+    recorded, real = [], cudagraph_trees.CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                        lambda self, *a, **k: recorded.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(regional, "LOW_MEMORY_CUDAGRAPH_TOKENS", 2 * 200)
+    # buckets of 64 and 128 tokens, then 2 x 300 tokens: a long call
+    batches = list(qlora.batches(256, 2, [40] * 5 + [100] * 4 + [300] * 2, 11, "cuda"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")), low_memory=True)
+    counts = []
+    got = qlora.train(model, batches, log=lambda _: counts.append(len(recorded)))
+    layers = [layer.forward for layer in regional.compiled_layers(model)]
+    assert all(f.kwargs["options"]["triton.cudagraphs"] and f._compiled_long is not None for f in layers)
+    assert counts[1] > 0 and counts[2:5] == [counts[1]] * 3, counts  # recorded at step 2, replayed after
+    assert counts[6] > counts[4] and counts[7:9] == [counts[6]] * 2, counts  # a new length: once
+    assert counts[9:] == [counts[8]] * 2, counts  # long calls: no graphs
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-3 * abs(b), (got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host copies run on CUDA only")
 def test_low_memory_on_cuda_with_two_forwards_before_one_backward():
     # Layer inputs go to pinned host memory and come back on a side stream; two
