@@ -56,8 +56,9 @@ CAUSAL_LM_FAMILIES = {
     "gemma3_text": "final_logit_softcapping",
 }
 
-_KEEP_LOGITS = "_slothai_keep_logits"  # instance attributes of a patched head: patch(keep_logits=...),
-_FP32_HEAD_GRAD = "_slothai_fp32_head_grad"  # patch(fp32_head_grad=...)
+# Instance attributes of a patched head: patch(keep_logits=...), patch(fp32_head_grad=...).
+_KEEP_LOGITS = "_slothai_keep_logits"
+_FP32_HEAD_GRAD = "_slothai_fp32_head_grad"
 
 
 def _patched_class(base, kind):

@@ -340,8 +340,7 @@ def test_low_memory_cuda_graphs_record_once_per_length(monkeypatch):
     assert counts[1] > 0 and counts[2:5] == [counts[1]] * 3, counts  # recorded at step 2, replayed after
     assert counts[6] > counts[4] and counts[7:9] == [counts[6]] * 2, counts  # a new length: once
     assert counts[9:] == [counts[8]] * 2, counts  # long calls: no graphs
-    for (a, _, _), (b, _, _) in zip(got, want):
-        assert abs(a - b) <= 1e-3 * abs(b), (got, want)
+    assert_losses_close(got, want, 1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host copies run on CUDA only")
