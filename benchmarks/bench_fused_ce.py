@@ -158,6 +158,13 @@ def main():
               ", ".join(f"{k} {t:.1f} ms / {rec['peak_gb'].get(k, 0) or 0:.2f} GB" if t else f"{k} OOM"
                         for k, t in rec["ms"].items()), flush=True)
 
+    common.write(args.name, dict(env, cases=records), report(records, env))
+    if not args.quick:
+        plot(records, env, args.name)
+
+
+def report(records, env):
+    """The printed table and accuracy lines of a run (also rebuilt from its .json)."""
     names = ["slothai", "slothai-1k", "slothai-bf16dW", "unsloth_zoo", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
     rows = []
     for r in records:
@@ -177,9 +184,7 @@ def main():
                 gw = "-" if a["grad_w_err"] is None else f"{a['grad_w_err']:.2e}"
                 lines.append(f"    {k:14s} |loss diff| {a['loss_diff']:.2e}  grad x rel err {a['grad_x_err']:.2e}"
                              f"  grad W rel err {gw}")
-    common.write(args.name, dict(env, cases=records), lines)
-    if not args.quick:
-        plot(records, env, args.name)
+    return lines
 
 
 def plot(records, env, name="fused_ce"):

@@ -107,6 +107,53 @@ def test_all_ignored_rows(device):
     assert s.item() == 0 and x.grad.abs().max() == 0 and w.grad.abs().max() == 0
 
 
+def test_ignored_rows_are_not_computed():
+    # 40 rows, 11 ignored: each GEMM runs over the 29 others (a GEMM with 40 rows
+    # would mean the skip is gone: same answers, a third more work at 27% ignored).
+    (_, _, _, _), (x, w, _, t) = make(40, 8, 17, torch.float32, "cpu", ignore_frac=0)
+    t[::4] = -100
+    t[1] = -100  # 11 ignored, 29 counted, in no regular pattern
+    x.requires_grad_()
+    w.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = slothai.fused_linear_cross_entropy(x, w, t, reduction="none", chunk_size=16)
+        loss.sum().backward()
+    rows = {tuple(e.input_shapes[0]) for e in prof.events() if e.name in ("aten::mm", "aten::addmm") and e.input_shapes}
+    assert rows and all(40 not in shape for shape in rows), rows
+    assert (16, 8) in rows and (13, 8) in rows  # the counted rows, in chunks of 16
+    want = reference(x.detach().double(), w.detach().double(), t, reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=1e-4)
+    assert (loss[t == -100] == 0).all() and (x.grad[t == -100] == 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_graph_capture_computes_every_row(reduction):
+    # Counting the ignored rows waits for the device, which capture forbids: a
+    # captured call computes every row (ignored ones as zeros), with the same answers.
+    (_, _, _, _), (x, w, _, t) = make(300, 64, 1000, torch.bfloat16, "cuda")
+    g = torch.ones(300, device="cuda") if reduction == "none" else None
+
+    def call():
+        out = torch.ops.slothai.fused_ce.default(x, w, None, t, g, -100, 0.0, 0.0, 0.0, reduction, 64,
+                                                 True, True, False, True)
+        return [o.clone() for o in out]
+
+    eager = call()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up off the capture, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_hidden_size_zero(device, reduction, bias):

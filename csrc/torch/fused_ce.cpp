@@ -1,8 +1,9 @@
 // slothai::fused_ce: linear + cross-entropy that never holds more than one
-// chunk of logits. Per chunk of rows c (3 GEMMs when gradients are wanted):
+// chunk of logits. Per chunk c of the rows computed (Rows: those whose target
+// counts, where the host may wait for their number; 3 GEMMs with gradients):
 //   z_c   = x_c W^T (+ b)                      [rows x V, input dtype]
 //   loss_c, dz_c (in place of z_c)             core kernel, fp32 math
-//   dx_c  = dz_c W                             written straight into dX
+//   dx_c  = dz_c W                             into its rows of dX (skipped rows: 0)
 //   dW   += dz_c^T x_c                         fp32 accumulator across chunks, or
 //                                              the input dtype (fp32_weight_grad off)
 //   db   += sum_rows dz_c                      fp32
@@ -150,6 +151,34 @@ int64_t aligned_vocab(const at::Tensor &t, int64_t V)
     return t.is_cuda() && t.scalar_type() != at::kFloat && V8 != V && V8 > 0 ? V8 : 0;
 }
 
+// The rows the chunk loop runs over. Rows whose target is ignore_index contribute
+// nothing (loss 0, gradient 0): where the host may wait for their count (the CPU;
+// CUDA outside graph capture) only the others are computed, gathered chunk by
+// chunk, so each ignored row is a row less in every GEMM (the prompt and padding
+// tokens of SFT batches; unsloth_zoo skips them too). Otherwise (or when none is
+// ignored) every row, in order; ignored ones come out of the row kernel as zeros.
+struct Rows {
+    at::Tensor index; // the counted rows (int64), or undefined: all rows
+    int64_t count;
+
+    Rows(const at::Tensor &target, int64_t ignore_index, bool may_sync) : count(target.size(0))
+    {
+        if (!may_sync || count == 0) return;
+        at::Tensor kept = (target != ignore_index).nonzero().squeeze(1); // waits for the device
+        if (kept.size(0) != count) index = kept, count = kept.size(0);
+    }
+    // Rows [start, start + n) of the set, from t (indexed by all rows).
+    at::Tensor take(const at::Tensor &t, int64_t start, int64_t n) const
+    {
+        return index.defined() ? t.index_select(0, index.narrow(0, start, n)) : t.narrow(0, start, n);
+    }
+    // t's rows (rows [start, start + t.size(0)) of the set) written to their rows of `all`.
+    void put(at::Tensor &all, int64_t start, const at::Tensor &t) const
+    {
+        all.index_copy_(0, index.narrow(0, start, t.size(0)), t);
+    }
+};
+
 // The gradients of the inputs, chunk by chunk: dx rows written in place, db summed
 // in fp32, dW summed either in an fp32 accumulator (rounded once at the end, as
 // eager's single GEMM: V x H x 4 bytes more memory, 2.1 GB at 128K x 4096) or
@@ -158,27 +187,31 @@ int64_t aligned_vocab(const at::Tensor &t, int64_t V)
 // single chunk both are one GEMM and the same.
 class GradientSums {
   public:
-    GradientSums(const at::Tensor &x, const at::Tensor &w, const FusedCeOptions &o, int64_t nchunks)
-        : x_(x), w_(w), o_(o),
+    GradientSums(const at::Tensor &x, const at::Tensor &w, const FusedCeOptions &o, const Rows &rows, int64_t nchunks)
+        : x_(x), w_(w), o_(o), rows_(rows),
           dw_in_place_(nchunks == 1 || !o.fp32_weight_grad || x.scalar_type() == at::kFloat)
     {
         const auto fopts = x.options().dtype(at::kFloat);
         const int64_t N = x.size(0), H = x.size(1), V = w.size(0);
-        dx_ = at::empty({o.grad_hidden ? N : 0, o.grad_hidden ? H : 0}, x.options());
+        if (o.grad_hidden) // a skipped row's dx is 0
+            dx_ = rows.index.defined() ? at::zeros({N, H}, x.options()) : at::empty({N, H}, x.options());
+        else
+            dx_ = at::empty({0, 0}, x.options());
         if (o.grad_weight) {
             if (dw_in_place_)
-                dw_ = N > 0 ? at::empty({V, H}, x.options()) : at::zeros({V, H}, x.options());
+                dw_ = rows.count > 0 ? at::empty({V, H}, x.options()) : at::zeros({V, H}, x.options());
             else
                 dw_acc_ = at::zeros({V, H}, fopts);
         }
         if (o.grad_bias) db_acc_ = at::zeros({V}, fopts);
     }
 
-    // dz: the chunk's d loss / d z (rows [start, start + dz.size(0))); xc: its hidden rows.
+    // dz: the chunk's d loss / d z (rows [start, start + dz.size(0)) of the set); xc: its hidden rows.
     void add(const at::Tensor &dz, const at::Tensor &xc, int64_t start)
     {
         if (o_.grad_hidden) {
-            at::Tensor dxc = dx_.narrow(0, start, dz.size(0));
+            const bool gathered = rows_.index.defined();
+            at::Tensor dxc = gathered ? at::empty_like(xc) : dx_.narrow(0, start, dz.size(0));
             const int64_t V = dz.size(1), V8 = aligned_vocab(dz, V);
             if (V8 != 0) { // split (aligned_vocab) into one fp32 sum, rounded once
                 at::Tensor acc = at::zeros({dz.size(0), dxc.size(1)}, dz.options().dtype(at::kFloat));
@@ -188,6 +221,7 @@ class GradientSums {
             } else {
                 at::mm_out(dxc, dz, w_);
             }
+            if (gathered) rows_.put(dx_, start, dxc);
         }
         if (o_.grad_weight) {
             if (!dw_in_place_)
@@ -216,6 +250,7 @@ class GradientSums {
   private:
     const at::Tensor &x_, &w_;
     const FusedCeOptions &o_;
+    const Rows &rows_;
     const bool dw_in_place_;
     at::Tensor dx_, dw_, dw_acc_, db_acc_;
 };
@@ -233,36 +268,48 @@ FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, 
     if (!x.is_cuda()) check_targets_on_cpu(target, V, o.ignore_index);
 
     const at::Tensor counted = (target != o.ignore_index).sum();
-    const at::Tensor g = upstream_factor(grad_rows, o, counted, x.options().dtype(at::kFloat));
-    at::Tensor loss = at::empty({N}, x.options().dtype(at::kFloat));
+    const auto fopts = x.options().dtype(at::kFloat);
+    const at::Tensor g_all = upstream_factor(grad_rows, o, counted, fopts);
+
+    // The rows computed (Rows), and their targets, upstream factors and losses.
+    const Rows set(target, o.ignore_index, dev.may_sync);
+    const int64_t M = set.count;
+    const at::Tensor t = set.take(target, 0, M);
+    const at::Tensor g = g_all.defined() && g_all.numel() > 1 ? set.take(g_all, 0, M) : g_all;
+    at::Tensor loss = at::empty({M}, fopts);
 
     // The logits buffer's row stride: V rounded up to 16 bytes, as cuBLAS's fast GEMM
     // kernels want aligned rows (H100, N4096 H1024 V50257 trained: 11.4 -> 9.8 ms; with
     // dx split at aligned_vocab 6.9 ms, unsloth_zoo 4.1-5.0).
     const int64_t align = 16 / x.element_size(), ld = (V + align - 1) / align * align;
-    const int64_t chunk = rows_per_chunk(o, dev, N, ld, x.element_size());
-    GradientSums grads(x, w, o, (N + chunk - 1) / chunk);
+    const int64_t chunk = rows_per_chunk(o, dev, M, ld, x.element_size());
+    GradientSums grads(x, w, o, set, (M + chunk - 1) / chunk);
     {
-        at::Tensor zbuf = at::empty({N > 0 ? chunk : 0, ld}, x.options()); // one chunk of logits, reused
+        at::Tensor zbuf = at::empty({M > 0 ? chunk : 0, ld}, x.options()); // one chunk of logits, reused
         const at::Tensor wt = w.t();
-        for (int64_t start = 0; start < N; start += chunk) {
-            const int64_t rows = std::min(chunk, N - start);
-            const at::Tensor xc = x.narrow(0, start, rows);
+        for (int64_t start = 0; start < M; start += chunk) {
+            const int64_t rows = std::min(chunk, M - start);
+            const at::Tensor xc = set.take(x, start, rows);
             at::Tensor z = zbuf.narrow(0, 0, rows).narrow(1, 0, V);
             if (bias)
                 at::addmm_out(z, *bias, xc, wt);
             else
                 at::mm_out(z, xc, wt);
-            dev.rows(rows_args(z, target, g, loss, start, o)); // loss rows; z becomes dz when g is defined
+            dev.rows(rows_args(z, t, g, loss, start, o)); // loss rows; z becomes dz when g is defined
             if (g.defined()) grads.add(z, xc, start);
         }
     } // the logits buffer is freed before dW is converted
 
     auto [dx, dw, db] = grads.finish();
-    if (o.reduction == Reduction::kSum)
+    if (o.reduction == Reduction::kNone && set.index.defined()) {
+        at::Tensor all = at::zeros({N}, fopts); // a skipped row's loss is 0
+        set.put(all, 0, loss);
+        loss = all;
+    } else if (o.reduction == Reduction::kSum) {
         loss = loss.sum();
-    else if (o.reduction == Reduction::kMean)
+    } else if (o.reduction == Reduction::kMean) {
         loss = loss.sum() / counted; // 0 / 0 = NaN when every row is ignored, as torch
+    }
     return {loss, dx, dw, db};
 }
 
@@ -272,6 +319,7 @@ FusedCeDevice cpu_device(const FusedCeOptions &)
 {
     FusedCeDevice dev;
     dev.chunk_bytes = int64_t(64) << 20;
+    dev.may_sync = true;
     dev.rows = [](const slothai_fused_ce_rows_args &a) {
         at::parallel_for(0, a.rows, 1, [&](int64_t begin, int64_t end) {
             check_status(slothai_fused_ce_rows_cpu(&a, begin, end), "fused_ce rows (cpu)");

@@ -36,10 +36,12 @@ struct FusedCeOptions {
     bool any_grad() const { return grad_hidden || grad_weight || grad_bias; }
 };
 
-// What differs per device: the core's row kernel and a chunk's logits budget.
+// What differs per device: the core's row kernel, a chunk's logits budget, and
+// whether the host may wait for the device (to count the rows it can skip).
 struct FusedCeDevice {
     std::function<void(const slothai_fused_ce_rows_args &)> rows; // runs the kernel on all rows of a chunk
     int64_t chunk_bytes;                                          // logits budget when chunk_size <= 0
+    bool may_sync;                                                // false while a CUDA graph is captured
 };
 
 using FusedCeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>; // loss, dhidden, dweight, dbias

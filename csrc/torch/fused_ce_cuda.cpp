@@ -1,6 +1,7 @@
 // slothai::fused_ce on CUDA: the shared chunk loop of fused_ce.cpp with the
 // core's CUDA row kernel, on the current stream of the inputs' device.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -25,6 +26,9 @@ FusedCeDevice cuda_device(const FusedCeOptions &o)
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
     const int64_t cap = o.grad_weight ? int64_t(1) << 30 : int64_t(256) << 20;
     dev.chunk_bytes = std::max<int64_t>(int64_t(64) << 20, std::min<int64_t>(cap, free_bytes / 8));
+    // Counting the rows to skip waits for the device, which a stream being captured
+    // into a CUDA graph must not: there every row is computed.
+    dev.may_sync = c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
     dev.rows = [](const slothai_fused_ce_rows_args &a) {
         check_status(slothai_fused_ce_rows_cuda(&a, at::cuda::getCurrentCUDAStream().stream()),
                      "fused_ce rows (cuda)");
