@@ -109,7 +109,7 @@ def test_all_ignored_rows(device):
 
 def test_ignored_rows_are_not_computed():
     # 40 rows, 11 ignored: each GEMM runs over the 29 others (a GEMM with 40 rows
-    # would mean the skip is gone: same answers, a third more work at 27% ignored).
+    # would mean the skip is gone: same answers, 40/29 of the work at 27% ignored).
     (_, _, _, _), (x, w, _, t) = make(40, 8, 17, torch.float32, "cpu", ignore_frac=0)
     t[::4] = -100
     t[1] = -100  # 11 ignored, 29 counted, in no regular pattern
