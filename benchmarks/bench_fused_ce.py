@@ -165,7 +165,8 @@ def main():
 
 def report(records, env):
     """The printed table and accuracy lines of a run (also rebuilt from its .json)."""
-    names = ["slothai", "slothai-1k", "slothai-bf16dW", "unsloth_zoo", "chunked", "eager", "torch.compile", "liger", "cce", "gemms"]
+    names = ["slothai", "slothai-1k", "slothai-bf16dW", "unsloth_zoo", "chunked", "eager", "torch.compile", "liger",
+             "cce", "gemms"]
     rows = []
     for r in records:
         fmt = lambda d, k, p: "-" if d.get(k) is None else f"{d[k]:.{p}f}"  # noqa: E731

@@ -161,10 +161,11 @@ struct Rows {
     at::Tensor index; // the counted rows (int64), or undefined: all rows
     int64_t count;
 
-    Rows(const at::Tensor &target, int64_t ignore_index, bool may_sync) : count(target.size(0))
+    // counts: per row, whether its target counts (target != ignore_index).
+    Rows(const at::Tensor &counts, bool may_sync) : count(counts.size(0))
     {
         if (!may_sync || count == 0) return;
-        at::Tensor kept = (target != ignore_index).nonzero().squeeze(1); // waits for the device
+        at::Tensor kept = counts.nonzero().squeeze(1); // waits for the device
         if (kept.size(0) != count) index = kept, count = kept.size(0);
     }
     // Rows [start, start + n) of the set, from t (indexed by all rows).
@@ -267,12 +268,12 @@ FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, 
     const at::Tensor target = target_in.to(at::kLong).contiguous();
     if (!x.is_cuda()) check_targets_on_cpu(target, V, o.ignore_index);
 
-    const at::Tensor counted = (target != o.ignore_index).sum();
+    const at::Tensor counts = target != o.ignore_index, counted = counts.sum();
     const auto fopts = x.options().dtype(at::kFloat);
     const at::Tensor g_all = upstream_factor(grad_rows, o, counted, fopts);
 
     // The rows computed (Rows), and their targets, upstream factors and losses.
-    const Rows set(target, o.ignore_index, dev.may_sync);
+    const Rows set(counts, dev.may_sync);
     const int64_t M = set.count;
     const at::Tensor t = set.take(target, 0, M);
     const at::Tensor g = g_all.defined() && g_all.numel() > 1 ? set.take(g_all, 0, M) : g_all;

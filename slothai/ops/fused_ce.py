@@ -119,8 +119,12 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     chunks in fp32 and rounded once, as eager's one GEMM (the default: a V x H fp32
     buffer, 2.1 GB at 128K x 4096); fp32_weight_grad=False sums it in the weight's
     dtype instead, rounding once per chunk (unsloth_zoo's default: no buffer, a
-    little less accurate; measured in benchmarks/results/fused_ce*.txt). On CUDA a target outside [0, V) that is not ignore_index makes
-    its row's loss NaN (no host sync to check it); on the CPU it raises ValueError.
+    little less accurate; measured in benchmarks/results/fused_ce*.txt).
+
+    Rows whose target is ignore_index are not computed (counting them waits for the
+    GPU once; while a CUDA graph is captured every row is computed instead). On CUDA
+    a target outside [0, V) that is not ignore_index makes its row's loss NaN (not
+    checked on the host); on the CPU it raises ValueError.
     """
     check_reduction(reduction)
     check_tokens(hidden, target)
