@@ -45,6 +45,8 @@ def _compile_call(kwargs):
 RUNS = {
     "eager": "HF + PEFT + bitsandbytes, eager",
     **{label: _compile_call(kwargs) for label, kwargs in SLOTHAI_RUNS.items()},
+    "slothai-warm": "slothai.patch + slothai.compile, then slothai.warm_up(model, lengths, batch_size) before "
+                    "the first step (set-up s: its time, compiling included)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
     "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
     "unsloth+slothai": "Unsloth FastLanguageModel (checkpointing off), then slothai.patch",
@@ -84,9 +86,9 @@ def build_model(label, path, args):
     if label == "full":
         model.config.use_cache = False
         model.compile(dynamic=None)
-    elif label in SLOTHAI_RUNS:
+    elif label in SLOTHAI_RUNS or label == "slothai-warm":
         slothai.patch(model)
-        slothai.compile(model, **SLOTHAI_RUNS[label])
+        slothai.compile(model, **SLOTHAI_RUNS.get(label, {}))
     return model
 
 
@@ -115,12 +117,12 @@ def profile_step(model, batch):
         name = e.key.lower()
         kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
-        top[e.key[:60]] = ms
+        top[e.key[:90]] = top.get(e.key[:90], 0.0) + ms
     gpu_ms = sum(kinds.values())
     return dict(wall_ms=round(wall * 1e3, 1), gpu_kernel_ms=round(gpu_ms, 1),
                 gpu_busy=round(gpu_ms / (wall * 1e3), 2),
                 by_kind_ms=dict(sorted(((k, round(v, 1)) for k, v in kinds.items()), key=lambda kv: -kv[1])),
-                top_kernels_ms=dict(sorted(((k, round(v, 1)) for k, v in top.items()), key=lambda kv: -kv[1])[:8]))
+                top_kernels_ms=dict(sorted(((k, round(v, 1)) for k, v in top.items()), key=lambda kv: -kv[1])[:20]))
 
 
 def phase_peaks(model, ids):
@@ -166,13 +168,14 @@ def worker(args):
         print(f"  [{label}]{line}  peak {step_peaks[-1]:.2f} GB", flush=True)
 
     with slothai.compile_report() as rep:
+        warm = slothai.warm_up(model, args.seq, batch_size=args.batch) if label == "slothai-warm" else {}
         steps = qlora.train(model, batch_list, log=log)
     phases = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if sum(v) > 0.05}
     phases = dict(sorted(phases.items(), key=lambda kv: -kv[1])[:12])
     rec = dict(label=label, what=RUNS[label], losses=[s[0] for s in steps], step_s=[s[1] for s in steps],
                seqs=seqs, steady_step_s=statistics.median(s[1] for s in steps[1:]),
                peak_gb=max(step_peaks), step_peak_gb=step_peaks, model_gb=base / 1e9, compile=rep.to_dict(),
-               compile_phases_s=phases)
+               compile_phases_s=phases, warm_up_s=warm)
     print(f"[{label}] {rep}\n[{label}] steady {rec['steady_step_s']:.3f} s/step, peak {rec['peak_gb']:.2f} GB",
           flush=True)
     rec["phase_peak_gb"] = phase_peaks(model, batch_list[0])
@@ -298,14 +301,14 @@ def report(args, env, recs, failed):
                      else "-", f"{(ref['settled_step_s'] or ref['steady_step_s']) / steady:.2f}x",
                      new_len, f"{r['peak_gb']:.2f}", f"{r['peak_gb'] / ref['peak_gb']:.2f}", f"{rel:.1e}",
                      str(sum(b["count"] for b in c["graph_breaks"])), str(c["compilations"]),
-                     f"{c['compile_seconds']:.0f}"])
+                     f"{c['compile_seconds']:.0f}", f"{sum(r.get('warm_up_s', {}).values()):.1f}"])
     for label, why in failed.items():
-        rows.append([label, why] + ["-"] * 9)
+        rows.append([label, why] + ["-"] * 10)
     lines = [f"QLoRA step, {args.model} shape, NF4 double-quant, bf16, LoRA r=32 on 7 projections, bsz {args.batch}, "
              f"seq {args.seq} x {args.repeat}, AdamW. {env['card']}, torch {env['torch']}, {env['date']}"]
     lines += common.table(["run", "median s/step", "settled s/step", f"speed vs {ref['label']}",
                            "first new length", "peak GB", f"vs {ref['label']}", "max rel loss diff",
-                           "graph breaks", "compilations", "compile s"], rows)
+                           "graph breaks", "compilations", "compile s", "set-up s"], rows)
     lines += [f"  {r['label']}: {r['what']}" for r in recs]
     name = f"qlora_{args.model}{args.name}"
     common.write(name, dict(env, model=args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, runs=recs,

@@ -12,11 +12,12 @@ from .ops import FusedLinearCrossEntropyLoss, dequantize_nf4, fused_linear_cross
 from .patch import is_patched, patch, unpatch
 from .regional import compile
 from .report import CompileReport, compile_report
+from .warmup import warm_up
 
 __version__ = "0.1.0"
 __all__ = [
     "dequantize_nf4", "nf4_levels", "nf4_linear",
-    "patch", "unpatch", "is_patched", "compile", "compile_report", "CompileReport",
+    "patch", "unpatch", "is_patched", "compile", "warm_up", "compile_report", "CompileReport",
     "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "chunked_linear_loss",
     "__version__",
 ]

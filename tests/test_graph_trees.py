@@ -45,11 +45,27 @@ def graph_node(path):
     return types.SimpleNamespace(path_weakrefs=path)
 
 
-def warmup_node(path):
+def warmup_node(path, ours=False):
+    """A warm-up node over `path`; its path_live_weakrefs is torch's, or ours."""
     nodes = [types.SimpleNamespace(outputs_weakrefs=refs) for refs in path]
     node = types.SimpleNamespace(_path_from_root=nodes)
-    node.path_live_weakrefs = lambda: CUDAWarmupNode.path_live_weakrefs(node)
+    walk = graph_trees._REPLACEMENTS["CUDAWarmupNode", "path_live_weakrefs"] if ours else \
+        graph_trees.original("CUDAWarmupNode", "path_live_weakrefs")
+    node.path_live_weakrefs = lambda: walk(node)
     return node
+
+
+def path_walks_answer_as_torch(path):
+    """The path walks (live outputs, all dead?) of both node kinds, ours against torch's."""
+    ours_node, theirs_node = warmup_node(path, ours=True), warmup_node(path)
+    ours = list(graph_trees._REPLACEMENTS["CUDAWarmupNode", "path_live_weakrefs"](ours_node))
+    assert ours == list(graph_trees.original("CUDAWarmupNode", "path_live_weakrefs")(theirs_node))
+    assert graph_trees._REPLACEMENTS["CUDAWarmupNode", "all_outputs_are_dead"](ours_node) == \
+        graph_trees.original("CUDAWarmupNode", "all_outputs_are_dead")(theirs_node) == (not ours)
+    node = graph_node(path)
+    node.live_indices_after_graph = [(d, i) for d, refs in enumerate(path) for i in range(len(refs))]
+    assert list(graph_trees._REPLACEMENTS["CUDAGraphNode", "path_live_weakrefs"](node)) == \
+        list(graph_trees.original("CUDAGraphNode", "path_live_weakrefs")(node))
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -64,8 +80,27 @@ def test_replacements_answer_as_torch(seed):
     theirs = graph_trees.original("CUDAGraphNode", "_get_liveness").__func__
     ours = graph_trees._REPLACEMENTS["CUDAGraphNode", "_get_liveness"].__func__
     assert ours(path) == theirs(path)
+    path_walks_answer_as_torch(path)
     del alive[: len(alive) // 2]  # outputs die between checks
     assert ours(path) == theirs(path)
+    path_walks_answer_as_torch(path)
+    del alive[:]
+    path_walks_answer_as_torch(path)
+
+
+def test_checks_follow_a_node_list_that_changes():
+    """torch appends to a node's output list while recording and may replace an entry:
+    the cached addresses must follow, or a check answers from a stale list."""
+    recorded = graph_trees._REPLACEMENTS["CUDAGraphNode", "_is_cuda_graph_recorded_tensor"]
+    alias = graph_trees._REPLACEMENTS["CUDAGraphNode", "_is_alias_of_live_recorded_tensor"]
+    a, b, c = torch.empty(4), torch.empty(4), torch.empty(4)
+    refs = [StorageWeakRefWrapper(a)]
+    node = graph_node([refs])
+    assert recorded(node, a) and not recorded(node, b)
+    refs.append(StorageWeakRefWrapper(b))  # appended after a check
+    assert recorded(node, b) and alias(node, b) == (0, 1)
+    refs[0] = StorageWeakRefWrapper(c)  # replaced in place
+    assert recorded(node, c) and not recorded(node, a) and alias(node, c) == (0, 0) and alias(node, a) is None
 
 
 def test_alias_of_live_skips_dead_entries_at_the_same_address():

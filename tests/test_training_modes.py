@@ -317,6 +317,71 @@ def test_nf4_linear_counts_its_flops():
     assert counter.get_total_flops() == 2 * 5 * 7 * 48 * 64
 
 
+def test_warm_up_compiles_and_leaves_the_model_as_it_was():
+    # After warm_up, training at those lengths compiles nothing more and trains as a
+    # model never warmed up: parameters, gradients, RNG state and mode are put back.
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
+    model.eval()
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # LoRA's
+    some = next(p for p in model.parameters() if p.requires_grad)
+    some.grad = torch.ones_like(some)
+    given, rng = some.grad, torch.get_rng_state()
+    with slothai.compile_report() as warming:
+        seconds = slothai.warm_up(model, SEQS, batch_size=2)
+    assert list(seconds) == [40, 24] and warming.compilations == 1  # one run per length, longest first
+    assert not model.training and some.grad is given and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters() if p is not some)
+    for n, p in model.named_parameters():
+        assert n not in params or torch.equal(p, params[n]), n
+    some.grad = None
+    with slothai.compile_report() as training:
+        got = qlora.train(model, batches)
+    assert training.compilations == 0, training
+    assert_losses_close(got, want, 1e-4)
+
+
+def test_warm_up_runs_each_length_bucket_once():
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
+    assert list(slothai.warm_up(model, [37, 40, 100, 64])) == [128, 64]
+
+
+@pytest.mark.parametrize("lengths, batch_size, name", [([], 1, "lengths"), ([0], 1, "lengths"), ([8.0], 1, "lengths"),
+                                                        ([8], 0, "batch_size")])
+def test_warm_up_rejects_bad_arguments(lengths, batch_size, name):
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
+    with pytest.raises(ValueError, match=name):
+        slothai.warm_up(model, lengths, batch_size=batch_size)
+
+
+def test_warm_up_needs_a_compiled_model():
+    with pytest.raises(ValueError, match="slothai.compile"):
+        slothai.warm_up(slothai.patch(qlora.build("tiny", "llama")), [8])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_warm_up_records_every_bucket_before_training(monkeypatch):
+    # After warm_up, the first step at each length replays its graphs: nothing more
+    # is warmed up or recorded, and the losses are eager's.
+    from torch._inductor import cudagraph_trees
+
+    calls = []
+    for name in ("record_function", "run_eager"):
+        real = getattr(cudagraph_trees.CUDAGraphTreeManager, name)
+        monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, name,
+                            lambda self, *a, _real=real, _name=name, **k: calls.append(_name) or _real(self, *a, **k))
+    batches = list(qlora.batches(256, 2, [40, 100, 40, 70], 4, "cuda"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
+    assert list(slothai.warm_up(model, [40, 70, 100], batch_size=2)) == [128, 64]
+    assert "record_function" in calls and "run_eager" in calls
+    before = len(calls)
+    got = qlora.train(model, batches)
+    assert len(calls) == before, calls[before:]
+    assert_losses_close(got, want, 1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and host copies run on CUDA only")
 def test_low_memory_cuda_graphs_record_once_per_length(monkeypatch):
     # Each layer's input comes back from the host into the landing buffer of its
