@@ -20,13 +20,27 @@ import torch
 from .regional import compiled_layers, padded_length
 
 
+def _graph_paths(lengths, bucket):
+    """{(tokens the layers run, padded?): the longest length given that runs them}.
+    A length shorter than its bucket and the bucket's own length are two CUDA-graph
+    paths: padded, each layer takes a fresh padded copy of its input; unpadded, it
+    takes the previous layer's graph output itself, which the graph records as such."""
+    paths = {}
+    for n in lengths:
+        run = padded_length(n) if bucket else n
+        paths[run, run != n] = max(n, paths.get((run, run != n), n))
+    return paths
+
+
 def warm_up(model, lengths, batch_size=1):
     """Take the first two training steps' forward and backward (no optimizer step) at
     the bucket of each of `lengths` (sequence lengths, tokens), `batch_size` rows of
     random token ids each, through `model(input_ids=ids, labels=ids).loss`: the call
     HF Trainer and TRL make. Run it under the autocast you train under, if any.
-    Returns {tokens run: seconds} (the first includes compiling). Lengths that pad to
-    one bucket (`padded_length`) are run once, at the bucket's length."""
+    Returns {length run: seconds} (the first includes compiling). With length buckets
+    on (`compile`'s default with CUDA graphs) one length runs per bucket
+    (`padded_length`) and kind: shorter than the bucket (padded), or the bucket's own
+    length (see _graph_paths); without, each length given runs."""
     lengths = list(lengths)
     if not lengths or not all(isinstance(n, int) and n >= 1 for n in lengths):
         raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths!r}")
@@ -36,8 +50,7 @@ def warm_up(model, lengths, batch_size=1):
     if not regions:
         raise ValueError("warm_up needs a model compiled by slothai.compile (mode='regional'): none of its "
                          "layers is")
-    bucket = regions[0].options["bucket"]
-    runs = sorted({padded_length(n) if bucket else n for n in lengths}, reverse=True)
+    runs = sorted(_graph_paths(lengths, regions[0].options["bucket"]).values(), reverse=True)
     embeddings = model.get_input_embeddings()
     device, vocab = embeddings.weight.device, embeddings.num_embeddings
     params = [p for p in model.parameters() if p.requires_grad]

@@ -342,9 +342,11 @@ def test_warm_up_compiles_and_leaves_the_model_as_it_was():
     assert_losses_close(got, want, 1e-4)
 
 
-def test_warm_up_runs_each_length_bucket_once():
+def test_warm_up_runs_each_length_bucket_once_per_graph_path():
+    # 37 and 40 pad to 64 (one path), 100 to 128; 64 is its bucket's own length: its
+    # layers take the previous layer's output unpadded, another CUDA-graph path.
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
-    assert list(slothai.warm_up(model, [37, 40, 100, 64])) == [128, 64]
+    assert list(slothai.warm_up(model, [37, 40, 100, 64])) == [100, 64, 40]
 
 
 @pytest.mark.parametrize("lengths, batch_size, name", [([], 1, "lengths"), ([0], 1, "lengths"), ([8.0], 1, "lengths"),
@@ -371,10 +373,10 @@ def test_warm_up_records_every_bucket_before_training(monkeypatch):
         real = getattr(cudagraph_trees.CUDAGraphTreeManager, name)
         monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, name,
                             lambda self, *a, _real=real, _name=name, **k: calls.append(_name) or _real(self, *a, **k))
-    batches = list(qlora.batches(256, 2, [40, 100, 40, 70], 4, "cuda"))
+    batches = list(qlora.batches(256, 2, [40, 100, 64, 70, 64, 40], 6, "cuda"))
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
-    assert list(slothai.warm_up(model, [40, 70, 100], batch_size=2)) == [128, 64]
+    assert list(slothai.warm_up(model, [40, 64, 70, 100], batch_size=2)) == [100, 64, 40]
     assert "record_function" in calls and "run_eager" in calls
     before = len(calls)
     got = qlora.train(model, batches)
