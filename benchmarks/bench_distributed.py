@@ -207,7 +207,8 @@ def run(name, path, env, args, steps):
     mine = [env.rank]  # this rank's row of every global batch
     # CUDA graphs (slothai.compile's default on one GPU since 7ea3d75) cannot hold FSDP2's gathered
     # weights; off everywhere unless asked, so every run compiles the same kernels.
-    compile_kw = dict(backend=args.backend, cudagraphs=args.cudagraphs if name in ("1gpu", "ddp") else False)
+    compile_kw = dict(backend=args.backend, cudagraphs=args.cudagraphs if name in ("1gpu", "ddp") else False,
+                      saves=None if args.saves == "none" else args.saves, memory_budget=args.memory_budget)
     env.reset_memory()
     if name == "1gpu":
         if env.rank != 0:
@@ -397,6 +398,9 @@ def main():
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
     ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; cpu: aot_eager)")
     ap.add_argument("--cudagraphs", action="store_true", help="CUDA graphs for the 1gpu and ddp runs")
+    ap.add_argument("--saves", default="lean", choices=["lean", "matmuls", "none"],
+                    help="slothai.compile's saves (none: the partitioner decides, under --memory-budget)")
+    ap.add_argument("--memory-budget", type=float, default=None, help="slothai.compile's memory_budget (saves none)")
     ap.add_argument("--budget-s", type=float, default=360, help="start no new run after this many seconds")
     ap.add_argument("--timeout-s", type=float, default=300, help="collective timeout")
     ap.add_argument("--build-timeout-s", type=float, default=600)
