@@ -4,7 +4,7 @@ taken before training.
 Under `slothai.compile`'s CUDA graphs a new length bucket costs two slow steps: the
 first runs its layers' graphs outside a graph once (CUDA-graph trees' warm-up), the
 second records them, and only the third replays (1B shape, H100: ~0.3-0.45 s and
-~0.55-0.65 s against 0.066 s replayed; README). `warm_up` takes those two steps,
+~0.55-0.77 s against 0.069 s replayed; README). `warm_up` takes those two steps,
 forward and backward on random tokens, for the bucket of every length given, so that
 training at those lengths replays from its first step: the cost moves to set-up, as
 a serving engine captures its graphs before it serves. The first call also compiles.
@@ -13,11 +13,16 @@ The model is left as it was: no optimizer step; each trainable parameter's `.gra
 and the random number generators (CPU and the model's GPU) are put back; its
 training mode too.
 """
+import numbers
 import time
 
 import torch
 
 from .regional import compiled_layers, padded_length
+
+
+def _positive_int(n):
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
 def _graph_paths(lengths, bucket):
@@ -42,10 +47,11 @@ def warm_up(model, lengths, batch_size=1):
     (`padded_length`) and kind: shorter than the bucket (padded), or the bucket's own
     length (see _graph_paths); without, each length given runs."""
     lengths = list(lengths)
-    if not lengths or not all(isinstance(n, int) and n >= 1 for n in lengths):
+    if not lengths or not all(_positive_int(n) for n in lengths):
         raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if not _positive_int(batch_size):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    lengths = [int(n) for n in lengths]
     regions = [layer.forward for layer in compiled_layers(model)]
     if not regions:
         raise ValueError("warm_up needs a model compiled by slothai.compile (mode='regional'): none of its "
@@ -66,7 +72,11 @@ def warm_up(model, lengths, batch_size=1):
                 for _ in range(2):  # warm-up, then recording
                     for p in params:
                         p.grad = None
-                    model(input_ids=ids, labels=ids).loss.backward()
+                    loss = model(input_ids=ids, labels=ids).loss
+                    if loss is None:
+                        raise ValueError("warm_up calls model(input_ids=ids, labels=ids) and needs the loss it "
+                                         "returns; this model returned none")
+                    loss.backward()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[n] = time.perf_counter() - start

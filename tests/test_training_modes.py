@@ -2,6 +2,7 @@
 compute dtype, the low-memory mode (layer inputs kept on the host, layers recomputed),
 and the Unsloth drop-in with Unsloth's real `fast_dequantize` signature."""
 import contextlib
+import types
 
 import pytest
 import torch
@@ -189,7 +190,6 @@ def test_unsloth_drop_in_has_unsloths_signature(monkeypatch):
     # called as fast_dequantize(W.t(), state, use_global_buffer=True, dtype=X.dtype) by its
     # LoRA kernels. NF4 goes to slothai; anything else to the original.
     import sys
-    import types
 
     calls = []
 
@@ -350,16 +350,28 @@ def test_warm_up_runs_each_length_bucket_once_per_graph_path():
 
 
 @pytest.mark.parametrize("lengths, batch_size, name", [([], 1, "lengths"), ([0], 1, "lengths"), ([8.0], 1, "lengths"),
-                                                        ([8], 0, "batch_size")])
+                                                        ([True], 1, "lengths"), ([8], 0, "batch_size")])
 def test_warm_up_rejects_bad_arguments(lengths, batch_size, name):
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
     with pytest.raises(ValueError, match=name):
         slothai.warm_up(model, lengths, batch_size=batch_size)
 
 
-def test_warm_up_needs_a_compiled_model():
+def test_warm_up_needs_a_compiled_model_that_returns_a_loss(monkeypatch):
     with pytest.raises(ValueError, match="slothai.compile"):
         slothai.warm_up(slothai.patch(qlora.build("tiny", "llama")), [8])
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
+    monkeypatch.setattr(model, "forward", lambda **kw: types.SimpleNamespace(loss=None))
+    with pytest.raises(ValueError, match="loss"):
+        slothai.warm_up(model, [8])
+    assert model.training  # put back on the way out
+
+
+def test_warm_up_takes_any_integral_length():
+    import numpy as np
+
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
+    assert list(slothai.warm_up(model, np.array([12, 9]))) == [12, 9]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
