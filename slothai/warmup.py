@@ -56,6 +56,8 @@ def warm_up(model, lengths, batch_size=1):
     if not regions:
         raise ValueError("warm_up needs a model compiled by slothai.compile (mode='regional'): none of its "
                          "layers is")
+    for region in regions:  # CUDA graphs (and buckets) off where the layer checkpoints or FSDP2 shards
+        region._settle_cudagraphs(model)
     runs = sorted(_graph_paths(lengths, regions[0].options["bucket"]).values(), reverse=True)
     embeddings = model.get_input_embeddings()
     device, vocab = embeddings.weight.device, embeddings.num_embeddings

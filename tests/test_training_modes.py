@@ -304,6 +304,18 @@ def test_cuda_graphs_by_default_go_off_under_gradient_checkpointing():
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_warm_up_buckets_lengths_only_where_training_will():
+    # Gradient checkpointing turned on after compile takes CUDA graphs and length buckets
+    # away at the layers' first call; warm_up must run the lengths training will see.
+    model = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
+    _as_if_cuda_graphs(model, explicit=False)
+    assert list(slothai.warm_up(model, [37, 40])) == [40]  # one bucket, padded
+    model = slothai.compile(slothai.patch(qlora.build("tiny")), backend="aot_eager")
+    _as_if_cuda_graphs(model, explicit=False)
+    model.gradient_checkpointing_enable()
+    assert list(slothai.warm_up(model, [37, 40])) == [40, 37]
+
+
 def test_nf4_linear_counts_its_flops():
     # The AOT partitioner's memory budget ranks recomputation by FLOPs: without a
     # formula the base GEMM would look free to recompute.
