@@ -354,6 +354,14 @@ def test_warm_up_compiles_and_leaves_the_model_as_it_was():
     assert_losses_close(got, want, 1e-4)
 
 
+def test_warm_up_then_low_memory_training_trains_like_eager():
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", low_memory=True)
+    slothai.warm_up(model, SEQS, batch_size=2)
+    assert_losses_close(qlora.train(model, batches), want, 1e-4)
+
+
 def test_warm_up_runs_each_length_bucket_once_per_graph_path():
     # 37 and 40 pad to 64 (one path), 100 to 128; 64 is its bucket's own length: its
     # layers take the previous layer's output unpadded, another CUDA-graph path.
