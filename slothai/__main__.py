@@ -25,6 +25,7 @@ def report(args):
     from .patch import patch
     from .regional import compile as compile_model
     from .report import compile_report
+    from .warmup import warm_up
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -46,12 +47,17 @@ def report(args):
         batch_list = list(qlora.batches(vocab, args.batch, args.seq, args.steps, device))
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        warm = {}
         with compile_report() as rep:
+            if args.warm_up and do_patch and mode == "regional":
+                warm = warm_up(model, args.seq, batch_size=args.batch)
+                print(f"warm_up: {', '.join(f'{n} tokens {t:.2f} s' for n, t in warm.items())} "
+                      f"(the first compiles)")
             steps = qlora.train(model, batch_list, log=print)
         timed = steps[1:] or steps  # the first step carries the compile
         tok_s = sum(s[2] for s in timed) / sum(s[1] for s in timed)
         runs[label] = dict(compile=rep.to_dict(), losses=[s[0] for s in steps], step_seconds=[s[1] for s in steps],
-                           tokens_per_second=tok_s, peak_memory_gb=qlora.peak_memory_gb(device),
+                           tokens_per_second=tok_s, peak_memory_gb=qlora.peak_memory_gb(device), warm_up_seconds=warm,
                            memory_kind="GPU allocated" if device == "cuda" else "process resident (peak so far)")
         print(rep)
         print(f"steady {tok_s:,.0f} tokens/s (steps 2..), peak memory {runs[label]['peak_memory_gb']:.2f} GB "
@@ -86,6 +92,8 @@ def main(argv=None):
     p.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     p.add_argument("--no-patch", action="store_true", help="leave the model unpatched")
     p.add_argument("--baseline", action="store_true", help="also run the unpatched eager model first")
+    p.add_argument("--warm-up", action="store_true",
+                   help="slothai.warm_up the compiled model at the --seq lengths before the steps")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--lora-r", type=int, default=8)

@@ -135,6 +135,18 @@ def test_report_cli_json(tmp_path, capsys):
     assert "torch.compile report" in printed and "max relative loss difference" in printed
 
 
+def test_report_cli_warm_up(tmp_path, capsys):
+    # --warm-up: the compile happens in warm_up, inside the report; the steps compile nothing more.
+    from slothai.__main__ import main
+
+    out = tmp_path / "r.json"
+    main(["report", "--model", "tiny", "--steps", "3", "--seq", "12", "20", "--backend", "aot_eager", "--warm-up",
+          "--json", str(out)])
+    run = json.loads(out.read_text())["runs"]["slothai"]
+    assert list(run["warm_up_seconds"]) == ["20", "12"] and run["compile"]["compilations"] == 1
+    assert "warm_up: 20 tokens" in capsys.readouterr().out
+
+
 def test_compile_report_names_graph_breaks_and_recompiles():
     def f(x):
         y = torch.sin(x).sum()
