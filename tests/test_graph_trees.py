@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from torch._inductor.cudagraph_trees import CUDAWarmupNode, StorageWeakRefWrapper
+from torch._inductor.cudagraph_trees import StorageWeakRefWrapper
 
 from slothai import graph_trees
 
