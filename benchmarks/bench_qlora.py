@@ -32,6 +32,7 @@ SLOTHAI_RUNS = {
     "slothai-b07": dict(saves=None, memory_budget=0.7),
     "slothai-lowmem": dict(low_memory=True),
     "slothai-lowmem-nocg": dict(low_memory=True, cudagraphs=False),
+    "slothai-warm": {},  # compile's defaults, then warm_up before the first step (worker)
 }
 
 
@@ -86,9 +87,9 @@ def build_model(label, path, args):
     if label == "full":
         model.config.use_cache = False
         model.compile(dynamic=None)
-    elif label in SLOTHAI_RUNS or label == "slothai-warm":
+    elif label in SLOTHAI_RUNS:
         slothai.patch(model)
-        slothai.compile(model, **SLOTHAI_RUNS.get(label, {}))
+        slothai.compile(model, **SLOTHAI_RUNS[label])
     return model
 
 
