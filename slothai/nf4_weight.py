@@ -16,7 +16,7 @@ into one (`to_nf4_weight`); the patched forward hands its fields to
   it dequantizes is bit-identical to bitsandbytes'. Cost: 4 bytes of scale per 64
   weights instead of ~1 (the codes are 32).
 - all-gather: `fsdp_pre_all_gather` hands FSDP the two byte tensors (codes, fp32
-  scales) and `fsdp_post_all_gather` wraps the gathered rows into a whole
+  scales; on a one-rank mesh both in one tensor, as FSDP2 then copies only the first) and `fsdp_post_all_gather` wraps the gathered rows into a whole
   `NF4Weight` that views FSDP's all-gather buffers. Only 4-bit codes and scales
   travel; nothing dense exists outside slothai's op. The backward's
   re-dequantization reads the same buffers, which FSDP all-gathers again before
@@ -152,12 +152,19 @@ class NF4Weight(torch.Tensor):
             raise ValueError(f"fully_shard of an NF4 weight needs out_features divisible by the world size: "
                              f"{outer_size[0]} rows over {world} ranks")
         flat = self.with_fp32_scales()
+        if world == 1:  # FSDP2's single-rank path copies only an extension's first input: send one
+            return (torch.cat([flat.codes.reshape(-1), flat.absmax.reshape(-1).view(torch.uint8)]),), None
         return (flat.codes, flat.absmax), None
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        codes, absmax = outputs
         if out is not None:  # FSDP re-gathered into the buffers `out` already views
             return None
+        if len(outputs) == 1:  # one rank: codes and fp32 scales viewed in one byte tensor, which is
+            shard = self.with_fp32_scales()  # what FSDP frees and reallocates (whole storages only)
+            codes, absmax = outputs[0].split([shard.codes.numel(), shard.absmax.nbytes])
+            return self._with(codes.view(shard.codes.shape),
+                              absmax.view(torch.float32).view(shard.absmax.shape)), tuple(outputs)
+        codes, absmax = outputs
         return self._with(codes, absmax), (codes, absmax)
 
     # ---- the few ops FSDP2, DTensor, nn.Module and autograd apply to a parameter -----------

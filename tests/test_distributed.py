@@ -282,6 +282,32 @@ def test_fsdp2_shards_the_4bit_weights(runs):
     assert runs["results"]["fsdp2"]["unsharded_seen"] == [("NF4Weight", (64, 64))] * (len(SEQS) + 1)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fsdp2_on_one_rank_trains_as_one_process(tmp_path, compiled):
+    # A one-rank mesh (FSDP code tried on one GPU) takes FSDP2's own path: no all-gather,
+    # only an extension's first input copied, and whole storages freed and reallocated
+    # between steps; the 4-bit weights must come back intact at every step (they came
+    # back as garbage from the second step on, and the first step crashed before that).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from slothai.distributed import fully_shard_layers
+
+    batches = _batches()
+    want = qlora.train(slothai.patch(qlora.build("tiny")), batches, lr=LR)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = slothai.patch(qlora.build("tiny"))
+        fully_shard_layers(model, mesh=init_device_mesh("cpu", (1,)))
+        if compiled:
+            slothai.compile(model, backend="aot_eager")
+        got = qlora.train(model, batches, lr=LR)
+    finally:
+        dist.destroy_process_group()
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, want)
+
+
 def torch_older_than_2_13():
     return tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 
