@@ -35,6 +35,7 @@ working; a shard refuses any op it does not handle.
 """
 import copy
 import hashlib
+import inspect
 
 import torch
 
@@ -155,6 +156,10 @@ class NF4Weight(torch.Tensor):
         if world == 1:  # FSDP2's single-rank path copies only an extension's first input: send one
             return (torch.cat([flat.codes.reshape(-1), flat.absmax.reshape(-1).view(torch.uint8)]),), None
         return (flat.codes, flat.absmax), None
+
+    # FSDP2 reads this signature at every all-gather of every weight (inspect.signature):
+    # given, it is read instead of rebuilt.
+    fsdp_pre_all_gather.__signature__ = inspect.signature(fsdp_pre_all_gather)
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         if out is not None:  # FSDP re-gathered into the buffers `out` already views

@@ -282,30 +282,55 @@ def test_fsdp2_shards_the_4bit_weights(runs):
     assert runs["results"]["fsdp2"]["unsharded_seen"] == [("NF4Weight", (64, 64))] * (len(SEQS) + 1)
 
 
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A one-rank gloo process group in this process, and its CPU mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fsdp2_on_one_rank_trains_as_one_process(tmp_path, compiled):
+def test_fsdp2_on_one_rank_trains_as_one_process(one_rank_mesh, compiled):
     # A one-rank mesh (FSDP code tried on one GPU) takes FSDP2's own path: no all-gather,
     # only an extension's first input copied, and whole storages freed and reallocated
     # between steps; the 4-bit weights must come back intact at every step (they came
     # back as garbage from the second step on, and the first step crashed before that).
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     from slothai.distributed import fully_shard_layers
 
     batches = _batches()
     want = qlora.train(slothai.patch(qlora.build("tiny")), batches, lr=LR)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        model = slothai.patch(qlora.build("tiny"))
-        fully_shard_layers(model, mesh=init_device_mesh("cpu", (1,)))
-        if compiled:
-            slothai.compile(model, backend="aot_eager")
-        got = qlora.train(model, batches, lr=LR)
-    finally:
-        dist.destroy_process_group()
+    model = fully_shard_layers(slothai.patch(qlora.build("tiny")), mesh=one_rank_mesh)
+    if compiled:
+        slothai.compile(model, backend="aot_eager")
+    got = qlora.train(model, batches, lr=LR)
     for (a, _, _), (b, _, _) in zip(got, want):
         assert abs(a - b) <= 1e-5 * abs(b), (got, want)
+
+
+def test_fully_shard_layers_leaves_the_frozen_root_weights_whole(one_rank_mesh):
+    # The embeddings, final norm and a frozen head stay out of FSDP (never all-gathered);
+    # every layer's weights, and a trained head, are sharded.
+    from torch.distributed.tensor import DTensor
+
+    from slothai.distributed import fully_shard_layers
+
+    frozen = fully_shard_layers(slothai.patch(qlora.build("tiny")), mesh=one_rank_mesh)
+    trained = slothai.patch(qlora.build("tiny"))
+    trained.base_model.model.lm_head.weight.requires_grad_(True)
+    fully_shard_layers(trained, mesh=one_rank_mesh, reshard_after_forward=True)
+    for model, head_sharded in ((frozen, False), (trained, True)):
+        inner = model.base_model.model
+        assert not isinstance(inner.model.embed_tokens.weight, DTensor)
+        assert not isinstance(inner.model.norm.weight, DTensor)
+        assert isinstance(inner.lm_head.weight, DTensor) == head_sharded
+        layer = inner.model.layers[0]
+        assert all(isinstance(p, DTensor) for p in layer.parameters())
 
 
 def torch_older_than_2_13():
