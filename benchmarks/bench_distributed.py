@@ -13,7 +13,8 @@ model; rank 0 writes the results after every run, so a run that hangs or fails
 leaves the earlier ones written):
 
   1gpu                   slothai patch + regional compile, rank 0 alone
-  fsdp2                  slothai patch, fully_shard per decoder layer + root, regional compile
+  fsdp2                  slothai patch, fully_shard_layers (each decoder layer, then the root, whose
+                         frozen weights stay whole), regional compile
   fsdp2_keep             the same with reshard_after_forward=False: a layer's gathered 4-bit weights stay
                          from its forward to its backward (no second all-gather; more memory)
   ddp                    slothai patch + regional compile, DistributedDataParallel
@@ -27,6 +28,9 @@ Every slothai run compiles without CUDA graphs (they cannot hold FSDP2's gathere
 weights; --cudagraphs turns them on for 1gpu and ddp), so all compile the same kernels.
 Frozen 4-bit weight memory per GPU is counted from the tensors each rank holds
 (codes + scales); memory after setup and the training peak come from the allocator.
+"full GCs" counts Python's generation-2 collections during a run's steps and their
+seconds (--gc-freeze: gc.freeze() after set-up): a pause on a host-bound rank stalls
+the other at its next collective.
 Table + JSON + PNG under benchmarks/results/ (bench_distributed_<model>.*).
 """
 import argparse
@@ -171,6 +175,30 @@ def frozen_4bit_gb(model):
     return total / 1e9
 
 
+class FullCollections:
+    """Seconds this process spends in Python's full (generation 2) garbage collections
+    while installed: on a host-bound step (FSDP2's hooks are Python) a pause on one
+    rank stalls the other at the next collective."""
+
+    def __init__(self):
+        self.count, self.seconds, self._start = 0, 0.0, None
+
+    def __call__(self, phase, info):
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.count, self.seconds, self._start = self.count + 1, self.seconds + time.perf_counter() - self._start, None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
 # ---- training -----------------------------------------------------------------------------------
 def train(model, env, steps, *, rows, opt=None, backward=None, lr=1e-4, label=""):
     """AdamW on `rows` (indices into each global batch) per step, one row per
@@ -248,13 +276,19 @@ def run(name, path, env, args, steps):
     env.log(f"[{name}] set up: {setup}")
     if env.cuda:
         torch.cuda.reset_peak_memory_stats()
-    with slothai.compile_report() as report:
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()  # what set-up made (the model, compiled code) is never traversed again
+    with slothai.compile_report() as report, FullCollections() as collections:
         result = train(model, env, steps, rows=rows, opt=opt, backward=backward, lr=args.lr, label=name)
+    if args.gc_freeze:
+        gc.unfreeze()
     step_s = [dt for _, dt in result]
     tokens = steps[0].numel()  # the global batch, whatever the number of GPUs
     steady = statistics.median(step_s[args.warmup:])
     rec = dict(run=name, gpus=world, wrapped=type(model).__name__, losses=[v for v, _ in result], step_s=step_s, steady_step_s=steady,
-               tokens_per_s=tokens / steady, peak_gb=env.peak_gb(), compile=report.to_dict(), **setup)
+               tokens_per_s=tokens / steady, peak_gb=env.peak_gb(), compile=report.to_dict(),
+               full_gc=dict(count=collections.count, seconds=round(collections.seconds, 3)), **setup)
     if name in ("fsdp2", "fsdp2_keep", "ddp", "accelerate_fsdp2"):  # every rank gathers (a collective); rank 0 keeps it
         rec["lora_numel"] = sum(t.numel() for t in adapter_state_dict(getattr(model, "module", model)).values())
     del model, opt
@@ -341,7 +375,7 @@ def report(recs, args, env_info):
     rows = []
     for r in recs:
         if "error" in r:
-            rows.append([r["run"], "-", "-", "-", "-", "-", "-", "-", "-", "-", r["error"][:90]])
+            rows.append([r["run"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", r["error"][:90]])
             continue
         scale = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
         rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], one["losses"])) if one else float("nan")
@@ -349,16 +383,18 @@ def report(recs, args, env_info):
         c = r["compile"]
         rows.append([r["run"], str(r["gpus"]), f"{r['steady_step_s']:.3f}", f"{r['tokens_per_s']:.0f}", scale,
                      f"{r['frozen_4bit_gb']:.2f}", f"{r['allocated_gb']:.1f}", f"{r['peak_gb']:.1f}", f"{rel:.1e}",
-                     f"{sum(b['count'] for b in c['graph_breaks'])}/{c['compilations']}", ""])
+                     f"{sum(b['count'] for b in c['graph_breaks'])}/{c['compilations']}",
+                     "{count} / {seconds:.2f}".format(**r["full_gc"]) if "full_gc" in r else "-", ""])
     lines = [f"Distributed QLoRA, {args.model} shape, NF4 double-quant, {'bf16' if args.device == 'cuda' else 'fp32'}, "
              f"LoRA r={args.lora_r} on 7 projections, global batch {args.world} x {args.seq} tokens per step, "
              f"{args.steps} steps (median of the last {args.steps - args.warmup}), AdamW. {env_info['card']} x "
-             f"{args.world}, torch {env_info['torch']}, {env_info['date']}. Memory per GPU (rank 0)."]
+             f"{args.world}, torch {env_info['torch']}, {env_info['date']}. Memory per GPU (rank 0)."
+             + (" gc.freeze() after set-up." if args.gc_freeze else "")]
     lines += common.table(["run", "GPUs", "s/step", "tokens/s", "vs 1 GPU", "4-bit weights GB", "after setup GB",
-                           "peak GB", "max rel loss diff", "breaks/compiles", "error"], rows)
+                           "peak GB", "max rel loss diff", "breaks/compiles", "full GCs (n / s)", "error"], rows)
     name = f"bench_distributed_{args.model}{args.name}"
     common.write(name, dict(env_info, model=args.model, world=args.world, seq=args.seq, steps=args.steps,
-                            warmup=args.warmup, lora_r=args.lora_r, nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
+                            warmup=args.warmup, lora_r=args.lora_r, gc_freeze=args.gc_freeze, nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
                             runs=recs), lines)
     try:
         import matplotlib
@@ -401,6 +437,8 @@ def main():
     ap.add_argument("--saves", default="lean", choices=["lean", "matmuls", "none"],
                     help="slothai.compile's saves (none: the partitioner decides, under --memory-budget)")
     ap.add_argument("--memory-budget", type=float, default=None, help="slothai.compile's memory_budget (saves none)")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="gc.freeze() after each run's set-up: full collections then skip the model's objects")
     ap.add_argument("--budget-s", type=float, default=360, help="start no new run after this many seconds")
     ap.add_argument("--timeout-s", type=float, default=300, help="collective timeout")
     ap.add_argument("--build-timeout-s", type=float, default=600)
