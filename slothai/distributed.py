@@ -3,9 +3,8 @@
 The order of calls (each rank, after `init_process_group`):
 
     model = slothai.patch(model)             # 1. Params4bit -> NF4Weight (shardable), slothai's ops
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)                   # 2. FSDP2: each decoder layer, then the root
-    fully_shard(model)                       #    (or: slothai.distributed.fully_shard_layers(model))
+    fully_shard_layers(model)                # 2. FSDP2: each decoder layer, then the root (whose
+                                             #    frozen weights stay whole: see fully_shard_layers)
     slothai.compile(model)                   # 3. regional compile (FSDP's hooks stay outside the graphs;
                                              #    no CUDA graphs: FSDP reallocates the gathered weights)
 
