@@ -201,6 +201,9 @@ def fully_shard_layers(model, **kwargs):
     - keeps FSDP2's own rule for a root (not resharded after forward) whatever
       `reshard_after_forward` says for the layers.
 
+    The frozen root weights go to the device fully_shard put the layers on, as FSDP
+    would have moved them.
+
     Returns the model."""
     from torch.distributed.fsdp import fully_shard
 
@@ -213,6 +216,10 @@ def fully_shard_layers(model, **kwargs):
         fully_shard(layer, **kwargs)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     frozen = {p for p in model.parameters() if not p.requires_grad and id(p) not in in_layers}
+    device = next(layers[0].parameters()).device  # where fully_shard put the layers: the mesh's device
+    for p in frozen:  # FSDP moves only what it manages (a model loaded on the CPU, sharded onto GPUs);
+        if p.device != device and p.device.type != "meta":  # as FSDP does (meta: initialised later)
+            p.data = p.data.to(device)
     root = {k: v for k, v in kwargs.items() if k != "reshard_after_forward"}
     root["ignored_params"] = set(kwargs.get("ignored_params") or ()) | frozen
     fully_shard(model, **root)

@@ -16,7 +16,8 @@ into one (`to_nf4_weight`); the patched forward hands its fields to
   it dequantizes is bit-identical to bitsandbytes'. Cost: 4 bytes of scale per 64
   weights instead of ~1 (the codes are 32).
 - all-gather: `fsdp_pre_all_gather` hands FSDP the two byte tensors (codes, fp32
-  scales; on a one-rank mesh both in one tensor, as FSDP2 then copies only the first) and `fsdp_post_all_gather` wraps the gathered rows into a whole
+  scales; on a one-rank mesh both in one tensor, as FSDP2 then copies only the
+  first) and `fsdp_post_all_gather` wraps the gathered rows into a whole
   `NF4Weight` that views FSDP's all-gather buffers. Only 4-bit codes and scales
   travel; nothing dense exists outside slothai's op. The backward's
   re-dequantization reads the same buffers, which FSDP all-gathers again before

@@ -333,6 +333,46 @@ def test_fully_shard_layers_leaves_the_frozen_root_weights_whole(one_rank_mesh):
         assert all(isinstance(p, DTensor) for p in layer.parameters())
 
 
+def test_fully_shard_layers_gives_the_root_its_frozen_weights_to_ignore(monkeypatch):
+    # What each fully_shard call gets: the layers every keyword; the root no
+    # reshard_after_forward (FSDP2's own root rule) and its frozen weights as ignored_params.
+    import torch.distributed.fsdp as fsdp
+
+    from slothai.distributed import fully_shard_layers
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)) or module)
+    model = fully_shard_layers(slothai.patch(qlora.build("tiny")), reshard_after_forward=True)
+    inner = model.base_model.model
+    *layers, (root, root_kw) = calls
+    assert [m for m, _ in layers] == list(inner.model.layers)
+    assert all(kw == {"reshard_after_forward": True} for _, kw in layers)
+    assert root is model and set(root_kw) == {"ignored_params"}
+    assert root_kw["ignored_params"] == {inner.model.embed_tokens.weight, inner.model.norm.weight, inner.lm_head.weight}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a model on the CPU sharded onto a GPU")
+def test_fully_shard_layers_moves_the_frozen_root_weights_onto_the_mesh_device(tmp_path):
+    # FSDP moves only what it manages; the root's frozen weights, left out of it, must
+    # follow the layers onto the GPU, and the model trains as one process on the CPU does.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from slothai.distributed import fully_shard_layers
+
+    ids = _batches()[0]
+    want = qlora.train(slothai.patch(qlora.build("tiny")), [ids], lr=LR)[0][0]
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = fully_shard_layers(slothai.patch(qlora.build("tiny")), mesh=init_device_mesh("cuda", (1,)))
+        inner = model.base_model.model
+        assert {p.device.type for p in model.parameters()} == {"cuda"}, inner.model.embed_tokens.weight.device
+        got = qlora.train(model, [ids.cuda()], lr=LR)[0][0]
+    finally:
+        dist.destroy_process_group()
+    assert abs(got - want) <= 1e-4 * abs(want), (got, want)
+
+
 def torch_older_than_2_13():
     return tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 
