@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 VPY := $(VENV)/bin/python
-SOURCES := $(shell find csrc slothai -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py
+SOURCES := $(shell find csrc slothai -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh') setup.py
 CU_FILES := $(wildcard csrc/core/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 

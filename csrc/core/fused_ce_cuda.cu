@@ -20,24 +20,16 @@
 
 #include <math.h>
 
+#include "half_cuda.cuh"
 #include "slothai.h"
 
 namespace {
 
 constexpr int kThreads = 512;
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// 16 bytes of T.
-template <typename T> struct alignas(16) Vec { T v[16 / sizeof(T)]; };
+using slothai_cuda::from_f;
+using slothai_cuda::to_f;
+using slothai_cuda::Vec;
 
 struct Stats {
     float m, s, sum_y; // running max, sum of exp(y - m), sum of y

@@ -111,6 +111,23 @@ slothai_status slothai_fused_ce_rows_cpu(const slothai_fused_ce_rows_args *a, in
 /* CUDA: one launch on `stream`, one thread block per row. */
 slothai_status slothai_fused_ce_rows_cuda(const slothai_fused_ce_rows_args *a, void *stream);
 
+/* ------------------------------------------------------------------------ */
+/* Scaling by a factor that lives on the device                              */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * x[i] = round(x[i] * factor) for i in [0, numel), in place, x contiguous in
+ * `dtype`: the product formed in fp32 and rounded once into dtype (for fp16 /
+ * bf16, a factor first rounded to dtype would scale every element by up to
+ * 2^-11 / 2^-8 off). `factor` points at one fp32 value on the device the
+ * function runs on and is read there (no host sync). A factor of exactly 1
+ * leaves x as it is, unread.
+ */
+slothai_status slothai_scale_cpu(void *x, slothai_dtype dtype, int64_t begin, int64_t end, const float *factor);
+
+/* CUDA: one launch on `stream`. */
+slothai_status slothai_scale_cuda(void *x, slothai_dtype dtype, int64_t numel, const float *factor, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

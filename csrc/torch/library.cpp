@@ -29,4 +29,10 @@ TORCH_LIBRARY(slothai, m)
           "int ignore_index, float label_smoothing, float softcap, float z_loss, str reduction, int chunk_size, "
           "bool grad_hidden, bool grad_weight, bool grad_bias, bool fp32_weight_grad) "
           "-> (Tensor, Tensor, Tensor, Tensor)");
+
+    m.set_python_module("slothai.ops.scale");
+    // self *= factor in place, the product in fp32 and rounded once into self's
+    // dtype; factor: one fp32 value on self's device, read there (no host sync).
+    // fused_ce's backward scales its saved gradients with it.
+    m.def("scale_(Tensor(a!) self, Tensor factor) -> ()");
 }

@@ -11,6 +11,7 @@ are what autograd saved); with none, backward calls the op again with grad_rows.
 import torch
 
 from .. import _C  # noqa: F401  (loads the op library)
+from .scale import scale_
 from .schema import Arguments
 
 REDUCTIONS = ("mean", "none", "sum")
@@ -54,10 +55,9 @@ def _graph_kept():
     return True if keep is None else keep()
 
 
-def _scaled(t, g, slab=1 << 24):
+def _scaled(t, g):
     """t * g with the product formed in fp32 and rounded once (g is an fp32 scalar
-    tensor: casting it to bf16 first would scale every gradient by up to 2^-9),
-    a slab at a time so no full fp32 copy of t (dW can be 1 GB) ever exists; in
+    tensor: casting it to bf16 first would scale every gradient by up to 2^-8), in
     place when the graph is not kept (t, saved by forward, is not read again)."""
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
         # traced (Dynamo, or AOTAutograd's fake / functional tensors): one
@@ -65,13 +65,7 @@ def _scaled(t, g, slab=1 << 24):
         return (t.float() * g).to(t.dtype)
     if t.numel() == 0:
         return t
-    out = t if not _graph_kept() else torch.empty_like(t)
-    if t.dtype == torch.float32:
-        return torch.mul(t, g, out=out)
-    flat_in, flat_out = t.view(-1), out.view(-1)
-    for start in range(0, t.numel(), slab):
-        flat_out[start:start + slab] = (flat_in[start:start + slab].float() * g).to(t.dtype)
-    return out
+    return scale_(t if not _graph_kept() else t.clone(), g.float().reshape(()))
 
 
 def _backward(ctx, g_loss, _dh, _dw, _db):

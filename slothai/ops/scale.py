@@ -1,0 +1,21 @@
+"""slothai::scale_: x *= factor in place, the product formed in fp32 and rounded
+once into x's dtype, with the factor a one-value fp32 tensor read on x's device.
+
+torch's own `x.mul_(factor)` on CUDA first rounds an fp32 factor to a bf16 / fp16
+x's dtype (up to 2^-8 off in bf16), and `(x.float() * factor).to(x.dtype)` holds
+an fp32 copy of x; fused_ce's backward scales gradients of up to a GB with this.
+"""
+import torch
+
+from .. import _C  # noqa: F401  (loads the op library)
+
+
+@torch.library.register_fake("slothai::scale_")
+def _fake(x, factor):
+    return None
+
+
+def scale_(x, factor):
+    """x *= factor in place (x contiguous fp32 / fp16 / bf16; factor: one fp32 value on x's device); returns x."""
+    torch.ops.slothai.scale_.default(x, factor)
+    return x
