@@ -189,26 +189,32 @@ def report(records, env):
 
 
 def plot(records, env, name="fused_ce"):
+    """Top: a frozen head over the token count; bottom: a trained head over the vocabulary
+    (N=16384). Time and peak memory, log scales, one line per implementation measured."""
     try:
-        fig, (a1, a2) = common.subplots(1, 2, size=(11, 4))
+        fig, (a1, a2, a3, a4) = common.subplots(2, 2, size=(11, 3.6))
     except ImportError:  # plots are optional
         return
-    sweep = sorted((r for r in records if r["v"] == 128256 and r["h"] == 4096 and not r["trained"]),
-                   key=lambda r: r["n"])
-    for k in ["slothai", "eager", "liger", "cce", "gemms"]:
-        pts = [(r["n"], r["ms"].get(k)) for r in sweep if r["ms"].get(k)]
-        if pts:
-            a1.plot(*zip(*pts), "o-", label=k)
-        pts = [(r["n"], r["peak_gb"].get(k)) for r in sweep if r["peak_gb"].get(k)]
-        if pts:
-            a2.plot(*zip(*pts), "o-", label=k)
-    for a, lab in ((a1, "fwd+bwd ms"), (a2, "peak GB above inputs")):
-        a.set_xscale("log", base=2)
-        a.set_yscale("log")
-        a.set_xlabel("tokens N (H=4096, V=128256, frozen head)")
-        a.set_ylabel(lab)
-        a.legend(fontsize=8)
-    common.save_figure(fig, name, f"Linear + CE, {env['card']}, torch {env['torch']}, {env['date']}")
+    lines = ["slothai", "slothai-bf16dW", "unsloth_zoo", "torch.compile", "eager", "liger", "cce", "gemms"]
+    frozen = sorted((r for r in records if r["v"] == 128256 and r["h"] == 4096 and not r["trained"]),
+                    key=lambda r: r["n"])
+    trained = sorted((r for r in records if r["n"] == 16384 and r["h"] == 4096 and r["trained"]),
+                     key=lambda r: r["v"])
+    for (t_ax, m_ax), recs, x, xlab in (((a1, a2), frozen, "n", "tokens N (H=4096, V=128256, frozen head)"),
+                                         ((a3, a4), trained, "v", "vocabulary V (N=16384, H=4096, trained head)")):
+        for k in lines:
+            style = "--" if k == "gemms" else "o-"
+            for ax, field in ((t_ax, "ms"), (m_ax, "peak_gb")):
+                pts = [(r[x], r[field].get(k)) for r in recs if r[field].get(k)]
+                if pts:
+                    ax.plot(*zip(*pts), style, label="bare GEMMs" if k == "gemms" else k)
+        for ax, lab in ((t_ax, "fwd+bwd ms"), (m_ax, "peak GB above inputs")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlab)
+            ax.set_ylabel(lab)
+            ax.legend(fontsize=7)
+    common.save_figure(fig, name, f"Linear + CE, bf16, 10% ignored, {env['card']}, torch {env['torch']}, {env['date']}")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,33 @@ def test_weight_grad_summed_in_input_dtype(device):
     assert torch.equal(got[False, 4][0], got[True, 4][0]) and torch.equal(got[False, 4][1], got[True, 4][1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("fp32_weight_grad", [True, False])
+def test_trained_chunk_logits_never_larger_than_the_weight_gradient(fp32_weight_grad):
+    # At a small vocabulary the logits budget alone would hold every row in one chunk
+    # (here 8192 x 32000 bf16: 524 MB, against a 33 MB dW); chunks of at most H rows
+    # keep the peak to a few times dW. The answer does not depend on the chunking.
+    n, h, v = 8192, 512, 32000
+    x = (torch.randn(n, h, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, h, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+    slothai.fused_linear_cross_entropy(x[:256], w, t[:256]).backward()  # cuBLAS' workspace, before measuring
+    grads = []
+    for chunk in (None, n):
+        x.grad = w.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        slothai.fused_linear_cross_entropy(x, w, t, chunk_size=chunk, fp32_weight_grad=fp32_weight_grad).backward()
+        peak = torch.cuda.max_memory_allocated() - base
+        grads.append((x.grad.float(), w.grad.float()))
+        if chunk is None:
+            dw_bytes = v * h * 2
+            assert peak < 4 * dw_bytes + n * h * 2, (peak, dw_bytes)
+    for a, b in zip(*grads):
+        assert (a - b).norm() / b.norm() < 1e-2
+
+
 @pytest.mark.parametrize("fp32_weight_grad", [True, False])
 def test_backward_twice_with_retained_graph(device, fp32_weight_grad):
     # Backward scales the gradients the forward formed in place only when the graph

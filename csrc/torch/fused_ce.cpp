@@ -94,14 +94,19 @@ void check_targets_on_cpu(const at::Tensor &target, int64_t vocab, int64_t ignor
 // 256 MiB holds at a 128K vocabulary, is 9 tiles of 128 for 8's work). On the H100
 // the difference was within run-to-run noise (frozen head N16384 H4096 V128256:
 // 1046 rows 57.3 ms and 1024 rows 53.6 in one run; 1024 rows 55.6 and 53.9 in the next).
+// With a trained weight, also at most `hidden` rows (at least kChunkRowMultiple): a
+// chunk's logits are then never larger than dW itself (rows x V against V x H), which
+// the budget alone allows at a small vocabulary (N16384 H4096 V32000: one 1 GB chunk,
+// twice unsloth_zoo's peak), while every extra chunk costs one more pass over dW.
 constexpr int64_t kChunkRowMultiple = 128;
 
 int64_t rows_per_chunk(const FusedCeOptions &o, const FusedCeDevice &dev, int64_t rows, int64_t vocab,
-                       int64_t elem_size)
+                       int64_t hidden, int64_t elem_size)
 {
     int64_t chunk = o.chunk_size;
     if (chunk <= 0) {
         chunk = dev.chunk_bytes / (vocab * elem_size);
+        if (o.grad_weight) chunk = std::min(chunk, std::max(hidden, kChunkRowMultiple));
         if (chunk >= kChunkRowMultiple) chunk -= chunk % kChunkRowMultiple;
     }
     return std::max<int64_t>(1, std::min(chunk, rows));
@@ -283,7 +288,7 @@ FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, 
     // kernels want aligned rows (H100, N4096 H1024 V50257 trained: 11.4 -> 9.8 ms; with
     // dx split at aligned_vocab 6.9 ms, unsloth_zoo 4.1-5.0).
     const int64_t align = 16 / x.element_size(), ld = (V + align - 1) / align * align;
-    const int64_t chunk = rows_per_chunk(o, dev, M, ld, x.element_size());
+    const int64_t chunk = rows_per_chunk(o, dev, M, ld, x.size(1), x.element_size());
     GradientSums grads(x, w, o, set, (M + chunk - 1) / chunk);
     {
         at::Tensor zbuf = at::empty({M > 0 ? chunk : 0, ld}, x.options()); // one chunk of logits, reused

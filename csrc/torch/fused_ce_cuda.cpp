@@ -21,7 +21,7 @@ FusedCeDevice cuda_device(const FusedCeOptions &o)
     // one: 1 GiB, since every chunk also reads and writes the dW sum (8 bytes per
     // weight element in fp32, 4 in bf16), so fewer chunks move fewer bytes (same
     // shape, fp32: 84.1 ms with 1 GiB chunks, 97.8 ms with 1K-row ones) and, in
-    // bf16, round fewer times.
+    // bf16, round fewer times; rows_per_chunk caps such a chunk at `hidden` rows.
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = size_t(1) << 30;
     const int64_t cap = o.grad_weight ? int64_t(1) << 30 : int64_t(256) << 20;
