@@ -28,18 +28,34 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _mask_kinds(model):
+    """Hooks recording, per decoder layer, whether each call got an attention mask."""
+    kinds = {}
+    for i, layer in enumerate(model.base_model.model.model.layers):
+        layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: kinds.setdefault(i, set()).add(kw.get("attention_mask") is None), with_kwargs=True)
+    return kinds
+
+
 @pytest.mark.parametrize("family", qlora.FAMILIES)
 def test_patched_compiled_matches_eager_without_graph_breaks(family):
     batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
-    want = qlora.train(qlora.build("tiny", family), batches)
+    eager = qlora.build("tiny", family)
+    kinds = _mask_kinds(eager)
+    want = qlora.train(eager, batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", family)), backend="aot_eager")
     with slothai.compile_report() as report:
         got = qlora.train(model, batches)
     assert_losses_close(got, want, 1e-3)
     assert report.graph_breaks == []
-    # One graph for every decoder layer; a new sequence length recompiles nothing.
-    assert report.compilations == 1, report
-    assert report.recompiles == [], report
+    # One graph for every decoder layer; a new sequence length recompiles nothing. The
+    # one exception: a sliding-window layer that gets no mask within its window and a
+    # mask beyond it (Gemma-2 under transformers <= 5.17's SDPA masks) compiles once
+    # for each (Dynamo guards on the argument's type), and only for that reason.
+    flips = any(len(k) == 2 for k in kinds.values())
+    assert report.compilations == 1 + flips, (kinds, report)
+    assert len(report.recompiles) == flips, report
+    assert all("attention_mask" in r["reason"] for r in report.recompiles), report
 
 
 def test_patch_routes_through_slothai_and_unpatch_restores():
