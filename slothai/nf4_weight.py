@@ -166,10 +166,11 @@ class NF4Weight(torch.Tensor):
         if out is not None:  # FSDP re-gathered into the buffers `out` already views
             return None
         if len(outputs) == 1:  # one rank: codes and fp32 scales viewed in one byte tensor, which is
-            shard = self.with_fp32_scales()  # what FSDP frees and reallocates (whole storages only)
-            codes, absmax = outputs[0].split([shard.codes.numel(), shard.absmax.nbytes])
-            return self._with(codes.view(shard.codes.shape),
-                              absmax.view(torch.float32).view(shard.absmax.shape)), tuple(outputs)
+            # what FSDP frees and reallocates (whole storages only); one fp32 scale per block, in
+            # the shape of self's block scales (nested or not)
+            codes, absmax = outputs[0].split([self.codes.numel(), self.absmax.numel() * 4])
+            return self._with(codes.view(self.codes.shape),
+                              absmax.view(torch.float32).view(self.absmax.shape)), tuple(outputs)
         codes, absmax = outputs
         return self._with(codes, absmax), (codes, absmax)
 
