@@ -103,17 +103,75 @@ def padded_length(n):
     return -(-n // step) * step
 
 
+# A length whose own bucket has no CUDA graphs yet runs padded into the smallest
+# larger bucket that has them (a replay: no slow step) until the padding run that way
+# adds up to RECORD_COST_STEPS steps (a step of B tokens run for b real ones wastes
+# 1 - b/B of it); then its own bucket is warmed up and recorded. That is the cost of
+# recording, measured (1B shape, H100): a warm-up and a recording step, 0.39-0.42 s
+# and 0.73-0.77 s, against 0.069 s replayed, ~16 steps more. Paying rent until it adds
+# up to the price, then buying, never costs more than twice the better choice.
+RECORD_COST_STEPS = 16
+
+
+class LengthBuckets:
+    """The bucket each training call of one compiled layer runs at, under CUDA graphs
+    (see RECORD_COST_STEPS). Every layer sees the same calls, so all choose alike."""
+
+    def __init__(self):
+        self.calls = collections.Counter()  # (batch, bucket) -> calls run at it; 2: warmed up and recorded
+        self.padding = collections.Counter()  # (batch, bucket) -> steps' worth of padding run in a larger one
+
+    def choose(self, batch, n, reuse=True):
+        own = padded_length(n)
+        key = (batch, own)
+        larger = [b for (rows, b), calls in self.calls.items() if rows == batch and b > own and calls >= 2]
+        if reuse and larger and self.calls[key] < 2 and self.padding[key] < RECORD_COST_STEPS:
+            run = min(larger)
+            self.padding[key] += 1 - own / run
+        else:
+            run = own
+        self.calls[batch, run] += 1
+        return run
+
+
+_OWN_BUCKETS = [False]  # set by own_buckets()
+
+
+@contextlib.contextmanager
+def own_buckets():
+    """Every length runs at its own bucket, recording it (what `warm_up` asks for)."""
+    _OWN_BUCKETS.append(True)
+    try:
+        yield
+    finally:
+        _OWN_BUCKETS.pop()
+
+
+# The attribute by which a layer output sliced back to its real tokens names the
+# padded output it views (see _pad_tokens).
+_PADDED_FROM = "_slothai_padded_from"
+
+
 def _pad_tokens(args, kw, n, padded):
     """Right-pad every tensor whose dim 1 is the token dim (hidden states, rotary
     cos/sin, position ids; their dim 0 is the batch or 1) and every 1-D tensor of n
     (cache positions) with zeros to `padded` tokens. Exact for a causal layer
     without an attention mask: a token attends only to those before it, so the
-    padding, all after the real tokens, changes nothing of theirs, forward or back."""
+    padding, all after the real tokens, changes nothing of theirs, forward or back.
+
+    The previous layer's output, sliced back to n tokens, is not copied: the padded
+    output it views goes on (its padding rows are that layer's finite outputs for
+    the padding, which no real token reads, and whose gradient is zero). So each
+    layer takes the previous one's graph output, as at the bucket's own length: one
+    CUDA-graph path per bucket, whatever the real length."""
 
     def pad(t):
         if not isinstance(t, torch.Tensor):
             return t
         if t.dim() >= 2 and t.shape[1] == n:
+            full = getattr(t, _PADDED_FROM, None)
+            if full is not None and full.shape[1] == padded:
+                return full
             return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, padded - n))
         if t.dim() == 1 and t.shape[0] == n:
             return torch.nn.functional.pad(t, (0, padded - n))
@@ -149,10 +207,12 @@ class _CompiledForward:
         self.options = options  # adapters, saves, memory_budget, low_memory, bucket, cudagraphs: see `compile`
         self._model = weakref.ref(model) if model is not None else None  # for _settle_cudagraphs
         self._compiled = self._compiled_long = None
+        self.buckets = LengthBuckets()  # new with each compiled function (its graphs are recorded anew)
         _REGIONS.add(self)
 
     def __getstate__(self):
-        return {**self.__dict__, "_compiled": None, "_compiled_long": None, "_code": None, "_model": None}
+        return {**self.__dict__, "_compiled": None, "_compiled_long": None, "_code": None, "_model": None,
+                "buckets": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -230,11 +290,15 @@ class _CompiledForward:
             compiled, bucket = self._compiled_long, False
         else:
             if self._compiled is None:
-                self._compiled = self._compile()
+                self._compiled, self.buckets = self._compile(), LengthBuckets()
             compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
-        if bucket and n and kw.get("attention_mask") is None and padded_length(n) != n:
-            args, kw = _pad_tokens(args, kw, n, padded_length(n))
+        run = None
+        if bucket and n and kw.get("attention_mask") is None:
+            reuse = "triton.cudagraphs" in self.kwargs.get("options", {}) and not _OWN_BUCKETS[-1]
+            run = self.buckets.choose(hidden.shape[0], n, reuse)
+        if run is not None and run != n:
+            args, kw = _pad_tokens(args, kw, n, run)
             hidden = _hidden_of(args, kw)
         else:
             n = None
@@ -244,13 +308,20 @@ class _CompiledForward:
             contextlib.nullcontext()
         with offload:
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
-        if n is None:
-            return out
-        return tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) and t.dim() >= 2 else t, out)
+        return out if n is None else tree_map(functools.partial(_real_tokens, n=n), out)
 
     @property
     def __signature__(self):
         return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
+
+
+def _real_tokens(t, n):
+    """A padded layer output's first n tokens, naming the output it views (_PADDED_FROM)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return t
+    view = t[:, :n]
+    setattr(view, _PADDED_FROM, t)
+    return view
 
 
 def _without_cudagraphs(kwargs):

@@ -8,6 +8,9 @@ second records them, and only the third replays (1B shape, H100: ~0.3-0.45 s and
 forward and backward on random tokens, for the bucket of every length given, so that
 training at those lengths replays from its first step: the cost moves to set-up, as
 a serving engine captures its graphs before it serves. The first call also compiles.
+Training pads a length whose bucket was not recorded into a larger one that was (see
+regional.RECORD_COST_STEPS), so warming up the longest length alone already spares
+every shorter one its slow steps, at the price of running it padded.
 
 The model is left as it was: no optimizer step; each trainable parameter's `.grad`
 and the random number generators (CPU and the model's GPU) are put back; its
@@ -18,23 +21,22 @@ import time
 
 import torch
 
-from .regional import compiled_layers, padded_length
+from .regional import compiled_layers, own_buckets, padded_length
 
 
 def _positive_int(n):
     return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
-def _graph_paths(lengths, bucket):
-    """{(tokens the layers run, padded?): the longest length given that runs them}.
-    A length shorter than its bucket and the bucket's own length are two CUDA-graph
-    paths: padded, each layer takes a fresh padded copy of its input; unpadded, it
-    takes the previous layer's graph output itself, which the graph records as such."""
-    paths = {}
+def _runs(lengths, bucket):
+    """{tokens the layers run: the longest length given that runs them}: one run per
+    length bucket, which is one CUDA-graph path whatever the real length in it
+    (regional._pad_tokens)."""
+    runs = {}
     for n in lengths:
         run = padded_length(n) if bucket else n
-        paths[run, run != n] = max(n, paths.get((run, run != n), n))
-    return paths
+        runs[run] = max(n, runs.get(run, n))
+    return runs
 
 
 def warm_up(model, lengths, batch_size=1):
@@ -44,8 +46,9 @@ def warm_up(model, lengths, batch_size=1):
     HF Trainer and TRL make. Run it under the autocast you train under, if any.
     Returns {length run: seconds} (the first includes compiling). With length buckets
     on (`compile`'s default with CUDA graphs) one length runs per bucket
-    (`padded_length`) and kind: shorter than the bucket (padded), or the bucket's own
-    length (see _graph_paths); without, each length given runs."""
+    (`padded_length`), each at its own bucket (training would pad a length into a
+    larger bucket already recorded, regional.RECORD_COST_STEPS); without, each length
+    given runs."""
     lengths = list(lengths)
     if not lengths or not all(_positive_int(n) for n in lengths):
         raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths!r}")
@@ -58,7 +61,7 @@ def warm_up(model, lengths, batch_size=1):
                          "layers is")
     for region in regions:  # CUDA graphs (and buckets) off where the layer checkpoints or FSDP2 shards
         region._settle_cudagraphs(model)
-    runs = sorted(_graph_paths(lengths, regions[0].options["bucket"]).values(), reverse=True)
+    runs = sorted(_runs(lengths, regions[0].options["bucket"]).values(), reverse=True)
     embeddings = model.get_input_embeddings()
     device, vocab = embeddings.weight.device, embeddings.num_embeddings
     params = [p for p in model.parameters() if p.requires_grad]
@@ -67,7 +70,8 @@ def warm_up(model, lengths, batch_size=1):
     seconds = {}
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
+                own_buckets():
             for n in runs:
                 ids = torch.randint(0, vocab, (batch_size, n), device=device)
                 start = time.perf_counter()

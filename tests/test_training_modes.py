@@ -251,6 +251,78 @@ def test_bucketed_lengths_give_the_same_losses_and_gradients(monkeypatch):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_each_layer_takes_the_previous_layers_padded_output_as_it_is(monkeypatch):
+    # A padded layer output goes on to the next layer uncopied (its padding rows hold
+    # that layer's outputs for the padding): the second layer's hidden states are the
+    # first layer's padded output itself, and loss and LoRA gradients stay eager's.
+    runs = []
+    real = regional._pad_tokens
+    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: runs.append((a, real(*a))) or runs[-1][1])
+    ids = torch.randint(0, 256, (2, 37))
+    want_loss, want = one_step(slothai.patch(qlora.build("tiny", "llama")), ids)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
+    got_loss, got = one_step(model, ids)
+    (given0, padded0), (given1, padded1) = runs
+    hidden = [regional._hidden_of(*args[:2]) for args, _ in runs]
+    padded = [regional._hidden_of(*out) for out in (padded0, padded1)]
+    assert hidden[0].shape[1] == 37 and padded[0].shape[1] == 64  # the embeddings: padded copy
+    assert padded[1] is getattr(hidden[1], regional._PADDED_FROM)  # layer 0's graph output, uncopied
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_buckets_pad_into_a_recorded_bucket_until_recording_pays():
+    # Rent (pad into a larger recorded bucket) until the padding run adds up to the
+    # price of recording (RECORD_COST_STEPS steps), then buy (warm up, record).
+    buckets = regional.LengthBuckets()
+    assert [buckets.choose(2, 2048) for _ in range(3)] == [2048] * 3  # warm-up, record, replay
+    assert buckets.choose(2, 1536) == 2048 and buckets.choose(2, 1800) == 2048  # recorded: no slow step
+    assert buckets.choose(3, 1536) == 1536  # another batch size: nothing recorded for it
+    assert buckets.choose(2, 4000) == 4096  # longer than any recorded bucket: its own
+    assert buckets.choose(2, 100, reuse=False) == 128  # warm_up, or no CUDA graphs: its own
+    runs = [buckets.choose(2, 1024) for _ in range(40)]  # 1 - 1024/2048 = half a step wasted a call
+    rent = 2 * regional.RECORD_COST_STEPS
+    assert runs == [2048] * rent + [1024] * (40 - rent)
+    assert buckets.choose(2, 1000) == 1024  # recorded now, for every length in it
+
+
+def test_a_length_shorter_than_a_recorded_bucket_runs_in_it_and_trains_like_eager(monkeypatch):
+    # Under CUDA graphs (as set up on the CPU here) a new length whose bucket was never
+    # run goes into a larger bucket that has been run twice; same losses as eager.
+    pads = []
+    real = regional._pad_tokens
+    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
+    batches = list(qlora.batches(256, 2, [100, 100, 40, 128], 4, "cpu"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
+    _as_if_cuda_graphs(model, explicit=False)
+    got = qlora.train(model, batches)
+    assert pads == [(100, 128)] * 4 + [(40, 128)] * 2, pads  # 2 layers a step; 128 tokens: none
+    assert_losses_close(got, want, 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_new_length_replays_a_recorded_bucket(monkeypatch):
+    # A length padded into its bucket (100 into 128) or into a larger recorded one (40,
+    # whose bucket is 64) and the bucket's own length are one CUDA-graph path: after the
+    # first two steps nothing is warmed up or recorded again.
+    from torch._inductor import cudagraph_trees
+
+    calls = []
+    for name in ("record_function", "run_eager"):
+        real = getattr(cudagraph_trees.CUDAGraphTreeManager, name)
+        monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, name,
+                            lambda self, *a, _real=real, _name=name, **k: calls.append(_name) or _real(self, *a, **k))
+    batches = list(qlora.batches(256, 2, [128, 128, 100, 128, 40, 128, 100], 7, "cuda"))
+    want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
+    counts = []
+    got = qlora.train(model, batches, log=lambda _: counts.append(len(calls)))
+    assert counts[1] > counts[0] > 0 and counts[2:] == [counts[1]] * 5, counts
+    assert_losses_close(got, want, 1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_with_bucketed_lengths_train_like_eager():
     # The default on a GPU: inductor, each layer a CUDA graph per length bucket.
@@ -362,11 +434,13 @@ def test_warm_up_then_low_memory_training_trains_like_eager():
     assert_losses_close(qlora.train(model, batches), want, 1e-4)
 
 
-def test_warm_up_runs_each_length_bucket_once_per_graph_path():
-    # 37 and 40 pad to 64 (one path), 100 to 128; 64 is its bucket's own length: its
-    # layers take the previous layer's output unpadded, another CUDA-graph path.
-    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
-    assert list(slothai.warm_up(model, [37, 40, 100, 64])) == [100, 64, 40]
+def test_warm_up_runs_each_length_bucket_once():
+    # 37, 40 and 64 run in the bucket of 64 (one CUDA-graph path, see _pad_tokens), 100
+    # in 128; each at its own bucket, though 128 was recorded first.
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
+    regions = _as_if_cuda_graphs(model, explicit=False)
+    assert list(slothai.warm_up(model, [37, 40, 100, 64])) == [100, 64]
+    assert regions[0].buckets.calls == {(1, 128): 2, (1, 64): 2}
 
 
 @pytest.mark.parametrize("lengths, batch_size, name", [([], 1, "lengths"), ([0], 1, "lengths"), ([8.0], 1, "lengths"),
@@ -408,7 +482,7 @@ def test_warm_up_records_every_bucket_before_training(monkeypatch):
     batches = list(qlora.batches(256, 2, [40, 100, 64, 70, 64, 40], 6, "cuda"))
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
-    assert list(slothai.warm_up(model, [40, 64, 70, 100], batch_size=2)) == [100, 64, 40]
+    assert list(slothai.warm_up(model, [40, 64, 70, 100], batch_size=2)) == [100, 64]  # buckets 128, 64
     assert "record_function" in calls and "run_eager" in calls
     before = len(calls)
     got = qlora.train(model, batches)
