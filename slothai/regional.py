@@ -418,9 +418,10 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
     cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
     removing the per-kernel launch cost. A graph is recorded per sequence length,
-    once (0.7-0.85 s for the 1B shape, on the second step at a length), so lengths
+    once (0.55-0.77 s for the 1B shape, on the second step at a length), so lengths
     are padded into 8 buckets per octave (`padded_length`; exact, see
-    `_pad_tokens`). None: on for a regional compile of a model on CUDA with
+    `_pad_tokens`), and a length whose bucket has no graphs yet runs in a larger
+    bucket that has them until recording its own pays (RECORD_COST_STEPS). None: on for a regional compile of a model on CUDA with
     inductor, not on a model FSDP2 shards or whose layers
     checkpoint activations (transformers' gradient checkpointing) — before this
     call, or after it, as Trainer, TRL and accelerate do: then at a layer's next call.
