@@ -26,6 +26,7 @@ SLOTHAI_RUNS = {
     "slothai": {},
     "slothai-fp32": dict(adapters="float32", saves=None, cudagraphs=False),
     "slothai-nocg": dict(cudagraphs=False),
+    "slothai-nobucket": dict(bucket_lengths=False),
     "slothai-saveall": dict(saves=None),
     "slothai-matmuls": dict(saves="matmuls"),
     "slothai-b06": dict(saves=None, memory_budget=0.6),
@@ -126,15 +127,17 @@ def profile_step(model, batch):
                 top_kernels_ms=dict(sorted(((k, round(v, 1)) for k, v in top.items()), key=lambda kv: -kv[1])[:20]))
 
 
-def phase_peaks(model, ids):
+def phase_peaks(model, batch):
     """Peak memory of the forward (with the loss head) and the backward of one more
     step, and what stays allocated after it: where a step's peak comes from. Under
     CUDA graphs a replay allocates nothing (its memory was taken when the graph was
     recorded), so for those runs only the per-step peaks say anything."""
     import torch
+
+    from slothai import qlora
     peaks = {}
     torch.cuda.reset_peak_memory_stats()
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = model(**qlora.model_inputs(batch)).loss
     peaks["forward"] = torch.cuda.max_memory_allocated() / 1e9
     torch.cuda.reset_peak_memory_stats()
     loss.backward()
@@ -156,7 +159,7 @@ def worker(args):
     from slothai import qlora
     vocab = model.config.vocab_size
     seqs = args.seq * args.repeat
-    batch_list = list(qlora.batches(vocab, args.batch, seqs, len(seqs), "cuda"))
+    batch_list = list(qlora.batches(vocab, args.batch, seqs, len(seqs), "cuda", padded=args.padded))
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -169,7 +172,8 @@ def worker(args):
         print(f"  [{label}]{line}  peak {step_peaks[-1]:.2f} GB", flush=True)
 
     with slothai.compile_report() as rep:
-        warm = slothai.warm_up(model, args.seq, batch_size=args.batch) if label == "slothai-warm" else {}
+        warm = slothai.warm_up(model, args.seq, batch_size=args.batch, padded=args.padded > 0) \
+            if label == "slothai-warm" else {}
         steps = qlora.train(model, batch_list, log=log)
     phases = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if sum(v) > 0.05}
     phases = dict(sorted(phases.items(), key=lambda kv: -kv[1])[:12])
@@ -246,6 +250,9 @@ def main():
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, nargs="+", default=SEQS)
+    ap.add_argument("--padded", type=int, default=0,
+                    help="batches as a padding collator makes them: the last row this many tokens shorter "
+                         "(attention mask 0, labels -100)")
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=["eager", "slothai", "unsloth"],
                     help="which runs (the first is the reference for speedup and loss)")
     ap.add_argument("--name", default="", help="suffix of the result files")
@@ -273,7 +280,8 @@ def main():
             out = os.path.join(tmp, f"{label}.json")
             rec, why = common.run_worker(
                 __file__, ["--worker", label, "--path", path, "--out", out, "--model", args.model, "--batch",
-                           str(args.batch), "--repeat", str(args.repeat), "--seq", *map(str, args.seq)]
+                           str(args.batch), "--repeat", str(args.repeat), "--padded", str(args.padded),
+                           "--seq", *map(str, args.seq)]
                 + (["--profile"] if args.profile else []), out, args.timeout, label,
                 UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
             if rec is not None:
@@ -301,18 +309,21 @@ def report(args, env, recs, failed):
         rows.append([r["label"], f"{r['steady_step_s']:.3f}", f"{r['settled_step_s']:.3f}" if r["settled_step_s"]
                      else "-", f"{(ref['settled_step_s'] or ref['steady_step_s']) / steady:.2f}x",
                      new_len, f"{r['peak_gb']:.2f}", f"{r['peak_gb'] / ref['peak_gb']:.2f}", f"{rel:.1e}",
-                     str(sum(b["count"] for b in c["graph_breaks"])), str(c["compilations"]),
+                     f"{sum(r['step_s'][1:]):.2f}", str(sum(b["count"] for b in c["graph_breaks"])),
+                     str(c["compilations"]),
                      f"{c['compile_seconds']:.0f}", f"{sum(r.get('warm_up_s', {}).values()):.1f}"])
     for label, why in failed.items():
-        rows.append([label, why] + ["-"] * 10)
+        rows.append([label, why] + ["-"] * 11)
+    padded = f", last row {args.padded} tokens of padding (attention mask)" if args.padded else ""
     lines = [f"QLoRA step, {args.model} shape, NF4 double-quant, bf16, LoRA r=32 on 7 projections, bsz {args.batch}, "
-             f"seq {args.seq} x {args.repeat}, AdamW. {env['card']}, torch {env['torch']}, {env['date']}"]
+             f"seq {args.seq} x {args.repeat}{padded}, AdamW. {env['card']}, torch {env['torch']}, {env['date']}"]
     lines += common.table(["run", "median s/step", "settled s/step", f"speed vs {ref['label']}",
                            "first new length", "peak GB", f"vs {ref['label']}", "max rel loss diff",
-                           "graph breaks", "compilations", "compile s", "set-up s"], rows)
+                           "steps 2+ s", "graph breaks", "compilations", "compile s", "set-up s"], rows)
     lines += [f"  {r['label']}: {r['what']}" for r in recs]
     name = f"qlora_{args.model}{args.name}"
-    common.write(name, dict(env, model=args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, runs=recs,
+    common.write(name, dict(env, model=args.model, batch=args.batch, seq=args.seq, repeat=args.repeat,
+                            padded=args.padded, runs=recs,
                             failed=failed), lines)
     plot(recs, name, f"QLoRA {args.model}, bsz {args.batch}, {env['card']}, torch {env['torch']}, {env['date']}")
 

@@ -65,11 +65,19 @@ def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lor
     return model.train()
 
 
-def batches(vocab, batch, seqs, steps, device, seed=0):
+def batches(vocab, batch, seqs, steps, device, seed=0, padded=0):
+    """Random token ids [batch, seqs[i]] per step; with `padded`, the batch a padding
+    collator makes: model kwargs whose last row is `padded` tokens shorter (attention
+    mask 0 and labels -100 there)."""
     g = torch.Generator().manual_seed(seed)
     for i in range(steps):
         ids = torch.randint(0, vocab, (batch, seqs[i % len(seqs)]), generator=g).to(device)
-        yield ids
+        if not padded:
+            yield ids
+            continue
+        mask = torch.ones_like(ids)
+        mask[-1, ids.shape[1] - padded:] = 0
+        yield dict(input_ids=ids * mask, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
 def peak_memory_gb(device):
@@ -78,13 +86,21 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB, process peak so far
 
 
+def model_inputs(batch):
+    """A batch of `batches`: token ids (labels = ids) or the model's keyword arguments."""
+    return batch if isinstance(batch, dict) else dict(input_ids=batch, labels=batch)
+
+
 def train_step(model, opt, ids):
-    """One AdamW step on (ids -> labels=ids), timed to the device's end; returns (loss, seconds)."""
+    """One AdamW step on (ids -> labels=ids), or on a batch of model kwargs, timed to
+    the device's end; returns (loss, seconds)."""
+    inputs = model_inputs(ids)
+    ids = inputs["input_ids"]
     cuda = ids.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = model(**inputs).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -100,8 +116,9 @@ def train(model, batch_list, *, lr=1e-3, log=None):
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     out = []
-    for i, ids in enumerate(batch_list):
-        value, dt = train_step(model, opt, ids)
+    for i, batch in enumerate(batch_list):
+        value, dt = train_step(model, opt, batch)
+        ids = model_inputs(batch)["input_ids"]
         out.append((value, dt, ids.numel()))
         if log:
             log(f"  step {i + 1}/{len(batch_list)}  seq {ids.shape[1]:5d}  loss {value:.4f}  "

@@ -118,19 +118,20 @@ class LengthBuckets:
     (see RECORD_COST_STEPS). Every layer sees the same calls, so all choose alike."""
 
     def __init__(self):
-        self.calls = collections.Counter()  # (batch, bucket) -> calls run at it; 2: warmed up and recorded
-        self.padding = collections.Counter()  # (batch, bucket) -> steps' worth of padding run in a larger one
+        self.calls = collections.Counter()  # (kind, bucket) -> calls run at it; 2: warmed up and recorded
+        self.padding = collections.Counter()  # (kind, bucket) -> steps' worth of padding run in a larger one
 
-    def choose(self, batch, n, reuse=True):
+    def choose(self, kind, n, reuse=True):
+        """The tokens to run n at; `kind`: what else tells graphs apart (batch size, mask)."""
         own = padded_length(n)
-        key = (batch, own)
-        larger = [b for (rows, b), calls in self.calls.items() if rows == batch and b > own and calls >= 2]
+        key = (kind, own)
+        larger = [b for (k, b), calls in self.calls.items() if k == kind and b > own and calls >= 2]
         if reuse and larger and self.calls[key] < 2 and self.padding[key] < RECORD_COST_STEPS:
             run = min(larger)
             self.padding[key] += 1 - own / run
         else:
             run = own
-        self.calls[batch, run] += 1
+        self.calls[kind, run] += 1
         return run
 
 
@@ -152,12 +153,32 @@ def own_buckets():
 _PADDED_FROM = "_slothai_padded_from"
 
 
+def _paddable_mask(mask, n):
+    """Whether a layer's attention mask lets its tokens be padded: none (causal), or
+    the [batch or 1, heads or 1, n, n] mask transformers builds for padded batches
+    (bool: True attends; float: added to the scores)."""
+    return mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 4 and tuple(mask.shape[-2:]) == (n, n) \
+        and (mask.dtype == torch.bool or mask.dtype.is_floating_point)
+
+
+def _pad_mask(mask, n, padded):
+    """`mask` grown to [..., padded, padded]: a real token sees what it saw and no
+    padding; a padding token sees every token up to itself (causal), so its row of
+    the softmax is finite though no real token reads it."""
+    allowed, masked = (True, False) if mask.dtype == torch.bool else (0.0, torch.finfo(mask.dtype).min)
+    out = torch.nn.functional.pad(mask, (0, padded - n, 0, padded - n), value=masked)
+    rows = torch.arange(n, padded, device=mask.device)[:, None]
+    out[..., n:, :] = torch.where(torch.arange(padded, device=mask.device) <= rows, allowed, masked).to(mask.dtype)
+    return out
+
+
 def _pad_tokens(args, kw, n, padded):
     """Right-pad every tensor whose dim 1 is the token dim (hidden states, rotary
     cos/sin, position ids; their dim 0 is the batch or 1) and every 1-D tensor of n
-    (cache positions) with zeros to `padded` tokens. Exact for a causal layer
-    without an attention mask: a token attends only to those before it, so the
-    padding, all after the real tokens, changes nothing of theirs, forward or back.
+    (cache positions) with zeros to `padded` tokens, and the attention mask, if
+    any, with `_pad_mask`. Exact for a causal layer: a token attends only to those
+    before it, and none to the padding, so the padding, all after the real tokens,
+    changes nothing of theirs, forward or back.
 
     The previous layer's output, sliced back to n tokens, is not copied: the padded
     output it views goes on (its padding rows are that layer's finite outputs for
@@ -177,7 +198,9 @@ def _pad_tokens(args, kw, n, padded):
             return torch.nn.functional.pad(t, (0, padded - n))
         return t
 
-    return tree_map(pad, args), tree_map(pad, kw)
+    kw = {k: _pad_mask(v, n, padded) if k == "attention_mask" and v is not None else tree_map(pad, v)
+          for k, v in kw.items()}
+    return tree_map(pad, args), kw
 
 
 class _CompiledForward:
@@ -294,9 +317,10 @@ class _CompiledForward:
             compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
         run = None
-        if bucket and n and kw.get("attention_mask") is None:
+        mask = kw.get("attention_mask")
+        if bucket and n and _paddable_mask(mask, n):
             reuse = "triton.cudagraphs" in self.kwargs.get("options", {}) and not _OWN_BUCKETS[-1]
-            run = self.buckets.choose(hidden.shape[0], n, reuse)
+            run = self.buckets.choose((hidden.shape[0], mask is not None), n, reuse)
         if run is not None and run != n:
             args, kw = _pad_tokens(args, kw, n, run)
             hidden = _hidden_of(args, kw)

@@ -39,11 +39,14 @@ def _runs(lengths, bucket):
     return runs
 
 
-def warm_up(model, lengths, batch_size=1):
+def warm_up(model, lengths, batch_size=1, padded=False):
     """Take the first two training steps' forward and backward (no optimizer step) at
     the bucket of each of `lengths` (sequence lengths, tokens), `batch_size` rows of
     random token ids each, through `model(input_ids=ids, labels=ids).loss`: the call
     HF Trainer and TRL make. Run it under the autocast you train under, if any.
+    padded: for batches a padding collator makes (an attention mask with zeros, which
+    the layers see as a mask and compile and record apart): each warm-up batch has
+    one, its last token padding, and labels -100 there.
     Returns {length run: seconds} (the first includes compiling). With length buckets
     on (`compile`'s default with CUDA graphs) one length runs per bucket
     (`padded_length`), each at its own bucket (training would pad a length into a
@@ -74,11 +77,16 @@ def warm_up(model, lengths, batch_size=1):
                 own_buckets():
             for n in runs:
                 ids = torch.randint(0, vocab, (batch_size, n), device=device)
+                batch = dict(input_ids=ids, labels=ids)
+                if padded:
+                    mask = torch.ones_like(ids)
+                    mask[:, -1] = 0
+                    batch.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
                 start = time.perf_counter()
                 for _ in range(2):  # warm-up, then recording
                     for p in params:
                         p.grad = None
-                    loss = model(input_ids=ids, labels=ids).loss
+                    loss = model(**batch).loss
                     if loss is None:
                         raise ValueError("warm_up calls model(input_ids=ids, labels=ids) and needs the loss it "
                                          "returns; this model returned none")

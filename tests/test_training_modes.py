@@ -272,13 +272,56 @@ def test_each_layer_takes_the_previous_layers_padded_output_as_it_is(monkeypatch
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def padded_batch(n, padded, batch=2):
+    """A padding collator's batch (model kwargs): the last row `padded` tokens short."""
+    return next(qlora.batches(256, batch, [n], 1, "cpu", padded=padded))
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_padded_batches_with_an_attention_mask_run_in_length_buckets(monkeypatch, bucket):
+    # A padding collator's attention mask reaches each layer as [batch, 1, n, n]; the
+    # layer's tokens still pad into the bucket (the mask grown so that no real token
+    # sees the padding): same loss and LoRA gradients as eager.
+    pads = []
+    real = regional._pad_tokens
+    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[1].get("attention_mask")) or real(*a))
+    batch = padded_batch(37, padded=11, batch=3)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), lora_grads(model)
+
+    want_loss, want = step(slothai.patch(qlora.build("tiny", "llama")))
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=bucket)
+    got_loss, got = step(model)
+    assert len(pads) == (2 if bucket else 0) and all(m is not None and m.shape[-1] == 37 for m in pads)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_a_grown_mask_hides_the_padding_from_real_tokens(dtype):
+    # Real rows: as given, and never the padding; padding rows: causal, never empty.
+    g = torch.Generator().manual_seed(0)
+    allowed = torch.rand(2, 1, 5, 5, generator=g) < 0.6
+    mask = allowed if dtype == torch.bool else torch.where(allowed, 0.0, torch.finfo(dtype).min)
+    grown = regional._pad_mask(mask, 5, 8)
+    sees = grown if dtype == torch.bool else grown == 0
+    assert grown.shape == (2, 1, 8, 8) and grown.dtype == dtype
+    assert torch.equal(grown[..., :5, :5], mask) and not sees[..., :5, 5:].any()
+    assert torch.equal(sees[..., 5:, :], torch.ones(8, 8, dtype=torch.bool).tril()[5:].expand(2, 1, 3, 8))
+
+
 def test_length_buckets_pad_into_a_recorded_bucket_until_recording_pays():
     # Rent (pad into a larger recorded bucket) until the padding run adds up to the
     # price of recording (RECORD_COST_STEPS steps), then buy (warm up, record).
     buckets = regional.LengthBuckets()
     assert [buckets.choose(2, 2048) for _ in range(3)] == [2048] * 3  # warm-up, record, replay
     assert buckets.choose(2, 1536) == 2048 and buckets.choose(2, 1800) == 2048  # recorded: no slow step
-    assert buckets.choose(3, 1536) == 1536  # another batch size: nothing recorded for it
+    assert buckets.choose(3, 1536) == 1536  # another kind (batch size, mask): nothing recorded for it
     assert buckets.choose(2, 4000) == 4096  # longer than any recorded bucket: its own
     assert buckets.choose(2, 100, reuse=False) == 128  # warm_up, or no CUDA graphs: its own
     runs = [buckets.choose(2, 1024) for _ in range(40)]  # 1 - 1024/2048 = half a step wasted a call
@@ -303,10 +346,12 @@ def test_a_length_shorter_than_a_recorded_bucket_runs_in_it_and_trains_like_eage
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_a_new_length_replays_a_recorded_bucket(monkeypatch):
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_new_length_replays_a_recorded_bucket(monkeypatch, masked):
     # A length padded into its bucket (100 into 128) or into a larger recorded one (40,
     # whose bucket is 64) and the bucket's own length are one CUDA-graph path: after the
-    # first two steps nothing is warmed up or recorded again.
+    # first two steps nothing is warmed up or recorded again; padded batches with an
+    # attention mask (one row 9 tokens short) too.
     from torch._inductor import cudagraph_trees
 
     calls = []
@@ -314,7 +359,7 @@ def test_a_new_length_replays_a_recorded_bucket(monkeypatch):
         real = getattr(cudagraph_trees.CUDAGraphTreeManager, name)
         monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, name,
                             lambda self, *a, _real=real, _name=name, **k: calls.append(_name) or _real(self, *a, **k))
-    batches = list(qlora.batches(256, 2, [128, 128, 100, 128, 40, 128, 100], 7, "cuda"))
+    batches = list(qlora.batches(256, 2, [128, 128, 100, 128, 40, 128, 100], 7, "cuda", padded=9 if masked else 0))
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
     counts = []
@@ -426,6 +471,17 @@ def test_warm_up_compiles_and_leaves_the_model_as_it_was():
     assert_losses_close(got, want, 1e-4)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_warm_up_padded_takes_the_masked_variant(padded):
+    # A padding collator's batches reach the layers with a mask: another compiled
+    # variant (and other CUDA graphs), which only warm_up(padded=True) takes before.
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
+    slothai.warm_up(model, [40], batch_size=2, padded=padded)
+    with slothai.compile_report() as training:
+        model(**padded_batch(40, padded=9)).loss.backward()
+    assert training.compilations == (0 if padded else 1), training
+
+
 def test_warm_up_then_low_memory_training_trains_like_eager():
     batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama")), batches)
@@ -440,7 +496,7 @@ def test_warm_up_runs_each_length_bucket_once():
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
     regions = _as_if_cuda_graphs(model, explicit=False)
     assert list(slothai.warm_up(model, [37, 40, 100, 64])) == [100, 64]
-    assert regions[0].buckets.calls == {(1, 128): 2, (1, 64): 2}
+    assert regions[0].buckets.calls == {((1, False), 128): 2, ((1, False), 64): 2}  # (batch, mask), bucket
 
 
 @pytest.mark.parametrize("lengths, batch_size, name", [([], 1, "lengths"), ([0], 1, "lengths"), ([8.0], 1, "lengths"),
