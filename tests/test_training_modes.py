@@ -277,11 +277,13 @@ def padded_batch(n, padded, batch=2):
     return next(qlora.batches(256, batch, [n], 1, "cpu", padded=padded))
 
 
-@pytest.mark.parametrize("bucket", [False, True])
-def test_padded_batches_with_an_attention_mask_run_in_length_buckets(monkeypatch, bucket):
+@pytest.mark.parametrize("bucket, low_memory, family", [(False, False, "llama"), (True, False, "llama"),
+                                                       (True, True, "llama"), (True, False, "gemma2")])
+def test_padded_batches_with_an_attention_mask_run_in_length_buckets(monkeypatch, bucket, low_memory, family):
     # A padding collator's attention mask reaches each layer as [batch, 1, n, n]; the
     # layer's tokens still pad into the bucket (the mask grown so that no real token
-    # sees the padding): same loss and LoRA gradients as eager.
+    # sees the padding): same loss and LoRA gradients as eager, low-memory mode too,
+    # and Gemma-2's sliding-window layers (window 32 of 37 tokens).
     pads = []
     real = regional._pad_tokens
     monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[1].get("attention_mask")) or real(*a))
@@ -293,8 +295,9 @@ def test_padded_batches_with_an_attention_mask_run_in_length_buckets(monkeypatch
         loss.backward()
         return loss.detach(), lora_grads(model)
 
-    want_loss, want = step(slothai.patch(qlora.build("tiny", "llama")))
-    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=bucket)
+    want_loss, want = step(slothai.patch(qlora.build("tiny", family)))
+    model = slothai.compile(slothai.patch(qlora.build("tiny", family)), backend="aot_eager", bucket_lengths=bucket,
+                            low_memory=low_memory)
     got_loss, got = step(model)
     assert len(pads) == (2 if bucket else 0) and all(m is not None and m.shape[-1] == 37 for m in pads)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
