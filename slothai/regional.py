@@ -321,6 +321,8 @@ class _CompiledForward:
         if bucket and n and _paddable_mask(mask, n):
             reuse = "triton.cudagraphs" in self.kwargs.get("options", {}) and not _OWN_BUCKETS[-1]
             run = self.buckets.choose((hidden.shape[0], mask is not None), n, reuse)
+            if run > padded_length(n):
+                REGION_CALLS["of those, in a larger recorded bucket"] += 1
         if run is not None and run != n:
             args, kw = _pad_tokens(args, kw, n, run)
             hidden = _hidden_of(args, kw)

@@ -343,8 +343,10 @@ def test_a_length_shorter_than_a_recorded_bucket_runs_in_it_and_trains_like_eage
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama")), batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
     _as_if_cuda_graphs(model, explicit=False)
-    got = qlora.train(model, batches)
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
     assert pads == [(100, 128)] * 4 + [(40, 128)] * 2, pads  # 2 layers a step; 128 tokens: none
+    assert report.region_calls == {"compiled": 8, "of those, in a larger recorded bucket": 2}, report
     assert_losses_close(got, want, 1e-4)
 
 
