@@ -334,16 +334,16 @@ class _CompiledForward:
             contextlib.nullcontext()
         with offload:
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
-        return out if n is None else tree_map(functools.partial(_real_tokens, n=n), out)
+        return out if n is None else tree_map(functools.partial(_real_tokens, n=n, padded=run), out)
 
     @property
     def __signature__(self):
         return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
 
 
-def _real_tokens(t, n):
+def _real_tokens(t, n, padded):
     """A padded layer output's first n tokens, naming the output it views (_PADDED_FROM)."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] != padded:
         return t
     view = t[:, :n]
     setattr(view, _PADDED_FROM, t)
@@ -447,8 +447,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     once (0.55-0.77 s for the 1B shape, on the second step at a length), so lengths
     are padded into 8 buckets per octave (`padded_length`; exact, see
     `_pad_tokens`), and a length whose bucket has no graphs yet runs in a larger
-    bucket that has them until recording its own pays (RECORD_COST_STEPS). None: on for a regional compile of a model on CUDA with
-    inductor, not on a model FSDP2 shards or whose layers
+    bucket that has them until recording its own pays (RECORD_COST_STEPS).
+    None: on for a regional compile of a model on CUDA with inductor, not on a
+    model FSDP2 shards or whose layers
     checkpoint activations (transformers' gradient checkpointing) — before this
     call, or after it, as Trainer, TRL and accelerate do: then at a layer's next call.
     bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
