@@ -1,5 +1,6 @@
 """Build 4-bit QLoRA models (random weights, no download) and run training steps:
-what `python -m slothai report`, the tests and benchmarks/bench_qlora.py share."""
+what `python -m slothai report`, the tests and benchmarks/bench_qlora.py share (and
+`warm_up`, a padding collator's batch)."""
 import contextlib
 import resource
 import tempfile
@@ -77,7 +78,13 @@ def batches(vocab, batch, seqs, steps, device, seed=0, padded=0):
             continue
         mask = torch.ones_like(ids)
         mask[-1, ids.shape[1] - padded:] = 0
-        yield dict(input_ids=ids * mask, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        yield collated(ids, mask)
+
+
+def collated(ids, mask):
+    """What a padding collator hands the model: ids with the padding (mask 0) zeroed,
+    the mask, and labels -100 at the padding."""
+    return dict(input_ids=ids * mask, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
 def peak_memory_gb(device):
@@ -117,8 +124,9 @@ def train(model, batch_list, *, lr=1e-3, log=None):
     model.train()
     out = []
     for i, batch in enumerate(batch_list):
-        value, dt = train_step(model, opt, batch)
-        ids = model_inputs(batch)["input_ids"]
+        inputs = model_inputs(batch)
+        value, dt = train_step(model, opt, inputs)
+        ids = inputs["input_ids"]
         out.append((value, dt, ids.numel()))
         if log:
             log(f"  step {i + 1}/{len(batch_list)}  seq {ids.shape[1]:5d}  loss {value:.4f}  "

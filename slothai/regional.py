@@ -106,10 +106,11 @@ def padded_length(n):
 # A length whose own bucket has no CUDA graphs yet runs padded into the smallest
 # larger bucket that has them (a replay: no slow step) until the padding run that way
 # adds up to RECORD_COST_STEPS steps (a step of B tokens run for b real ones wastes
-# 1 - b/B of it); then its own bucket is warmed up and recorded. That is the cost of
-# recording, measured (1B shape, H100): a warm-up and a recording step, 0.39-0.42 s
-# and 0.73-0.77 s, against 0.069 s replayed, ~16 steps more. Paying rent until it adds
-# up to the price, then buying, never costs more than twice the better choice.
+# 1 - b/B of it); then its own bucket is warmed up and recorded. That is about the cost
+# of recording, measured (1B shape, H100): a warm-up and a recording step, 0.39-0.42 s
+# and 0.73-0.77 s, against 0.069 s replayed: 16-17 steps' time, 14-15 more than two
+# replays. Paying rent until it adds up to the price, then buying, never costs more
+# than twice the better choice.
 RECORD_COST_STEPS = 16
 
 

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .qlora import collated
 from .regional import compiled_layers, own_buckets, padded_length
 
 
@@ -77,11 +78,9 @@ def warm_up(model, lengths, batch_size=1, padded=False):
                 own_buckets():
             for n in runs:
                 ids = torch.randint(0, vocab, (batch_size, n), device=device)
-                batch = dict(input_ids=ids, labels=ids)
-                if padded:
-                    mask = torch.ones_like(ids)
-                    mask[:, -1] = 0
-                    batch.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+                mask = torch.ones_like(ids)
+                mask[:, -1] = 0  # each row's last token padding
+                batch = collated(ids, mask) if padded else dict(input_ids=ids, labels=ids)
                 start = time.perf_counter()
                 for _ in range(2):  # warm-up, then recording
                     for p in params:
