@@ -34,7 +34,10 @@ SLOTHAI_RUNS = {
     "slothai-lowmem": dict(low_memory=True),
     "slothai-lowmem-nocg": dict(low_memory=True, cudagraphs=False),
     "slothai-warm": {},  # compile's defaults, then warm_up before the first step (worker)
+    "slothai-apart": {},  # patch(lora=False): PEFT's LoRA forward, its term added apart (PATCH_KWARGS)
 }
+# slothai runs whose slothai.patch takes arguments: label -> those.
+PATCH_KWARGS = {"slothai-apart": dict(lora=False)}
 
 
 def _compile_call(kwargs):
@@ -49,6 +52,8 @@ RUNS = {
     **{label: _compile_call(kwargs) for label, kwargs in SLOTHAI_RUNS.items()},
     "slothai-warm": "slothai.patch + slothai.compile, then slothai.warm_up(model, lengths, batch_size) before "
                     "the first step (set-up s: its time, compiling included)",
+    "slothai-apart": "slothai.patch(lora=False) + slothai.compile: the LoRA term apart from the base "
+                     "layer's op (PEFT's LoRA forward, as before 2026-11-27)",
     "unsloth": "Unsloth FastLanguageModel, use_gradient_checkpointing=False",
     "unsloth-offload": "Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'",
     "unsloth+slothai": "Unsloth FastLanguageModel (checkpointing off), then slothai.patch",
@@ -89,7 +94,7 @@ def build_model(label, path, args):
         model.config.use_cache = False
         model.compile(dynamic=None)
     elif label in SLOTHAI_RUNS:
-        slothai.patch(model)
+        slothai.patch(model, **PATCH_KWARGS.get(label, {}))
         slothai.compile(model, **SLOTHAI_RUNS[label])
     return model
 

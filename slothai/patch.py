@@ -6,6 +6,9 @@ through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
   temporary, one GEMM), and its backward dequantizes again instead of keeping the
   dense weight. Its `Params4bit` becomes an `NF4Weight` (slothai/nf4_weight.py),
   which FSDP2 can shard.
+- PEFT's LoRA wrapper of such a layer computes base + LoRA in that one op: the
+  rank-r term first, then the base GEMM accumulating onto it, so their sum is
+  written once (`_lora_linear4bit_forward`; PEFT's own forward for what it does not cover).
 - Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
   loss with `fused_linear_cross_entropy` from the last hidden states when labels
   are given: the [tokens x vocab] logits are never built, and the output's
@@ -62,8 +65,8 @@ _FP32_HEAD_GRAD = "_slothai_fp32_head_grad"
 
 
 def _patched_class(base, kind):
-    """The subclass of `base` whose forward is slothai's `kind` ("linear4bit" or
-    "causal_lm"); one per (base, kind), made on first use."""
+    """The subclass of `base` whose forward is slothai's `kind` (a key of `_KINDS`);
+    one per (base, kind), made on first use."""
     cls = _PATCHED_CLASSES.get((base, kind))
     if cls is not None:
         return cls
@@ -128,6 +131,60 @@ def _linear4bit_forward(self, x):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     bias = None if self.bias is None else self.bias.to(x.dtype)
     return nf4_linear(x, self.weight, bias).to(inp_dtype)
+
+
+def _is_peft_lora_linear4bit(module):
+    """PEFT's LoRA wrapper of an NF4 Linear4bit: its bitsandbytes class (models loaded
+    in 4 bit) or its generic Linear (other modules holding a Linear4bit)."""
+    cls = type(module)
+    return cls.__name__ in ("Linear4bit", "Linear") and cls.__module__.startswith("peft.tuners.lora") and \
+        _is_bnb_linear4bit(getattr(module, "base_layer", None))
+
+
+def _plain_lora_adapter(self, args, kwargs):
+    """The one active adapter of PEFT LoRA layer `self` when its forward is base +
+    B(A(dropout(x))) * scaling over a slothai-patched NF4 base; None otherwise
+    (adapters disabled or merged, none or several active, DoRA or another variant,
+    a LoRA bias, extra forward arguments such as mixed-batch `adapter_names`)."""
+    base = self.base_layer
+    if args or kwargs or self.disable_adapters or self.merged or \
+            not (is_patched(base) and type(base)._slothai_kind == "linear4bit"):
+        return None
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name) or \
+            self.lora_B[name].bias is not None or getattr(self, "fan_in_fan_out", False):
+        return None
+    return name
+
+
+def _lora_linear4bit_forward(self, x, *args, **kwargs):
+    """PEFT's LoRA Linear4bit forward as one slothai::nf4_linear: A(dropout(x)) *
+    scaling first (r columns), then the base GEMM accumulates B's term with its own.
+    The adapter math runs in the base's compute dtype: under autocast, as in PEFT;
+    without it only if the adapter weights are in that dtype, else PEFT's forward
+    (fp32 adapters, `compile(adapters="float32")`), as for what
+    `_plain_lora_adapter` does not cover."""
+    name = _plain_lora_adapter(self, args, kwargs)
+    base = self.base_layer
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = getattr(base, "compute_dtype", None) or x.dtype
+        if name is not None and {self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype} != {dtype}:
+            name = None
+    if name is None:
+        return type(self)._slothai_base.forward(self, x, *args, **kwargs)
+    _standard_layout(base)
+    # A reads x through its own cast (autocast's, or PEFT's to the adapter dtype), as in
+    # PEFT: x's gradients from A and from the base then add up in x's dtype.
+    lora_x = self.lora_A[name](self.lora_dropout[name](x if autocast else x.to(dtype))) * self.scaling[name]
+    bias = None if base.bias is None else base.bias.to(dtype)
+    y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype))
+    return y.to(x.dtype)
 
 
 def _causal_lm_forward(self, *args, labels=None, **kwargs):
@@ -204,7 +261,8 @@ def _is_unsloth(model):
     return getattr(config, "unsloth_version", None) is not None
 
 
-_KINDS = {"linear4bit": _linear4bit_forward, "causal_lm": _causal_lm_forward, "token_slices": sliced_forward}
+_KINDS = {"linear4bit": _linear4bit_forward, "lora_linear4bit": _lora_linear4bit_forward,
+          "causal_lm": _causal_lm_forward, "token_slices": sliced_forward}
 _PATCHED_CLASSES = {}  # (base class, kind) -> generated subclass
 
 
@@ -225,10 +283,13 @@ def slice_tokens(module, n):
         module.__dict__.pop(SLICES_ATTR, None)
 
 
-def patch(model, *, linear4bit=True, loss=True, keep_logits=False, fp32_head_grad=True):
+def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp32_head_grad=True):
     """Patch `model` in place (idempotent) and return it. See the module docstring.
 
     linear4bit: route bitsandbytes NF4 layers through slothai's dequant.
+    lora: with linear4bit, PEFT's LoRA layers over them add their LoRA term inside
+    the base layer's op (written once with it); False leaves PEFT's LoRA forward
+    (the LoRA term computed and added apart).
     loss: compute the causal-LM loss without the logits when labels are given.
     keep_logits: for code that reads `outputs.logits` of a labelled call (e.g.
     TRL 1.0's SFTTrainer computes entropy and token accuracy from them): the
@@ -249,6 +310,11 @@ def patch(model, *, linear4bit=True, loss=True, keep_logits=False, fp32_head_gra
             _standard_layout(module)
             distributed.use_nf4_weight(module)  # Params4bit -> NF4Weight, which FSDP2 can shard
             _install(module, "linear4bit")
+        elif linear4bit and _is_peft_lora_linear4bit(module) and not _is_unsloth(model):
+            if lora:  # (an Unsloth model keeps its own LoRA paths)
+                _install(module, "lora_linear4bit")
+            elif is_patched(module):
+                module.__class__ = type(module)._slothai_base
     if loss:
         _load_output_class()
         for module in _causal_lm_heads(model):

@@ -8,8 +8,9 @@ backward's own kernels.
 
   kept        the 4-bit projections' outputs with their LoRA terms added (the sum
               `base(x) + B(A(x)) * s`, not the base output, so that backward
-              does not redo the rank-r expansion and the add), attention's
-              outputs (and its log-sum-exp), and LoRA's A(x) (r columns);
+              does not redo the rank-r expansion and the add; under slothai.patch
+              the op's own output), attention's outputs (and its log-sum-exp),
+              and LoRA's A(x) (r columns);
   recomputed  norms, RoPE, activations, the residual adds, LoRA's B(.) * s, casts;
               with saves="lean" also the MLP's up projection (its GEMM, its LoRA
               term and the product with act(gate)). Per token and layer that is
@@ -65,8 +66,14 @@ class _Policy:
             expanding = out_features > in_features
             s["in_up"] = self.recompute_up and expanding and s["expanding_input"] is a.x
             s["expanding_input"] = a.x if expanding and not s["in_up"] else None
-            s["width"] = out_features  # its LoRA sum, if any, comes next
+            # Its LoRA sum, if any, comes next, unless the op adds the LoRA term itself.
+            s["width"] = out_features if a.lora_x is None else None
             return CheckpointPolicy.MUST_RECOMPUTE if s["in_up"] else CheckpointPolicy.MUST_SAVE
+        if _is_lora_a(op, args):
+            # LoRA's A(x): kept, r columns. Under slothai.patch it comes before its
+            # projection (the op takes it), in PEFT's forward after: down's A(h) falls
+            # in up's span below, and up's A(x) too.
+            return CheckpointPolicy.MUST_SAVE
         if s["in_up"]:  # up's LoRA term and act(gate) * up, until the next projection
             return CheckpointPolicy.MUST_RECOMPUTE
         if op in _ATTENTION:
@@ -81,6 +88,15 @@ class _Policy:
             s["width"] = None  # base(x) + LoRA term: keep the sum; the base output is then not needed
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _is_lora_a(op, args):
+    """A 2-D matmul from a model width (a plain int, at least KEEP_MATMUL_INNER) down to
+    fewer than KEEP_MATMUL_INNER columns: LoRA's A at rank r < KEEP_MATMUL_INNER."""
+    if op not in (aten.mm.default, aten.addmm.default):
+        return False
+    k, n = args[-2].shape[-1], args[-1].shape[-1]
+    return isinstance(k, int) and k >= KEEP_MATMUL_INNER and isinstance(n, int) and n < KEEP_MATMUL_INNER
 
 
 def _inner_is_costly(k):

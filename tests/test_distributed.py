@@ -98,11 +98,11 @@ def _worker(rank, path, out):
                 slothai.compile(model, backend="aot_eager")
             else:
                 fully_shard_layers(model, mesh=mesh)
-                seen = []  # what the patched Linear4bit gets from FSDP's all-gather (eager: a hook on
-                if not compiled:  # one layer only would give the compiled layers two sets of guards)
-                    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-                    q.register_forward_pre_hook(lambda m, a: seen.append((type(m.weight).__name__,
-                                                                          tuple(m.weight.shape))))
+                seen = []  # the NF4 weight a patched LoRA layer reads after FSDP's all-gather (eager: a
+                if not compiled:  # hook on one layer only would give the compiled layers two sets of guards)
+                    q = model.base_model.model.model.layers[0].self_attn.q_proj
+                    q.register_forward_pre_hook(lambda m, a: seen.append((type(m.base_layer.weight).__name__,
+                                                                          tuple(m.base_layer.weight.shape))))
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
             with slothai.compile_report() as report:

@@ -1,5 +1,6 @@
-"""slothai::nf4_linear: x @ W^T + b with W dequantized on the fly, forward and
-backward, against a dense weight from the exact formula and against bitsandbytes."""
+"""slothai::nf4_linear: x @ W^T + b (+ lora_x @ lora_b^T) with W dequantized on the
+fly, forward and backward, against a dense weight from the exact formula and against
+bitsandbytes."""
 import pytest
 import torch
 
@@ -44,18 +45,56 @@ def test_nf4_linear_matches_dense(device, dtype, o, i, lead, bias):
         torch.testing.assert_close(b.grad, b2.grad, **tol)
 
 
-def _nf4_linear_args(device, o=12, i=20, bias=True):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("o,i,r,lead,bias", [(10, 24, 3, (3, 5), True), (33, 17, 1, (7,), False),
+                                             (70, 64, 16, (2, 1, 3), True), (5, 128, 8, (0, 4), False)])
+def test_nf4_linear_with_lora_term_matches_float64(device, dtype, o, i, r, lead, bias):
+    # y = x W^T + lora_x lora_b^T + b and its four gradients, against float64 math on
+    # the formula's W; in half precision, no further from it than the same sum formed
+    # apart in that precision (base, low-rank term, then their sum: what PEFT does).
+    w = linear4bit(o, i, device).weight
+    wd = formula(w.data, w.quant_state, torch.float64)
+    leaves = [torch.randn(*lead, i, device=device, dtype=dtype), torch.randn(*lead, r, device=device, dtype=dtype),
+              torch.randn(o, r, device=device, dtype=dtype), torch.randn(o, device=device, dtype=dtype)]
+    x, lx, lb, b = [t.requires_grad_() for t in leaves]
+    y = slothai.nf4_linear(x, w, b if bias else None, lora_x=lx, lora_b=lb)
+    x64, lx64, lb64, b64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = x64 @ wd.t() + lx64 @ lb64.t() + (b64 if bias else 0)
+    x2, lx2, lb2, b2 = [t.detach().clone().requires_grad_() for t in leaves]
+    y2 = _nf4_linear_ref(x2, w, b2 if bias else None) + lx2 @ lb2.t()
+    assert y.shape == (*lead, o) and y.dtype == dtype
+    g = torch.randn_like(y)
+    for out in (y, y64, y2):
+        out.backward(g.to(out.dtype))
+    pairs = [(y, y64, y2), (x.grad, x64.grad, x2.grad), (lx.grad, lx64.grad, lx2.grad), (lb.grad, lb64.grad, lb2.grad)]
+    if bias:
+        pairs.append((b.grad, b64.grad, b2.grad))
+    for got, want, apart in pairs:
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        else:
+            if want.numel():
+                err, err_apart = [(t.double() - want).abs().max().item() for t in (got, apart)]
+                assert err <= err_apart + 1e-2 * want.abs().max().item(), (err, err_apart)
+
+
+def _nf4_linear_args(device, o=12, i=20, bias=True, rank=0):
     w = linear4bit(o, i, device).weight
     s = w.quant_state
     x = torch.randn(4, i, device=device, requires_grad=True)
     b = torch.randn(o, device=device, requires_grad=True) if bias else None
-    return [x, w.data, s.absmax, s.state2.code, s.state2.absmax, s.offset, s.blocksize, s.state2.blocksize,
+    args = [x, w.data, s.absmax, s.state2.code, s.state2.absmax, s.offset, s.blocksize, s.state2.blocksize,
             list(s.shape), b]
+    if rank:
+        args += [torch.randn(4, rank, device=device, requires_grad=True),
+                 torch.randn(o, rank, device=device, requires_grad=True)]
+    return args
 
 
-def test_nf4_linear_opcheck(device):
+@pytest.mark.parametrize("rank", [0, 3])
+def test_nf4_linear_opcheck(device, rank):
     for bias in (True, False):
-        torch.library.opcheck(torch.ops.slothai.nf4_linear.default, _nf4_linear_args(device, bias=bias))
+        torch.library.opcheck(torch.ops.slothai.nf4_linear.default, _nf4_linear_args(device, bias=bias, rank=rank))
 
 
 BAD_LINEAR = [
@@ -74,6 +113,31 @@ def test_nf4_linear_bad_input_raises_named_error(device, msg, exc, mutate):
     a[0] = a[0].detach()
     mutate(a)
     with pytest.raises(exc, match=msg):
+        torch.ops.slothai.nf4_linear(*a)
+
+
+BAD_LORA = [
+    ("lora_x and lora_b must be given together, got lora_x alone", ValueError, lambda a: a.__setitem__(11, None)),
+    ("lora_x and lora_b must be given together, got lora_b alone", ValueError, lambda a: a.__setitem__(10, None)),
+    ("lora_x must be Float, got BFloat16", TypeError, lambda a: a.__setitem__(10, a[10].bfloat16())),
+    ("lora_b must be Float, got Half", TypeError, lambda a: a.__setitem__(11, a[11].half())),
+    ("lora_b must have shape \\[12, r\\], got \\[11, 3\\]", ValueError, lambda a: a.__setitem__(11, a[11][:11])),
+    ("lora_x must have x's leading dims and end in r = 3, got shape \\[4, 2\\]", ValueError,
+     lambda a: a.__setitem__(10, a[10][:, :2])),
+    ("lora_x must have x's leading dims .* got shape \\[3, 3\\]", ValueError, lambda a: a.__setitem__(10, a[10][:3])),
+    ("lora_x must have x's leading dims .* got shape \\[4, 1, 3\\]", ValueError,
+     lambda a: a.__setitem__(10, a[10][:, None])),
+]
+
+
+@pytest.mark.parametrize("msg,exc,mutate", BAD_LORA, ids=[b[0][:40] for b in BAD_LORA])
+def test_nf4_linear_bad_lora_term_raises_named_error(device, msg, exc, mutate):
+    a = [t.detach() if isinstance(t, torch.Tensor) else t for t in _nf4_linear_args(device, rank=3)]
+    mutate(a)
+    with pytest.raises(exc, match=msg):
+        torch.ops.slothai.nf4_linear(*a)
+    with pytest.raises(exc, match=msg.split(" ")[0]), \
+            torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):  # the fake function checks alike
         torch.ops.slothai.nf4_linear(*a)
 
 

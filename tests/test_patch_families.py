@@ -35,9 +35,10 @@ def test_patched_family_matches_unpatched(family, tmp_path):
     model, ref = qlora.build(path=path), qlora.build(path=path)
     assert model.config.model_type == family
     slothai.patch(model)
-    patched = [type(m).__name__ for m in model.modules() if slothai.is_patched(m)]
+    patched = [type(m)._slothai_kind for m in model.modules() if slothai.is_patched(m)]
     layers = model.config.num_hidden_layers
-    assert patched.count("Linear4bit") == layers * 7 and len(patched) == layers * 7 + 1, patched
+    assert patched.count("linear4bit") == patched.count("lora_linear4bit") == layers * 7, patched
+    assert patched.count("causal_lm") == 1 and len(patched) == layers * 7 * 2 + 1, patched
     if CAUSAL_LM_FAMILIES[family]:
         assert getattr(model.config, CAUSAL_LM_FAMILIES[family]) == SOFTCAP
 

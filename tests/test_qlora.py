@@ -63,8 +63,10 @@ def test_patch_routes_through_slothai_and_unpatch_restores():
     ref = qlora.build("tiny", "llama")
     ids = torch.randint(0, 256, (2, 10))
     slothai.patch(model)
-    patched = [type(m).__name__ for m in model.modules() if slothai.is_patched(m)]
-    assert patched.count("Linear4bit") == 2 * 7 and patched.count("LlamaForCausalLM") == 1  # 2 layers x 7 + head
+    patched = [(type(m).__name__, type(m)._slothai_kind) for m in model.modules() if slothai.is_patched(m)]
+    # 2 layers x 7 NF4 layers, their 14 PEFT LoRA wrappers, and the head
+    assert patched.count(("Linear4bit", "linear4bit")) == patched.count(("Linear4bit", "lora_linear4bit")) == 2 * 7
+    assert patched.count(("LlamaForCausalLM", "causal_lm")) == 1 and len(patched) == 2 * 7 * 2 + 1
     out = model(input_ids=ids, labels=ids)
     assert out.logits is None  # the fused loss never builds them
     want = ref(input_ids=ids, labels=ids)

@@ -100,11 +100,11 @@ def _logged(trainer):
             for log in trainer.state.log_history if "loss" in log]
 
 
-def _assert_same_logs(got, want):
+def _assert_same_logs(got, want, rel_tol=2e-4):
     assert [sorted(g) for g in got] == [sorted(w) for w in want]
     for g, w in zip(got, want):
         for key in w:
-            assert math.isclose(g[key], w[key], rel_tol=2e-4, abs_tol=2e-5), (key, got, want)
+            assert math.isclose(g[key], w[key], rel_tol=rel_tol, abs_tol=2e-5), (key, got, want)
 
 
 def _assert_compiled_without_eager_fallback(report):
@@ -127,7 +127,9 @@ def _patched_compiled(model):
 def test_sft_trainer(config, tmp_path):
     want, _, _ = _train("sft", qlora.build("tiny"), tmp_path, **config)
     got, report, trainer = _train("sft", _patched_compiled(qlora.build("tiny")), tmp_path, **config)
-    _assert_same_logs(got, want)
+    # Under bf16 autocast a patched LoRA layer rounds base + LoRA once where PEFT rounds
+    # them apart: logs agree to bf16's rounding (grad_norm was one bf16 step apart), not closer.
+    _assert_same_logs(got, want, rel_tol=2 ** -7 if config.get("bf16", True) else 2e-4)
     assert {"entropy", "mean_token_accuracy"} <= set(got[0])
     _assert_compiled_without_eager_fallback(report)
 

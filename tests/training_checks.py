@@ -10,9 +10,22 @@ def assert_losses_close(got, want, rtol):
         assert abs(a - b) <= rtol * abs(b), (got, want)
 
 
+def draw_lora_b(*models, std=0.02):
+    """The same non-zero LoRA B weights in each model (PEFT starts them at 0, which
+    leaves the LoRA term out of the loss and A's gradient at 0)."""
+    for model in models:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def assert_patched_matches(model, ref, ids, labels):
-    """One labelled forward + backward of a patched model and its unpatched twin:
-    no logits built, same loss, same gradient for every trainable parameter."""
+    """One labelled forward + backward of a patched model and its unpatched twin, with
+    LoRA B drawn non-zero in both: no logits built, same loss, same gradient for every
+    trainable parameter."""
+    draw_lora_b(model, ref)
     out, want = model(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
     assert out.logits is None
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)

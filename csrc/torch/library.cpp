@@ -12,12 +12,15 @@ TORCH_LIBRARY(slothai, m)
           "int blocksize, int blocksize2, SymInt[] shape, ScalarType dtype) -> Tensor");
 
     m.set_python_module("slothai.ops.nf4_linear");
-    // x @ dequant_nf4(...)^T + bias, the weight dequantized in x's dtype into a
-    // temporary. One opaque op, so that under torch.compile the backward's own
-    // dequant_nf4 cannot be merged with the forward's (which would keep every
-    // dense weight alive until backward).
+    // x @ dequant_nf4(...)^T + bias (+ lora_x @ lora_b^T), the weight dequantized in
+    // x's dtype into a temporary. One opaque op, so that under torch.compile the
+    // backward's own dequant_nf4 cannot be merged with the forward's (which would
+    // keep every dense weight alive until backward). lora_x [..., r] and lora_b
+    // [out_features, r]: a low-rank term the base GEMM accumulates onto (LoRA's
+    // scaled A(x) and its B), so that base + LoRA is written once.
     m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
-          "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias) -> Tensor");
+          "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias, Tensor? lora_x=None, "
+          "Tensor? lora_b=None) -> Tensor");
 
     m.set_python_module("slothai.ops.fused_ce");
     // Linear + cross-entropy over chunks of rows; reduction "none", "sum" or "mean".

@@ -1,7 +1,13 @@
 """slothai::nf4_linear: `x @ dequant_nf4(...).T + bias`, the weight dequantized in
-x's dtype into a temporary. Backward dequantizes again, so only the 4-bit codes
-are kept; being one op, torch.compile cannot merge the forward's and the
-backward's dequantization and save the dense weight instead."""
+x's dtype into a temporary, plus optionally a low-rank term `lora_x @ lora_b.T`
+that the base GEMM accumulates onto (LoRA: lora_x = A(dropout(x)) * scaling,
+lora_b = B; csrc/torch/nf4_linear.cpp gives the traffic). Backward dequantizes
+again, so only the 4-bit codes are kept; being one op, torch.compile cannot merge
+the forward's and the backward's dequantization and save the dense weight instead.
+
+    d x      = dy W           d bias   = sum of dy over rows
+    d lora_x = dy lora_b      d lora_b = dy^T lora_x
+"""
 import math
 
 import torch
@@ -22,25 +28,40 @@ def _fake(*args):
     a = _ARGS.bind(args)
     torch._check(len(a.shape) == 2, lambda: f"shape must be [out_features, in_features], got {a.shape}")
     torch._check(a.x.shape[-1] == a.shape[1], lambda: f"x must end in in_features = {a.shape[1]}, got {a.x.shape}")
+    torch._check_value((a.lora_x is None) == (a.lora_b is None), lambda: "lora_x and lora_b must be given together")
+    if a.lora_x is not None:
+        for name in ("lora_x", "lora_b"):
+            t = getattr(a, name)
+            torch._check_type(t.dtype == a.x.dtype, lambda: f"{name} must be {a.x.dtype}, got {t.dtype}")
+        torch._check_value(a.lora_b.dim() == 2 and a.lora_b.shape[0] == a.shape[0],
+                           lambda: f"lora_b must have shape [{a.shape[0]}, r], got {a.lora_b.shape}")
+        torch._check_value(a.lora_x.shape[:-1] == a.x.shape[:-1] and a.lora_x.shape[-1] == a.lora_b.shape[1],
+                           lambda: f"lora_x must have x's leading dims and end in r = {a.lora_b.shape[1]}, "
+                                   f"got shape {a.lora_x.shape} for x of shape {a.x.shape}")
     return a.x.new_empty((*a.x.shape[:-1], a.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
     a = _ARGS.bind(inputs)
-    ctx.save_for_backward(a.packed, a.absmax, a.code2, a.absmax2, a.offset)
+    ctx.save_for_backward(a.packed, a.absmax, a.code2, a.absmax2, a.offset, a.lora_x, a.lora_b)
     ctx.meta = dict(blocksize=a.blocksize, blocksize2=a.blocksize2, shape=a.shape, dtype=a.x.dtype)
 
 
 def _backward(ctx, grad):
     need = _ARGS.bind(ctx.needs_input_grad)
-    dx = db = None
+    packed, absmax, code2, absmax2, offset, lora_x, lora_b = ctx.saved_tensors
+    dx = db = dlx = dlb = None
     if need.x:
-        packed, absmax, code2, absmax2, offset = ctx.saved_tensors
         dx = grad @ _dequant_nf4(packed=packed, absmax=absmax, code2=code2, absmax2=absmax2, offset=offset,
                                  **ctx.meta)
+    rows = grad.reshape(-1, grad.shape[-1])
     if need.bias:
-        db = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return _ARGS.gradients(x=dx, bias=db)
+        db = rows.sum(0)
+    if need.lora_x:
+        dlx = grad @ lora_b
+    if need.lora_b:
+        dlb = rows.t() @ lora_x.reshape(-1, lora_x.shape[-1])
+    return _ARGS.gradients(x=dx, bias=db, lora_x=dlx, lora_b=dlb)
 
 
 torch.library.register_autograd("slothai::nf4_linear", _backward, setup_context=_setup_context)
@@ -51,16 +72,21 @@ torch.library.register_autograd("slothai::nf4_linear", _backward, setup_context=
 # formula counts as free, and the base-weight GEMM would be recomputed in backward.
 @register_flop_formula(torch.ops.slothai.nf4_linear)
 def _flops(x_shape, *args, out_shape=None, **kwargs):
-    return 2 * math.prod(out_shape) * x_shape[-1]
+    lora_b = {**dict(zip(_ARGS.names, (x_shape, *args))), **kwargs}.get("lora_b")  # a shape, as every tensor here
+    rank = lora_b[1] if lora_b is not None else 0
+    return 2 * math.prod(out_shape) * (x_shape[-1] + rank)
 
 
-def nf4_linear(x, weight, bias=None):
-    """`x @ dequantize_nf4(weight).T + bias` for a bitsandbytes Params4bit, in x's
-    dtype, differentiable in x and bias; backward dequantizes again instead of
-    keeping the dense weight. `weight` may also be the `NF4Weight` slothai.patch
-    makes of a Params4bit (shardable by FSDP2)."""
+def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None):
+    """`x @ dequantize_nf4(weight).T + bias (+ lora_x @ lora_b.T)` for a
+    bitsandbytes Params4bit, in x's dtype, differentiable in x, bias, lora_x and
+    lora_b; backward dequantizes again instead of keeping the dense weight.
+    `weight` may also be the `NF4Weight` slothai.patch makes of a Params4bit
+    (shardable by FSDP2). lora_x [..., r] (x's leading dims) and lora_b
+    [out_features, r], both in x's dtype: a low-rank term the base GEMM
+    accumulates onto, written once with it (a LoRA layer passes A(dropout(x)) * scaling and B)."""
     if isinstance(weight, NF4Weight):
-        return _nf4_linear(x, *weight.op_args(), bias)
+        return _nf4_linear(x, *weight.op_args(), bias, lora_x, lora_b)
     qs = weight.quant_state
     check_quant_state(qs)
-    return _nf4_linear(x, weight.data, *quant_state_args(qs), list(qs.shape), bias)
+    return _nf4_linear(x, weight.data, *quant_state_args(qs), list(qs.shape), bias, lora_x, lora_b)
