@@ -139,7 +139,8 @@ def test_what_the_one_op_does_not_cover_runs_peft_forward(name):
     net = lora_net(**config)
     patched = slothai.patch(copy.deepcopy(net))
     if prepare:
-        prepare(net), prepare(patched)
+        prepare(net)
+        prepare(patched)
     x = torch.randn(5, 40)
     y, dx, _, lora = run(patched, x)
     want_y, want_dx, _, _ = run(net, x)
