@@ -192,3 +192,16 @@ def test_lora_false_leaves_peft_forward_and_switches_back():
     assert run(slothai.patch(net, lora=False), x)[3] == [False]  # PEFT's LoRA forward over the patched base
     assert run(slothai.patch(net), x)[3] == [True]
     assert run(slothai.patch(net, lora=False), x)[3] == [False]
+
+
+def test_mixed_adapter_batch_runs_peft_forward():
+    # adapter_names (a per-row adapter choice) is PEFT's mixed-batch path: called on the layer.
+    net = lora_net()
+    patched = slothai.patch(copy.deepcopy(net))
+    x = torch.randn(4, 40)
+    names = ["default", "__base__", "default", "__base__"]
+    calls = _Calls()
+    with calls:
+        y = patched.base_model.model.proj(x, adapter_names=names)
+    assert calls.lora == [False]
+    torch.testing.assert_close(y, net.base_model.model.proj(x, adapter_names=names), rtol=1e-5, atol=1e-5)
