@@ -78,9 +78,11 @@ def warm_up(model, lengths, batch_size=1, padded=False):
                 own_buckets():
             for n in runs:
                 ids = torch.randint(0, vocab, (batch_size, n), device=device)
-                mask = torch.ones_like(ids)
-                mask[:, -1] = 0  # each row's last token padding
-                batch = collated(ids, mask) if padded else dict(input_ids=ids, labels=ids)
+                batch = dict(input_ids=ids, labels=ids)
+                if padded:
+                    mask = torch.ones_like(ids)
+                    mask[:, -1] = 0  # each row's last token padding
+                    batch = collated(ids, mask)
                 start = time.perf_counter()
                 for _ in range(2):  # warm-up, then recording
                     for p in params:

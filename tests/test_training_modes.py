@@ -449,6 +449,9 @@ def test_nf4_linear_counts_its_flops():
     with FlopCounterMode(display=False) as counter:
         slothai.nf4_linear(torch.randn(5, 7, 64), weight)
     assert counter.get_total_flops() == 2 * 5 * 7 * 48 * 64
+    with FlopCounterMode(display=False) as counter:  # a rank-3 LoRA term: its GEMM too
+        slothai.nf4_linear(torch.randn(5, 7, 64), weight, lora_x=torch.randn(5, 7, 3), lora_b=torch.randn(48, 3))
+    assert counter.get_total_flops() == 2 * 5 * 7 * 48 * (64 + 3)
 
 
 def test_warm_up_compiles_and_leaves_the_model_as_it_was():
