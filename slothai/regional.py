@@ -315,6 +315,8 @@ class _CompiledForward:
         else:
             if self._compiled is None:
                 self._compiled, self.buckets = self._compile(), LengthBuckets()
+                if "triton.cudagraphs" in self.kwargs.get("options", {}):
+                    own_grads(self.layer)
             compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
         run = None
@@ -349,6 +351,38 @@ def _real_tokens(t, n, padded):
     view = t[:, :n]
     setattr(view, _PADDED_FROM, t)
     return view
+
+
+class _OwnGrad:
+    """A gradient hook on a trainable parameter of a layer replayed as a CUDA graph.
+
+    The gradients the layer's backward graph returns live in the graphs' memory
+    pool, which torch's CUDA-graph trees hand out again when the next step's
+    forward starts. AccumulateGrad makes an unshared gradient the parameter's
+    `.grad` as it is, so a `.grad` kept past that point — gradient accumulation
+    (the next micro-batch's backward adds into it), or `zero_grad(set_to_none=False)`
+    — would be memory the graphs overwrite: torch raises 'accessing tensor output
+    of CUDAGraphs that has been overwritten' (pytorch/pytorch#169545; the 1-GPU
+    run of bench_distributed.py, which accumulates two rows, crashed at its second
+    backward). So the gradient that would become `.grad` is copied first, one copy
+    of the LoRA gradients per step (later micro-batches add into it in place)."""
+
+    __torch_unserializable__ = True  # not pickled with the parameter: compile adds it again
+
+    def __init__(self, param):
+        self.param = weakref.ref(param)
+
+    def __call__(self, grad):
+        param = self.param()
+        return grad.clone() if param is not None and param.grad is None else grad
+
+
+def own_grads(module):
+    """Put `_OwnGrad` on each trainable parameter of `module` that has none yet."""
+    for param in module.parameters():
+        hooks = param._backward_hooks or {}
+        if param.requires_grad and not any(isinstance(h, _OwnGrad) for h in hooks.values()):
+            param.register_hook(_OwnGrad(param))
 
 
 def _without_cudagraphs(kwargs):

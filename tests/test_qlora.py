@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slothai
-from training_checks import assert_losses_close
+from training_checks import assert_losses_close, draw_lora_b
 from slothai import qlora
 
 pytest.importorskip("transformers")
@@ -194,6 +194,32 @@ def test_hf_trainer_with_patch_and_compile(tmp_path):
         result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 3 and result.training_loss > 0
     assert report.graph_breaks == [] and report.compilations == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_hf_trainer_gradient_accumulation_with_cuda_graphs_logs_eager_losses(tmp_path):
+    # compile's default on a GPU replays each layer as a CUDA graph; under Trainer's
+    # gradient accumulation the first micro-batch's gradients must survive the second's
+    # graphs (they crashed it before regional._OwnGrad).
+    from transformers import Trainer, TrainingArguments
+
+    data = [{"input_ids": ids[0], "labels": ids[0]} for ids in qlora.batches(256, 1, [24], 12, "cpu")]
+
+    def logged_losses(model):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3,
+                                 gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[], logging_steps=1,
+                                 save_strategy="no", seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    eager, model = (slothai.patch(qlora.build("tiny", "llama", device="cuda")) for _ in range(2))
+    draw_lora_b(eager, model)
+    want = logged_losses(eager)
+    with slothai.compile_report() as report:
+        got = logged_losses(slothai.compile(model))
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-3), (got, want)
+    assert report.graph_breaks == [] and report.compilations == 1, report
 
 
 def test_full_model_compile_without_graph_breaks():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import slothai
-from training_checks import assert_losses_close
+from training_checks import assert_losses_close, draw_lora_b
 from slothai import qlora
 from slothai.patch import is_patched, slice_tokens
 from slothai import regional
@@ -383,6 +383,66 @@ def test_cuda_graphs_with_bucketed_lengths_train_like_eager():
         got = qlora.train(model, batches)
     assert_losses_close(got, want, 1e-3)
     assert report.graph_breaks == [] and report.compilations == 1, report
+
+
+def accumulate(model, batches, *, micro=2, set_to_none=True):
+    """AdamW steps of `micro` micro-batches each (gradient accumulation, as Trainer's
+    gradient_accumulation_steps); the losses and, before each step, the gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses, grads = [], []
+    for i in range(0, len(batches), micro):
+        for ids in batches[i:i + micro]:
+            loss = model(input_ids=ids, labels=ids).loss / micro
+            loss.backward()
+            losses.append(loss.item())
+        grads.append(lora_grads(model))
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+    return losses, grads
+
+
+def assert_accumulates_like_eager(got, want):
+    assert_losses_close([(v, 0, 0) for v in got[0]], [(v, 0, 0) for v in want[0]], 1e-3)
+    for step, (g, w) in enumerate(zip(got[1], want[1])):
+        assert g.keys() == w.keys() and g
+        for name in w:
+            torch.testing.assert_close(g[name], w[name], rtol=2e-3, atol=1e-5, msg=f"step {step}: {name}")
+
+
+def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
+    # The compiled layers as compile's CUDA default sets them up (on the CPU, no graphs
+    # are replayed): every LoRA parameter gets the hook that copies its first gradient
+    # of a step, and two micro-batches per step give eager's gradients, with one
+    # compilation and no graph break.
+    batches = list(qlora.batches(256, 2, [40, 40, 24, 24], 4, "cpu"))
+    eager, model = (slothai.patch(qlora.build("tiny", "llama")) for _ in range(2))
+    draw_lora_b(eager, model)
+    want = accumulate(eager, batches)
+    model = slothai.compile(model, backend="aot_eager")
+    _as_if_cuda_graphs(model, explicit=False)
+    with slothai.compile_report() as report:
+        got = accumulate(model, batches)
+    assert_accumulates_like_eager(got, want)
+    assert report.graph_breaks == [] and report.compilations == 1, report
+    hooked = [p for layer in decoder_layers(model) for p in layer.parameters() if p.requires_grad]
+    assert len(hooked) == 2 * 7 * 2 and all(
+        sum(isinstance(h, regional._OwnGrad) for h in p._backward_hooks.values()) == 1 for p in hooked)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradient_accumulation_with_cuda_graphs_trains_like_eager(set_to_none):
+    # The first micro-batch's LoRA gradients, returned by the layers' backward graphs,
+    # must not stay in the graphs' memory as .grad: the next micro-batch's graphs
+    # write there (before the fix: a RuntimeError at the second backward). Also with
+    # zero_grad(set_to_none=False), which keeps .grad across steps.
+    batches = list(qlora.batches(256, 2, [64, 64, 64, 64, 40, 40, 64, 64], 8, "cuda"))
+    eager, model = (slothai.patch(qlora.build("tiny", "llama", device="cuda")) for _ in range(2))
+    draw_lora_b(eager, model)
+    want = accumulate(eager, batches, set_to_none=set_to_none)
+    got = accumulate(slothai.compile(model), batches, set_to_none=set_to_none)
+    assert_accumulates_like_eager(got, want)
 
 
 def _as_if_cuda_graphs(model, explicit):
