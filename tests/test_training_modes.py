@@ -2,6 +2,7 @@
 compute dtype, the low-memory mode (layer inputs kept on the host, layers recomputed),
 and the Unsloth drop-in with Unsloth's real `fast_dequantize` signature."""
 import contextlib
+import copy
 import types
 
 import pytest
@@ -425,9 +426,16 @@ def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
         got = accumulate(model, batches)
     assert_accumulates_like_eager(got, want)
     assert report.graph_breaks == [] and report.compilations == 1, report
-    hooked = [p for layer in decoder_layers(model) for p in layer.parameters() if p.requires_grad]
-    assert len(hooked) == 2 * 7 * 2 and all(
-        sum(isinstance(h, regional._OwnGrad) for h in p._backward_hooks.values()) == 1 for p in hooked)
+    def hooked(model):
+        params = [p for layer in decoder_layers(model) for p in layer.parameters() if p.requires_grad]
+        return len(params) == 2 * 7 * 2 and all(
+            sum(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1 for p in params)
+
+    assert hooked(model)
+    clone = copy.deepcopy(model)  # Parameter's deepcopy drops hooks; the copy's layers compile again and add them
+    assert not hooked(clone)
+    accumulate(clone, batches[:2])
+    assert hooked(clone)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
