@@ -6,7 +6,8 @@ what users run today (accelerate FSDP2 + PEFT + bitsandbytes, without slothai).
 
 Llama-3.1-8B shape (random weights), NF4 double-quant, bf16 compute, LoRA r=32
 alpha=64 on all 7 projections, AdamW. Every run trains on the same global
-batches: one row of `--seq` tokens per GPU per step; the 1-GPU run takes the
+batches: one row of `--seq` tokens per GPU per step (`--accumulate k`: k rows, one
+forward/backward each, DDP all-reducing at the last); the 1-GPU run takes the
 same global batch as gradient accumulation over one row at a time, so its losses
 are the ones the others must reproduce. Runs, in order (each on a freshly loaded
 model; rank 0 writes the results after every run, so a run that hangs or fails
@@ -212,10 +213,13 @@ def train(model, env, steps, *, rows, opt=None, backward=None, lr=1e-4, label=""
         env.sync()
         t = time.perf_counter()
         total = torch.zeros((), device=env.device)
-        for r in rows:
+        for k, r in enumerate(rows):
             x = ids[r:r + 1]
-            loss = model(input_ids=x, labels=x).loss / len(rows)
-            backward(loss)
+            # DDP all-reduces the gradients at the last row's backward only (gradient accumulation)
+            sync = k == len(rows) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss = model(input_ids=x, labels=x).loss / len(rows)
+                backward(loss)
             total += loss.detach().float()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -232,7 +236,7 @@ def train(model, env, steps, *, rows, opt=None, backward=None, lr=1e-4, label=""
 
 def run(name, path, env, args, steps):
     """One run; returns its record (or None on ranks that take no part)."""
-    mine = [env.rank]  # this rank's row of every global batch
+    mine = [env.rank * args.accumulate + k for k in range(args.accumulate)]  # this rank's rows of every global batch
     # CUDA graphs (slothai.compile's default on one GPU since 7ea3d75) cannot hold FSDP2's gathered
     # weights; off everywhere unless asked, so every run compiles the same kernels.
     compile_kw = dict(backend=args.backend, cudagraphs=args.cudagraphs if name in ("1gpu", "ddp") else False,
@@ -243,7 +247,7 @@ def run(name, path, env, args, steps):
             return None
         model = slothai.compile(slothai.patch(load(path, env, args)), **compile_kw)
         setup = dict(frozen_4bit_gb=frozen_4bit_gb(model), allocated_gb=env.allocated_gb())
-        rows, backward, opt, world = list(range(env.world)), None, None, 1
+        rows, backward, opt, world = list(range(env.world * args.accumulate)), None, None, 1
     elif name in ("fsdp2", "fsdp2_keep"):
         model = slothai.patch(load(path, env, args))
         fully_shard_layers(model, reshard_after_forward=name == "fsdp2")
@@ -311,11 +315,13 @@ def trainer_run(path, env, args, steps):
     # decoder layer inside train(); compile's default CUDA graphs go off at the first call.
     model = slothai.compile(slothai.patch(load(path, env, args)), backend=args.backend)
     setup = dict(allocated_gb=env.allocated_gb())
-    # Rank r's k-th row is sample k * world + r: accelerate hands out consecutive batches of
-    # one row to the ranks in turn, so in order each step's global batch is ours.
-    data = [{"input_ids": ids[r], "labels": ids[r]} for ids in steps for r in range(env.world)]
+    # accelerate hands out consecutive batches of one row to the ranks in turn: ordered so that
+    # rank r's i-th micro-batch of a step is row r * accumulate + i, as in the other runs.
+    k = args.accumulate
+    data = [{"input_ids": ids[r * k + i], "labels": ids[r * k + i]}
+            for ids in steps for i in range(k) for r in range(env.world)]
     kw = dict(output_dir=tempfile.mkdtemp(prefix="slothai-bench-trainer-"), per_device_train_batch_size=1,
-              max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
+              max_steps=args.steps, gradient_accumulation_steps=k, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
               max_grad_norm=0.0,  # no clipping: the other runs do not clip either
               optim="adamw_torch", report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
               dataloader_pin_memory=False, use_cpu=not env.cuda)
@@ -386,14 +392,16 @@ def report(recs, args, env_info):
                      f"{sum(b['count'] for b in c['graph_breaks'])}/{c['compilations']}",
                      "{count} / {seconds:.2f}".format(**r["full_gc"]) if "full_gc" in r else "-", ""])
     lines = [f"Distributed QLoRA, {args.model} shape, NF4 double-quant, {'bf16' if args.device == 'cuda' else 'fp32'}, "
-             f"LoRA r={args.lora_r} on 7 projections, global batch {args.world} x {args.seq} tokens per step, "
+             f"LoRA r={args.lora_r} on 7 projections, global batch {args.world * args.accumulate} x {args.seq} tokens per step"
+             f"{f' ({args.accumulate} rows a GPU, accumulated)' if args.accumulate > 1 else ''}, "
              f"{args.steps} steps (median of the last {args.steps - args.warmup}), AdamW. {env_info['card']} x "
              f"{args.world}, torch {env_info['torch']}, {env_info['date']}. Memory per GPU (rank 0)."
              + (" gc.freeze() after set-up." if args.gc_freeze else "")]
     lines += common.table(["run", "GPUs", "s/step", "tokens/s", "vs 1 GPU", "4-bit weights GB", "after setup GB",
                            "peak GB", "max rel loss diff", "breaks/compiles", "full GCs (n / s)", "error"], rows)
     name = f"bench_distributed_{args.model}{args.name}"
-    common.write(name, dict(env_info, model=args.model, world=args.world, seq=args.seq, steps=args.steps,
+    common.write(name, dict(env_info, model=args.model, world=args.world, accumulate=args.accumulate, seq=args.seq,
+                            steps=args.steps,
                             warmup=args.warmup, lora_r=args.lora_r, gc_freeze=args.gc_freeze, nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
                             runs=recs), lines)
     try:
@@ -428,6 +436,9 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--seq", type=int, default=None, help="tokens per GPU per step (default 4096; cpu: 64)")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="rows per GPU per step, one forward/backward each (gradient accumulation; DDP all-reduces "
+                         "at the last)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the median (compiling)")
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -456,7 +467,7 @@ def main():
     env.log(f"{env.world} ranks, {env_info}, NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}")
     path = prepare_checkpoint(args, env)
     vocab = qlora.make_config(args.model).vocab_size
-    steps = list(qlora.batches(vocab, env.world, [args.seq], args.steps, env.device, seed=1))
+    steps = list(qlora.batches(vocab, env.world * args.accumulate, [args.seq], args.steps, env.device, seed=1))
     recs = []
     for name in args.runs:
         if time.perf_counter() - t0 > args.budget_s:
