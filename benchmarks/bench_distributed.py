@@ -236,7 +236,7 @@ def train(model, env, steps, *, rows, opt=None, backward=None, lr=1e-4, label=""
 
 def run(name, path, env, args, steps):
     """One run; returns its record (or None on ranks that take no part)."""
-    mine = [env.rank * args.accumulate + k for k in range(args.accumulate)]  # this rank's rows of every global batch
+    mine = [env.rank * args.accumulate + k for k in range(args.accumulate)]  # this rank's rows of each global batch
     # CUDA graphs (slothai.compile's default on one GPU since 7ea3d75) cannot hold FSDP2's gathered
     # weights; off everywhere unless asked, so every run compiles the same kernels.
     compile_kw = dict(backend=args.backend, cudagraphs=args.cudagraphs if name in ("1gpu", "ddp") else False,
@@ -321,7 +321,8 @@ def trainer_run(path, env, args, steps):
     data = [{"input_ids": ids[r * k + i], "labels": ids[r * k + i]}
             for ids in steps for i in range(k) for r in range(env.world)]
     kw = dict(output_dir=tempfile.mkdtemp(prefix="slothai-bench-trainer-"), per_device_train_batch_size=1,
-              max_steps=args.steps, gradient_accumulation_steps=k, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
+              max_steps=args.steps, gradient_accumulation_steps=k, learning_rate=args.lr,
+              lr_scheduler_type="constant", weight_decay=0.0,
               max_grad_norm=0.0,  # no clipping: the other runs do not clip either
               optim="adamw_torch", report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
               dataloader_pin_memory=False, use_cpu=not env.cuda)
@@ -392,7 +393,8 @@ def report(recs, args, env_info):
                      f"{sum(b['count'] for b in c['graph_breaks'])}/{c['compilations']}",
                      "{count} / {seconds:.2f}".format(**r["full_gc"]) if "full_gc" in r else "-", ""])
     lines = [f"Distributed QLoRA, {args.model} shape, NF4 double-quant, {'bf16' if args.device == 'cuda' else 'fp32'}, "
-             f"LoRA r={args.lora_r} on 7 projections, global batch {args.world * args.accumulate} x {args.seq} tokens per step"
+             f"LoRA r={args.lora_r} on 7 projections, "
+             f"global batch {args.world * args.accumulate} x {args.seq} tokens per step"
              f"{f' ({args.accumulate} rows a GPU, accumulated)' if args.accumulate > 1 else ''}, "
              f"{args.steps} steps (median of the last {args.steps - args.warmup}), AdamW. {env_info['card']} x "
              f"{args.world}, torch {env_info['torch']}, {env_info['date']}. Memory per GPU (rank 0)."

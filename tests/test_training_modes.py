@@ -426,6 +426,7 @@ def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
         got = accumulate(model, batches)
     assert_accumulates_like_eager(got, want)
     assert report.graph_breaks == [] and report.compilations == 1, report
+
     def hooked(model):
         params = [p for layer in decoder_layers(model) for p in layer.parameters() if p.requires_grad]
         return len(params) == 2 * 7 * 2 and all(
