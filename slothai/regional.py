@@ -521,6 +521,8 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
         # The model's inputs are ids, labels and masks: every size of them is a
         # batch or sequence size; the weights' sizes stay static (parameters).
         model.compile(dynamic=True if dynamic else None, **kwargs)
+        if cudagraphs:
+            own_grads(model)
         return model
     if any(p.requires_grad for p in model.parameters()):
         # The first layer's input would otherwise need no grad and the others' would:

@@ -439,6 +439,14 @@ def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
     assert hooked(clone)
 
 
+def test_a_whole_model_compiled_with_cuda_graphs_copies_its_gradients_too():
+    # mode="full" with cudagraphs=True: every trainable parameter gets the hook at compile.
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), mode="full", cudagraphs=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(any(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values())
+                          for p in params)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_gradient_accumulation_with_cuda_graphs_trains_like_eager(set_to_none):
