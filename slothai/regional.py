@@ -482,7 +482,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     once (0.55-0.77 s for the 1B shape, on the second step at a length), so lengths
     are padded into 8 buckets per octave (`padded_length`; exact, see
     `_pad_tokens`), and a length whose bucket has no graphs yet runs in a larger
-    bucket that has them until recording its own pays (RECORD_COST_STEPS).
+    bucket that has them until recording its own pays (RECORD_COST_STEPS). The
+    gradient that would become a parameter's .grad is copied out of the graphs'
+    memory first (_OwnGrad), so gradient accumulation works.
     None: on for a regional compile of a model on CUDA with inductor, not on a
     model FSDP2 shards or whose layers
     checkpoint activations (transformers' gradient checkpointing) — before this
