@@ -17,6 +17,7 @@ import inspect
 import weakref
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import graph_trees
@@ -335,9 +336,23 @@ class _CompiledForward:
             mark_token_dims_dynamic(hidden, args[1:], kw)
         offload = inputs_to_host(hidden) if self.options["low_memory"] and hidden is not None else \
             contextlib.nullcontext()
+        graphs = counters["stats"]["unique_graphs"]
         with offload:
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
+        if counters["stats"]["unique_graphs"] != graphs and "triton.cudagraphs" in self.kwargs.get("options", {}):
+            self._own_grads_of_model()
         return out if n is None else tree_map(functools.partial(_real_tokens, n=n, padded=run), out)
+
+    def _own_grads_of_model(self):
+        """A layer compiled again: a guard failed, maybe because a parameter was unfrozen
+        since the first call (`requires_grad` is guarded on). The new variant serves every
+        layer of the model that compiles alike, so each one's trainable parameters get
+        their `_OwnGrad`; the backward that follows runs the hooks."""
+        model = self._model() if self._model is not None else None
+        for region in list(_REGIONS) if model is not None else [self]:
+            same = region is self or (region._model is not None and region._model() is model)
+            if same and "triton.cudagraphs" in region.kwargs.get("options", {}):
+                own_grads(region.layer)
 
     @property
     def __signature__(self):
@@ -473,8 +488,8 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     saves: what each compiled layer keeps for backward (slothai/saving.py).
     "lean": its matmul and attention outputs, except the MLP's up projection,
     which backward recomputes with the elementwise work between them (1B shape,
-    H100: 4.33 GB, 0.067 s/step); "matmuls": the up projection's too (5.25 GB,
-    0.063 s); None: AOTAutograd's partitioner decides, under memory_budget.
+    H100, 2026-11-27: 4.13 GB, 0.068 s/step); "matmuls": the up projection's too
+    (5.12 GB, 0.062 s); None: AOTAutograd's partitioner decides, under memory_budget.
     memory_budget: with saves=None, the partitioner's activation-memory budget
     (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
     cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),

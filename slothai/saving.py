@@ -14,9 +14,9 @@ backward's own kernels.
   recomputed  norms, RoPE, activations, the residual adds, LoRA's B(.) * s, casts;
               with saves="lean" also the MLP's up projection (its GEMM, its LoRA
               term and the product with act(gate)). Per token and layer that is
-              intermediate_size elements less: Llama-3.2-1B, bsz 2 x 2048: 4.33 GB
-              peak against 5.25 GB for "matmuls", 0.067 s/step against 0.063
-              (H100, README). Why up: per byte freed, redoing o_proj or attention
+              intermediate_size elements less: Llama-3.2-1B, bsz 2 x 2048: 4.13 GB
+              peak against 5.12 GB for "matmuls", 0.068 s/step against 0.062
+              (H100, 2026-11-27, README). Why up: per byte freed, redoing o_proj or attention
               costs about as many FLOPs (at 2048 tokens, a quarter of the bytes
               for a quarter of the FLOPs; attention's share grows with length),
               but in smaller, less efficient kernels.

@@ -439,6 +439,34 @@ def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
     assert hooked(clone)
 
 
+def test_a_parameter_unfrozen_after_compile_gets_the_gradient_copy():
+    # Unfreezing a norm after the first step makes the layers compile again (requires_grad
+    # is guarded on); its gradient would come from the graphs' memory too, so every layer's
+    # newly trainable parameter must carry the hook before the backward, and accumulation
+    # still give eager's gradients.
+    batches = list(qlora.batches(256, 2, [40, 40, 24, 24], 4, "cpu"))
+    eager, model = (slothai.patch(qlora.build("tiny", "llama")) for _ in range(2))
+    draw_lora_b(eager, model)
+    model = slothai.compile(model, backend="aot_eager")
+    _as_if_cuda_graphs(model, explicit=False)
+    accumulate(model, batches[:2])
+    for m in (eager, model):
+        m.zero_grad(set_to_none=True)
+        for layer in decoder_layers(m):
+            layer.post_attention_layernorm.weight.requires_grad_(True)
+    norms = [layer.post_attention_layernorm.weight for layer in decoder_layers(model)]
+    assert not any(any(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) for p in norms)
+    for a, b in zip(eager.parameters(), model.parameters()):  # the same weights after one step each
+        a.data.copy_(b.data)
+    with slothai.compile_report() as report:
+        got = accumulate(model, batches)
+    want = accumulate(eager, batches)
+    assert report.compilations == 1, report
+    assert all(sum(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1 for p in norms)
+    assert_accumulates_like_eager(got, want)
+    assert any(name.endswith("post_attention_layernorm.weight") for name in got[1][0])
+
+
 def test_a_whole_model_compiled_with_cuda_graphs_copies_its_gradients_too():
     # mode="full" with cudagraphs=True: every trainable parameter gets the hook at compile.
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), mode="full", cudagraphs=True)
