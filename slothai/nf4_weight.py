@@ -353,3 +353,25 @@ def to_nf4_weight(param):
     else:
         w = NF4Weight(codes, absmax, blocksize=bs, compute_dtype=qs.dtype, params4bit=param)
     return torch.nn.Parameter(w, requires_grad=False)
+
+
+def copy_params4bit_(dst, src):
+    """Copy bitsandbytes Params4bit `src`'s codes and quant-state tensors into `dst`'s, in
+    place, when both have the same layout (shape, blocksize, double quantization, sizes
+    and dtypes of every tensor); return whether it did."""
+    a, b = src.quant_state, dst.quant_state
+    pairs = [(src.data, dst.data), (a.absmax, b.absmax)]
+    if getattr(a, "nested", False) != getattr(b, "nested", False) or a.blocksize != b.blocksize or \
+            list(a.shape) != list(b.shape) or a.quant_type != b.quant_type:
+        return False
+    if getattr(a, "nested", False):
+        pairs += [(a.state2.absmax, b.state2.absmax), (a.state2.code, b.state2.code), (a.offset, b.offset)]
+        if a.state2.blocksize != b.state2.blocksize:
+            return False
+    if not all(isinstance(s, torch.Tensor) and isinstance(d, torch.Tensor) and s.shape == d.shape and
+               s.dtype == d.dtype for s, d in pairs):
+        return False
+    with torch.no_grad():
+        for s, d in pairs:
+            d.copy_(s)
+    return True

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from . import distributed
 from .fused_ce import fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_linear
+from .nf4_weight import NF4Weight, copy_params4bit_
 from .offload import SLICES_ATTR, sliced_forward
 
 # model_type -> config attribute holding the final-logit softcap (None: no softcap).
@@ -80,9 +81,11 @@ def _patched_class(base, kind):
     # The original's name, docs and signature (`__wrapped__`): transformers' Trainer picks
     # dataset columns from it and generate() validates its keyword arguments against it.
     functools.update_wrapper(forward, base.forward)
+    methods = {name: make(base) for name, make in _KIND_METHODS.get(kind, {}).items()}
     cls = type(base.__name__, (base,), {
         "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
-        "__doc__": base.__doc__, "__reduce_ex__": _reduce_ex, "_slothai_base": base, "_slothai_kind": kind})
+        "__doc__": base.__doc__, "__reduce_ex__": _reduce_ex, "_slothai_base": base, "_slothai_kind": kind,
+        **methods})
     _PATCHED_CLASSES[(base, kind)] = cls
     return cls
 
@@ -185,6 +188,37 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
     bias = None if base.bias is None else base.bias.to(dtype)
     y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype))
     return y.to(x.dtype)
+
+
+def _through_params4bit(name):
+    """PEFT's LoRA `merge` / `unmerge` over a 4-bit base (`merge_and_unload`, and TRL's
+    `merge_adapter` before each vLLM weight sync): PEFT dequantizes through bitsandbytes,
+    checking that the weight's class is named Params4bit, and sets a new Params4bit
+    quantized from the sum. So it runs on the Params4bit the NF4Weight views, and the
+    new codes and scales are copied into that Params4bit's tensors: the base keeps the
+    same NF4Weight at the same addresses, which compiled layers and their CUDA graphs read."""
+    def make(base):
+        original = getattr(base, name)
+
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            layer = self.get_base_layer()
+            nf4 = layer._parameters.get("weight")
+            if not isinstance(nf4, NF4Weight) or nf4.params4bit is None:
+                return original(self, *args, **kwargs)
+            layer.weight = params4bit = nf4.params4bit
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                new = layer.weight
+                if new is params4bit or copy_params4bit_(params4bit, new):
+                    layer.weight = nf4
+            return out
+        return method
+    return make
+
+
+_KIND_METHODS = {"lora_linear4bit": {"merge": _through_params4bit("merge"), "unmerge": _through_params4bit("unmerge")}}
 
 
 def _causal_lm_forward(self, *args, labels=None, **kwargs):

@@ -183,3 +183,60 @@ def test_fp32_head_grad_switch_reaches_the_loss(monkeypatch):
     assert seen == [False, True]
     slothai.unpatch(model)
     assert not any("_slothai_fp32_head_grad" in m.__dict__ for m in model.modules())
+
+
+def _nf4_weights(model):
+    from slothai.nf4_weight import NF4Weight
+
+    return [(m.weight, m.weight.data_ptr()) for m in model.modules() if isinstance(m._parameters.get("weight"), NF4Weight)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: compile's defaults, CUDA graphs"))])
+def test_merge_and_unmerge_on_a_patched_compiled_model_match_peft(device):
+    # TRL's GRPO merges the adapter before each vLLM weight sync and unmerges it after;
+    # users merge_and_unload to export. PEFT requantizes the sum through bitsandbytes'
+    # Params4bit: a patched model must give what an unpatched one does, and keep its
+    # NF4Weights (same objects, same addresses, which compiled layers read).
+    from training_checks import draw_lora_b
+
+    ref = qlora.build("tiny", "llama", device=device)
+    draw_lora_b(ref)
+    model = slothai.compile(slothai.patch(copy.deepcopy(ref)), **({"backend": "aot_eager"} if device == "cpu" else {}))
+    weights = _nf4_weights(model)
+    assert len(weights) == 2 * 7
+    batches = list(qlora.batches(256, 2, [24, 24, 24], 3, device))
+    for m in (ref, model):
+        m.merge_adapter()
+        m.unmerge_adapter()
+    assert [(w, w.data_ptr()) for w, _ in _nf4_weights(model)] == weights
+    want_state, got_state = ref.state_dict(), model.state_dict()  # bitsandbytes' own entries, both
+    assert got_state.keys() == want_state.keys()
+    for name, tensor in want_state.items():
+        torch.testing.assert_close(got_state[name], tensor, rtol=0, atol=0, msg=name)
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    want = qlora.train(ref, batches)
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-5)
+    assert report.compilations == 1, report  # the compiled layers kept their weights' types and layouts
+    ids = _ids(seq=12).to(device)
+    merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
+    assert _nf4_weights(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, merged_ref(input_ids=ids).logits)
+
+
+def test_copy_params4bit_refuses_another_layout():
+    bnb = pytest.importorskip("bitsandbytes")
+    from slothai.nf4_weight import copy_params4bit_
+
+    def params4bit(rows, seed):
+        w = torch.randn(rows, 128, generator=torch.Generator().manual_seed(seed))
+        return bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+
+    dst, same, other = params4bit(64, 0), params4bit(64, 1), params4bit(32, 2)
+    before = dst.data.clone()
+    assert not copy_params4bit_(dst, other) and torch.equal(dst.data, before)
+    assert copy_params4bit_(dst, same) and torch.equal(dst.data, same.data)
+    torch.testing.assert_close(bnb.functional.dequantize_4bit(dst.data, dst.quant_state),
+                               bnb.functional.dequantize_4bit(same.data, same.quant_state), rtol=0, atol=0)
