@@ -38,16 +38,18 @@ def make_config(name="tiny", family="llama"):
 
 
 def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lora_r=8, seed=0, path=None,
-          task_type="CAUSAL_LM"):
+          task_type="CAUSAL_LM", prepare_kbit=False):
     """A bitsandbytes NF4 (double-quantized) model with PEFT LoRA on all 7 projections.
 
     Random weights are drawn with `seed`, saved, and loaded back through
     `from_pretrained` with a BitsAndBytesConfig, as a user would load a checkpoint;
     `path` (or a `name` that is not a known shape) loads that checkpoint instead.
     `task_type="CAUSAL_LM"` (what tutorials and TRL use) makes `get_peft_model` return a
-    PeftModelForCausalLM; None gives the bare PeftModel.
+    PeftModelForCausalLM; None gives the bare PeftModel. `prepare_kbit` calls PEFT's
+    `prepare_model_for_kbit_training` first, as QLoRA tutorials do (every weight that is
+    not 4-bit to fp32, input gradients on, transformers' gradient checkpointing on).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -59,6 +61,8 @@ def build(name="tiny", family="llama", *, device="cpu", dtype=torch.float32, lor
             AutoModelForCausalLM.from_config(make_config(name, family), dtype=dtype).save_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path or name, quantization_config=quant, dtype=dtype,
                                                      device_map=device)
+    if prepare_kbit:
+        model = prepare_model_for_kbit_training(model)
     torch.manual_seed(seed + 1)
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                              target_modules=PROJECTIONS, task_type=task_type))

@@ -3,6 +3,7 @@
 Each family's tiny config is built with random weights, saved, and loaded back through
 from_pretrained with a bitsandbytes NF4 config; PEFT LoRA on all 7 projections; AdamW.
 """
+import copy
 import json
 
 import pytest
@@ -194,6 +195,20 @@ def test_hf_trainer_with_patch_and_compile(tmp_path):
         result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 3 and result.training_loss > 0
     assert report.graph_breaks == [] and report.compilations == 1
+
+
+def test_a_model_prepared_for_kbit_training_trains_like_eager():
+    # The QLoRA tutorials' path: prepare_model_for_kbit_training (norms, embeddings and the
+    # head to fp32 next to a bf16 compute dtype; gradient checkpointing on), then LoRA.
+    ref = qlora.build("tiny", "llama", dtype=torch.bfloat16, prepare_kbit=True)
+    assert ref.base_model.model.lm_head.weight.dtype == torch.float32 and ref.is_gradient_checkpointing
+    draw_lora_b(ref)
+    model = slothai.compile(slothai.patch(copy.deepcopy(ref)), backend="aot_eager")
+    batches = list(qlora.batches(256, 2, SEQS, len(SEQS), "cpu"))
+    with slothai.compile_report() as report:
+        got = qlora.train(model, batches)
+    assert_losses_close(got, qlora.train(ref, batches), 1e-3)
+    assert report.graph_breaks == [] and report.compilations == 1, report
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
