@@ -275,6 +275,13 @@ class _CompiledForward:
             # call): recompute cheap work in backward instead of saving it. Scoped to
             # our layers' calls, not set for the user's process.
             compiled = torch._functorch.config.patch(activation_memory_budget=self.options["memory_budget"])(compiled)
+        if getattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards", False):
+            # torch 2.11's default: guards skip a parameter whose module dicts did not
+            # change, so a parameter unfrozen (or frozen) after the first call reused the
+            # graph compiled without its gradient: no .grad, silently (measured on the GPU
+            # image; pytorch/pytorch#139476). Later releases turn it off by default; our
+            # layers compile with it off, scoped to their calls.
+            compiled = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=False)(compiled)
         return compiled
 
     def _settle_cudagraphs(self, model=None):

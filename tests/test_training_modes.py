@@ -439,11 +439,23 @@ def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
     assert hooked(clone)
 
 
-def test_a_parameter_unfrozen_after_compile_gets_the_gradient_copy():
+@pytest.mark.parametrize("dict_tag_guards", [False, True])
+def test_a_parameter_unfrozen_after_compile_gets_the_gradient_copy(dict_tag_guards):
     # Unfreezing a norm after the first step makes the layers compile again (requires_grad
     # is guarded on); its gradient would come from the graphs' memory too, so every layer's
     # newly trainable parameter must carry the hook before the backward, and accumulation
-    # still give eager's gradients.
+    # still give eager's gradients. dict_tag_guards: torch 2.11's default, whose guards
+    # skipped the parameter (no recompile, no gradient) unless our layers turn it off;
+    # torch 2.13 checks requires_grad on that fast path itself (pytorch/pytorch#177158), so
+    # there only torch 2.11 (the GPU image: no gradient without the fix) can fail it.
+    config = torch._dynamo.config
+    if not hasattr(config, "use_recursive_dict_tags_for_guards"):
+        pytest.skip("this torch has no recursive dict-tag guards")
+    with config.patch(use_recursive_dict_tags_for_guards=dict_tag_guards):
+        _unfreeze_a_norm_after_compile()
+
+
+def _unfreeze_a_norm_after_compile():
     batches = list(qlora.batches(256, 2, [40, 40, 24, 24], 4, "cpu"))
     eager, model = (slothai.patch(qlora.build("tiny", "llama")) for _ in range(2))
     draw_lora_b(eager, model)
