@@ -452,15 +452,16 @@ def test_a_parameter_unfrozen_after_compile_gets_the_gradient_copy(dict_tag_guar
     if not hasattr(config, "use_recursive_dict_tags_for_guards"):
         pytest.skip("this torch has no recursive dict-tag guards")
     with config.patch(use_recursive_dict_tags_for_guards=dict_tag_guards):
-        _unfreeze_a_norm_after_compile()
+        _unfreeze_a_norm_after_compile("regional")
 
 
-def _unfreeze_a_norm_after_compile():
+def _unfreeze_a_norm_after_compile(mode):
     batches = list(qlora.batches(256, 2, [40, 40, 24, 24], 4, "cpu"))
     eager, model = (slothai.patch(qlora.build("tiny", "llama")) for _ in range(2))
     draw_lora_b(eager, model)
-    model = slothai.compile(model, backend="aot_eager")
-    _as_if_cuda_graphs(model, explicit=False)
+    model = slothai.compile(model, backend="aot_eager", mode=mode)
+    if mode == "regional":
+        _as_if_cuda_graphs(model, explicit=False)
     accumulate(model, batches[:2])
     for m in (eager, model):
         m.zero_grad(set_to_none=True)
@@ -473,10 +474,21 @@ def _unfreeze_a_norm_after_compile():
     with slothai.compile_report() as report:
         got = accumulate(model, batches)
     want = accumulate(eager, batches)
-    assert report.compilations == 1, report
-    assert all(sum(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1 for p in norms)
+    assert report.compilations >= 1, report
+    if mode == "regional":
+        assert report.compilations == 1, report
+        assert all(sum(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1
+                   for p in norms)
     assert_accumulates_like_eager(got, want)
     assert any(name.endswith("post_attention_layernorm.weight") for name in got[1][0])
+
+
+def test_a_parameter_unfrozen_after_a_whole_model_compile_gets_its_gradient():
+    config = torch._dynamo.config
+    if not hasattr(config, "use_recursive_dict_tags_for_guards"):
+        pytest.skip("this torch has no recursive dict-tag guards")
+    with config.patch(use_recursive_dict_tags_for_guards=True):  # torch 2.11's default
+        _unfreeze_a_norm_after_compile("full")
 
 
 def test_a_whole_model_compiled_with_cuda_graphs_copies_its_gradients_too():
