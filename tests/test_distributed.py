@@ -3,7 +3,8 @@
 The ranks are spawned processes that meet through a FileStore and talk over the
 loopback interface only. Each runs every scenario on a tiny 4-bit Llama built as
 users build it (from_pretrained with a BitsAndBytesConfig, get_peft_model), each
-rank on its half of every batch; the parent trains the same model in one process
+rank on its half of every batch (DDP also in two micro-batches of it, gradient
+accumulation under `no_sync`); the parent trains the same model in one process
 on whole batches. Losses and LoRA weights must agree to 1e-4 (relative).
 """
 import datetime
@@ -27,7 +28,8 @@ BATCH = 4  # global batch: 2 rows per rank
 SEQS = [32, 20, 32]  # 3 AdamW steps at two lengths: the compiled runs must not recompile
 LR = 1e-3
 TIMEOUT_S = 150  # the whole 2-rank run; a hang fails the test instead of the suite
-SCENARIOS = [("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True), ("fsdp2_units", True)]
+SCENARIOS = [("ddp", False), ("ddp", True), ("ddp_accumulate", True), ("fsdp2", False), ("fsdp2", True),
+             ("fsdp2_units", True)]
 
 
 def _batches():
@@ -42,8 +44,11 @@ def _lora(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _train_distributed(model, rank, steps):
-    """AdamW on this rank's rows of each global batch; returns the global loss per step."""
+def _train_distributed(model, rank, steps, micro=1):
+    """AdamW on this rank's rows of each global batch, in `micro` micro-batches (DDP's
+    gradient all-reduce only at the last: `no_sync` before); returns the global loss per step."""
+    import contextlib
+
     import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -52,11 +57,15 @@ def _train_distributed(model, rank, steps):
     losses = []
     for ids in steps:
         mine = ids[rank * per:(rank + 1) * per]
-        loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
+        value = 0
+        for i, rows in enumerate(mine.chunk(micro)):
+            last = i == micro - 1
+            with contextlib.nullcontext() if last else model.no_sync():
+                loss = model(input_ids=rows, labels=rows).loss / micro
+                loss.backward()
+            value = value + loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = loss.detach().clone()
         dist.all_reduce(value)  # equal rows per rank, every token counted: the mean of the means
         losses.append(value.item() / WORLD)
     return losses
@@ -89,7 +98,7 @@ def _worker(rank, path, out):
             log(f"{kind} compiled={compiled}")
             torch._dynamo.reset()
             model = slothai.patch(qlora.build(path=path))
-            if kind == "ddp":
+            if kind in ("ddp", "ddp_accumulate"):
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
                 model = DDP(model)
@@ -106,11 +115,11 @@ def _worker(rank, path, out):
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
             with slothai.compile_report() as report:
-                losses = _train_distributed(model, rank, _batches())
+                losses = _train_distributed(model, rank, _batches(), micro=2 if kind == "ddp_accumulate" else 1)
             ids = _eval_batch()
             with torch.no_grad():
                 eval_loss = model(input_ids=ids, labels=ids).loss.item()
-            inner = model.module if kind == "ddp" else model
+            inner = model.module if kind.startswith("ddp") else model
             lora = adapter_state_dict(inner)
             key = f"{kind}{'+compile' if compiled else ''}"
             results[key] = dict(losses=losses, eval_loss=eval_loss, lora=lora,
@@ -253,7 +262,8 @@ def runs(tmp_path_factory):
     return dict(results=results, ref_losses=ref_losses, ref_lora=_lora(ref), ref_eval=ref_eval, path=path, out=out)
 
 
-@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "fsdp2", "fsdp2+compile", "fsdp2_units+compile"])
+@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "ddp_accumulate+compile", "fsdp2", "fsdp2+compile",
+                                 "fsdp2_units+compile"])
 def test_two_ranks_match_one_process(runs, key):
     got = runs["results"][key]
     for a, b in zip(got["losses"], runs["ref_losses"]):
