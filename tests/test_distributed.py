@@ -3,10 +3,11 @@
 The ranks are spawned processes that meet through a FileStore and talk over the
 loopback interface only. Each runs every scenario on a tiny 4-bit Llama built as
 users build it (from_pretrained with a BitsAndBytesConfig, get_peft_model), each
-rank on its half of every batch (DDP also in two micro-batches of it, gradient
-accumulation under `no_sync`); the parent trains the same model in one process
+rank on its half of every batch (DDP and FSDP2 also in two micro-batches of it,
+the gradients synchronised only after the second); the parent trains the same model in one process
 on whole batches. Losses and LoRA weights must agree to 1e-4 (relative).
 """
+import contextlib
 import datetime
 import os
 import time
@@ -29,7 +30,7 @@ SEQS = [32, 20, 32]  # 3 AdamW steps at two lengths: the compiled runs must not 
 LR = 1e-3
 TIMEOUT_S = 150  # the whole 2-rank run; a hang fails the test instead of the suite
 SCENARIOS = [("ddp", False), ("ddp", True), ("ddp_accumulate", True), ("fsdp2", False), ("fsdp2", True),
-             ("fsdp2_units", True)]
+             ("fsdp2_accumulate", True), ("fsdp2_units", True)]
 
 
 def _batches():
@@ -44,11 +45,24 @@ def _lora(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _train_distributed(model, rank, steps, micro=1):
-    """AdamW on this rank's rows of each global batch, in `micro` micro-batches (DDP's
-    gradient all-reduce only at the last: `no_sync` before); returns the global loss per step."""
-    import contextlib
+@contextlib.contextmanager
+def _no_sync(model):
+    """No gradient all-reduce (DDP) or reduce-scatter (FSDP2) in this backward: gradients
+    accumulate on each rank until a backward outside it."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
+
+def _train_distributed(model, rank, steps, micro=1):
+    """AdamW on this rank's rows of each global batch, in `micro` micro-batches (gradients
+    synchronised only at the last); returns the global loss per step."""
     import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,7 +74,7 @@ def _train_distributed(model, rank, steps, micro=1):
         value = 0
         for i, rows in enumerate(mine.chunk(micro)):
             last = i == micro - 1
-            with contextlib.nullcontext() if last else model.no_sync():
+            with contextlib.nullcontext() if last else _no_sync(model):
                 loss = model(input_ids=rows, labels=rows).loss / micro
                 loss.backward()
             value = value + loss.detach()
@@ -105,7 +119,7 @@ def _worker(rank, path, out):
             elif kind == "fsdp2_units":  # the units accelerate's FSDP2 plugin (1.15) makes: the head is
                 _shard_as_accelerate_does(model, mesh)  # gathered only by a forward of its own unit
                 slothai.compile(model, backend="aot_eager")
-            else:
+            else:  # fsdp2, fsdp2_accumulate
                 fully_shard_layers(model, mesh=mesh)
                 seen = []  # the NF4 weight a patched LoRA layer reads after FSDP's all-gather (eager: a
                 if not compiled:  # hook on one layer only would give the compiled layers two sets of guards)
@@ -115,7 +129,7 @@ def _worker(rank, path, out):
                 if compiled:
                     slothai.compile(model, backend="aot_eager")
             with slothai.compile_report() as report:
-                losses = _train_distributed(model, rank, _batches(), micro=2 if kind == "ddp_accumulate" else 1)
+                losses = _train_distributed(model, rank, _batches(), micro=2 if kind.endswith("_accumulate") else 1)
             ids = _eval_batch()
             with torch.no_grad():
                 eval_loss = model(input_ids=ids, labels=ids).loss.item()
@@ -263,7 +277,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key", ["ddp", "ddp+compile", "ddp_accumulate+compile", "fsdp2", "fsdp2+compile",
-                                 "fsdp2_units+compile"])
+                                 "fsdp2_accumulate+compile", "fsdp2_units+compile"])
 def test_two_ranks_match_one_process(runs, key):
     got = runs["results"][key]
     for a, b in zip(got["losses"], runs["ref_losses"]):
