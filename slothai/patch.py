@@ -9,6 +9,8 @@ through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
 - PEFT's LoRA wrapper of such a layer computes base + LoRA in that one op: the
   rank-r term first, then the base GEMM accumulating onto it, so their sum is
   written once (`_lora_linear4bit_forward`; PEFT's own forward for what it does not cover).
+  Its `merge` / `unmerge` run on the Params4bit and copy PEFT's requantized weight back
+  into it, in place (`_through_params4bit`).
 - Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
   loss with `fused_linear_cross_entropy` from the last hidden states when labels
   are given: the [tokens x vocab] logits are never built, and the output's
