@@ -4,8 +4,9 @@ The ranks are spawned processes that meet through a FileStore and talk over the
 loopback interface only. Each runs every scenario on a tiny 4-bit Llama built as
 users build it (from_pretrained with a BitsAndBytesConfig, get_peft_model), each
 rank on its half of every batch (DDP and FSDP2 also in two micro-batches of it,
-the gradients synchronised only after the second); the parent trains the same model in one process
-on whole batches. Losses and LoRA weights must agree to 1e-4 (relative).
+the gradients synchronised only after the second); the parent trains the same
+model in one process on whole batches. Losses and LoRA weights must agree to 1e-4
+(relative).
 """
 import contextlib
 import datetime
