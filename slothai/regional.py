@@ -286,7 +286,7 @@ class _CompiledForward:
         whole model is looked at on the first only): CUDA graphs by `compile`'s default
         go off for the layer, with the length buckets that serve them, and it compiles
         again if it had; asked for explicitly, they are refused."""
-        if not self.kwargs.get("options", {}).get("triton.cudagraphs"):
+        if not _has_cudagraphs(self.kwargs):
             return
         why = _why_no_cudagraphs(self.layer, model)
         if why is None:
@@ -302,7 +302,7 @@ class _CompiledForward:
     def _long_call(self, hidden):
         """A low-memory call too long for CUDA graphs by default (LOW_MEMORY_CUDAGRAPH_TOKENS)."""
         return self.options["low_memory"] and self.options.get("cudagraphs") == "default" and \
-            hidden is not None and "triton.cudagraphs" in self.kwargs.get("options", {}) and \
+            hidden is not None and _has_cudagraphs(self.kwargs) and \
             hidden.numel() // max(1, hidden.shape[-1]) > LOW_MEMORY_CUDAGRAPH_TOKENS
 
     def _run_compiled(self, *args, **kw):
@@ -316,14 +316,14 @@ class _CompiledForward:
         else:
             if self._compiled is None:
                 self._compiled, self.buckets = self._compile(), LengthBuckets()
-                if "triton.cudagraphs" in self.kwargs.get("options", {}):
+                if _has_cudagraphs(self.kwargs):
                     own_grads(self.layer)
             compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
         run = None
         mask = kw.get("attention_mask")
         if bucket and n and _paddable_mask(mask, n):
-            reuse = "triton.cudagraphs" in self.kwargs.get("options", {}) and not _OWN_BUCKETS[-1]
+            reuse = _has_cudagraphs(self.kwargs) and not _OWN_BUCKETS[-1]
             run = self.buckets.choose((hidden.shape[0], mask is not None), n, reuse)
             if run > padded_length(n):
                 REGION_CALLS["of those, in a larger recorded bucket"] += 1
@@ -339,7 +339,7 @@ class _CompiledForward:
         graphs = counters["stats"]["unique_graphs"]
         with offload:
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
-        if counters["stats"]["unique_graphs"] != graphs and "triton.cudagraphs" in self.kwargs.get("options", {}):
+        if counters["stats"]["unique_graphs"] != graphs and _has_cudagraphs(self.kwargs):
             self._own_grads_of_model()
         return out if n is None else tree_map(functools.partial(_real_tokens, n=n, padded=run), out)
 
@@ -351,7 +351,7 @@ class _CompiledForward:
         model = self._model() if self._model is not None else None
         for region in list(_REGIONS) if model is not None else [self]:
             same = region is self or (region._model is not None and region._model() is model)
-            if same and "triton.cudagraphs" in region.kwargs.get("options", {}):
+            if same and _has_cudagraphs(region.kwargs):
                 own_grads(region.layer)
 
     @property
@@ -410,6 +410,11 @@ def _guarding_requires_grad(compiled):
     if not getattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards", False):
         return compiled
     return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=False)(compiled)
+
+
+def _has_cudagraphs(kwargs):
+    """Whether torch.compile keyword arguments turn inductor's CUDA graphs on."""
+    return bool(kwargs.get("options", {}).get("triton.cudagraphs"))
 
 
 def _without_cudagraphs(kwargs):
