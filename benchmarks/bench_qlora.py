@@ -29,6 +29,7 @@ SLOTHAI_RUNS = {
     "slothai-nobucket": dict(bucket_lengths=False),
     "slothai-saveall": dict(saves=None),
     "slothai-matmuls": dict(saves="matmuls"),
+    "slothai-offload": dict(saves="offload"),
     "slothai-b06": dict(saves=None, memory_budget=0.6),
     "slothai-b07": dict(saves=None, memory_budget=0.7),
     "slothai-lowmem": dict(low_memory=True),

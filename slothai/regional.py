@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from . import graph_trees
 from .distributed import is_fsdp_module, is_fully_sharded
-from .offload import inputs_to_host
+from .offload import inputs_to_host, widest_to_host
 from .patch import is_patched, slice_tokens
 from .saving import check_saves, with_saves
 
@@ -232,6 +232,7 @@ class _CompiledForward:
         self.options = options  # adapters, saves, memory_budget, low_memory, bucket, cudagraphs: see `compile`
         self._model = weakref.ref(model) if model is not None else None  # for _settle_cudagraphs
         self._compiled = self._compiled_long = None
+        self._widest = None  # the layer's widest matmul output, for saves="offload"
         self.buckets = LengthBuckets()  # new with each compiled function (its graphs are recorded anew)
         _REGIONS.add(self)
 
@@ -334,14 +335,25 @@ class _CompiledForward:
             n = None
         if self.dynamic and hidden is not None and hidden.dim() >= 2:
             mark_token_dims_dynamic(hidden, args[1:], kw)
-        offload = inputs_to_host(hidden) if self.options["low_memory"] and hidden is not None else \
-            contextlib.nullcontext()
         graphs = counters["stats"]["unique_graphs"]
-        with offload:
+        with self._to_host(hidden):
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
         if counters["stats"]["unique_graphs"] != graphs and _has_cudagraphs(self.kwargs):
             self._own_grads_of_model()
         return out if n is None else tree_map(functools.partial(_real_tokens, n=n, padded=run), out)
+
+    def _to_host(self, hidden):
+        """What of this call's saved tensors goes to pinned host memory (slothai/offload.py)."""
+        if hidden is None:
+            return contextlib.nullcontext()
+        if self.options["low_memory"]:
+            return inputs_to_host(hidden)
+        if self.options.get("saves") == "offload":
+            if self._widest is None:
+                self._widest = max(m.out_features for m in self.layer.modules()
+                                   if isinstance(getattr(m, "out_features", None), int))
+            return widest_to_host(hidden.numel() // hidden.shape[-1], self._widest)
+        return contextlib.nullcontext()
 
     def _own_grads_of_model(self):
         """A layer compiled again: a guard failed, maybe because a parameter was unfrozen
@@ -506,7 +518,12 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     "lean": its matmul and attention outputs, except the MLP's up projection,
     which backward recomputes with the elementwise work between them (1B shape,
     H100, 2026-11-27: 4.13 GB, 0.068 s/step); "matmuls": the up projection's too
-    (5.12 GB, 0.062 s); None: AOTAutograd's partitioner decides, under memory_budget.
+    (5.12 GB, 0.062 s); "offload": as "matmuls", but one of the MLP's two
+    tokens x intermediate_size outputs (gate's, on Llama) goes to pinned host
+    memory and back on a side stream, overlapping compute: "lean"'s memory without
+    its recompute, for layers whose forward outlasts that copy, as at 8B
+    (slothai/offload.py);
+    None: AOTAutograd's partitioner decides, under memory_budget.
     memory_budget: with saves=None, the partitioner's activation-memory budget
     (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
     cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),

@@ -20,6 +20,10 @@ backward's own kernels.
               costs about as many FLOPs (at 2048 tokens, a quarter of the bytes
               for a quarter of the FLOPs; attention's share grows with length),
               but in smaller, less efficient kernels.
+  offloaded   with saves="offload", what "matmuls" keeps, but one of the MLP's
+              tokens x intermediate_size outputs (the first saved: gate's, on
+              Llama) goes to pinned host memory and back (slothai/offload.py,
+              `widest_to_host`, at the layer's call) instead of staying on the GPU.
 
 The policy reads the op stream in forward order: the up projection is the second
 expanding (out > in features) nf4_linear on the same input tensor as the one
@@ -34,7 +38,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from . import _C  # noqa: F401  (loads the op library)
 from .ops.schema import Arguments
 
-SAVES = ("lean", "matmuls")
+SAVES = ("lean", "matmuls", "offload")
 
 _NF4_LINEAR = torch.ops.slothai.nf4_linear.default
 _NF4_LINEAR_ARGS = Arguments(_NF4_LINEAR)
@@ -129,7 +133,8 @@ def check_saves(saves, memory_budget):
 
 def with_saves(fn, saves):
     """fn, run so that its compiled graph keeps what `saves` says (module docstring;
-    "inputs": nothing but its inputs, for low_memory)."""
+    "inputs": nothing but its inputs, for low_memory; "offload" keeps what "matmuls"
+    does: the copy to the host is made at the call, outside the graph)."""
     contexts = functools.partial(_contexts, saves)
 
     @functools.wraps(fn)

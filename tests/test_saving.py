@@ -2,6 +2,8 @@
 on tiny 4-bit QLoRA models (CPU, and CUDA where there is one): the bytes each layer saves,
 measured with autograd's saved-tensor hooks, and the same losses and LoRA gradients as the
 eager model."""
+import copy
+
 import pytest
 import torch
 
@@ -110,6 +112,83 @@ def test_eager_attention_lengths_do_not_recompile():
     with slothai.compile_report() as report:
         qlora.train(model, batches)
     assert report.compilations == 1 and report.recompiles == [], report
+
+
+def test_offload_sends_one_mlp_activation_per_layer_to_the_host_and_trains_like_matmuls(monkeypatch, device):
+    # saves="offload" keeps what "matmuls" keeps, but one tokens x intermediate_size tensor
+    # per layer call goes through offload._HostCopy (on CUDA: to pinned host memory and back
+    # into a landing buffer; CUDA graphs on by default). Same compiled layer, so the same
+    # losses and gradients; on CUDA the backward graphs replay from the second pass on.
+    from slothai import offload
+    from torch._inductor import cudagraph_trees
+
+    copies, real_init = [], offload._HostCopy.__init__
+    monkeypatch.setattr(offload._HostCopy, "__init__", lambda self, t: copies.append(t.shape) or real_init(self, t))
+    recorded, real_record = [], cudagraph_trees.CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                        lambda self, *a, **k: recorded.append(1) or real_record(self, *a, **k))
+    lengths = [40, 24, 40, 40, 24, 40]
+    batches = list(qlora.batches(256, 2, lengths, len(lengths), device))
+    base = build(torch.bfloat16, device)  # one build, copied: CPU bitsandbytes' double quant varies per build
+    losses, trained, counts = {}, {}, []
+    for saves in ("matmuls", "offload"):
+        torch._dynamo.reset()
+        model = slothai.compile(copy.deepcopy(base), saves=saves)
+        losses[saves] = [loss for loss, _, _ in qlora.train(model, batches, log=lambda _: counts.append(len(recorded)))]
+        trained[saves] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert losses["offload"] == losses["matmuls"]
+    assert trained["offload"].keys() == trained["matmuls"].keys() and len(trained["matmuls"]) == 2 * 7 * 2
+    for name, param in trained["matmuls"].items():
+        torch.testing.assert_close(trained["offload"][name], param, rtol=0, atol=0, msg=name)
+    width = qlora.SHAPES["tiny"]["intermediate_size"]
+    layers = qlora.SHAPES["tiny"]["num_hidden_layers"]
+    # bucketed (padded) lengths under CUDA graphs: 64 tokens for both 24 and 40
+    tokens = [2 * (64 if device == "cuda" else n) for n in lengths]
+    assert [s.numel() for s in copies] == [n * width for n in tokens for _ in range(layers)], copies
+    assert all(s[-1] == width for s in copies)
+    if device == "cuda":
+        offload_counts = counts[len(lengths):]
+        assert offload_counts[2:] == [offload_counts[1]] * (len(lengths) - 2), counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host copies run on CUDA only")
+def test_offload_on_cuda_with_two_forwards_before_one_backward():
+    # Two micro-batches share one backward: both chains of copies are in flight at once.
+    a, b = (torch.randint(0, 256, (2, n), device="cuda") for n in (33, 40))
+
+    def grads(model):
+        loss = model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want = grads(build(torch.float32, "cuda"))
+    got_loss, got = grads(slothai.compile(build(torch.float32, "cuda"), saves="offload"))
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_tensors_kept_on_the_host_serve_a_second_backward(device):
+    # retain_graph=True: backward unpacks each saved tensor twice; the host copy stays
+    # until autograd drops it, so the second backward gets the same tensors again.
+    # (low_memory: saves="lean" / "matmuls" / "offload" give wrong gradients in a second
+    # backward with donated buffers off, host copies or not — noted in docs/measurements.md.)
+    ids = torch.randint(0, 256, TOKENS, device=device)
+    base = build(torch.float32, device)
+
+    def twice(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want = twice(copy.deepcopy(base))
+    # torch refuses a second backward through a compiled graph that donates its buffers
+    with torch._functorch.config.patch(donated_buffer=False):
+        got = twice(slothai.compile(copy.deepcopy(base), cudagraphs=False, low_memory=True))
+    assert got.keys() == want.keys() and len(want) == 2 * 7 * 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kwargs, match", [
