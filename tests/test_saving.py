@@ -171,8 +171,8 @@ def test_offload_on_cuda_with_two_forwards_before_one_backward():
 def test_tensors_kept_on_the_host_serve_a_second_backward(device):
     # retain_graph=True: backward unpacks each saved tensor twice; the host copy stays
     # until autograd drops it, so the second backward gets the same tensors again.
-    # (low_memory: saves="lean" / "matmuls" / "offload" give wrong gradients in a second
-    # backward with donated buffers off, host copies or not — noted in docs/measurements.md.)
+    # low_memory only: under saves="lean" / "matmuls" / "offload" torch's selective
+    # checkpointing allows one backward per region (docs/design.md).
     ids = torch.randint(0, 256, TOKENS, device=device)
     base = build(torch.float32, device)
 
