@@ -717,9 +717,11 @@ def test_low_memory_cuda_graphs_record_once_per_length(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host copies run on CUDA only")
-def test_low_memory_on_cuda_with_two_forwards_before_one_backward():
-    # Layer inputs go to pinned host memory and come back on a side stream; two
-    # micro-batches share one backward, so copies of both chains are in flight.
+@pytest.mark.parametrize("kwargs", [dict(low_memory=True), dict(saves="offload")])
+def test_host_copies_on_cuda_with_two_forwards_before_one_backward(kwargs):
+    # Layer inputs (low_memory) or an MLP activation per layer (saves="offload") go to
+    # pinned host memory and come back on a side stream; two micro-batches share one
+    # backward, so copies of both chains are in flight.
     a, b = (torch.randint(0, 256, (2, n), device="cuda") for n in (33, 40))
 
     def grads(model):
@@ -728,7 +730,7 @@ def test_low_memory_on_cuda_with_two_forwards_before_one_backward():
         return loss.detach(), lora_grads(model)
 
     want_loss, want = grads(slothai.patch(qlora.build("tiny", "llama", device="cuda")))
-    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")), low_memory=True)
+    model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")), **kwargs)
     got_loss, got = grads(model)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
     for name in want:
