@@ -2,6 +2,7 @@
 on tiny 4-bit QLoRA models (CPU, and CUDA where there is one): the bytes each layer saves,
 measured with autograd's saved-tensor hooks, and the same losses and LoRA gradients as the
 eager model."""
+import collections
 import copy
 
 import pytest
@@ -149,6 +150,32 @@ def test_offload_sends_one_mlp_activation_per_layer_to_the_host_and_trains_like_
     if device == "cuda":
         offload_counts = counts[len(lengths):]
         assert offload_counts[2:] == [offload_counts[1]] * (len(lengths) - 2), counts
+
+
+def test_pinned_buffers_are_reused_smallest_fit_first(monkeypatch):
+    # offload._Pinned: a copy takes the smallest free buffer that holds it; when none
+    # does, the smaller free ones are dropped and a new one is made (pinned, on CUDA:
+    # a plain tensor stands in here). Given back, a buffer serves the next copy.
+    from slothai import offload
+
+    made = []
+    monkeypatch.setattr(offload._Pinned, "free", collections.defaultdict(list))
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):  # CPU-only torch cannot pin
+        made.extend(args[:1] if pin_memory else ())
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    key = ("cuda:0", torch.bfloat16)
+    free = offload._Pinned.free[key]
+    free += [real_empty(n, dtype=torch.bfloat16) for n in (100, 30, 60)]
+    got = offload._Pinned.take(*key, 50)
+    assert got.numel() == 60 and [b.numel() for b in free] == [100, 30] and made == []
+    free.append(got)
+    assert offload._Pinned.take(*key, 60) is got
+    big = offload._Pinned.take(*key, 200)
+    assert big.numel() == 200 and made == [200] and free == []
 
 
 def test_tensors_kept_on_the_host_serve_a_second_backward(device):
