@@ -31,6 +31,7 @@ before it, which is how gated MLPs call gate and up (`down(act(gate(x)) * up(x))
 """
 import functools
 import logging
+import warnings
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -136,6 +137,13 @@ def with_saves(fn, saves):
     "inputs": nothing but its inputs, for low_memory; "offload" keeps what "matmuls"
     does: the copy to the host is made at the call, outside the graph)."""
     contexts = functools.partial(_contexts, saves)
+    if saves in SAVES and not getattr(torch._functorch.config, "donated_buffer", True):
+        # With donated buffers on, torch refuses a second backward through the compiled
+        # graph; off, it runs one, and SAC (which allows one backward per region: eager
+        # SAC raises) gave wrong LoRA gradients there (docs/design.md).
+        warnings.warn(f"saves={saves!r} with torch._functorch.config.donated_buffer=False: a second backward "
+                      "through a compiled layer (retain_graph=True) gives wrong gradients under selective "
+                      "checkpointing; compile with saves=None (or low_memory=True) if you need one")
 
     @functools.wraps(fn)
     def run(*args, **kw):

@@ -4,6 +4,7 @@ measured with autograd's saved-tensor hooks, and the same losses and LoRA gradie
 eager model."""
 import collections
 import copy
+import warnings
 
 import pytest
 import torch
@@ -150,6 +151,18 @@ def test_offload_sends_one_mlp_activation_per_layer_to_the_host_and_trains_like_
     if device == "cuda":
         offload_counts = counts[len(lengths):]
         assert offload_counts[2:] == [offload_counts[1]] * (len(lengths) - 2), counts
+
+
+@pytest.mark.parametrize("saves, warns", [("lean", True), ("offload", True), (None, False)])
+def test_a_second_backward_torch_would_let_through_is_warned_of(saves, warns):
+    # With donated buffers off, a second backward through a layer compiled under a saves=
+    # policy gives wrong gradients (docs/design.md): compile says so when it wraps the layer.
+    ids = torch.randint(0, 256, TOKENS)
+    model = slothai.compile(build(torch.float32), backend="aot_eager", saves=saves)
+    with torch._functorch.config.patch(donated_buffer=False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert any("second backward" in str(w.message) for w in caught) == warns, [str(w.message) for w in caught]
 
 
 def test_pinned_buffers_are_reused_smallest_fit_first(monkeypatch):
