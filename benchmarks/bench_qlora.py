@@ -305,26 +305,32 @@ def report(args, env, recs, failed):
         r["settled_step_s"] = statistics.median(r["step_s"][-n_last:]) if args.repeat > 1 else None
         r["first_new_length_s"] = first_at_new_length(r)
     ref = recs[0]  # speedup, memory and loss differences are against the first run
+    # and, where eager ran but is not the first, the loss differences against eager's too
+    loss_refs = [ref] + [r for r in recs if r["label"] == "eager" and r is not ref]
     rows = []
     for r in recs:
-        rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
-        r[f"max_rel_loss_diff_vs_{ref['label']}"] = rel
+        rels = []
+        for base in loss_refs:
+            rels.append(max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"])))
+            r[f"max_rel_loss_diff_vs_{base['label']}"] = rels[-1]
         c = r["compile"]
         steady = r["settled_step_s"] or r["steady_step_s"]
         new_len = f"{r['first_new_length_s'] / steady:.2f}x" if r["first_new_length_s"] else "-"
         rows.append([r["label"], f"{r['steady_step_s']:.3f}", f"{r['settled_step_s']:.3f}" if r["settled_step_s"]
                      else "-", f"{(ref['settled_step_s'] or ref['steady_step_s']) / steady:.2f}x",
-                     new_len, f"{r['peak_gb']:.2f}", f"{r['peak_gb'] / ref['peak_gb']:.2f}", f"{rel:.1e}",
+                     new_len, f"{r['peak_gb']:.2f}", f"{r['peak_gb'] / ref['peak_gb']:.2f}",
+                     *(f"{rel:.1e}" for rel in rels),
                      f"{sum(r['step_s'][1:]):.2f}", str(sum(b["count"] for b in c["graph_breaks"])),
                      str(c["compilations"]),
                      f"{c['compile_seconds']:.0f}", f"{sum(r.get('warm_up_s', {}).values()):.1f}"])
     for label, why in failed.items():
-        rows.append([label, why] + ["-"] * 11)
+        rows.append([label, why] + ["-"] * (10 + len(loss_refs)))
     padded = f", last row {args.padded} tokens of padding (attention mask)" if args.padded else ""
     lines = [f"QLoRA step, {args.model} shape, NF4 double-quant, bf16, LoRA r=32 on 7 projections, bsz {args.batch}, "
              f"seq {args.seq} x {args.repeat}{padded}, AdamW. {env['card']}, torch {env['torch']}, {env['date']}"]
     lines += common.table(["run", "median s/step", "settled s/step", f"speed vs {ref['label']}",
-                           "first new length", "peak GB", f"vs {ref['label']}", "max rel loss diff",
+                           "first new length", "peak GB", f"vs {ref['label']}",
+                           *(f"max rel loss diff vs {b['label']}" for b in loss_refs),
                            "steps 2+ s", "graph breaks", "compilations", "compile s", "set-up s"], rows)
     lines += [f"  {r['label']}: {r['what']}" for r in recs]
     name = f"qlora_{args.model}{args.name}"
