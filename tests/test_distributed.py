@@ -30,8 +30,12 @@ BATCH = 4  # global batch: 2 rows per rank
 SEQS = [32, 20, 32]  # 3 AdamW steps at two lengths: the compiled runs must not recompile
 LR = 1e-3
 TIMEOUT_S = 150  # the whole 2-rank run; a hang fails the test instead of the suite
-SCENARIOS = [("ddp", False), ("ddp", True), ("ddp_accumulate", True), ("fsdp2", False), ("fsdp2", True),
-             ("fsdp2_accumulate", True), ("fsdp2_units", True)]
+SCENARIOS = [("ddp", False), ("ddp", True), ("ddp_accumulate", True), ("ddp_lowmem", True), ("ddp_offload", True),
+             ("fsdp2", False), ("fsdp2", True), ("fsdp2_accumulate", True), ("fsdp2_units", True)]
+# compile's arguments where a scenario is not the defaults. On the CPU the host copies keep their
+# tensors where they are, so these two check the save policies and saved-tensor hooks under DDP's
+# gradient hooks; the copies themselves run in the CUDA tests of test_training_modes.
+COMPILE_KWARGS = {"ddp_lowmem": dict(low_memory=True), "ddp_offload": dict(saves="offload")}
 
 
 def _batches():
@@ -113,9 +117,9 @@ def _worker(rank, path, out):
             log(f"{kind} compiled={compiled}")
             torch._dynamo.reset()
             model = slothai.patch(qlora.build(path=path))
-            if kind in ("ddp", "ddp_accumulate"):
+            if kind.startswith("ddp"):
                 if compiled:
-                    slothai.compile(model, backend="aot_eager")
+                    slothai.compile(model, backend="aot_eager", **COMPILE_KWARGS.get(kind, {}))
                 model = DDP(model)
             elif kind == "fsdp2_units":  # the units accelerate's FSDP2 plugin (1.15) makes: the head is
                 _shard_as_accelerate_does(model, mesh)  # gathered only by a forward of its own unit
@@ -277,8 +281,9 @@ def runs(tmp_path_factory):
     return dict(results=results, ref_losses=ref_losses, ref_lora=_lora(ref), ref_eval=ref_eval, path=path, out=out)
 
 
-@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "ddp_accumulate+compile", "fsdp2", "fsdp2+compile",
-                                 "fsdp2_accumulate+compile", "fsdp2_units+compile"])
+@pytest.mark.parametrize("key", ["ddp", "ddp+compile", "ddp_accumulate+compile", "ddp_lowmem+compile",
+                                 "ddp_offload+compile", "fsdp2", "fsdp2+compile", "fsdp2_accumulate+compile",
+                                 "fsdp2_units+compile"])
 def test_two_ranks_match_one_process(runs, key):
     got = runs["results"][key]
     for a, b in zip(got["losses"], runs["ref_losses"]):
