@@ -447,7 +447,7 @@ def main():
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
     ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; cpu: aot_eager)")
     ap.add_argument("--cudagraphs", action="store_true", help="CUDA graphs for the 1gpu and ddp runs")
-    ap.add_argument("--saves", default="lean", choices=["lean", "matmuls", "none"],
+    ap.add_argument("--saves", default="lean", choices=["lean", "matmuls", "offload", "none"],
                     help="slothai.compile's saves (none: the partitioner decides, under --memory-budget)")
     ap.add_argument("--memory-budget", type=float, default=None, help="slothai.compile's memory_budget (saves none)")
     ap.add_argument("--gc-freeze", action="store_true",
