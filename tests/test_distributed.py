@@ -29,13 +29,15 @@ WORLD = 2
 BATCH = 4  # global batch: 2 rows per rank
 SEQS = [32, 20, 32]  # 3 AdamW steps at two lengths: the compiled runs must not recompile
 LR = 1e-3
-TIMEOUT_S = 150  # the whole 2-rank run; a hang fails the test instead of the suite
+TIMEOUT_S = 300  # the whole 2-rank run (~55–85 s on 2 cores); a hang fails the test instead of the suite
 SCENARIOS = [("ddp", False), ("ddp", True), ("ddp_accumulate", True), ("ddp_lowmem", True), ("ddp_offload", True),
-             ("fsdp2", False), ("fsdp2", True), ("fsdp2_accumulate", True), ("fsdp2_units", True)]
+             ("fsdp2", False), ("fsdp2", True), ("fsdp2_accumulate", True), ("fsdp2_units", True),
+             ("fsdp2_lowmem", True)]
 # compile's arguments where a scenario is not the defaults. On the CPU the host copies keep their
 # tensors where they are, so these two check the save policies and saved-tensor hooks under DDP's
 # gradient hooks; the copies themselves run in the CUDA tests of test_training_modes.
-COMPILE_KWARGS = {"ddp_lowmem": dict(low_memory=True), "ddp_offload": dict(saves="offload")}
+COMPILE_KWARGS = {"ddp_lowmem": dict(low_memory=True), "ddp_offload": dict(saves="offload"),
+                  "fsdp2_lowmem": dict(low_memory=True)}
 
 
 def _batches():
@@ -124,7 +126,7 @@ def _worker(rank, path, out):
             elif kind == "fsdp2_units":  # the units accelerate's FSDP2 plugin (1.15) makes: the head is
                 _shard_as_accelerate_does(model, mesh)  # gathered only by a forward of its own unit
                 slothai.compile(model, backend="aot_eager")
-            else:  # fsdp2, fsdp2_accumulate
+            else:  # fsdp2, fsdp2_accumulate, fsdp2_lowmem
                 fully_shard_layers(model, mesh=mesh)
                 seen = []  # the NF4 weight a patched LoRA layer reads after FSDP's all-gather (eager: a
                 if not compiled:  # hook on one layer only would give the compiled layers two sets of guards)
@@ -132,7 +134,7 @@ def _worker(rank, path, out):
                     q.register_forward_pre_hook(lambda m, a: seen.append((type(m.base_layer.weight).__name__,
                                                                           tuple(m.base_layer.weight.shape))))
                 if compiled:
-                    slothai.compile(model, backend="aot_eager")
+                    slothai.compile(model, backend="aot_eager", **COMPILE_KWARGS.get(kind, {}))
             with slothai.compile_report() as report:
                 losses = _train_distributed(model, rank, _batches(), micro=2 if kind.endswith("_accumulate") else 1)
             ids = _eval_batch()
@@ -283,7 +285,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("key", ["ddp", "ddp+compile", "ddp_accumulate+compile", "ddp_lowmem+compile",
                                  "ddp_offload+compile", "fsdp2", "fsdp2+compile", "fsdp2_accumulate+compile",
-                                 "fsdp2_units+compile"])
+                                 "fsdp2_units+compile", "fsdp2_lowmem+compile"])
 def test_two_ranks_match_one_process(runs, key):
     got = runs["results"][key]
     for a, b in zip(got["losses"], runs["ref_losses"]):
