@@ -34,8 +34,9 @@ SCENARIOS = [("ddp", False), ("ddp", True), ("ddp_accumulate", True), ("ddp_lowm
              ("fsdp2", False), ("fsdp2", True), ("fsdp2_accumulate", True), ("fsdp2_units", True),
              ("fsdp2_lowmem", True)]
 # compile's arguments where a scenario is not the defaults. On the CPU the host copies keep their
-# tensors where they are, so these two check the save policies and saved-tensor hooks under DDP's
-# gradient hooks; the copies themselves run in the CUDA tests of test_training_modes.
+# tensors where they are, so these check the save policies, low_memory's recompute and the
+# saved-tensor hooks under DDP's and FSDP2's own hooks; the copies themselves run in the CUDA
+# tests of test_training_modes.
 COMPILE_KWARGS = {"ddp_lowmem": dict(low_memory=True), "ddp_offload": dict(saves="offload"),
                   "fsdp2_lowmem": dict(low_memory=True)}
 
