@@ -58,6 +58,7 @@ import slothai  # noqa: E402
 from slothai import qlora  # noqa: E402
 from slothai.distributed import adapter_state_dict, fully_shard_layers  # noqa: E402
 from slothai.nf4_weight import NF4Weight  # noqa: E402
+from slothai.saving import SAVES  # noqa: E402
 
 RUNS = ["1gpu", "fsdp2", "fsdp2_keep", "ddp", "accelerate_fsdp2", "baseline_accelerate", "trainer_fsdp2"]
 
@@ -447,7 +448,7 @@ def main():
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
     ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; cpu: aot_eager)")
     ap.add_argument("--cudagraphs", action="store_true", help="CUDA graphs for the 1gpu and ddp runs")
-    ap.add_argument("--saves", default="lean", choices=["lean", "matmuls", "offload", "none"],
+    ap.add_argument("--saves", default="lean", choices=[*SAVES, "none"],
                     help="slothai.compile's saves (none: the partitioner decides, under --memory-budget)")
     ap.add_argument("--memory-budget", type=float, default=None, help="slothai.compile's memory_budget (saves none)")
     ap.add_argument("--gc-freeze", action="store_true",
