@@ -8,7 +8,7 @@ checkpointing), torch.compile(model).
 Llama-3.2-1B shape (random weights, tied 128256 vocab), NF4 double-quant, bf16
 compute, LoRA r=32 alpha=64 dropout 0 on all 7 projections, bsz 2, sequence lengths
 2048 2048 2048 1536 2048 1792, AdamW lr 1e-3. Table + JSON + PNG under benchmarks/results/.
-The Unsloth runs need `unsloth` importable (../shared/tools/carry-unsloth.sh) and are
+The Unsloth runs need `unsloth` importable (docs/measurements.md, "Reproduce") and are
 skipped, with a note in the table, where it is not.
 """
 import argparse
