@@ -2,6 +2,7 @@
 // The CUDA kernel is registered in dequant_nf4_cuda.cpp; the fake (meta)
 // function and the Python function live in slothai/ops/dequant_nf4.py.
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include "dequant_nf4.h"
@@ -15,10 +16,13 @@ Nf4Call nf4_call(const at::Tensor &packed, const at::Tensor &absmax, const std::
     const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
     const at::Device dev = packed.device();
     int64_t numel = 1;
+    bool overflow = false;
     for (int64_t d : shape) {
         TORCH_CHECK_VALUE(d >= 0, "shape must have non-negative sizes, got ", shape);
-        numel *= d;
+        overflow |= c10::mul_overflows(numel, d, &numel);
     }
+    // Checked before anything is allocated: at::empty's own product would overflow first.
+    TORCH_CHECK_VALUE(numel == 0 || !overflow, "shape ", shape, " has more elements than int64 can count");
     Nf4Call c;
     slothai_nf4_args &a = c.args;
     a.out_dtype = core_dtype(dtype, "dtype");
