@@ -149,9 +149,20 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     little less accurate; measured in benchmarks/results/fused_ce*.txt).
 
     Rows whose target is ignore_index are not computed (counting them waits for the
-    GPU once; while a CUDA graph is captured every row is computed instead). On CUDA
+    GPU once; while a CUDA graph is captured every row is computed instead). Their
+    gradient is exactly 0 whatever the upstream gradient, as torch's: a summed loss
+    with no counted row divided by its count of 0 (a gradient-accumulation window
+    of ignored labels) gives NaN loss and zero gradients, not NaN ones. On CUDA
     a target outside [0, V) that is not ignore_index makes its row's loss NaN (not
     checked on the host); on the CPU it raises ValueError.
+
+    Infinite logits give torch's answers: a -inf logit (a masked token) is a
+    probability of 0 (loss inf if it is the target, or with label smoothing, which
+    averages over every token); a +inf logit makes its row NaN. softcap must be
+    finite (None for no cap). chunk_size: a positive int (tokens per chunk) or None.
+
+    Double backward is not supported: a backward with create_graph=True raises
+    RuntimeError (chunked_linear_loss supports it).
     """
     check_reduction(reduction)
     check_tokens(hidden, target)
