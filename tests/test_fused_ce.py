@@ -273,7 +273,7 @@ def test_bad_input(device):
         slothai.fused_linear_cross_entropy(x, w, t, torch.randn(9, device=device))
     with pytest.raises(ValueError, match="reduction must be one of"):
         slothai.fused_linear_cross_entropy(x, w, t, reduction="avg")
-    with pytest.raises(ValueError, match="softcap must be a positive number"):
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):
         slothai.fused_linear_cross_entropy(x, w, t, softcap=-1.0)
     with pytest.raises(TypeError, match="hidden must be float32, float16 or bfloat16, got Double"):
         slothai.fused_linear_cross_entropy(x.double(), w.double(), t)
