@@ -579,3 +579,19 @@ def test_op_rejects_bad_scalars_and_grad_rows(device, msg, exc, change):
     args.update(change)
     with pytest.raises(exc, match=msg):
         op(**args)
+
+
+def test_compiled_empty_window_gives_zero_gradients(device, compile_counters):
+    # Under torch.compile backward scales out of place (one traced expression): an exact
+    # 0 stays 0 there too when the count it divides by is 0.
+    w = torch.randn(11, 8, device=device, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, t, count):
+        return slothai.fused_linear_cross_entropy(x, w, t, reduction="sum") / count
+
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    loss = step(x, torch.full((5,), -100, device=device), torch.tensor(0.0, device=device))
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
