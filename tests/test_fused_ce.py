@@ -313,6 +313,35 @@ def test_cuda_matches_cpu_reference(dtype, vocab):
         assert (a - b).norm() / b.norm() < tol
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1000, 1001])  # the 16-byte vector path (fp16 / bf16) and the scalar one
+def test_cuda_matches_cpu_reference_at_infinities(dtype, vocab):
+    # The CUDA kernel's online (max, sum of exp) must give the C reference's answers at
+    # infinities: a -inf adds 0 even while a thread's running max is still -inf (here a
+    # thread's whole share of the row is -inf), a +inf or a NaN makes the row NaN.
+    (_, _, _, _), (x, w, b, t) = make(64, 32, vocab, dtype, "cpu", bias=True)
+    b[:600] = -math.inf  # every thread's first elements, and whole shares of the row
+    b[700] = -math.inf
+    t[4:] = torch.where(t[4:] == -100, -100, 600 + t[4:] % 100)  # targets among the open tokens
+    t[0], t[1] = 700, 5  # targets that are masked tokens: loss inf
+    x[2, 0] = math.inf  # row 2: +-inf logits (NaN)
+    x[3, 0] = math.nan
+    outs = []
+    for dev in ("cpu", "cuda"):
+        for eps in (0.0, 0.1):
+            xs, ws, bs = (a.detach().to(dev).requires_grad_() for a in (x, w, b))
+            loss = slothai.fused_linear_cross_entropy(xs, ws, t.to(dev), bs, label_smoothing=eps, reduction="none",
+                                                      chunk_size=16)
+            loss.backward(torch.ones_like(loss))
+            outs.append([loss.float().cpu(), xs.grad.float().cpu(), bs.grad.float().cpu()])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for cpu, cuda in zip(outs[:2], outs[2:]):
+        for a, c in zip(cpu, cuda):
+            torch.testing.assert_close(c, a, rtol=tol, atol=tol, equal_nan=True)
+    assert torch.isfinite(outs[0][0][4:]).all() and torch.isinf(outs[0][0][:2]).all()
+
+
 def _op_args(device, reduction, grads, bias=True, grad_rows=False):
     x, w = torch.randn(13, 8, device=device), torch.randn(21, 8, device=device)
     b = torch.randn(21, device=device) if bias else None

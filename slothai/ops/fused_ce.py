@@ -191,6 +191,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
                  chunk_size=None, fp32_weight_grad=True):
         super().__init__()
         check_reduction(reduction)
+        check_chunk_size(chunk_size)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.softcap, self.z_loss, self.chunk_size = softcap, z_loss, chunk_size
         self.fp32_weight_grad = fp32_weight_grad
