@@ -36,7 +36,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         graph = torch.is_grad_enabled()  # create_graph=True: the gradients get a graph of their own
         acc = _acc_dtype(x)
-        dx = [] if graph else torch.empty_like(x) if need_x else None
+        dx = ([] if graph else torch.empty_like(x)) if need_x else None  # graph: a list of chunks, joined at the end
         dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
         for s in range(0, x.shape[0], ctx.chunk):
@@ -135,5 +135,5 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
         return losses.view(hidden.shape[:-1])
     if reduction == "sum":
         return losses.sum()
-    count = (n if keep is None else keep.shape[0]) if labels else n
+    count = n if keep is None else keep.shape[0]
     return losses.sum() / torch.tensor(count, dtype=losses.dtype, device=x.device)

@@ -167,3 +167,11 @@ def test_double_backward_matches_float64_gradgradcheck(reduction):
     (gx_want,) = torch.autograd.grad(full.sum(), x, create_graph=True)
     (want,) = torch.autograd.grad((gx_want ** 2).sum(), w)
     torch.testing.assert_close(got, want)
+
+
+def test_double_backward_with_respect_to_the_weight_alone():
+    # create_graph=True when hidden takes no gradient: only the weight's is formed.
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 4, (5,))
+    assert torch.autograd.gradgradcheck(lambda w: slothai.chunked_linear_loss(x, w, t, _ce_none, chunk_size=2), (w,))

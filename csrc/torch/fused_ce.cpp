@@ -69,13 +69,14 @@ void check_inputs(const at::Tensor &hidden, const at::Tensor &weight, const std:
     if (grad_rows) {
         check_device(*grad_rows, dev, "grad_rows");
         check_dtype(*grad_rows, at::kFloat, "grad_rows");
-        TORCH_CHECK_VALUE(grad_rows->dim() <= 1 && (grad_rows->numel() == hidden.size(0) || grad_rows->numel() == 1),
-                          "grad_rows must be 1-D with 1 or ", hidden.size(0), " values, got shape ", grad_rows->sizes());
+        const int64_t n = grad_rows->numel();
+        TORCH_CHECK_VALUE(grad_rows->dim() <= 1 && (n == hidden.size(0) || n == 1), "grad_rows must be 1-D with 1 or ",
+                          hidden.size(0), " values, got shape ", grad_rows->sizes());
     }
     TORCH_CHECK_VALUE(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0,
                       "label_smoothing must be in [0, 1], got ", o.label_smoothing);
-    TORCH_CHECK_VALUE(o.softcap >= 0.0 && std::isfinite(o.softcap), "softcap must be finite and positive (or 0 for none), got ",
-                      o.softcap);
+    TORCH_CHECK_VALUE(o.softcap >= 0.0 && std::isfinite(o.softcap),
+                      "softcap must be finite and positive (or 0 for none), got ", o.softcap);
     TORCH_CHECK_VALUE(std::isfinite(o.z_loss), "z_loss must be finite, got ", o.z_loss);
     TORCH_CHECK_VALUE(!o.any_grad() || grad_rows || o.reduction != Reduction::kNone,
                       "gradients asked for with reduction 'none' need grad_rows (the upstream gradient per row)");

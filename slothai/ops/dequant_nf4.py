@@ -32,10 +32,10 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
     Bit-identical to `bitsandbytes.functional.dequantize_4bit`, in one kernel
     launch on CUDA (both levels of double quantization included).
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16 or torch.float32) or None, "
+                        f"got {type(dtype).__name__} {dtype!r}")
     if quant_state is None and isinstance(weight, NF4Weight):  # slothai.patch's form of a Params4bit
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16 or torch.float32) or "
-                            f"None, got {type(dtype).__name__} {dtype!r}")
         *args, shape = weight.op_args()
         return _dequant_nf4(weight.codes, *args[1:], shape, weight.compute_dtype if dtype is None else dtype)
     if quant_state is None:
@@ -43,10 +43,7 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
         if quant_state is None:
             raise TypeError("weight has no .quant_state: pass a bitsandbytes Params4bit, or (packed, quant_state)")
     check_quant_state(quant_state)
-    dtype = quant_state.dtype if dtype is None else dtype
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16 or torch.float32) or None, "
-                        f"got {type(dtype).__name__} {dtype!r}")
+    dtype = quant_state.dtype if dtype is None else dtype  # a torch.dtype: check_quant_state saw to it
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a Params4bit or a tensor of packed NF4 codes, got {type(weight).__name__}")
     if isinstance(weight, torch.nn.Parameter):

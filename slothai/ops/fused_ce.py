@@ -177,7 +177,8 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     loss, _, _, _ = _fused_ce(
         hidden=hidden.reshape(target.numel(), hidden.shape[-1]), weight=weight, bias=bias, target=target.reshape(-1),
         grad_rows=None, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
-        softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction, chunk_size=operator.index(chunk_size or 0),
+        softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction,
+        chunk_size=operator.index(chunk_size or 0),
         grad_hidden=grad and hidden.requires_grad, grad_weight=grad and weight.requires_grad,
         grad_bias=grad and bias is not None and bias.requires_grad, fp32_weight_grad=bool(fp32_weight_grad),
     )
