@@ -2,7 +2,7 @@
 per-token loss of the logits, in plain torch (an autograd.Function, no custom op)."""
 import torch
 
-from .ops.fused_ce import check_reduction, check_tokens
+from .ops.fused_ce import check_chunk_size, check_reduction, check_tokens
 
 
 def _default_chunk(n, v):
@@ -14,45 +14,68 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     """Per chunk of tokens: logits = x_c W^T (+b) in fp32, per-token losses by
     `loss_fn`; nothing but the inputs is kept. Backward recomputes each chunk's
     logits, takes d loss / d logits by autograd on `loss_fn`, multiplies in the
-    upstream gradient, and forms dx_c = dz W, dW += dz^T x_c, db += sum dz in fp32."""
+    upstream gradient, and forms dx_c = dz W, dW += dz^T x_c, db += sum dz in fp32.
+    Under create_graph=True the same steps run with autograd recording them (the
+    logits not detached, sums out of place), so the gradients differentiate again;
+    that graph holds every chunk's logits."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, mask, loss_fn, chunk):
+    def forward(ctx, x, weight, bias, target, loss_fn, chunk):
         n = x.shape[0]
         losses = torch.empty(n, dtype=_acc_dtype(x), device=x.device)
         for s in range(0, n, chunk):
             z = _logits(x[s:s + chunk], weight, bias)
-            losses[s:s + chunk] = loss_fn(z, target[s:s + chunk]).reshape(-1)
-        if mask is not None:
-            losses = losses.masked_fill(~mask, 0.0)
-        ctx.save_for_backward(x, weight, bias, target, mask)
+            losses[s:s + chunk] = _per_token(loss_fn, z, target[s:s + chunk])
+        ctx.save_for_backward(x, weight, bias, target)
         ctx.loss_fn, ctx.chunk = loss_fn, chunk
         return losses
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, bias, target, mask = ctx.saved_tensors
+        x, weight, bias, target = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = torch.empty_like(x) if need_x else None
+        graph = torch.is_grad_enabled()  # create_graph=True: the gradients get a graph of their own
         acc = _acc_dtype(x)
+        dx = ([] if graph else torch.empty_like(x)) if need_x else None  # graph: a list of chunks, joined at the end
         dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
-        if mask is not None:
-            g = g.masked_fill(~mask, 0.0)
         for s in range(0, x.shape[0], ctx.chunk):
             xc = x[s:s + ctx.chunk]
             with torch.enable_grad():
-                z = _logits(xc, weight, bias).detach().requires_grad_()
-                per_token = ctx.loss_fn(z, target[s:s + ctx.chunk]).to(acc).reshape(-1)
-                (dz,) = torch.autograd.grad(per_token, z, g[s:s + ctx.chunk].to(per_token.dtype))
+                z = _logits(xc, weight, bias)
+                if not graph:
+                    z = z.detach().requires_grad_()
+                per_token = _per_token(ctx.loss_fn, z, target[s:s + ctx.chunk])
+                if not per_token.requires_grad:
+                    raise ValueError("loss_fn's output does not depend on the logits (it has no gradient to "
+                                     "them): loss_fn must return per-token losses computed from its logits")
+                (dz,) = torch.autograd.grad(per_token, z, g[s:s + ctx.chunk].to(per_token.dtype),
+                                            create_graph=graph)
             if need_x:
-                dx[s:s + ctx.chunk] = dz.to(x.dtype) @ weight
+                if graph:
+                    dx.append(dz.to(x.dtype) @ weight)
+                else:
+                    dx[s:s + ctx.chunk] = dz.to(x.dtype) @ weight
             if need_w:
-                dw.addmm_(dz.t(), xc.to(acc))
+                dw = dw + dz.t() @ xc.to(acc) if graph else dw.addmm_(dz.t(), xc.to(acc))
             if need_b:
-                db += dz.sum(0)
+                db = db + dz.sum(0) if graph else db.add_(dz.sum(0))
+        if graph and need_x:
+            dx = torch.cat(dx) if dx else torch.zeros_like(x)
         return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                None, None, None, None)
+                None, None, None)
+
+
+def _per_token(loss_fn, z, target):
+    """loss_fn(z, target), checked against its contract: one floating-point loss per row of z."""
+    out = loss_fn(z, target)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"loss_fn must return a tensor of per-token losses, got {type(out).__name__}")
+    if out.shape != z.shape[:1] or not out.is_floating_point():
+        raise ValueError(f"loss_fn must return one floating-point loss per token, shape ({z.shape[0]},) for "
+                         f"logits of shape {tuple(z.shape)}, got {out.dtype} of shape {tuple(out.shape)} "
+                         "(reduction='none' for torch's losses)")
+    return out.to(z.dtype)
 
 
 def _acc_dtype(x):
@@ -71,24 +94,46 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
                         ignore_index=-100):
     """Memory-efficient `loss_fn(hidden @ weight.T + bias, target)` for any per-token loss.
 
-    loss_fn(logits_chunk (T, V), target_chunk) returns per-token losses (T,); the logits
-    come in fp32 (fp64 for fp64 inputs).
+    The loss_fn contract: `loss_fn(logits, target_chunk)` gets logits (T, V) of a
+    chunk of T tokens, in fp32 (fp64 for fp64 inputs), and the matching rows of
+    `target`; it returns the per-token losses, a floating-point tensor of shape (T,)
+    computed from those logits (for torch's losses: reduction="none"). Anything
+    else (a scalar, (T, V), (T - 1,)) raises ValueError, and so does, in backward,
+    an output that does not depend on the logits. loss_fn is called again on each
+    chunk in backward (the logits are recomputed, not kept), so it must be a pure
+    function of its arguments.
+
     `target` is anything whose leading dims match hidden's tokens (labels, teacher
     logits, advantages...), sliced along with hidden. When it is an integer tensor
-    of hidden's leading shape, rows equal to `ignore_index` are not counted by mean
-    and get no gradient. Only one chunk of logits (and its gradient) exists at a time.
+    of hidden's leading shape (labels), rows equal to `ignore_index` are left out
+    before anything is computed: loss_fn never sees them (so `z.gather(1, t[:, None])`
+    works), their loss is 0, their gradient exactly 0 whatever the upstream gradient,
+    and mean does not count them (all ignored: mean is 0 / 0 = NaN with zero
+    gradients, as F.cross_entropy). Finding them waits for the device once.
+
+    Only one chunk of logits (and its gradient) exists at a time. chunk_size: tokens
+    per chunk, a positive int (default: about 256 MiB of fp32 logits). The gradients
+    can be differentiated again (create_graph=True); that graph holds every chunk's
+    logits.
     """
     check_reduction(reduction)
     check_tokens(hidden, target)
+    check_chunk_size(chunk_size)
     x = hidden.reshape(hidden.shape[:-1].numel(), hidden.shape[-1])  # (-1, H) fails for H = 0
-    t = target.reshape(x.shape[0], *target.shape[hidden.dim() - 1:])
-    labels = not t.is_floating_point() and t.dim() == 1
-    mask = (t != ignore_index) if labels else None
-    chunk = int(chunk_size or _default_chunk(x.shape[0], weight.shape[0]))
-    losses = _ChunkedLinearLoss.apply(x, weight, bias, t, mask, loss_fn, chunk)
+    n = x.shape[0]
+    t = target.reshape(n, *target.shape[hidden.dim() - 1:])
+    labels = not t.is_floating_point() and not t.is_complex() and t.dim() == 1
+    keep = (t != ignore_index).nonzero().squeeze(1) if labels else None  # waits for the device
+    if keep is not None and keep.shape[0] == n:
+        keep = None  # every row counts: no gather
+    xs, ts = (x, t) if keep is None else (x.index_select(0, keep), t.index_select(0, keep))
+    chunk = min(chunk_size or _default_chunk(xs.shape[0], weight.shape[0]), max(1, xs.shape[0]))
+    losses = _ChunkedLinearLoss.apply(xs, weight, bias, ts, loss_fn, chunk)
+    if keep is not None:  # the left-out rows' losses are 0 and take no gradient
+        losses = losses.new_zeros(n).index_copy(0, keep, losses)
     if reduction == "none":
         return losses.view(hidden.shape[:-1])
     if reduction == "sum":
         return losses.sum()
-    count = mask.sum() if mask is not None else torch.tensor(x.shape[0], device=x.device)
-    return losses.sum() / count
+    count = n if keep is None else keep.shape[0]
+    return losses.sum() / torch.tensor(count, dtype=losses.dtype, device=x.device)

@@ -77,3 +77,102 @@ def test_chunked_linear_loss_hidden_size_zero():
     t = torch.randint(0, 7, (4,))
     got = slothai.chunked_linear_loss(x, w, t, lambda z, tt: F.cross_entropy(z, tt, reduction="none"))
     torch.testing.assert_close(got, torch.tensor(math.log(7)))
+
+
+# --- issue 34: the loss_fn contract, ignored rows, double backward, empty windows ----------------
+
+
+def _ce_none(z, t):
+    return F.cross_entropy(z, t, reduction="none")
+
+
+@pytest.mark.parametrize("returns,what", [
+    (lambda z, t: _ce_none(z, t).mean(), "shape \\(5,\\) .* got torch.float32 of shape \\(\\)"),
+    (lambda z, t: torch.log_softmax(z, -1), "got torch.float32 of shape \\(5, 11\\)"),
+    (lambda z, t: _ce_none(z, t)[1:], "got torch.float32 of shape \\(4,\\)"),
+    (lambda z, t: _ce_none(z, t)[:, None], "got torch.float32 of shape \\(5, 1\\)"),
+    (lambda z, t: t, "got torch.int64 of shape \\(5,\\)"),
+])
+def test_loss_fn_must_return_one_loss_per_token(returns, what):
+    x, w, t = torch.randn(5, 4), torch.randn(11, 4), torch.randint(0, 11, (5,))
+    for reduction in ("none", "mean"):
+        with pytest.raises(ValueError, match="loss_fn must return one floating-point loss per token, .*" + what):
+            slothai.chunked_linear_loss(x, w, t, returns, reduction=reduction)
+    with pytest.raises(TypeError, match="loss_fn must return a tensor of per-token losses, got float"):
+        slothai.chunked_linear_loss(x, w, t, lambda z, tt: 1.0)
+
+
+def test_loss_fn_output_must_depend_on_the_logits():
+    x = torch.randn(5, 4, requires_grad=True)
+    w, t = torch.randn(11, 4), torch.randint(0, 11, (5,))
+    loss = slothai.chunked_linear_loss(x, w, t, lambda z, tt: torch.ones(z.shape[0]))
+    with pytest.raises(ValueError, match="loss_fn's output does not depend on the logits"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows_never_reach_loss_fn(reduction):
+    # A natural per-token loss that indexes by label: ignored rows would raise "index
+    # -100 is out of bounds"; they are left out, and come back as 0 with no gradient.
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (2, 9))
+    t[0, :3], t[1, 5] = -100, -100
+    seen = []
+
+    def nll(z, y):
+        seen.append(y.clone())
+        return -torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1)
+
+    got = slothai.chunked_linear_loss(x, w, t, nll, chunk_size=4, reduction=reduction)
+    assert seen and all((y >= 0).all() for y in seen) and sum(y.numel() for y in seen) == (t != -100).sum()
+    want = F.cross_entropy((x @ w.t()).view(-1, 13), t.view(-1), reduction=reduction)
+    torch.testing.assert_close(got, want.view(got.shape))
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * g.view(got.shape)).sum(), (x, w)),
+                               torch.autograd.grad((want * g).sum(), (x, w)))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_empty_window_gives_zero_gradients(reduction):
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(9, 6, requires_grad=True)
+    t = torch.full((4,), -100)
+    loss = slothai.chunked_linear_loss(x, w, t, _ce_none, reduction=reduction)
+    (loss.sum() / torch.tensor(0.0)).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+    if reduction == "mean":
+        assert torch.isnan(loss)
+
+
+def test_double_backward_matches_float64_gradgradcheck():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 4, (5,))
+    t[2] = -100
+
+    def loss_fn(z, tt):
+        return _ce_none(z, tt) + 0.1 * torch.logsumexp(z, -1) ** 2
+
+    def fn(x, w, b, reduction="mean"):
+        return slothai.chunked_linear_loss(x, w, t, loss_fn, bias=b, chunk_size=2, reduction=reduction)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    # the gradient penalty the issue names, d/dw of |d loss / dx|^2, for every reduction
+    for reduction in ("mean", "sum", "none"):
+        z = x @ w.t() + b
+        per = _ce_none(z, t) + 0.1 * torch.logsumexp(z, -1) ** 2 * (t != -100)
+        full = {"mean": per.sum() / (t != -100).sum(), "sum": per.sum(), "none": per}[reduction]
+        (gx,) = torch.autograd.grad(fn(x, w, b, reduction).sum(), x, create_graph=True)
+        (gx_want,) = torch.autograd.grad(full.sum(), x, create_graph=True)
+        got, want = (torch.autograd.grad((g ** 2).sum(), w) for g in (gx, gx_want))
+        torch.testing.assert_close(got, want)
+
+
+def test_double_backward_with_respect_to_the_weight_alone():
+    # create_graph=True when hidden takes no gradient: only the weight's is formed.
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 4, (5,))
+    assert torch.autograd.gradgradcheck(lambda w: slothai.chunked_linear_loss(x, w, t, _ce_none, chunk_size=2), (w,))

@@ -226,3 +226,38 @@ def test_compile_inductor(device, compile_counters):
     f = torch.compile(lambda w: slothai.dequantize_nf4(w, dtype=torch.bfloat16) * 2, fullgraph=True)
     assert torch.equal(f(w), formula(w.data, w.quant_state, torch.bfloat16) * 2)
     assert compile_counters["graph_break"] == {}
+
+
+def test_bad_python_arguments_are_named():
+    # Wrong Python types reach the dispatcher as RuntimeErrors (or AttributeErrors)
+    # unless checked first: each must be a TypeError naming the argument.
+    packed, s = quantize(torch.randn(300), 64, True)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype .* got str 'float16'"):
+        slothai.dequantize_nf4(packed, s, dtype="float16")
+    with pytest.raises(TypeError, match="quant_state must be a bitsandbytes QuantState .* got object"):
+        slothai.dequantize_nf4(packed, object())
+    with pytest.raises(TypeError, match="weight must be a Params4bit or a tensor of packed NF4 codes, got list"):
+        slothai.dequantize_nf4([1, 2], s)
+    for name, value, msg in [("offset", 0.5, "quant_state.offset must be a tensor .* got float 0.5"),
+                             ("blocksize", 64.0, "quant_state.blocksize must be an int, got float 64.0"),
+                             ("absmax", None, "quant_state.absmax must be a tensor, got NoneType"),
+                             ("dtype", "bfloat16", "quant_state.dtype must be a torch.dtype, got str"),
+                             ("shape", (300.0,), "quant_state.shape must be a sequence of ints")]:
+        bad = copy.copy(s)
+        setattr(bad, name, value)
+        with pytest.raises(TypeError, match=msg):
+            slothai.dequantize_nf4(packed, bad)
+    bad = copy.copy(s)
+    bad.state2 = copy.copy(s.state2)
+    bad.state2.code = [0.0] * 256
+    with pytest.raises(TypeError, match="quant_state.state2.code must be a tensor, got list"):
+        slothai.dequantize_nf4(packed, bad)
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**62, 4], [3, 2**62, 2]])
+def test_shape_whose_element_count_overflows_int64(shape):
+    # The count is checked before anything is allocated (at::empty would multiply first).
+    a = _args()
+    a[7] = shape
+    with pytest.raises(ValueError, match="has more elements than int64 can count"):
+        torch.ops.slothai.dequant_nf4(*a)

@@ -273,7 +273,7 @@ def test_bad_input(device):
         slothai.fused_linear_cross_entropy(x, w, t, torch.randn(9, device=device))
     with pytest.raises(ValueError, match="reduction must be one of"):
         slothai.fused_linear_cross_entropy(x, w, t, reduction="avg")
-    with pytest.raises(ValueError, match="softcap must be a positive number"):
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):
         slothai.fused_linear_cross_entropy(x, w, t, softcap=-1.0)
     with pytest.raises(TypeError, match="hidden must be float32, float16 or bfloat16, got Double"):
         slothai.fused_linear_cross_entropy(x.double(), w.double(), t)
@@ -311,6 +311,35 @@ def test_cuda_matches_cpu_reference(dtype, vocab):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, b in zip(*outs):
         assert (a - b).norm() / b.norm() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1000, 1001])  # the 16-byte vector path (fp16 / bf16) and the scalar one
+def test_cuda_matches_cpu_reference_at_infinities(dtype, vocab):
+    # The CUDA kernel's online (max, sum of exp) must give the C reference's answers at
+    # infinities: a -inf adds 0 even while a thread's running max is still -inf (here a
+    # thread's whole share of the row is -inf), a +inf or a NaN makes the row NaN.
+    (_, _, _, _), (x, w, b, t) = make(64, 32, vocab, dtype, "cpu", bias=True)
+    b[:600] = -math.inf  # every thread's first elements, and whole shares of the row
+    b[700] = -math.inf
+    t[4:] = torch.where(t[4:] == -100, -100, 600 + t[4:] % 100)  # targets among the open tokens
+    t[0], t[1] = 700, 5  # targets that are masked tokens: loss inf
+    x[2, 0] = math.inf  # row 2: +-inf logits (NaN)
+    x[3, 0] = math.nan
+    outs = []
+    for dev in ("cpu", "cuda"):
+        for eps in (0.0, 0.1):
+            xs, ws, bs = (a.detach().to(dev).requires_grad_() for a in (x, w, b))
+            loss = slothai.fused_linear_cross_entropy(xs, ws, t.to(dev), bs, label_smoothing=eps, reduction="none",
+                                                      chunk_size=16)
+            loss.backward(torch.ones_like(loss))
+            outs.append([loss.float().cpu(), xs.grad.float().cpu(), bs.grad.float().cpu()])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for cpu, cuda in zip(outs[:2], outs[2:]):
+        for a, c in zip(cpu, cuda):
+            torch.testing.assert_close(c, a, rtol=tol, atol=tol, equal_nan=True)
+    assert torch.isfinite(outs[0][0][4:]).all() and torch.isinf(outs[0][0][:2]).all()
 
 
 def _op_args(device, reduction, grads, bias=True, grad_rows=False):
@@ -417,3 +446,181 @@ def test_upstream_gradient_is_applied_in_fp32(device):
         nz = a.abs() > 1e-6
         ratio = (b[nz] * 3 / a[nz]).mean().item()
         assert abs(ratio - 1) < 3e-4, ratio
+
+
+# --- issue 34: no silent wrong answers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_empty_accumulation_window_gives_zero_gradients(device, dtype, reduction):
+    # A gradient-accumulation window with no counted token: transformers divides the
+    # summed loss by num_items_in_batch = 0, so backward gets an upstream inf (NaN for
+    # mean's 0/0). torch's cross-entropy leaves every gradient 0; so must we.
+    (x, w, b, _), (xd, wd, bd, _) = make(5, 8, 11, dtype, device, bias=True)
+    t = torch.full((5,), -100)
+    mine = [a.requires_grad_() for a in (xd, wd, bd)]
+    ref = [a.requires_grad_() for a in (x, w, b)]
+    got = slothai.fused_linear_cross_entropy(xd, wd, t.to(device), bd, reduction=reduction)
+    want = F.cross_entropy(x @ w.t() + b, t, reduction=reduction)
+    for loss in (got, want):
+        (loss.sum() / torch.tensor(0.0, device=loss.device)).backward()
+    for a, e in zip(mine, ref):
+        assert e.grad.abs().max() == 0  # what torch gives
+        assert torch.equal(a.grad.cpu(), torch.zeros_like(a.grad.cpu())), a.grad
+    # mean with no counted token and an ordinary upstream 1: NaN loss, zero gradients
+    xm = xd.detach().clone().requires_grad_()
+    loss = slothai.fused_linear_cross_entropy(xm, wd.detach(), t.to(device))
+    loss.backward()
+    assert torch.isnan(loss) and xm.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_ignored_rows_keep_zero_gradient_under_a_nan_upstream(device, reduction):
+    # torch's cross-entropy never multiplies an ignored row by the upstream gradient:
+    # it stays 0 while the counted rows turn NaN.
+    (x, w, _, _), (xd, wd, _, _) = make(6, 8, 11, torch.float32, device)
+    t = torch.tensor([3, -100, 5, -100, 0, 1])
+    xd.requires_grad_(), x.requires_grad_()
+    got = slothai.fused_linear_cross_entropy(xd, wd, t.to(device), reduction=reduction)
+    want = F.cross_entropy(x @ w.t(), t, reduction=reduction)
+    (got.sum() * float("nan")).backward()
+    (want.sum() * float("nan")).backward()
+    assert (x.grad[t == -100] == 0).all() and torch.isnan(x.grad[t != -100]).all()
+    torch.testing.assert_close(xd.grad.double().cpu(), x.grad, equal_nan=True)
+
+
+INF_CASES = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-2), dict(softcap=3.0),
+             dict(label_smoothing=0.2, z_loss=1e-3, softcap=2.0)]
+
+
+@pytest.mark.parametrize("opts", INF_CASES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_minus_inf_logits_match_torch(device, opts, reduction):
+    # A token masked out of the vocabulary by a -inf bias: torch's loss is finite (inf
+    # with label smoothing, which averages log p over every token) and so is every
+    # gradient; 0 * inf must not turn a term that is off into NaN.
+    (x, w, b, _), (xd, wd, bd, _) = make(4, 6, 8, torch.float32, device, bias=True)
+    t = torch.tensor([1, 5, -100, 2])  # one row's target is the masked token: loss inf there
+    for bias in (b, bd):
+        with torch.no_grad():
+            bias[5] = -math.inf
+    ref = [a.requires_grad_() for a in (x, w, b)]
+    mine = [a.requires_grad_() for a in (xd, wd, bd)]
+    got = slothai.fused_linear_cross_entropy(xd, wd, t.to(device), bd, reduction=reduction, **opts)
+    want = reference(x, w, t, b, reduction=reduction, **opts)
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=2e-5, atol=1e-5, equal_nan=True)
+    if reduction == "none" and not opts.get("label_smoothing"):  # smoothing: inf, as torch
+        assert torch.isfinite(got[[0, 3]]).all() and got[2] == 0
+    g = torch.randn_like(want)
+    (got * g.to(got)).sum().backward()
+    (want * g).sum().backward()
+    for a, e in zip(mine, ref):
+        assert torch.isfinite(e.grad).all()
+        torch.testing.assert_close(a.grad.double().cpu(), e.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_logits_overflowing_to_minus_inf_match_torch(device):
+    # fp16 logits past -65504 round to -inf in the GEMM; torch's loss on those logits is finite.
+    x = torch.randn(6, 8, dtype=torch.float64)
+    w = torch.randn(9, 8, dtype=torch.float64)
+    w[:, 0], w[4] = 0.0, 0.0
+    x[:, 0], w[4, 0] = 300.0, -400.0  # logit 4 of every row: -120000 -> -inf in fp16, the others as drawn
+    t = torch.tensor([0, 1, 2, 3, 5, 8])
+    xh, wh = x.half(), w.half()
+    assert torch.isneginf(xh @ wh.t())[:, 4].all()
+    xd, wd = xh.clone().to(device).requires_grad_(), wh.clone().to(device).requires_grad_()
+    got = slothai.fused_linear_cross_entropy(xd, wd, t.to(device), reduction="none")
+    xr, wr = xh.double().requires_grad_(), wh.double().requires_grad_()
+    z = (xr @ wr.t()).half().double()  # torch on the fp16 logits, in float64
+    want = F.cross_entropy(z, t, reduction="none")
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-2, atol=1e-2)
+    want.sum().backward()
+    got.sum().backward()
+    assert torch.isfinite(xd.grad).all() and torch.isfinite(wd.grad).all()
+    torch.testing.assert_close(xd.grad.double().cpu(), xr.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_raises_instead_of_a_wrong_number(device, reduction):
+    # Its gradients have no graph of their own (the sum / mean path forms them in the
+    # forward): a backward asking for one (create_graph=True) raises, where before it
+    # returned gradients that a gradient penalty then took as constants.
+    (_, _, _, _), (x, w, b, t) = make(7, 5, 9, torch.float32, device, bias=True)
+    for a in (x, w, b):
+        a.requires_grad_()
+    loss = slothai.fused_linear_cross_entropy(x, w, t, b, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="fused_linear_cross_entropy has no double backward.*create_graph"):
+        torch.autograd.grad(loss, (x, w, b), create_graph=True)
+    loss = slothai.fused_linear_cross_entropy(x, w.detach(), t, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="fused_linear_cross_entropy has no double backward"):
+        loss.backward(create_graph=True)
+    # retain_graph alone is fine
+    loss = slothai.fused_linear_cross_entropy(x, w, t, b, reduction=reduction).sum()
+    first = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    assert all(torch.equal(a, e) for a, e in zip(first, torch.autograd.grad(loss, (x, w, b))))
+
+
+@pytest.mark.parametrize("chunk_size,exc", [(-1, ValueError), (0, ValueError), (2**63, ValueError),
+                                            (2**64, ValueError), ("big", TypeError), (2.5, TypeError),
+                                            (8.0, TypeError), (True, TypeError)])
+def test_bad_chunk_size_is_named(device, chunk_size, exc):
+    x, w, t = torch.randn(4, 8, device=device), torch.randn(10, 8, device=device), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(exc, match="chunk_size"):
+        slothai.fused_linear_cross_entropy(x, w, t.to(device), chunk_size=chunk_size)
+    with pytest.raises(exc, match="chunk_size"):
+        slothai.chunked_linear_loss(x, w, t.to(device), lambda z, y: F.cross_entropy(z, y, reduction="none"),
+                                    chunk_size=chunk_size)
+
+
+def test_huge_chunk_size_is_one_chunk(device):
+    (_, _, _, _), (x, w, _, t) = make(9, 8, 12, torch.float32, device)
+    want = slothai.fused_linear_cross_entropy(x, w, t)
+    torch.testing.assert_close(slothai.fused_linear_cross_entropy(x, w, t, chunk_size=2**63 - 1), want)
+    torch.testing.assert_close(slothai.chunked_linear_loss(
+        x, w, t, lambda z, y: F.cross_entropy(z, y, reduction="none"), chunk_size=2**63 - 1), want)
+
+
+@pytest.mark.parametrize("softcap", [math.inf, math.nan, 0.0])
+def test_softcap_must_be_finite_and_positive(device, softcap):
+    x, w, t = torch.randn(4, 8, device=device), torch.randn(10, 8, device=device), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="softcap must be a positive finite number or None"):
+        slothai.fused_linear_cross_entropy(x, w, t.to(device), softcap=softcap)
+
+
+BAD_OP_34 = [
+    ("grad_rows must be 1-D with 1 or 13 values, got shape \\[13, 1\\]", ValueError,
+     dict(reduction="none", grad_rows="2d", grad_hidden=True)),
+    ("softcap must be finite and positive", ValueError, dict(softcap=math.inf)),
+    ("softcap must be finite and positive", ValueError, dict(softcap=math.nan)),
+    ("z_loss must be finite", ValueError, dict(z_loss=math.nan)),
+]
+
+
+@pytest.mark.parametrize("msg,exc,change", BAD_OP_34, ids=[b[0][:30] for b in BAD_OP_34])
+def test_op_rejects_bad_scalars_and_grad_rows(device, msg, exc, change):
+    op = torch.ops.slothai.fused_ce.default
+    names = [a.name for a in op._schema.arguments]
+    args = dict(zip(names, _op_args(device, "mean", False)))
+    if change.get("grad_rows") == "2d":
+        change = dict(change, grad_rows=torch.randn(13, 1, device=device))
+    args.update(change)
+    with pytest.raises(exc, match=msg):
+        op(**args)
+
+
+def test_compiled_empty_window_gives_zero_gradients(device, compile_counters):
+    # Under torch.compile backward scales out of place (one traced expression): an exact
+    # 0 stays 0 there too when the count it divides by is 0.
+    w = torch.randn(11, 8, device=device, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, t, count):
+        return slothai.fused_linear_cross_entropy(x, w, t, reduction="sum") / count
+
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    loss = step(x, torch.full((5,), -100, device=device), torch.tensor(0.0, device=device))
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))

@@ -156,3 +156,38 @@ def test_nf4_linear_compiled_keeps_no_dense_weight(device, compile_counters):
     assert saved and (o, i) not in saved and (i, o) not in saved, saved
     torch.testing.assert_close(x.grad, formula(w.data, w.quant_state, torch.float32).sum(0).expand(6, i))
     assert compile_counters["graph_break"] == {}
+
+
+def test_nf4_linear_lora_rank_zero_forward_and_backward(device):
+    # A LoRA term of rank 0 adds nothing; its gradients are empty, and backward must not
+    # trip over reshape(-1, 0).
+    w = linear4bit(10, 24, device).weight
+    wd = formula(w.data, w.quant_state, torch.float64)
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    lx = torch.randn(3, 5, 0, device=device, requires_grad=True)
+    lb = torch.randn(10, 0, device=device, requires_grad=True)
+    y = slothai.nf4_linear(x, w, lora_x=lx, lora_b=lb)
+    x64 = x.detach().double().requires_grad_()
+    y64 = x64 @ wd.t()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y64.backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    assert lx.grad.shape == lx.shape and lb.grad.shape == lb.shape
+
+
+def test_nf4_linear_weight_must_be_a_quantized_weight(device):
+    x = torch.randn(2, 24, device=device)
+    with pytest.raises(TypeError, match="weight must be a bitsandbytes Params4bit .* got Tensor"):
+        slothai.nf4_linear(x, torch.randn(10, 24, device=device))
+    with pytest.raises(TypeError, match="weight must be a bitsandbytes Params4bit .* got Parameter"):
+        slothai.nf4_linear(x, torch.nn.Parameter(torch.randn(10, 24, device=device)))
+
+
+def test_nf4_linear_quant_state_must_be_a_quant_state(device):
+    w = linear4bit(10, 24, device).weight
+    x = torch.randn(2, 24, device=device)
+    w.quant_state = object()
+    with pytest.raises(TypeError, match="quant_state must be a bitsandbytes QuantState .* got object"):
+        slothai.nf4_linear(x, w)

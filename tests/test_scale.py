@@ -90,3 +90,16 @@ def test_compile_fullgraph_no_breaks_no_recompile_per_size(device, compile_count
         assert torch.equal(f(x, g), want(x * 2, 0.3) + 1)
     assert compile_counters["graph_break"] == {}
     assert compile_counters["stats"]["unique_graphs"] == 2  # static, then the size dynamic
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_stays_zero_under_an_inf_or_nan_factor(device, dtype):
+    # fused_ce's backward scales gradients formed for an upstream 1; an ignored row's
+    # (every one, in an accumulation window with no target token: sum / 0) is exactly
+    # 0 and must stay 0 under g = inf or NaN, as torch's cross-entropy leaves it.
+    x = torch.tensor([0.0, 1.5, -0.0, -2.0] * 9, device=device).to(dtype)  # 36: vector and tail paths
+    for g in (float("inf"), float("nan")):
+        got = x.clone()
+        scale_(got, torch.tensor(g, device=device))
+        assert (got[x == 0] == 0).all()
+        torch.testing.assert_close(got[x != 0], want(x, g)[x != 0], equal_nan=True)  # +-inf, or NaN

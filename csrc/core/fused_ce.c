@@ -57,7 +57,13 @@ slothai_status slothai_fused_ce_rows_cpu(const slothai_fused_ce_rows_args *a, in
         for (int64_t j = 0; j < V; ++j) s += exp((double)load(a, row, j) - m);
         const float lse = m + (float)log(s);
         const float yt = load(a, row, t);
-        a->loss[r] = (1.0f - eps) * (lse - yt) + eps * (lse - (float)(sum_y / (double)V)) + a->z_loss * lse * lse;
+        /* A term whose factor is 0 is left out, not multiplied by 0: a -inf logit makes
+         * sum_y -inf (and lse may be inf or NaN), and 0 * inf is NaN where torch, which
+         * forms no smoothing or z-loss term when they are off, gives the finite loss. */
+        float loss = (1.0f - eps) * (lse - yt);
+        if (eps != 0.0f) loss += eps * (lse - (float)(sum_y / (double)V));
+        if (a->z_loss != 0.0f) loss += a->z_loss * lse * lse;
+        a->loss[r] = loss;
         if (!a->grad) continue;
         const float g = a->grad[r * a->grad_stride];
         const float c1 = 1.0f + 2.0f * a->z_loss * lse;

@@ -35,12 +35,16 @@ struct Stats {
     float m, s, sum_y; // running max, sum of exp(y - m), sum of y
 };
 
+// The online form of the C reference's sum of exp(y - max), with its answers at
+// infinities: a -inf adds 0 (also while the running max is still -inf, where
+// exp(y - m) would be exp(-inf + inf) = NaN); a +inf makes the sum NaN (the
+// reference's exp(inf - inf), as torch's log_softmax); a NaN makes it NaN.
 __device__ __forceinline__ void add(Stats &a, float y)
 {
     if (y > a.m) {
-        a.s = a.s * expf(a.m - y) + 1.0f;
+        a.s = a.s * expf(a.m - y) + (y == INFINITY ? NAN : 1.0f);
         a.m = y;
-    } else {
+    } else if (y != -INFINITY) {
         a.s += expf(y - a.m);
     }
     a.sum_y += y;
@@ -48,8 +52,9 @@ __device__ __forceinline__ void add(Stats &a, float y)
 
 __device__ __forceinline__ Stats merge(Stats a, Stats b)
 {
-    if (b.m == -INFINITY) { a.sum_y += b.sum_y; return a; }
-    if (a.m == -INFINITY) { b.sum_y += a.sum_y; return b; }
+    // A side whose max is still -inf has s = 0, or NaN if it saw a NaN: keep that.
+    if (b.m == -INFINITY) { a.s += b.s; a.sum_y += b.sum_y; return a; }
+    if (a.m == -INFINITY) { b.s += a.s; b.sum_y += a.sum_y; return b; }
     const float m = fmaxf(a.m, b.m);
     return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m), a.sum_y + b.sum_y};
 }
@@ -114,7 +119,11 @@ __global__ void __launch_bounds__(kThreads) fused_ce_rows_kernel(slothai_fused_c
     const float eps = a.label_smoothing;
     if (threadIdx.x == 0) {
         const float yt = y_of(to_f(row[t]));
-        a.loss[r] = (1.0f - eps) * (lse - yt) + eps * (lse - st.sum_y / (float)V) + a.z_loss * lse * lse;
+        // Terms whose factor is 0 left out, as the C reference (a -inf logit: 0 * inf).
+        float loss = (1.0f - eps) * (lse - yt);
+        if (eps != 0.0f) loss += eps * (lse - st.sum_y / (float)V);
+        if (a.z_loss != 0.0f) loss += a.z_loss * lse * lse;
+        a.loss[r] = loss;
     }
     if (!a.grad) return;
     // Every thread has read row[t] (thread 0) or is past pass 1: the block

@@ -14,18 +14,23 @@ slothai_status slothai_scale_cpu(void *x, slothai_dtype dtype, int64_t begin, in
     if (g == 1.0f) return SLOTHAI_OK;
     switch (dtype) {
     case SLOTHAI_FLOAT32:
-        for (int64_t i = begin; i < end; ++i) ((float *)x)[i] *= g;
+        for (int64_t i = begin; i < end; ++i) {
+            float *p = (float *)x + i;
+            if (*p != 0.0f) *p *= g;
+        }
         return SLOTHAI_OK;
     case SLOTHAI_FLOAT16:
         for (int64_t i = begin; i < end; ++i) {
             uint16_t *p = (uint16_t *)x + i;
-            *p = slothai_f32_to_f16(slothai_f16_to_f32(*p) * g);
+            const float v = slothai_f16_to_f32(*p);
+            if (v != 0.0f) *p = slothai_f32_to_f16(v * g);
         }
         return SLOTHAI_OK;
     case SLOTHAI_BFLOAT16:
         for (int64_t i = begin; i < end; ++i) {
             uint16_t *p = (uint16_t *)x + i;
-            *p = slothai_f32_to_bf16(slothai_bf16_to_f32(*p) * g);
+            const float v = slothai_bf16_to_f32(*p);
+            if (v != 0.0f) *p = slothai_f32_to_bf16(v * g);
         }
         return SLOTHAI_OK;
     }

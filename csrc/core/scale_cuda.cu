@@ -20,6 +20,13 @@ using slothai_cuda::from_f;
 using slothai_cuda::to_f;
 using slothai_cuda::Vec;
 
+// x * g, but an exact 0 stays 0 whatever g is (inf, NaN): the C reference's rule.
+template <typename T> __device__ __forceinline__ T scaled(T x, float g)
+{
+    const float v = to_f(x);
+    return v != 0.0f ? from_f<T>(v * g) : x;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scale_kernel(T *x, int64_t numel, const float *factor, bool vec_ok)
 {
@@ -34,12 +41,12 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(T *x, int64_t numel, co
         for (int64_t k = i; k < numel / kVec; k += stride) {
             Vec<T> v = xv[k];
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) v.v[j] = from_f<T>(to_f(v.v[j]) * g);
+            for (int j = 0; j < kVec; ++j) v.v[j] = scaled(v.v[j], g);
             xv[k] = v;
         }
         done = numel / kVec * kVec;
     }
-    for (int64_t k = done + i; k < numel; k += stride) x[k] = from_f<T>(to_f(x[k]) * g);
+    for (int64_t k = done + i; k < numel; k += stride) x[k] = scaled(x[k], g);
 }
 
 template <typename T> void launch(void *x, int64_t numel, const float *factor, cudaStream_t s, int sms)

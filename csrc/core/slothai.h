@@ -87,7 +87,9 @@ slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream)
  * and, when grad != NULL, overwrites the row with d loss / d z, times g_r:
  *   dz_j = g_r [p_j (1 + 2 z_loss lse) - eps / vocab - (1 - eps) [j == t]] * dy_j/dz_j,
  *   p_j = exp(y_j - lse), dy/dz = 1 - (y / softcap)^2, g_r = grad[r * grad_stride].
- * Rows with t == ignore_index: loss 0, gradient 0. Rows with t outside
+ * The eps and z_loss terms are left out when their factor is 0 (not added as
+ * 0 * inf at a -inf logit). Rows with t == ignore_index: loss 0, gradient 0
+ * (never multiplied by g_r, which may be inf or NaN). Rows with t outside
  * [0, vocab): loss NaN, gradient NaN (never an out-of-bounds read).
  * All math in fp32; z is read in `dtype` and the gradient written back in it.
  */
@@ -121,7 +123,12 @@ slothai_status slothai_fused_ce_rows_cuda(const slothai_fused_ce_rows_args *a, v
  * bf16, a factor first rounded to dtype would scale every element by up to
  * 2^-11 / 2^-8 off). `factor` points at one fp32 value on the device the
  * function runs on and is read there (no host sync). A factor of exactly 1
- * leaves x as it is, unread.
+ * leaves x as it is, unread. An element that is exactly 0 stays 0 whatever the
+ * factor, inf and NaN included: fused_ce's backward scales gradients it formed
+ * for an upstream 1, and a row with no contribution (an ignored target; every
+ * row when none is counted, as in an accumulation window of ignored labels
+ * divided by its count of 0) must keep gradient 0, as torch's cross-entropy
+ * gives it, not 0 * inf = NaN.
  */
 slothai_status slothai_scale_cpu(void *x, slothai_dtype dtype, int64_t begin, int64_t end, const float *factor);
 

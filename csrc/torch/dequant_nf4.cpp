@@ -2,6 +2,7 @@
 // The CUDA kernel is registered in dequant_nf4_cuda.cpp; the fake (meta)
 // function and the Python function live in slothai/ops/dequant_nf4.py.
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include "dequant_nf4.h"
@@ -14,21 +15,27 @@ Nf4Call nf4_call(const at::Tensor &packed, const at::Tensor &absmax, const std::
 {
     const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
     const at::Device dev = packed.device();
-    int64_t numel = 1;
+    // The element count, checked before anything is allocated (at::empty's own
+    // product would overflow first): every size counts, a 0 one as 1, as in at::empty.
+    int64_t numel = 1, bound = 1;
+    bool overflow = false;
     for (int64_t d : shape) {
         TORCH_CHECK_VALUE(d >= 0, "shape must have non-negative sizes, got ", shape);
-        numel *= d;
+        overflow |= c10::mul_overflows(bound, std::max<int64_t>(d, 1), &bound);
+        numel *= d == 0 ? 0 : 1;
     }
+    TORCH_CHECK_VALUE(!overflow, "shape ", shape, " has more elements than int64 can count");
+    numel *= bound;
     Nf4Call c;
     slothai_nf4_args &a = c.args;
     a.out_dtype = core_dtype(dtype, "dtype");
     TORCH_CHECK_VALUE(is_pow2(blocksize) && blocksize >= 32 && blocksize <= 4096,
                       "blocksize must be a power of two in [32, 4096], got ", blocksize);
     const int64_t bytes = packed.numel() * (int64_t)packed.element_size();
-    TORCH_CHECK_VALUE(bytes >= (numel + 1) / 2, "packed holds ", bytes, " bytes but shape ", shape, " needs ",
-                      (numel + 1) / 2);
+    TORCH_CHECK_VALUE(bytes >= numel / 2 + numel % 2, "packed holds ", bytes, " bytes but shape ", shape, " needs ",
+                      numel / 2 + numel % 2);
 
-    const int64_t nblocks = (numel + blocksize - 1) / blocksize;
+    const int64_t nblocks = numel / blocksize + (numel % blocksize != 0); // (numel + blocksize - 1) could overflow
     check_device(absmax, dev, "absmax");
     TORCH_CHECK_VALUE(absmax.numel() >= nblocks, "absmax has ", absmax.numel(), " scales but shape ", shape,
                       " with blocksize ", blocksize, " needs ", nblocks);

@@ -13,6 +13,7 @@
 // on the device, no host sync); autograd multiplies in the real one. The fake
 // function and autograd: slothai/ops/fused_ce.py; the reasoning: docs/design.md.
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -68,12 +69,15 @@ void check_inputs(const at::Tensor &hidden, const at::Tensor &weight, const std:
     if (grad_rows) {
         check_device(*grad_rows, dev, "grad_rows");
         check_dtype(*grad_rows, at::kFloat, "grad_rows");
-        TORCH_CHECK_VALUE(grad_rows->numel() == hidden.size(0) || grad_rows->numel() == 1,
-                          "grad_rows must hold 1 or ", hidden.size(0), " values, got ", grad_rows->numel());
+        const int64_t n = grad_rows->numel();
+        TORCH_CHECK_VALUE(grad_rows->dim() <= 1 && (n == hidden.size(0) || n == 1), "grad_rows must be 1-D with 1 or ",
+                          hidden.size(0), " values, got shape ", grad_rows->sizes());
     }
     TORCH_CHECK_VALUE(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0,
                       "label_smoothing must be in [0, 1], got ", o.label_smoothing);
-    TORCH_CHECK_VALUE(o.softcap >= 0.0, "softcap must be positive (or 0 for none), got ", o.softcap);
+    TORCH_CHECK_VALUE(o.softcap >= 0.0 && std::isfinite(o.softcap),
+                      "softcap must be finite and positive (or 0 for none), got ", o.softcap);
+    TORCH_CHECK_VALUE(std::isfinite(o.z_loss), "z_loss must be finite, got ", o.z_loss);
     TORCH_CHECK_VALUE(!o.any_grad() || grad_rows || o.reduction != Reduction::kNone,
                       "gradients asked for with reduction 'none' need grad_rows (the upstream gradient per row)");
     TORCH_CHECK_VALUE(!o.grad_bias || bias, "grad_bias is set but bias is None");

@@ -32,6 +32,9 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
     Bit-identical to `bitsandbytes.functional.dequantize_4bit`, in one kernel
     launch on CUDA (both levels of double quantization included).
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16 or torch.float32) or None, "
+                        f"got {type(dtype).__name__} {dtype!r}")
     if quant_state is None and isinstance(weight, NF4Weight):  # slothai.patch's form of a Params4bit
         *args, shape = weight.op_args()
         return _dequant_nf4(weight.codes, *args[1:], shape, weight.compute_dtype if dtype is None else dtype)
@@ -40,7 +43,9 @@ def dequantize_nf4(weight, quant_state=None, *, dtype=None):
         if quant_state is None:
             raise TypeError("weight has no .quant_state: pass a bitsandbytes Params4bit, or (packed, quant_state)")
     check_quant_state(quant_state)
-    dtype = quant_state.dtype if dtype is None else dtype
+    dtype = quant_state.dtype if dtype is None else dtype  # a torch.dtype: check_quant_state saw to it
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a Params4bit or a tensor of packed NF4 codes, got {type(weight).__name__}")
     if isinstance(weight, torch.nn.Parameter):
         weight = weight.data  # a Params4bit's bytes; the op does not differentiate through codes
     return _dequant_nf4(weight, *quant_state_args(quant_state), list(quant_state.shape), dtype)
@@ -59,8 +64,35 @@ def nf4_levels():
     return _nf4_levels().clone()
 
 
+def _check_field(obj, label, name, want, what):
+    """Raises TypeError naming <label>.<name> unless obj.<name> is an instance of `want`."""
+    value = getattr(obj, name, None)
+    if not isinstance(value, want) or isinstance(value, bool):
+        shown = f" {value!r}" if isinstance(value, (int, float, str)) else ""
+        raise TypeError(f"{label}.{name} must be {what}, got {type(value).__name__}{shown}")
+
+
 def check_quant_state(qs):
-    """Raises ValueError for a QuantState the NF4 kernels cannot read."""
+    """Raises TypeError for an object that is not a QuantState (the attributes the
+    kernels read, each of its type) and ValueError for a QuantState they cannot read."""
+    if not all(hasattr(qs, name) for name in ("absmax", "blocksize", "shape", "dtype")):
+        raise TypeError(f"quant_state must be a bitsandbytes QuantState (absmax, blocksize, shape, dtype, ...), "
+                        f"got {type(qs).__name__}")
+    _check_field(qs, "quant_state", "absmax", torch.Tensor, "a tensor")
+    _check_field(qs, "quant_state", "blocksize", int, "an int")
+    _check_field(qs, "quant_state", "dtype", torch.dtype, "a torch.dtype")
+    shape = qs.shape
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise TypeError(f"quant_state.shape must be a sequence of ints, got {shape!r}")
+    if getattr(qs, "nested", False):
+        _check_field(qs, "quant_state", "offset", torch.Tensor, "a tensor (one value) when nested")
+        s2 = getattr(qs, "state2", None)
+        if s2 is None:
+            raise TypeError("quant_state is nested but has no state2 (the nested QuantState)")
+        _check_field(s2, "quant_state.state2", "code", torch.Tensor, "a tensor")
+        _check_field(s2, "quant_state.state2", "absmax", torch.Tensor, "a tensor")
+        _check_field(s2, "quant_state.state2", "blocksize", int, "an int")
     quant_type = getattr(qs, "quant_type", "nf4")
     if quant_type != "nf4":
         raise ValueError(f"quant_state.quant_type must be 'nf4', got {quant_type!r}")

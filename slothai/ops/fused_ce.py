@@ -7,7 +7,16 @@ reduction sum / mean, for the reduced loss itself. With sum / mean the user
 function asks for them in the forward (3 GEMMs, nothing recomputed) and backward
 only scales them (in place, unless the graph is kept: the op's gradient outputs
 are what autograd saved); with none, backward calls the op again with grad_rows.
+
+The gradients cannot be differentiated again: a backward with create_graph=True
+raises (RuntimeError) rather than return gradients without a graph, which a
+gradient penalty would silently take as constants. Supporting it would mean
+keeping hidden for backward, which the sum / mean path does not (its gradients are
+formed in the forward); chunked_linear_loss, which recomputes, supports it.
 """
+import math
+import operator
+
 import torch
 
 from .. import _C  # noqa: F401  (loads the op library)
@@ -58,11 +67,14 @@ def _graph_kept():
 def _scaled(t, g):
     """t * g with the product formed in fp32 and rounded once (g is an fp32 scalar
     tensor: casting it to bf16 first would scale every gradient by up to 2^-8), in
-    place when the graph is not kept (t, saved by forward, is not read again)."""
+    place when the graph is not kept (t, saved by forward, is not read again).
+    An element that is exactly 0 stays 0 whatever g is: an ignored row's gradient,
+    and every gradient when no row counts (sum / num_items_in_batch with a count
+    of 0 hands backward g = inf), stays 0 as torch's cross-entropy leaves it."""
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
         # traced (Dynamo, or AOTAutograd's fake / functional tensors): one
-        # out-of-place expression, which inductor fuses
-        return (t.float() * g).to(t.dtype)
+        # out-of-place expression, which inductor fuses; an exact 0 stays 0, as scale_
+        return torch.where(t == 0, t, (t.float() * g).to(t.dtype))
     if t.numel() == 0:
         return t
     return scale_(t if not _graph_kept() else t.clone(), g.float().reshape(()))
@@ -71,6 +83,12 @@ def _scaled(t, g):
 def _backward(ctx, g_loss, _dh, _dw, _db):
     if g_loss is None:  # no gradient reached the loss
         return _ARGS.gradients()
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # a backward with create_graph=True
+        raise RuntimeError(
+            "fused_linear_cross_entropy has no double backward: its gradients cannot be differentiated, so a "
+            "backward with create_graph=True (a gradient penalty, a Hessian, torch.func.grad) is refused rather "
+            "than answered with gradients taken as constants; chunked_linear_loss with a cross-entropy loss_fn "
+            "supports it")
     need = _ARGS.bind(ctx.needs_input_grad)
     if ctx.options["reduction"] == "none":
         hidden, weight, bias, target = ctx.saved_tensors
@@ -90,6 +108,21 @@ torch.library.register_autograd("slothai::fused_ce", _backward, setup_context=_s
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+
+
+def check_chunk_size(chunk_size):
+    """chunk_size: None (the default) or a positive int that fits int64."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    try:
+        n = operator.index(chunk_size)
+    except TypeError:
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__} "
+                        f"{chunk_size!r}") from None
+    if not 1 <= n < 2**63:
+        raise ValueError(f"chunk_size must be a positive number of tokens below 2**63 or None, got {chunk_size!r}")
 
 
 def check_tokens(hidden, target):
@@ -116,24 +149,36 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     little less accurate; measured in benchmarks/results/fused_ce*.txt).
 
     Rows whose target is ignore_index are not computed (counting them waits for the
-    GPU once; while a CUDA graph is captured every row is computed instead). On CUDA
+    GPU once; while a CUDA graph is captured every row is computed instead). Their
+    gradient is exactly 0 whatever the upstream gradient, as torch's: a summed loss
+    with no counted row divided by its count of 0 (a gradient-accumulation window
+    of ignored labels) gives NaN loss and zero gradients, not NaN ones. On CUDA
     a target outside [0, V) that is not ignore_index makes its row's loss NaN (not
     checked on the host); on the CPU it raises ValueError.
+
+    Infinite logits give torch's answers: a -inf logit (a masked token) is a
+    probability of 0 (loss inf if it is the target, or with label smoothing, which
+    averages over every token); a +inf logit makes its row NaN. softcap must be
+    finite (None for no cap). chunk_size: a positive int (tokens per chunk) or None.
+
+    Double backward is not supported: a backward with create_graph=True raises
+    RuntimeError (chunked_linear_loss supports it).
     """
     check_reduction(reduction)
     check_tokens(hidden, target)
     if target.dim() != hidden.dim() - 1:
         raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        # inf would be softcap * tanh(z / softcap) = inf * 0 = NaN: pass None for no cap
+        raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
+    check_chunk_size(chunk_size)
     # With reduction none the gradients need the upstream one per row: backward forms them.
     grad = torch.is_grad_enabled() and reduction != "none"
     loss, _, _, _ = _fused_ce(
         hidden=hidden.reshape(target.numel(), hidden.shape[-1]), weight=weight, bias=bias, target=target.reshape(-1),
         grad_rows=None, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
-        softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction, chunk_size=int(chunk_size or 0),
+        softcap=float(softcap or 0.0), z_loss=float(z_loss), reduction=reduction,
+        chunk_size=operator.index(chunk_size or 0),
         grad_hidden=grad and hidden.requires_grad, grad_weight=grad and weight.requires_grad,
         grad_bias=grad and bias is not None and bias.requires_grad, fp32_weight_grad=bool(fp32_weight_grad),
     )
@@ -147,6 +192,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
                  chunk_size=None, fp32_weight_grad=True):
         super().__init__()
         check_reduction(reduction)
+        check_chunk_size(chunk_size)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.softcap, self.z_loss, self.chunk_size = softcap, z_loss, chunk_size
         self.fp32_weight_grad = fp32_weight_grad

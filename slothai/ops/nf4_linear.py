@@ -54,13 +54,14 @@ def _backward(ctx, grad):
     if need.x:
         dx = grad @ _dequant_nf4(packed=packed, absmax=absmax, code2=code2, absmax2=absmax2, offset=offset,
                                  **ctx.meta)
-    rows = grad.reshape(-1, grad.shape[-1])
+    n = math.prod(grad.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it (rank 0, or no output features)
+    rows = grad.reshape(n, grad.shape[-1])
     if need.bias:
         db = rows.sum(0)
     if need.lora_x:
         dlx = grad @ lora_b
     if need.lora_b:
-        dlb = rows.t() @ lora_x.reshape(-1, lora_x.shape[-1])
+        dlb = rows.t() @ lora_x.reshape(n, lora_x.shape[-1])
     return _ARGS.gradients(x=dx, bias=db, lora_x=dlx, lora_b=dlb)
 
 
@@ -87,6 +88,9 @@ def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None):
     accumulates onto, written once with it (a LoRA layer passes A(dropout(x)) * scaling and B)."""
     if isinstance(weight, NF4Weight):
         return _nf4_linear(x, *weight.op_args(), bias, lora_x, lora_b)
-    qs = weight.quant_state
+    qs = getattr(weight, "quant_state", None)
+    if not isinstance(weight, torch.Tensor) or qs is None:
+        raise TypeError(f"weight must be a bitsandbytes Params4bit (with its quant_state) or an NF4Weight, "
+                        f"got {type(weight).__name__}")
     check_quant_state(qs)
     return _nf4_linear(x, weight.data, *quant_state_args(qs), list(qs.shape), bias, lora_x, lora_b)

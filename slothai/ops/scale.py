@@ -4,6 +4,8 @@ once into x's dtype, with the factor a one-value fp32 tensor read on x's device.
 torch's own `x.mul_(factor)` on CUDA first rounds an fp32 factor to a bf16 / fp16
 x's dtype (up to 2^-8 off in bf16), and `(x.float() * factor).to(x.dtype)` holds
 an fp32 copy of x; fused_ce's backward scales gradients of up to a GB with this.
+An element that is exactly 0 stays 0 whatever the factor (inf and NaN included):
+a gradient row with no contribution stays 0, as torch's cross-entropy leaves it.
 """
 import torch
 
