@@ -15,24 +15,29 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     `loss_fn`; nothing but the inputs is kept. Backward recomputes each chunk's
     logits, takes d loss / d logits by autograd on `loss_fn`, multiplies in the
     upstream gradient, and forms dx_c = dz W, dW += dz^T x_c, db += sum dz in fp32.
+    Rows where `mask` is False (ignored labels) get loss 0 and a gradient of exactly
+    0, by selection (torch.where), not by multiplying: an inf or NaN upstream
+    gradient (an empty accumulation window's 1/0) cannot reach them.
     Under create_graph=True the same steps run with autograd recording them (the
     logits not detached, sums out of place), so the gradients differentiate again;
     that graph holds every chunk's logits."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, loss_fn, chunk):
+    def forward(ctx, x, weight, bias, target, mask, loss_fn, chunk):
         n = x.shape[0]
         losses = torch.empty(n, dtype=_acc_dtype(x), device=x.device)
         for s in range(0, n, chunk):
             z = _logits(x[s:s + chunk], weight, bias)
             losses[s:s + chunk] = _per_token(loss_fn, z, target[s:s + chunk])
-        ctx.save_for_backward(x, weight, bias, target)
+        if mask is not None:
+            losses = torch.where(mask, losses, 0.0)
+        ctx.save_for_backward(x, weight, bias, target, mask)
         ctx.loss_fn, ctx.chunk = loss_fn, chunk
         return losses
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, bias, target = ctx.saved_tensors
+        x, weight, bias, target, mask = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         graph = torch.is_grad_enabled()  # create_graph=True: the gradients get a graph of their own
         acc = _acc_dtype(x)
@@ -49,8 +54,12 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 if not per_token.requires_grad:
                     raise ValueError("loss_fn's output does not depend on the logits (it has no gradient to "
                                      "them): loss_fn must return per-token losses computed from its logits")
-                (dz,) = torch.autograd.grad(per_token, z, g[s:s + ctx.chunk].to(per_token.dtype),
-                                            create_graph=graph)
+                gc = g[s:s + ctx.chunk].to(per_token.dtype)
+                if mask is not None:
+                    gc = torch.where(mask[s:s + ctx.chunk], gc, 0.0)
+                (dz,) = torch.autograd.grad(per_token, z, gc, create_graph=graph)
+                if mask is not None:  # loss_fn may give an ignored row inf/NaN partials: 0 * inf
+                    dz = torch.where(mask[s:s + ctx.chunk, None], dz, 0.0)
             if need_x:
                 if graph:
                     dx.append(dz.to(x.dtype) @ weight)
@@ -63,7 +72,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         if graph and need_x:
             dx = torch.cat(dx) if dx else torch.zeros_like(x)
         return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                None, None, None)
+                None, None, None, None)
 
 
 def _per_token(loss_fn, z, target):
@@ -105,11 +114,12 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
 
     `target` is anything whose leading dims match hidden's tokens (labels, teacher
     logits, advantages...), sliced along with hidden. When it is an integer tensor
-    of hidden's leading shape (labels), rows equal to `ignore_index` are left out
-    before anything is computed: loss_fn never sees them (so `z.gather(1, t[:, None])`
-    works), their loss is 0, their gradient exactly 0 whatever the upstream gradient,
-    and mean does not count them (all ignored: mean is 0 / 0 = NaN with zero
-    gradients, as F.cross_entropy). Finding them waits for the device once.
+    of hidden's leading shape (labels), rows equal to `ignore_index` reach loss_fn
+    with the label 0 in its place (so `z.gather(1, t[:, None])` works), and their
+    loss is then replaced by 0 and their gradient by exactly 0, whatever loss_fn or
+    the upstream gradient gives them; mean does not count them (all ignored: mean is
+    0 / 0 = NaN with zero gradients, as F.cross_entropy). No host sync: which rows
+    count stays on the device.
 
     Only one chunk of logits (and its gradient) exists at a time. chunk_size: tokens
     per chunk, a positive int (default: about 256 MiB of fp32 logits). The gradients
@@ -123,17 +133,14 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
     n = x.shape[0]
     t = target.reshape(n, *target.shape[hidden.dim() - 1:])
     labels = not t.is_floating_point() and not t.is_complex() and t.dim() == 1
-    keep = (t != ignore_index).nonzero().squeeze(1) if labels else None  # waits for the device
-    if keep is not None and keep.shape[0] == n:
-        keep = None  # every row counts: no gather
-    xs, ts = (x, t) if keep is None else (x.index_select(0, keep), t.index_select(0, keep))
-    chunk = min(chunk_size or _default_chunk(xs.shape[0], weight.shape[0]), max(1, xs.shape[0]))
-    losses = _ChunkedLinearLoss.apply(xs, weight, bias, ts, loss_fn, chunk)
-    if keep is not None:  # the left-out rows' losses are 0 and take no gradient
-        losses = losses.new_zeros(n).index_copy(0, keep, losses)
+    mask = (t != ignore_index) if labels else None
+    if mask is not None:
+        t = t.masked_fill(~mask, 0)  # a label every loss_fn can index with; its loss is dropped
+    chunk = min(chunk_size or _default_chunk(n, weight.shape[0]), max(1, n))
+    losses = _ChunkedLinearLoss.apply(x, weight, bias, t, mask, loss_fn, chunk)
     if reduction == "none":
         return losses.view(hidden.shape[:-1])
     if reduction == "sum":
         return losses.sum()
-    count = n if keep is None else keep.shape[0]
-    return losses.sum() / torch.tensor(count, dtype=losses.dtype, device=x.device)
+    count = mask.sum() if mask is not None else torch.tensor(n, device=x.device)
+    return losses.sum() / count.to(losses.dtype)
