@@ -8,6 +8,10 @@ gets the same one (fixture), so the two runs differ by patch + compile only.
 """
 import importlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -214,6 +218,33 @@ def test_trl_head_over_patched_model_then_unpatch(tmp_path):
     again = model(input_ids=ids, labels=ids)
     assert again.logits is not None
     torch.testing.assert_close(again.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_before_trl_is_imported(tmp_path):
+    # A fresh interpreter that builds and patches the model before importing trl (TRL
+    # sets its kernel to None when trl.trainer.utils runs): the first step used to fail
+    # in TRL's _fused_forward ('NoneType' object has no attribute 'apply').
+    script = textwrap.dedent(f"""
+        import sys
+        import slothai
+        from slothai import qlora
+        model = slothai.patch(slothai.patch(qlora.build("tiny")))  # twice: one finder
+        assert "trl.trainer.utils" not in sys.modules
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_trl  # imports trl
+        from trl.trainer import utils
+        assert utils._ChunkedLogProbFunction is slothai.trl.ChunkedLogProbs
+        assert sum(isinstance(f, slothai.trl.SupplyOnImport) for f in sys.meta_path) == 1
+        logs, _, _ = test_trl._train("sft", model, {str(tmp_path)!r}, steps=1, bf16=False)
+        slothai.unpatch(model)  # the kernel stays where TRL had none, and the finder
+        assert utils._ChunkedLogProbFunction is slothai.trl.ChunkedLogProbs
+        print("LOSS", logs[0]["loss"])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    loss = float(run.stdout.split("LOSS")[-1])
+    assert math.isfinite(loss) and 0 < loss < 10, run.stdout
 
 
 @pytest.mark.parametrize("temperature, softcap, scale, bias", [(1.0, None, 1.0, False), (0.7, 5.0, 0.5, True)])
