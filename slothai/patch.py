@@ -165,12 +165,25 @@ def _plain_lora_adapter(self, args, kwargs):
     return name
 
 
+def _adapter_converts_exactly(lora_a, lora_b, dtype):
+    """Whether adapter weights `lora_a`, `lora_b` (one dtype) convert into compute
+    dtype `dtype` exactly: the same dtype, or a narrower one (bf16 or fp16 adapters, as
+    TRL casts them on quantized models, with fp32 compute)."""
+    return lora_a.dtype == lora_b.dtype and torch.promote_types(lora_a.dtype, dtype) == dtype
+
+
 def _lora_linear4bit_forward(self, x, *args, **kwargs):
     """PEFT's LoRA Linear4bit forward as one slothai::nf4_linear: A(dropout(x)) *
     scaling first (r columns), then the base GEMM accumulates B's term with its own.
-    The adapter math runs in the base's compute dtype: under autocast, as in PEFT;
-    without it only if the adapter weights are in that dtype, else PEFT's forward
-    (fp32 adapters, `compile(adapters="float32")`), as for what
+
+    Under autocast the adapter math runs in autocast's dtype, as in PEFT. Without it,
+    A runs as PEFT runs it, on x cast to the adapter dtype, and B's term is accumulated
+    with the base in the base's compute dtype — when the adapter weights convert into
+    it exactly: the same dtype, or bf16 adapters (TRL casts LoRA weights to bf16 on
+    quantized models, `bf16=False` or not) over an fp32 compute dtype, where PEFT
+    rounds B's term to bf16 before adding it and the fused sum does not. Adapters wider
+    than the compute dtype (fp32 adapters over bf16, `compile(adapters="float32")`)
+    run PEFT's forward, whose LoRA term keeps their precision, as does everything
     `_plain_lora_adapter` does not cover."""
     name = _plain_lora_adapter(self, args, kwargs)
     base = self.base_layer
@@ -179,14 +192,16 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
         dtype = torch.get_autocast_dtype(x.device.type)
     else:
         dtype = getattr(base, "compute_dtype", None) or x.dtype
-        if name is not None and {self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype} != {dtype}:
+        if name is not None and not _adapter_converts_exactly(self.lora_A[name].weight, self.lora_B[name].weight,
+                                                              dtype):
             name = None
     if name is None:
         return type(self)._slothai_base.forward(self, x, *args, **kwargs)
     _standard_layout(base)
     # A reads x through its own cast (autocast's, or PEFT's to the adapter dtype), as in
     # PEFT: x's gradients from A and from the base then add up in x's dtype.
-    lora_x = self.lora_A[name](self.lora_dropout[name](x if autocast else x.to(dtype))) * self.scaling[name]
+    lora_a = self.lora_A[name]
+    lora_x = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype))) * self.scaling[name]
     bias = None if base.bias is None else base.bias.to(dtype)
     y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype))
     return y.to(x.dtype)
@@ -220,7 +235,33 @@ def _through_params4bit(name):
     return make
 
 
-_KIND_METHODS = {"lora_linear4bit": {"merge": _through_params4bit("merge"), "unmerge": _through_params4bit("unmerge")}}
+def _own_active_adapters(module):
+    """Give PEFT LoRA layer `module` a list of active adapter names of its own.
+
+    PEFT's model-level `set_adapter` (and `get_peft_model`, `add_adapter`) hands every
+    layer one shared list, its per-layer `set_adapter("name")` a new list each. Dynamo
+    guards that the layers of a compiled decoder layer alias that list as they did when
+    it traced them, so the first switch from one form to the other (TRL's DPO and KTO
+    reference passes switch to a "ref" adapter and back every step) recompiled the
+    layer once. With a list per layer the form never changes."""
+    active = module.__dict__.get("_active_adapter")
+    if isinstance(active, list):
+        module._active_adapter = list(active)
+
+
+def _set_adapter_own_list(base):
+    original = base.set_adapter
+
+    @functools.wraps(original)
+    def set_adapter(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        _own_active_adapters(self)
+        return out
+    return set_adapter
+
+
+_KIND_METHODS = {"lora_linear4bit": {"merge": _through_params4bit("merge"), "unmerge": _through_params4bit("unmerge"),
+                                     "set_adapter": _set_adapter_own_list}}
 
 
 def _causal_lm_forward(self, *args, labels=None, **kwargs):
@@ -349,6 +390,7 @@ def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp
         elif linear4bit and _is_peft_lora_linear4bit(module) and not _is_unsloth(model):
             if lora:  # (an Unsloth model keeps its own LoRA paths)
                 _install(module, "lora_linear4bit")
+                _own_active_adapters(module)
             elif is_patched(module):
                 module.__class__ = type(module)._slothai_base
     if loss:

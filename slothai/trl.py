@@ -25,8 +25,15 @@ trainer fails on its first step — `patch` supplies `ChunkedLogProbs` below, wi
 the same arguments and outputs, computed chunk by chunk in plain torch (no Triton,
 no [tokens x vocab] logits beyond one chunk). It is only ever put where TRL has
 None, and left there (taking it out again would only bring the failure back).
+
+Whatever the import order: TRL's `_fused_forward` looks the kernel up as a global of
+`trl.trainer.utils` on every call, and that module sets it to None when it runs. If
+the module is loaded when `patch` runs, the kernel goes in then; if not (a script
+that patches first and imports trl after), `patch` leaves a finder on
+`sys.meta_path` that finds nothing itself but, when `trl.trainer.utils` is imported
+(or reloaded), has the module's own loader put the kernel in right after the
+module's code ran. Like the kernel, the finder stays after `unpatch`.
 """
-import importlib
 import sys
 
 import torch
@@ -138,17 +145,59 @@ class ChunkedLogProbs(torch.autograd.Function):
         return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)) + none
 
 
-def supply_trl_kernel():
-    """If TRL is loaded and has no kernel for its fused LM head here, give it
-    ChunkedLogProbs. Returns True when TRL's head has a kernel after the call."""
-    if "trl" not in sys.modules:
-        return False
-    try:
-        utils = importlib.import_module("trl.trainer.utils")
-    except Exception:  # noqa: BLE001  (a TRL we do not know: leave it alone)
-        return False
+_TRL_UTILS = "trl.trainer.utils"  # where TRL 1.15 imports its kernel, or sets None
+
+
+def _supply(utils):
+    """Put ChunkedLogProbs in module `utils` where TRL has no kernel. Returns True when
+    TRL's head has a kernel after the call; False for a TRL we do not know."""
     if not hasattr(utils, "_ChunkedLogProbFunction"):
         return False
     if utils._ChunkedLogProbFunction is None:
         utils._ChunkedLogProbFunction = ChunkedLogProbs
     return True
+
+
+class SupplyOnImport:
+    """A `sys.meta_path` finder for `trl.trainer.utils` only. It asks the finders after
+    it for the module's spec and returns that spec, with the spec's loader told to
+    supply the kernel once the module's code has run; the module keeps its own loader
+    (`__loader__`, sources, resources). Every other import passes through untouched."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRL_UTILS:
+            return None
+        for finder in sys.meta_path:
+            find = None if finder is self else getattr(finder, "find_spec", None)
+            spec = find and find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None or getattr(exec_module, "_slothai_supplies", False):
+            return spec
+
+        def exec_then_supply(module):
+            exec_module(module)
+            if module.__name__ == _TRL_UTILS:
+                _supply(module)
+
+        exec_then_supply._slothai_supplies = True
+        try:  # on this loader object only: a file loader is made for one spec
+            loader.exec_module = exec_then_supply
+        except (AttributeError, TypeError):  # a loader that takes no attributes: TRL as it is
+            pass
+        return spec
+
+
+def supply_trl_kernel():
+    """Give TRL's fused LM head ChunkedLogProbs where it has no kernel: now if
+    `trl.trainer.utils` is loaded, else when it is imported (a `SupplyOnImport`
+    finder, put on `sys.meta_path` once). Returns True when TRL's head has a kernel
+    after the call (False also while trl is not imported yet)."""
+    if not any(isinstance(finder, SupplyOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, SupplyOnImport())
+    utils = sys.modules.get(_TRL_UTILS)
+    return utils is not None and _supply(utils)

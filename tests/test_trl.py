@@ -8,6 +8,10 @@ gets the same one (fixture), so the two runs differ by patch + compile only.
 """
 import importlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -34,6 +38,21 @@ pytestmark = pytest.mark.skipif(_trl_has_its_own_kernel(), reason="CPU trainers;
 @pytest.fixture(scope="module", autouse=True)
 def _trl_kernel():
     assert slothai.trl.supply_trl_kernel()
+
+
+@pytest.fixture(autouse=True)
+def _own_compilations(request):
+    """Each test counts its own compilations: Dynamo forgets the layer code earlier
+    tests compiled (every model here shares the decoder layer's code, and a guard that
+    fails on another test's entry reads as a recompile). The inductor tests after the
+    first share its compilation (about a minute on two cores)."""
+    name, previous = request.node.name, _previous_test[0]
+    _previous_test[0] = name
+    if not (name.startswith("test_trainer_on_inductor") and previous.startswith("test_trainer_on_inductor")):
+        torch._dynamo.reset()
+
+
+_previous_test = [""]
 
 
 def _tokenizer():
@@ -69,16 +88,19 @@ def _length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def _train(kind, model, tmp_path, ref_model=None, steps=2, **config):
+def _train(kind, model, tmp_path, ref_model=None, steps=2, data=None, peft_config=None, after_init=None, **config):
+    """Train `steps` steps of TRL's `kind` trainer (on `data`, or 8 random examples);
+    `after_init(trainer)` runs once the trainer is built (to patch and compile the model
+    TRL wrapped)."""
     common = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
                   report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0)
-    data, tok = _dataset(kind), _tokenizer()
+    data, tok = data or _dataset(kind), _tokenizer()
     if kind == "sft":
         trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**common, **config), train_dataset=data,
                                  processing_class=tok)
     elif kind == "dpo":
         trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=trl.DPOConfig(**common, **config),
-                                 train_dataset=data, processing_class=tok)
+                                 train_dataset=data, processing_class=tok, peft_config=peft_config)
     elif kind == "kto":
         trainer = trl.KTOTrainer(model=model, ref_model=ref_model, args=trl.KTOConfig(**common, **config),
                                  train_dataset=data, processing_class=tok)
@@ -86,6 +108,8 @@ def _train(kind, model, tmp_path, ref_model=None, steps=2, **config):
         trainer = trl.GRPOTrainer(model=model, reward_funcs=_length_reward, train_dataset=data, processing_class=tok,
                                   args=trl.GRPOConfig(**common, num_generations=2, max_completion_length=4, beta=0.1,
                                                       **config))
+    if after_init is not None:
+        after_init(trainer)
     torch.manual_seed(0)  # GRPO samples its completions
     with slothai.compile_report() as report:
         trainer.train()
@@ -100,23 +124,36 @@ def _logged(trainer):
             for log in trainer.state.log_history if "loss" in log]
 
 
-def _assert_same_logs(got, want, rel_tol=2e-4):
+# TRL casts the LoRA weights of a quantized model to bf16 (bf16=False or not). Patched
+# LoRA layers add B's term to the base output unrounded (in fp32 without autocast, in one
+# bf16 rounding with it) where PEFT rounds it to bf16 first: the logs agree to these
+# tolerances (relative, absolute; others: `default`), 3-10x the largest differences
+# measured over 2 steps (the report lists them). Differences of two log-probs (DPO's
+# rewards, the KL terms, mean logits) are held in absolute terms; grad_norm is logged
+# from bf16 gradients (one bf16 step: 2^-7).
+BF16_ADAPTER_TOLERANCES = {"grad_norm": (2 ** -7, 0.0), "rewards/": (0.0, 2e-4), "logits/": (0.0, 1e-4),
+                           "kl": (0.0, 1e-6)}
+
+
+def _assert_same_logs(got, want, tolerances=BF16_ADAPTER_TOLERANCES, default=(2e-4, 1e-5)):
     assert [sorted(g) for g in got] == [sorted(w) for w in want]
     for g, w in zip(got, want):
         for key in w:
-            assert math.isclose(g[key], w[key], rel_tol=rel_tol, abs_tol=2e-5), (key, got, want)
+            rel, abs_ = next((tol for prefix, tol in tolerances.items() if key.startswith(prefix)), default)
+            assert math.isclose(g[key], w[key], rel_tol=rel, abs_tol=abs_), (key, got, want)
 
 
-def _assert_compiled_without_eager_fallback(report):
-    # One compilation of the decoder layer; PEFT's adapter toggling (the reference
-    # passes) re-binds each layer's active-adapter object, which costs at most one more.
+def _assert_compiled_without_eager_fallback(report, shared=False):
+    # One compilation of the decoder layer, reference passes and adapter switches included;
+    # with `shared`, none where the test before compiled it (see _own_compilations).
     assert report.graph_breaks == [] and report.recompile_limits == [] and report.eager_fallbacks == [], report
-    assert report.compilations <= 2 and report.region_calls.get("compiled", 0) > 0, report
+    assert report.recompiles == [] and (report.compilations <= 1 if shared else report.compilations == 1), report
+    assert report.region_calls.get("compiled", 0) > 0, report
     assert not str(report).startswith("WARNING"), report
 
 
-def _patched_compiled(model):
-    return slothai.compile(slothai.patch(model), backend="aot_eager")
+def _patched_compiled(model, backend="aot_eager"):
+    return slothai.compile(slothai.patch(model), backend=backend)
 
 
 @pytest.mark.parametrize("config", [
@@ -129,13 +166,16 @@ def test_sft_trainer(config, tmp_path):
     got, report, trainer = _train("sft", _patched_compiled(qlora.build("tiny")), tmp_path, **config)
     # Under bf16 autocast a patched LoRA layer rounds base + LoRA once where PEFT rounds
     # them apart: logs agree to bf16's rounding (grad_norm was one bf16 step apart), not closer.
-    _assert_same_logs(got, want, rel_tol=2 ** -7 if config.get("bf16", True) else 2e-4)
+    _assert_same_logs(got, want, default=(2 ** -7, 1e-5) if config.get("bf16", True) else (2e-4, 1e-5))
     assert {"entropy", "mean_token_accuracy"} <= set(got[0])
     _assert_compiled_without_eager_fallback(report)
 
 
-@pytest.mark.parametrize("reference", ["adapter_disabled", "separate_model"])
+@pytest.mark.parametrize("reference", ["ref_adapter", "separate_model"])
 def test_dpo_trainer(reference, tmp_path):
+    # ref_adapter: a PEFT model and ref_model=None. TRL 1.15 (with PEFT >= 0.20) copies the
+    # adapter into one named "ref" and switches to it and back for every reference pass
+    # (PEFT's set_adapter): once a second compilation, now one.
     def ref():  # the same base weights, 4-bit, without LoRA
         return qlora.build("tiny", task_type=None).get_base_model() if reference == "separate_model" else None
 
@@ -143,17 +183,44 @@ def test_dpo_trainer(reference, tmp_path):
     ref_model = ref()
     if ref_model is not None:  # patched and compiled too: it only ever runs without grad
         _patched_compiled(ref_model)
-    got, report, _ = _train("dpo", _patched_compiled(qlora.build("tiny")), tmp_path, ref_model=ref_model, bf16=False)
+    got, report, trainer = _train("dpo", _patched_compiled(qlora.build("tiny")), tmp_path, ref_model=ref_model,
+                                  bf16=False)
+    assert ("ref" in trainer.model.peft_config) == (reference == "ref_adapter")
     _assert_same_logs(got, want)
     _assert_compiled_without_eager_fallback(report)
     assert report.region_calls.get("eager (no grad or eval)", 0) > 0  # the reference passes
     assert {"rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy"} <= set(got[0])
 
 
+def test_dpo_trainer_reference_with_adapter_disabled(tmp_path):
+    # A plain 4-bit model and a peft_config: TRL makes the PEFT model (LoRA weights cast to
+    # bf16, as on every quantized model) and computes the reference with the adapter
+    # disabled (PEFT's disable_adapter). slothai patches and compiles the model TRL made.
+    from peft import LoraConfig
+
+    def lora():
+        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=qlora.PROJECTIONS, task_type="CAUSAL_LM")
+
+    def patch_compile(trainer):
+        _patched_compiled(trainer.model)
+
+    want, _, _ = _train("dpo", qlora.build("tiny").unload(), tmp_path, peft_config=lora(), bf16=False)
+    got, report, trainer = _train("dpo", qlora.build("tiny").unload(), tmp_path, peft_config=lora(), bf16=False,
+                                  after_init=patch_compile)
+    assert list(trainer.model.peft_config) == ["default"]
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
+    _assert_same_logs(got, want)
+    _assert_compiled_without_eager_fallback(report)
+    assert report.region_calls.get("eager (no grad or eval)", 0) > 0  # the reference passes
+
+
 def test_kto_trainer(tmp_path):
     want, _, _ = _train("kto", qlora.build("tiny"), tmp_path, bf16=False)
-    got, report, _ = _train("kto", _patched_compiled(qlora.build("tiny")), tmp_path, bf16=False)
-    _assert_same_logs(got, want)
+    got, report, trainer = _train("kto", _patched_compiled(qlora.build("tiny")), tmp_path, bf16=False)
+    assert "ref" in trainer.model.peft_config  # TRL's "ref" adapter path, as DPO's
+    # KTO's KL is a batch mean of summed log-prob differences over whole completions (0.014
+    # here): 1.5e-4 apart measured.
+    _assert_same_logs(got, want, tolerances={**BF16_ADAPTER_TOLERANCES, "kl": (0.0, 1e-3)})
     _assert_compiled_without_eager_fallback(report)
     assert "kl" in got[0]
 
@@ -165,6 +232,86 @@ def test_grpo_trainer(tmp_path):
     _assert_compiled_without_eager_fallback(report)
     assert report.region_calls.get("eager (no grad or eval)", 0) > 0  # generate() and the old log-probs
     assert {"kl", "entropy", "reward"} <= set(got[0])
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_trainer_on_inductor_with_trl_defaults(kind, tmp_path):
+    # What users get: `compile`'s default backend (inductor; C++ kernels on the CPU) and
+    # TRL's defaults (bf16 autocast, bf16 LoRA weights, gradient checkpointing); inductor
+    # also fuses and reorders fp32 reductions. One inductor compilation for the three
+    # (about a minute on two cores): DPO and GRPO run the layer compiled under SFT. DPO
+    # takes TRL's "ref" adapter path.
+    want, _, _ = _train(kind, qlora.build("tiny"), tmp_path)
+    got, report, trainer = _train(kind, slothai.compile(slothai.patch(qlora.build("tiny"))), tmp_path)
+    assert trainer.args.bf16 is True  # TRL's default: bf16 autocast, on the CPU too
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
+    _assert_same_logs(got, want)
+    _assert_compiled_without_eager_fallback(report, shared=kind != "sft")
+
+
+def test_bf16_adapters_over_fp32_compute_take_the_fused_path(monkeypatch):
+    # TRL casts LoRA weights to bf16 on a quantized model even with bf16=False, where the
+    # compute dtype stays fp32 and nothing autocasts. PEFT then runs A on x cast to bf16,
+    # B in bf16, and adds B's bf16-rounded term to the fp32 base output. The patched layer
+    # runs A as PEFT does and accumulates B's term with the base GEMM in fp32 (bf16
+    # converts to fp32 exactly): no closer to PEFT than bf16's rounding of the LoRA
+    # term, at least as close to the float64 sum, and never PEFT's forward (it used to
+    # fall back to it for any adapter dtype but the compute dtype's).
+    import bitsandbytes.functional as bnbF
+
+    def build():
+        model = qlora.build("tiny")
+        torch.manual_seed(3)
+        for p in model.parameters():
+            if p.requires_grad:  # B nonzero, then TRL's cast
+                p.data = (torch.randn_like(p) * 0.05).to(torch.bfloat16)
+        return model
+
+    want_model, got_model = build(), slothai.patch(build())
+    peft_layer = want_model.base_model.model.model.layers[0].self_attn.q_proj
+    layer = got_model.base_model.model.model.layers[0].self_attn.q_proj
+    peft_forward, fell_back = type(layer)._slothai_base.forward, []
+    monkeypatch.setattr(type(layer)._slothai_base, "forward",
+                        lambda self, *a, **k: (self is layer and fell_back.append(1), peft_forward(self, *a, **k))[1])
+    x = torch.randn(3, 7, layer.in_features)
+    x_want, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = peft_layer(x_want), layer(x_got)
+    assert not fell_back and got.dtype == want.dtype == torch.float32
+
+    w64 = bnbF.dequantize_4bit(peft_layer.base_layer.weight.data, peft_layer.base_layer.weight.quant_state).double()
+    a64, b64 = (peft_layer.lora_A["default"].weight.double(), peft_layer.lora_B["default"].weight.double())
+    term64 = peft_layer.scaling["default"] * (x.to(torch.bfloat16).double() @ a64.T) @ b64.T
+    exact = x.double() @ w64.T + term64
+    bf16_step = 2 ** -8 * term64.abs().max()
+    assert (got.double() - want.double()).abs().max() <= bf16_step
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max()
+    grad = torch.randn_like(want)
+    (want * grad).sum().backward()
+    (got * grad).sum().backward()
+    for name in ("lora_A", "lora_B"):
+        g_want, g_got = (getattr(m, name)["default"].weight.grad for m in (peft_layer, layer))
+        assert g_got.dtype == torch.bfloat16
+        torch.testing.assert_close(g_got.float(), g_want.float(), rtol=0, atol=2 ** -7 * g_want.abs().max().item())
+    torch.testing.assert_close(x_got.grad, x_want.grad, rtol=0, atol=2 ** -7 * x_want.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [
+    # batches of 4 rows: one padded (its mask a tensor), one not (mask None)
+    pytest.param([7] * 7 + [12], id="padded_and_unpadded", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="fixed by issue 35's region-wrapper normalisation")),
+    # a padded batch of 4, then one row (mask None, and a batch dimension of 1)
+    pytest.param([7, 9, 12, 15, 10], id="last_batch_of_one", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="a second compilation even with issue 35's mask normalisation "
+        "(its 9875f46): '_dynamo_weak_dynamic_indices not a subset: runtime {0, 1} is not a subset of compiled {1}'")),
+])
+def test_sft_padded_and_unpadded_batches_compile_once(rows, tmp_path):
+    # transformers passes attention_mask=None for a batch without padding, a tensor
+    # otherwise: one compiled graph for both. backend "eager": Dynamo alone (cheap).
+    data = datasets.Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(n)) for n in rows]})
+    model = slothai.compile(slothai.patch(qlora.build("tiny")), backend="eager")
+    _, report, _ = _train("sft", model, tmp_path, data=data, bf16=False)
+    assert report.region_calls.get("compiled", 0) > 0 and report.compilations == 1, report
+    assert report.recompiles == [], report
 
 
 def test_patch_after_trainer_is_built_then_unpatch_keeps_trls_head(tmp_path):
@@ -214,6 +361,33 @@ def test_trl_head_over_patched_model_then_unpatch(tmp_path):
     again = model(input_ids=ids, labels=ids)
     assert again.logits is not None
     torch.testing.assert_close(again.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_before_trl_is_imported(tmp_path):
+    # A fresh interpreter that builds and patches the model before importing trl (TRL
+    # sets its kernel to None when trl.trainer.utils runs): the first step used to fail
+    # in TRL's _fused_forward ('NoneType' object has no attribute 'apply').
+    script = textwrap.dedent(f"""
+        import sys
+        import slothai
+        from slothai import qlora
+        model = slothai.patch(slothai.patch(qlora.build("tiny")))  # twice: one finder
+        assert "trl.trainer.utils" not in sys.modules
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_trl  # imports trl
+        from trl.trainer import utils
+        assert utils._ChunkedLogProbFunction is slothai.trl.ChunkedLogProbs
+        assert sum(isinstance(f, slothai.trl.SupplyOnImport) for f in sys.meta_path) == 1
+        logs, _, _ = test_trl._train("sft", model, {str(tmp_path)!r}, steps=1, bf16=False)
+        slothai.unpatch(model)  # the kernel stays where TRL had none, and the finder
+        assert utils._ChunkedLogProbFunction is slothai.trl.ChunkedLogProbs
+        print("LOSS", logs[0]["loss"])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    loss = float(run.stdout.split("LOSS")[-1])
+    assert math.isfinite(loss) and 0 < loss < 10, run.stdout
 
 
 @pytest.mark.parametrize("temperature, softcap, scale, bias", [(1.0, None, 1.0, False), (0.7, 5.0, 0.5, True)])
