@@ -162,6 +162,42 @@ def let_fully_shard_take_nf4_weights():
     _fsdp_init._get_managed_states = _taking_nf4_weights(_fsdp_init._get_managed_states)
 
 
+def take_nf4_weights(model):
+    """Replace each Params4bit of `model`'s slothai-patched Linear4bit layers whose rows
+    split into whole blocks by an NF4Weight viewing its tensors (what fully_shard does
+    as it takes a layer); the others stay Params4bit."""
+    unshardable = unshardable_4bit_weights(model)
+    for module in model.modules():
+        weight = module._parameters.get("weight") if _is_patched_linear4bit(module) else None
+        if weight is not None and _is_params4bit(weight) and weight not in unshardable:
+            module.weight = to_nf4_weight(weight)
+
+
+def let_accelerate_shard_nf4_weights():
+    """accelerate's FSDP2 plugin (1.15, `fsdp2_prepare_model`) leaves every uint8
+    `Params4bit` out of sharding (`ignored_params`: bitsandbytes' own does not survive
+    FSDP2), so it would keep slothai's shardable 4-bit weights whole on every rank.
+    If accelerate is loaded, its call gets the model with those weights already
+    NF4Weights (`take_nf4_weights`), which it shards; the ones whose rows do not
+    split stay Params4bit, which it keeps whole, as fully_shard_layers does."""
+    acc = sys.modules.get("accelerate.accelerator")
+    prepare = getattr(acc, "fsdp2_prepare_model", None)
+    if prepare is None or getattr(prepare, "_slothai", False):
+        return
+    acc.fsdp2_prepare_model = _with_nf4_weights(prepare)
+
+
+def _with_nf4_weights(fsdp2_prepare_model):
+    @functools.wraps(fsdp2_prepare_model)
+    def wrapper(accelerator, model, *args, **kwargs):
+        if "unsloth" not in sys.modules:
+            take_nf4_weights(model)
+        return fsdp2_prepare_model(accelerator, model, *args, **kwargs)
+
+    wrapper._slothai = True
+    return wrapper
+
+
 def _taking_nf4_weights(get_managed_states):
     @functools.wraps(get_managed_states)
     def wrapper(modules, ignored_params=None, *args, **kwargs):

@@ -357,6 +357,7 @@ def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp
             setattr(module, _KEEP_LOGITS, bool(keep_logits))
             setattr(module, _FP32_HEAD_GRAD, bool(fp32_head_grad))
     distributed.skip_4bit_weights_in_ddp_broadcast(model)
+    distributed.let_accelerate_shard_nf4_weights()
     _patch_unsloth()
     from .trl import supply_trl_kernel
 
