@@ -101,14 +101,15 @@ def unshardable_4bit_weights(model):
 
 
 def _take_nf4_weights(modules, ignored_params):
-    """FSDP2 is about to manage `modules` (the first is the one fully_shard was called
-    on): each Params4bit of a slothai-patched Linear4bit among them, unless ignored,
+    """FSDP2 is about to manage `modules` (the module fully_shard was called on and
+    those in it it manages): each Params4bit of a slothai-patched Linear4bit among them, unless ignored,
     becomes an NF4Weight viewing its tensors, set on the module. All are checked
     before any is replaced: one that cannot be sharded raises a ValueError."""
     if "unsloth" in sys.modules:  # Unsloth's LoRA kernels read the Params4bit's own layout (no FSDP2 there)
         return
     ignored = ignored_params or set()
-    names = {id(m): n for n, m in modules[0].named_modules()} if modules else {}
+    root = max(modules, key=lambda m: sum(1 for _ in m.modules())) if modules else None  # fully_shard's module
+    names = {id(m): n for n, m in root.named_modules()} if modules else {}
     todo = []
     for module in modules:
         weight = module._parameters.get("weight") if _is_patched_linear4bit(module) else None
@@ -118,7 +119,7 @@ def _take_nf4_weights(modules, ignored_params):
         if why is not None:
             name = names.get(id(module)) or type(module).__name__
             raise ValueError(
-                f"fully_shard({type(modules[0]).__name__}): cannot shard the 4-bit weight of {name!r} "
+                f"fully_shard({type(root).__name__}): cannot shard the 4-bit weight of {name!r} "
                 f"({type(module).__name__} {module.in_features} -> {module.out_features}): {why}. Keep it whole on "
                 f"every rank: pass it in fully_shard(..., ignored_params={{...}}) (moved to the device yourself), "
                 f"or shard with slothai.distributed.fully_shard_layers(model), which does both")

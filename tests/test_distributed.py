@@ -628,6 +628,7 @@ def test_fully_shard_takes_params4bit_and_refuses_rows_that_do_not_split(one_ran
                                          r"blocksize 64.*ignored_params.*fully_shard_layers"):
         fully_shard(layer, mesh=one_rank_mesh)
     assert [type(p) for p in layer.parameters()] == before
+    layer = model.base_model.model.model.layers[1]  # (torch's fully_shard registered itself on the first)
     down = layer.mlp.down_proj.base_layer.weight
     fully_shard(layer, mesh=one_rank_mesh, ignored_params={down})
     assert isinstance(layer.mlp.down_proj.base_layer.weight, bnb.nn.Params4bit)

@@ -109,8 +109,9 @@ def test_qdora_trains_and_merges_as_unpatched(checkpoint, order, compiled):
     assert got_grads.keys() == want_grads.keys() and any("magnitude" in n for n in want_grads)
     for name, g in want_grads.items():
         _assert_rel(got_grads[name], g, name)
-    if compiled:
-        assert report.graph_breaks == [] and report.compilations >= 1, report
+    if compiled:  # PEFT's DoRA clears its cache inside the layer (a side effect Dynamo breaks the graph at)
+        assert all("peft/tuners/lora/dora.py" in b["where"] for b in report.graph_breaks), report
+        assert report.region_calls.get("compiled"), report
     ids = steps[0]
     merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
     assert len(_params4bit(merged)) == 2 * 7
@@ -186,6 +187,7 @@ def test_save_pretrained_round_trip(checkpoint, tmp_path):
     assert reloaded(input_ids=ids, labels=ids).loss.item() == ref(input_ids=ids, labels=ids).loss.item()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ quantizes on CUDA only")
 def test_loftq_replaces_lora_weights_as_unpatched(checkpoint):
     # replace_lora_weights_loftq reads module.weight (the Params4bit) and its quant_state.
     from peft import replace_lora_weights_loftq
