@@ -102,9 +102,11 @@ def unshardable_4bit_weights(model):
 
 def _take_nf4_weights(modules, ignored_params):
     """FSDP2 is about to manage `modules` (the module fully_shard was called on and
-    those in it it manages): each Params4bit of a slothai-patched Linear4bit among them, unless ignored,
-    becomes an NF4Weight viewing its tensors, set on the module. All are checked
-    before any is replaced: one that cannot be sharded raises a ValueError."""
+    those in it it manages): each Params4bit of a slothai-patched Linear4bit among
+    them, unless ignored, becomes an NF4Weight viewing its tensors, set on the
+    module. All are checked before any is replaced: one that cannot be sharded
+    raises a ValueError (torch has registered fully_shard on the module by then, so
+    a second try needs a model fully_shard has not seen)."""
     if "unsloth" in sys.modules:  # Unsloth's LoRA kernels read the Params4bit's own layout (no FSDP2 there)
         return
     ignored = ignored_params or set()
@@ -122,7 +124,8 @@ def _take_nf4_weights(modules, ignored_params):
                 f"fully_shard({type(root).__name__}): cannot shard the 4-bit weight of {name!r} "
                 f"({type(module).__name__} {module.in_features} -> {module.out_features}): {why}. Keep it whole on "
                 f"every rank: pass it in fully_shard(..., ignored_params={{...}}) (moved to the device yourself), "
-                f"or shard with slothai.distributed.fully_shard_layers(model), which does both")
+                f"or shard with slothai.distributed.fully_shard_layers(model), which does both (on a freshly "
+                f"loaded model: fully_shard has registered itself on this one)")
         todo.append(module)
     for module in todo:
         module.weight = to_nf4_weight(module.weight)

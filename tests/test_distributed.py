@@ -157,8 +157,9 @@ def _worker(rank, path, out):
         log("fsdp2 odd")  # down_proj's rows do not split into blocks: kept whole on every rank
         model = fully_shard_layers(slothai.patch(qlora.build(path=os.path.join(os.path.dirname(path), "odd"))),
                                    mesh=mesh)
+        down = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         results["fsdp2_odd"] = dict(losses=_train_distributed(model, rank, _batches()), lora=adapter_state_dict(model),
-                                    down=type(model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight).__name__)
+                                    down=type(down).__name__)
         log("trainer ddp")
         results["trainer_ddp"] = _trainer_run(path, os.path.join(out, f"trainer{rank}"), rank)
         log("wrong order")
