@@ -181,10 +181,15 @@ def let_accelerate_shard_nf4_weights():
     """accelerate's FSDP2 plugin (1.15, `fsdp2_prepare_model`) leaves every uint8
     `Params4bit` out of sharding (`ignored_params`: bitsandbytes' own does not survive
     FSDP2), so it would keep slothai's shardable 4-bit weights whole on every rank.
-    If accelerate is loaded, its call gets the model with those weights already
+    If accelerate is imported, its call gets the model with those weights already
     NF4Weights (`take_nf4_weights`), which it shards; the ones whose rows do not
     split stay Params4bit, which it keeps whole, as fully_shard_layers does."""
     acc = sys.modules.get("accelerate.accelerator")
+    if acc is None and "accelerate" in sys.modules:  # (PEFT and transformers' device_map load it already)
+        try:
+            import accelerate.accelerator as acc
+        except ImportError:
+            return
     prepare = getattr(acc, "fsdp2_prepare_model", None)
     if prepare is None or getattr(prepare, "_slothai", False):
         return

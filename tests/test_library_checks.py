@@ -203,16 +203,27 @@ def test_loftq_replaces_lora_weights_as_unpatched(checkpoint):
         torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_trl_sees_an_unsharded_qlora_model(checkpoint):
-    # TRL's prepare_peft_model tells a sharded QLoRA model (FSDP / ZeRO-3: the first
-    # Params4bit on the CPU or meta) from one to prepare for k-bit training; a patched
-    # model is what the unpatched one is.
-    from trl.experimental import utils as trl_utils
+def test_trl_prepare_peft_model_treats_a_patched_model_as_unpatched(checkpoint):
+    # TRL's prepare_peft_model (its trainers' peft_config path) tells a sharded QLoRA
+    # model (FSDP / ZeRO-3: the first Params4bit, by class name, on the CPU or meta) from
+    # one to prepare for k-bit training; a patched model must take the same branch.
+    from transformers import TrainingArguments
+    from trl.experimental.utils import prepare_peft_model
 
-    model = slothai.patch(_load(checkpoint))
-    first = next(p for p in model.parameters() if p.__class__.__name__ == "Params4bit")
-    assert first is _params4bit(model)[0] and model.is_loaded_in_4bit
-    assert "Params4bit" in open(trl_utils.__file__).read()  # the check this mirrors is still there
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=qlora.PROJECTIONS,
+                             task_type="CAUSAL_LM")
+    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    out = []
+    for m in (_load(checkpoint), slothai.patch(_load(checkpoint))):
+        torch.manual_seed(1)
+        out.append(prepare_peft_model(m, config, copy.deepcopy(args)))
+    ref, model = out
+    assert [(n, p.dtype, p.requires_grad) for n, p in model.named_parameters()] == \
+        [(n, p.dtype, p.requires_grad) for n, p in ref.named_parameters()]
+    assert len(_params4bit(model)) == 2 * 7 and model.get_base_model().is_loaded_in_4bit
+    ids = next(qlora.batches(256, 2, [10], 1, "cpu", seed=9))
+    assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(
+        ref(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
 
 
 def test_accelerate_fsdp2_plugin_gets_nf4_weights_to_shard(checkpoint):
