@@ -1,9 +1,10 @@
 """`NF4Weight`: a frozen bitsandbytes NF4 weight as a tensor subclass that
 PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) can shard by rows.
 
-`slothai.patch` turns each bitsandbytes `Params4bit` of a `Linear4bit` it patches
-into one (`to_nf4_weight`); the patched forward hands its fields to
-`slothai::nf4_linear`. Under `fully_shard`:
+After `slothai.patch`, `fully_shard` turns each bitsandbytes `Params4bit` of a
+`Linear4bit` it patched into one (`to_nf4_weight`, see slothai/distributed.py) as
+it takes the layer; on a single process the weight stays a `Params4bit`. The
+patched forward hands its fields to `slothai::nf4_linear`. Under `fully_shard`:
 
 - sharding: FSDP2 chunks the weight on dim 0 (output rows). The packed codes are
   laid out [out_features, in_features / 2] and the block scales
@@ -24,8 +25,7 @@ into one (`to_nf4_weight`); the patched forward hands its fields to
   the layer's backward.
 
 Unsharded, the weight keeps bitsandbytes' own tensors (codes, uint8 `absmax`,
-`state2`, `offset`: no copy, no extra memory), and the `Params4bit` it came from,
-which `slothai.unpatch` puts back.
+`state2`, `offset`: no copy, no extra memory), and the `Params4bit` it came from.
 
 Outer shape [out_features, in_features], dtype uint8, requires_grad False: code
 that casts floating-point parameters (mixed precision, `Module.to(dtype)`) leaves
@@ -64,7 +64,7 @@ class NF4Weight(torch.Tensor):
         self.codes, self.absmax = codes, absmax
         self.code2, self.absmax2, self.offset = code2, absmax2, offset
         self.blocksize, self.blocksize2, self.compute_dtype = blocksize, blocksize2, compute_dtype
-        self.params4bit = params4bit  # the bitsandbytes Params4bit it views (unsharded only), for unpatch
+        self.params4bit = params4bit  # the bitsandbytes Params4bit it views (unsharded only)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 

@@ -4,13 +4,17 @@ through slothai's ops, in place; `slothai.unpatch(model)` undoes it.
 - Every bitsandbytes NF4 `Linear4bit` (bare, or the base layer inside PEFT's
   LoRA wrapper) computes through `slothai::nf4_linear` (dequantize into a
   temporary, one GEMM), and its backward dequantizes again instead of keeping the
-  dense weight. Its `Params4bit` becomes an `NF4Weight` (slothai/nf4_weight.py),
-  which FSDP2 can shard.
+  dense weight. Its weight stays bitsandbytes' own `Params4bit`, so every library
+  that recognises a 4-bit weight by that class (PEFT's DoRA, merging and
+  `dequantize_module_weight`, transformers' `dequantize`, ...) still does; only
+  FSDP2's `fully_shard` turns it into an `NF4Weight` (slothai/nf4_weight.py), which
+  it can shard (see slothai/distributed.py).
 - PEFT's LoRA wrapper of such a layer computes base + LoRA in that one op: the
   rank-r term first, then the base GEMM accumulating onto it, so their sum is
-  written once (`_lora_linear4bit_forward`; PEFT's own forward for what it does not cover).
-  Its `merge` / `unmerge` run on the Params4bit and copy PEFT's requantized weight back
-  into it, in place (`_through_params4bit`).
+  written once (`_lora_linear4bit_forward`; PEFT's own forward for what it does not
+  cover: DoRA, merged or disabled adapters, ...). Its `merge` / `unmerge` (PEFT's)
+  copy PEFT's requantized weight back into the layer's Params4bit, in place
+  (`_in_place`).
 - Causal-LM heads of the families in `CAUSAL_LM_FAMILIES` compute the training
   loss with `fused_linear_cross_entropy` from the last hidden states when labels
   are given: the [tokens x vocab] logits are never built, and the output's
@@ -48,7 +52,7 @@ import torch.nn.functional as F
 from . import distributed
 from .fused_ce import fused_linear_cross_entropy
 from .nf4 import dequantize_nf4, nf4_linear
-from .nf4_weight import NF4Weight, copy_params4bit_
+from .nf4_weight import copy_params4bit_
 from .offload import SLICES_ATTR, sliced_forward
 
 # model_type -> config attribute holding the final-logit softcap (None: no softcap).
@@ -207,29 +211,24 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
     return y.to(x.dtype)
 
 
-def _through_params4bit(name):
+def _in_place(name):
     """PEFT's LoRA `merge` / `unmerge` over a 4-bit base (`merge_and_unload`, and TRL's
-    `merge_adapter` before each vLLM weight sync): PEFT dequantizes through bitsandbytes,
-    checking that the weight's class is named Params4bit, and sets a new Params4bit
-    quantized from the sum. So it runs on the Params4bit the NF4Weight views, and the
-    new codes and scales are copied into that Params4bit's tensors: the base keeps the
-    same NF4Weight at the same addresses, which compiled layers and their CUDA graphs read."""
+    `merge_adapter` before each vLLM weight sync) sets a new Params4bit quantized from
+    the sum; its codes and scales are copied into the layer's own Params4bit instead,
+    so the base keeps the same weight at the same addresses, which compiled layers and
+    their CUDA graphs read (a new one every step would record the graphs again)."""
     def make(base):
         original = getattr(base, name)
 
         @functools.wraps(original)
         def method(self, *args, **kwargs):
             layer = self.get_base_layer()
-            nf4 = layer._parameters.get("weight")
-            if not isinstance(nf4, NF4Weight) or nf4.params4bit is None:
-                return original(self, *args, **kwargs)
-            layer.weight = params4bit = nf4.params4bit
-            try:
-                out = original(self, *args, **kwargs)
-            finally:
-                new = layer.weight
-                if new is params4bit or copy_params4bit_(params4bit, new):
-                    layer.weight = nf4
+            weight = layer._parameters.get("weight")
+            out = original(self, *args, **kwargs)
+            new = layer._parameters.get("weight")
+            if new is not weight and type(new) is type(weight) and type(weight).__name__ == "Params4bit" and \
+                    copy_params4bit_(weight, new):
+                layer.weight = weight
             return out
         return method
     return make
@@ -260,7 +259,7 @@ def _set_adapter_own_list(base):
     return set_adapter
 
 
-_KIND_METHODS = {"lora_linear4bit": {"merge": _through_params4bit("merge"), "unmerge": _through_params4bit("unmerge"),
+_KIND_METHODS = {"lora_linear4bit": {"merge": _in_place("merge"), "unmerge": _in_place("unmerge"),
                                      "set_adapter": _set_adapter_own_list}}
 
 
@@ -385,8 +384,8 @@ def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp
     for module in model.modules():
         if linear4bit and _is_bnb_linear4bit(module):
             _standard_layout(module)
-            distributed.use_nf4_weight(module)  # Params4bit -> NF4Weight, which FSDP2 can shard
             _install(module, "linear4bit")
+            distributed.let_fully_shard_take_nf4_weights()  # FSDP2 shards it as an NF4Weight
         elif linear4bit and _is_peft_lora_linear4bit(module) and not _is_unsloth(model):
             if lora:  # (an Unsloth model keeps its own LoRA paths)
                 _install(module, "lora_linear4bit")
@@ -399,7 +398,8 @@ def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp
             _install(module, "causal_lm")
             setattr(module, _KEEP_LOGITS, bool(keep_logits))
             setattr(module, _FP32_HEAD_GRAD, bool(fp32_head_grad))
-    distributed.skip_nf4_weights_in_ddp_broadcast(model)
+    distributed.skip_4bit_weights_in_ddp_broadcast(model)
+    distributed.let_accelerate_shard_nf4_weights()
     _patch_unsloth()
     from .trl import supply_trl_kernel
 
@@ -414,7 +414,6 @@ def unpatch(model):
     kept slothai's forward to call, that now runs the module's own."""
     distributed.check_not_sharded(model, "slothai.unpatch")
     for module in model.modules():
-        distributed.restore_params4bit(module)
         if is_patched(module):
             module.__class__ = type(module)._slothai_base
             module.__dict__.pop(_KEEP_LOGITS, None)

@@ -477,10 +477,32 @@ def _compile_layer(layer, dynamic, kwargs, options, model):
     current = layer.__dict__.get("forward")
     original = current.original if isinstance(current, _CompiledForward) else current
     layer.forward = _CompiledForward(layer, original, dynamic, kwargs, options, model)
+    if _has_cudagraphs(kwargs):
+        _mark_quant_states_static(layer)
     mlp = getattr(layer, "mlp", None)
     if all(isinstance(getattr(mlp, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
         # a gated MLP (tensor in, tensor out, per token): not a mixture of experts, whose router spans tokens
         slice_tokens(mlp, LOW_MEMORY_MLP_SLICES if options["low_memory"] else None)
+
+
+def _mark_quant_states_static(layer):
+    """A Params4bit's block scales (quant_state: absmax, and state2's absmax and code,
+    offset) are plain tensors, not parameters or buffers: inductor's CUDA graph trees
+    would take them as inputs that may move and copy them into the graph's own
+    buffers at every replay. They stay where they are for the model's life (PEFT's
+    merge / unmerge write into them in place, see patch._in_place), so they are marked
+    static, unguarded (no recompile if one is replaced: it is then copied again).
+    Untested on a GPU in this tree."""
+    for module in layer.modules():
+        weight = module._parameters.get("weight") if is_patched(module) else None
+        qs = getattr(weight, "quant_state", None) if type(weight).__name__ == "Params4bit" else None
+        if qs is None:
+            continue
+        state2 = getattr(qs, "state2", None)
+        for t in (qs.absmax, getattr(qs, "offset", None), getattr(state2, "absmax", None),
+                  getattr(state2, "code", None)):
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.mark_static_address(t, guard=False)
 
 
 def compiled_layers(model):

@@ -154,6 +154,12 @@ def _worker(rank, path, out):
                 if rank == 0:  # the adapter, gathered on every rank, saved by one
                     inner.save_pretrained(os.path.join(out, "adapter"), state_dict=lora)
                 dist.barrier()
+        log("fsdp2 odd")  # down_proj's rows do not split into blocks: kept whole on every rank
+        model = fully_shard_layers(slothai.patch(qlora.build(path=os.path.join(os.path.dirname(path), "odd"))),
+                                   mesh=mesh)
+        down = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
+        results["fsdp2_odd"] = dict(losses=_train_distributed(model, rank, _batches()), lora=adapter_state_dict(model),
+                                    down=type(down).__name__)
         log("trainer ddp")
         results["trainer_ddp"] = _trainer_run(path, os.path.join(out, f"trainer{rank}"), rank)
         log("wrong order")
@@ -257,6 +263,17 @@ def _join(ctx, out):
         raise AssertionError("distributed run failed:\n" + "\n".join(errors)) from None
 
 
+def _save_odd(path):
+    """The tiny Llama with intermediate 160: down_proj's rows (160 inputs) do not split
+    into whole 64-blocks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", **{**qlora.SHAPES["tiny"], "intermediate_size": 160,
+                                           "max_position_embeddings": 256})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
@@ -271,6 +288,7 @@ def runs(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_config(qlora.make_config("tiny"), dtype=torch.float32).save_pretrained(path)
+    _save_odd(str(root / "odd"))
     t0 = time.perf_counter()
     ctx = _spawn(path, out)
     ref = slothai.patch(qlora.build(path=path))  # while the ranks start: the one-process run
@@ -278,10 +296,13 @@ def runs(tmp_path_factory):
     ids = _eval_batch()
     with torch.no_grad():
         ref_eval = ref(input_ids=ids, labels=ids).loss.item()
+    odd = slothai.patch(qlora.build(path=str(root / "odd")))  # (bitsandbytes 0.50.2's CPU dequantize is wrong here)
+    odd_losses = [loss for loss, _, _ in qlora.train(odd, _batches(), lr=LR)]
     _join(ctx, out)
     results = torch.load(os.path.join(out, "results.pt"))
     print(f"2-rank run: {time.perf_counter() - t0:.1f} s")
-    return dict(results=results, ref_losses=ref_losses, ref_lora=_lora(ref), ref_eval=ref_eval, path=path, out=out)
+    return dict(results=results, ref_losses=ref_losses, ref_lora=_lora(ref), ref_eval=ref_eval, path=path, out=out,
+                odd_losses=odd_losses, odd_lora=_lora(odd))
 
 
 @pytest.mark.parametrize("key", ["ddp", "ddp+compile", "ddp_accumulate+compile", "ddp_lowmem+compile",
@@ -297,6 +318,18 @@ def test_two_ranks_match_one_process(runs, key):
     assert abs(got["eval_loss"] - runs["ref_eval"]) <= 1e-4 * abs(runs["ref_eval"])
     if key.endswith("+compile"):  # every decoder layer from one graph, no break, no recompile across lengths
         assert got["graph_breaks"] == [] and got["compilations"] == 1 and got["recompiles"] == [], got
+
+
+def test_fsdp2_trains_rows_that_do_not_split_as_one_process(runs):
+    # fully_shard_layers keeps down_proj (160 inputs: not whole 64-blocks) whole on each rank
+    # and shards the rest; training matches one process.
+    got = runs["results"]["fsdp2_odd"]
+    assert got["down"] == "Params4bit"
+    for a, b in zip(got["losses"], runs["odd_losses"]):
+        assert abs(a - b) <= 1e-4 * abs(b), (got["losses"], runs["odd_losses"])
+    assert set(got["lora"]) == set(runs["odd_lora"])
+    for name, want in runs["odd_lora"].items():
+        assert _rel(got["lora"][name], want) <= 1e-4, name
 
 
 def test_trainer_ddp_matches_one_process(runs):
@@ -379,7 +412,7 @@ def test_fully_shard_layers_gives_the_root_its_frozen_weights_to_ignore(monkeypa
     inner = model.base_model.model
     *layers, (root, root_kw) = calls
     assert [m for m, _ in layers] == list(inner.model.layers)
-    assert all(kw == {"reshard_after_forward": True} for _, kw in layers)
+    assert all(kw == {"reshard_after_forward": True, "ignored_params": set()} for _, kw in layers)
     assert root is model and set(root_kw) == {"ignored_params"}
     assert root_kw["ignored_params"] == {inner.model.embed_tokens.weight, inner.model.norm.weight, inner.lm_head.weight}
 
@@ -511,7 +544,7 @@ def test_fully_shard_set_up_of_an_nf4_weight_on_torch_before_2_13():
         torch.nn.Parameter(w.detach())  # restored on the way out
     model = slothai.patch(qlora.build("tiny"))
     assert getattr(FSDPParam._init_sharded_param, "_slothai", False)
-    assert any(isinstance(p, NF4Weight) for p in model.parameters())
+    assert not any(isinstance(p, NF4Weight) for p in model.parameters())  # only fully_shard makes them
 
 
 def test_fully_shard_moves_an_nf4_weight_to_the_mesh_device():
@@ -556,27 +589,69 @@ def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
         shard + 1
 
 
-def test_patch_uses_nf4_weight_and_unpatch_gives_params4bit_back():
+def test_patch_keeps_params4bit_and_ddp_skips_it():
     import bitsandbytes as bnb
 
     model = qlora.build("tiny")
     ids = torch.randint(0, 256, (2, 10))
     want = model(input_ids=ids, labels=ids).loss
-    state = model.state_dict()
+    weights = [p for p in model.parameters() if isinstance(p, bnb.nn.Params4bit)]
     slothai.patch(model)
-    patched_state = model.state_dict()  # bitsandbytes' own: Params4bit codes + quant_state entries
-    assert patched_state.keys() == state.keys()
-    assert all(type(patched_state[k]) is type(v) and torch.equal(patched_state[k], v) for k, v in state.items())
-    weights = [p for p in model.parameters() if isinstance(p, NF4Weight)]
-    assert len(weights) == 2 * 7
+    assert [p for p in model.parameters() if isinstance(p, bnb.nn.Params4bit)] == weights and len(weights) == 2 * 7
     assert sorted(model._ddp_params_and_buffers_to_ignore) == sorted(
-        n for n, p in model.named_parameters() if isinstance(p, NF4Weight))
+        n for n, p in model.named_parameters() if isinstance(p, bnb.nn.Params4bit))
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want, rtol=1e-5, atol=1e-6)
     slothai.patch(model)  # idempotent
     slothai.unpatch(model)
-    assert not any(isinstance(p, NF4Weight) for p in model.parameters())
-    assert sum(isinstance(p, bnb.nn.Params4bit) for p in model.parameters()) == 2 * 7
+    assert [p for p in model.parameters() if isinstance(p, bnb.nn.Params4bit)] == weights
     assert torch.equal(model(input_ids=ids, labels=ids).loss, want)
+
+
+def _odd_model():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as path:
+        _save_odd(path)
+        return qlora.build(path=path)
+
+
+def test_fully_shard_takes_params4bit_and_refuses_rows_that_do_not_split(one_rank_mesh):
+    # A direct fully_shard over a layer whose 4-bit weight cannot be sharded by rows raises
+    # at sharding time, naming it, before touching any weight; ignored, it stays whole.
+    import bitsandbytes as bnb
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = slothai.patch(_odd_model())
+    layer = model.base_model.model.model.layers[0]
+    before = [type(p) for p in layer.parameters()]
+    with pytest.raises(ValueError, match=r"'mlp\.down_proj\.base_layer'.*in_features 160 is not a multiple of its "
+                                         r"blocksize 64.*ignored_params.*fully_shard_layers"):
+        fully_shard(layer, mesh=one_rank_mesh)
+    assert [type(p) for p in layer.parameters()] == before
+    layer = model.base_model.model.model.layers[1]  # (torch's fully_shard registered itself on the first)
+    down = layer.mlp.down_proj.base_layer.weight
+    fully_shard(layer, mesh=one_rank_mesh, ignored_params={down})
+    assert isinstance(layer.mlp.down_proj.base_layer.weight, bnb.nn.Params4bit)
+    q = layer.self_attn.q_proj.base_layer.weight
+    assert isinstance(q, DTensor) and isinstance(q._local_tensor, NF4Weight)
+
+
+def test_fully_shard_layers_keeps_rows_that_do_not_split_whole(one_rank_mesh):
+    import bitsandbytes as bnb
+    from torch.distributed.tensor import DTensor
+
+    from slothai.distributed import fully_shard_layers
+
+    batches = _batches()
+    want = qlora.train(slothai.patch(_odd_model()), batches, lr=LR)
+    model = fully_shard_layers(slothai.patch(_odd_model()), mesh=one_rank_mesh)
+    for layer in model.base_model.model.model.layers:
+        assert isinstance(layer.mlp.down_proj.base_layer.weight, bnb.nn.Params4bit)
+        assert isinstance(layer.mlp.up_proj.base_layer.weight, DTensor)
+    got = qlora.train(model, batches, lr=LR)
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, want)
 
 
 def test_nf4_weight_copies_keep_sharing_with_their_params4bit():

@@ -136,12 +136,12 @@ def test_what_the_one_op_does_not_cover_runs_peft_forward(name):
     config, prepare = PEFT_PATHS[name]
     if config.get("lora_bias") and "lora_bias" not in peft.LoraConfig.__dataclass_fields__:
         pytest.skip("this PEFT has no lora_bias")
-    net = lora_net(**config)
+    net = lora_net(i=128, **config)  # whole 64-blocks: the path every released model takes
     patched = slothai.patch(copy.deepcopy(net))
     if prepare:
         prepare(net)
         prepare(patched)
-    x = torch.randn(5, 40)
+    x = torch.randn(5, 128)
     y, dx, _, lora = run(patched, x)
     want_y, want_dx, _, _ = run(net, x)
     assert lora == [False]  # PEFT's forward over the patched base layer

@@ -186,10 +186,9 @@ def test_fp32_head_grad_switch_reaches_the_loss(monkeypatch):
 
 
 def _nf4_weights(model):
-    from slothai.nf4_weight import NF4Weight
-
-    return [(id(m.weight), m.weight.data_ptr()) for m in model.modules()
-            if isinstance(m._parameters.get("weight"), NF4Weight)]
+    """(id, address of codes, address of block scales) of each 4-bit weight."""
+    return [(id(m.weight), m.weight.data_ptr(), m.weight.quant_state.absmax.data_ptr()) for m in model.modules()
+            if type(m._parameters.get("weight")).__name__ == "Params4bit"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -198,7 +197,7 @@ def test_merge_and_unmerge_on_a_patched_compiled_model_match_peft(device):
     # TRL's GRPO merges the adapter before each vLLM weight sync and unmerges it after;
     # users merge_and_unload to export. PEFT requantizes the sum through bitsandbytes'
     # Params4bit: a patched model must give what an unpatched one does, and keep its
-    # NF4Weights (same objects, same addresses, which compiled layers read).
+    # Params4bits (same objects, same addresses, which compiled layers read).
     from training_checks import draw_lora_b
 
     ref = qlora.build("tiny", "llama", device=device)
