@@ -10,9 +10,10 @@ block exits). Blocks nest: an inner block (around an evaluation, say) reports wh
 happened inside it, and the outer one still sees everything, the inner block's
 compilations and recompiles included.
 
-A recompile reads as the guard that failed and the user's frame that made the
-call (`reason`); Dynamo's whole message, with its stack, is kept in `full`
-(`report.text(full=True)` prints it).
+A recompile reads as the guards that failed and the user source line the failing
+guard came from (`reason`: the last frame of the user stack Dynamo logs, which runs
+through every transformers frame above it); Dynamo's whole message is kept in
+`full` (`report.text(full=True)` prints it).
 
 A call of a layer `slothai.compile` compiled that ran eagerly — Dynamo broke its
 graph, or compiled nothing for it — is counted under an `EAGER ...` key of
