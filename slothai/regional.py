@@ -523,6 +523,8 @@ def _how_it_ran(code, before):
         return f"EAGER (recompile limit {limit} hit)" if at_limit else "EAGER (Dynamo compiled nothing)"
     _EAGER_WHY.pop(code, None)
     return "compiled"
+
+
 _REGIONS = weakref.WeakSet()  # every _CompiledForward made, for regions_at_recompile_limit
 
 
@@ -559,11 +561,12 @@ def _compile_layer(layer, dynamic, kwargs, options, model):
 
 def _unsupported(model, layers):
     """Why `compile` cannot compile these layers, or None: PEFT's ParamWrapper (LoRA on a
-    parameter rather than a module: a mixture of experts' fused expert weights, as for
-    Qwen3-MoE and Mixtral under transformers 5) registers a torch parametrization around
-    each forward, which Dynamo does not trace — a graph break in
+    parameter rather than a module: a mixture of experts' fused expert weights under
+    transformers 5, which PEFT targets on Qwen3-MoE from the projection names, and on
+    Mixtral when asked to by target_parameters) registers a torch parametrization
+    around each forward, which Dynamo does not trace — a graph break in
     torch/nn/utils/parametrize.py, after which the whole layer runs eager."""
-    wrapped = sorted({name.split(".")[-1] for layer in layers for name, m in layer.named_modules()
+    wrapped = sorted({str(getattr(m, "parameter_name", "?")) for layer in layers for m in layer.modules()
                       if type(m).__name__ == "ParamWrapper" and type(m).__module__.startswith("peft")})
     if not wrapped:
         return None

@@ -92,7 +92,8 @@ def _stop_listening():
 def _recompile(message):
     """{"function", "reason", "guards", "where", "full"} from one of Dynamo's recompile messages:
     the guards that failed (one per compiled variant tried, without the source line Dynamo
-    appends) and the last frame of the user stack it logs (where the call came from)."""
+    appends) and the last frame of the user stack it logs: the source line the failing
+    guard came from."""
     m = re.search(r"Recompiling function (\S+)", message)
     guards, frames = [], []
     for line in message.splitlines():
