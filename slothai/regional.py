@@ -14,6 +14,7 @@ import collections
 import contextlib
 import functools
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -38,6 +39,10 @@ LOW_MEMORY_MLP_SLICES = 4
 # bsz 1 x 65536, H100: the recording step 24.9 s against 14.5 s, peak 22.0 GB
 # against 20.2); at 1B bsz 2 x 2048 (4096 tokens) graphs made the step 2.5x faster.
 LOW_MEMORY_CUDAGRAPH_TOKENS = 32768
+# A layer call without an attention mask gets an explicit causal one (see
+# _CompiledForward._with_causal_mask) while it takes at most this much memory:
+# 256 MiB is batch 1 x 16384 tokens, batch 16 x 4096.
+CAUSAL_MASK_BYTES = 256 << 20
 
 
 def decoder_layers(model):
@@ -57,19 +62,24 @@ def _disable_kv_cache(model):
 
 
 def mark_token_dims_dynamic(hidden, *others):
-    """Mark hidden's leading dims (batch, sequence) dynamic, and every dim of the
-    other tensors (position embeddings, masks, ids: nested anywhere in `others`)
-    whose size is one of those. The last dim of hidden (the model's width) stays
-    static: marking it too — what dynamic=True does — compiled every kernel for a
-    symbolic width, made compiling slower and let a sequence length equal to the
-    width be specialised. Sizes 0 and 1 are specialised by torch regardless."""
+    """Mark hidden's leading dims (batch, sequence) dynamic, and the token dims of
+    the other tensors (nested anywhere in `others`), by position: dims 0 and 1
+    (batch or 1, tokens: rotary cos/sin, position ids; a 1-D tensor's only dim:
+    cache positions) and, of a 4-D tensor (an attention mask [batch, 1, tokens,
+    tokens]), dims 2 and 3, each where its size is the batch or sequence size. Never
+    a feature dim: marked by size alone, the rotary tables' last dim (head_dim) was
+    marked whenever the sequence length equalled it, a second compilation.
+    The last dim of hidden (the model's width) stays static: marking it too — what
+    dynamic=True does — compiled every kernel for a symbolic width, made compiling
+    slower and let a sequence length equal to the width be specialised. Sizes 0 and
+    1 are specialised by torch regardless."""
     sizes = set(hidden.shape[:-1])
     for d in range(hidden.dim() - 1):
         torch._dynamo.maybe_mark_dynamic(hidden, d)
     for t in tree_leaves(others):
         if isinstance(t, torch.Tensor):
-            for d, n in enumerate(t.shape):
-                if n in sizes:
+            for d in (0, 2, 3) if t.dim() == 4 else (0, 1)[:t.dim()]:  # a mask's dim 1: heads (1)
+                if t.shape[d] in sizes:
                     torch._dynamo.maybe_mark_dynamic(t, d)
 
 
@@ -256,7 +266,6 @@ class _CompiledForward:
         if not (self.layer.training and torch.is_grad_enabled()):
             REGION_CALLS["eager (no grad or eval)"] += 1
             return self._uncompiled(*args, **kw)
-        REGION_CALLS["compiled"] += 1
         return self._run_compiled(*args, **kw)
 
     def _compile(self, kwargs=None):
@@ -321,6 +330,8 @@ class _CompiledForward:
                     own_grads(self.layer)
             compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
+        if n:
+            kw = self._with_causal_mask(kw, hidden)
         run = None
         mask = kw.get("attention_mask")
         if bucket and n and _paddable_mask(mask, n):
@@ -335,12 +346,39 @@ class _CompiledForward:
             n = None
         if self.dynamic and hidden is not None and hidden.dim() >= 2:
             mark_token_dims_dynamic(hidden, args[1:], kw)
-        graphs = counters["stats"]["unique_graphs"]
+        graphs, before = counters["stats"]["unique_graphs"], _dynamo_counts()
         with self._to_host(hidden):
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
+        REGION_CALLS[_how_it_ran(self._code, before)] += 1
         if counters["stats"]["unique_graphs"] != graphs and _has_cudagraphs(self.kwargs):
             self._own_grads_of_model()
         return out if n is None else tree_map(functools.partial(_real_tokens, n=n, padded=run), out)
+
+    def _with_causal_mask(self, kw, hidden):
+        """kw with its attention mask in one form, so that calls with padding and
+        without — and Gemma 3's full-attention and sliding layers — share one compiled
+        graph (Dynamo guards on the argument's type and strides: else a second
+        compilation, and a second set of CUDA graphs). `None` becomes the causal mask
+        transformers' SDPA path builds for a padded batch (bool [batch, 1, n, n], True:
+        attends): the same attention, SDPA with that mask instead of is_causal=True
+        (on a GPU its memory-efficient kernel rather than flash). A mask transformers
+        expanded over the batch (stride 0: a sliding window, no padding) is made
+        contiguous, as a padded batch's is. None stays None but for a causal SDPA
+        attention, and while the mask is at most CAUSAL_MASK_BYTES: a longer call
+        keeps None (and, padded, compiles a variant of its own)."""
+        mask = kw.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return kw if mask.is_contiguous() else {**kw, "attention_mask": mask.contiguous()}
+        if "attention_mask" not in kw or mask is not None:
+            return kw
+        attn = getattr(self.layer, "self_attn", None)
+        config = getattr(attn, "config", None)
+        if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(attn, "is_causal", None) is not True:
+            return kw
+        batch, n = hidden.shape[:2]
+        if batch * n * n > CAUSAL_MASK_BYTES:
+            return kw
+        return {**kw, "attention_mask": _causal_mask(batch, n, hidden.device)}
 
     def _to_host(self, hidden):
         """What of this call's saved tensors goes to pinned host memory (slothai/offload.py)."""
@@ -369,6 +407,15 @@ class _CompiledForward:
     @property
     def __signature__(self):
         return inspect.signature(self.original or type(self.layer).forward.__get__(self.layer))
+
+
+@functools.lru_cache(maxsize=1)
+def _causal_mask(batch, n, device):
+    """[batch, 1, n, n] bool, True where a token attends (itself and those before it):
+    the layout of transformers' sdpa_mask for a padded batch. One, kept: every layer
+    of a step, and every step of that shape, takes it."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return causal.expand(batch, 1, n, n).contiguous()
 
 
 def _real_tokens(t, n, padded):
@@ -449,6 +496,35 @@ def _why_no_cudagraphs(layer, model=None):
 
 
 REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
+_EAGER_WHY = {}  # compiled code object -> how its calls run since Dynamo broke its graph
+
+
+def _dynamo_counts():
+    return counters["frames"]["total"], counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+
+
+def _how_it_ran(code, before):
+    """The REGION_CALLS key of a call of a compiled layer, from Dynamo's counters
+    before it: "compiled", or "EAGER ..." with the reason — Dynamo broke the graph
+    (the layer runs eager, or split into pieces with eager code between), or was
+    asked to compile (no variant matched) and compiled nothing (the recompile limit).
+    A call that matched a compiled variant leaves the counters as they were."""
+    frames, graphs, breaks = _dynamo_counts()
+    if frames == before[0]:
+        return _EAGER_WHY.get(code, "compiled")
+    new = [reason.split("\n")[0].strip() for reason, n in breaks.items() if n > before[2].get(reason, 0)]
+    if new:
+        _EAGER_WHY[code] = (f"EAGER, split by a graph break ({new[0]})" if graphs != before[1] else
+                            f"EAGER (graph break: {new[0]})")
+        return _EAGER_WHY[code]
+    if graphs == before[1]:
+        limit = torch._dynamo.config.recompile_limit
+        at_limit = code is not None and len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) >= limit
+        return f"EAGER (recompile limit {limit} hit)" if at_limit else "EAGER (Dynamo compiled nothing)"
+    _EAGER_WHY.pop(code, None)
+    return "compiled"
+
+
 _REGIONS = weakref.WeakSet()  # every _CompiledForward made, for regions_at_recompile_limit
 
 
@@ -503,6 +579,25 @@ def _mark_quant_states_static(layer):
                   getattr(state2, "code", None)):
             if isinstance(t, torch.Tensor):
                 torch._dynamo.mark_static_address(t, guard=False)
+
+
+def _unsupported(model, layers):
+    """Why `compile` cannot compile these layers, or None: PEFT's ParamWrapper (LoRA on a
+    parameter rather than a module: a mixture of experts' fused expert weights under
+    transformers 5, which PEFT targets on Qwen3-MoE from the projection names, and on
+    Mixtral when asked to by target_parameters) registers a torch parametrization
+    around each forward, which Dynamo does not trace — a graph break in
+    torch/nn/utils/parametrize.py, after which the whole layer runs eager."""
+    wrapped = sorted({str(getattr(m, "parameter_name", "?")) for layer in layers for m in layer.modules()
+                      if type(m).__name__ == "ParamWrapper" and type(m).__module__.startswith("peft")})
+    if not wrapped:
+        return None
+    family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    return (f"slothai.compile does not support {family}: its decoder layers hold PEFT ParamWrapper modules "
+            f"({', '.join(wrapped)}: LoRA on the parameters of a mixture of experts), whose forward registers a "
+            "torch parametrization that torch.compile cannot trace (a graph break in torch/nn/utils/parametrize.py): "
+            "those layers run EAGER (compile_report counts their calls as such). Their experts are not in 4-bit "
+            "either (bitsandbytes quantizes Linear modules only)")
 
 
 def compiled_layers(model):
@@ -605,6 +700,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
+    why = _unsupported(model, layers)
+    if why is not None:
+        warnings.warn(why, UserWarning, stacklevel=2)
     if low_memory:
         for module in model.modules():
             if is_patched(module) and hasattr(module, "lm_head"):

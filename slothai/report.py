@@ -5,14 +5,26 @@
     print(report)   # graph breaks (reason + where), recompiles (reason), compilations, seconds
 
 It reads Dynamo's counters and listens to its `graph_breaks` and `recompiles`
-logs for the duration (torch._logging is reset to its defaults on exit).
+logs for the duration (torch._logging is reset to its defaults when the outermost
+block exits). Blocks nest: an inner block (around an evaluation, say) reports what
+happened inside it, and the outer one still sees everything, the inner block's
+compilations and recompiles included.
+
+A recompile reads as the guards that failed and the user source line the failing
+guard came from (`reason`: the last frame of the user stack Dynamo logs, which runs
+through every transformers frame above it); Dynamo's whole message is kept in
+`full` (`report.text(full=True)` prints it).
+
+A call of a layer `slothai.compile` compiled that ran eagerly — Dynamo broke its
+graph, or compiled nothing for it — is counted under an `EAGER ...` key of
+`region_calls`, with the reason, not as compiled, and is a warning (below).
 
 Past `torch._dynamo.config.recompile_limit` variants of one function Dynamo stops
 compiling it and runs every call that matches no variant eager, with one log line
 the first time. The report catches that line (`recompile_limits`) and also names
 each region compiled by `slothai.compile` that sits at the limit (`eager_fallbacks`),
-so a hit before the block shows too; either makes `str(report)` open with WARNING
-and the block's exit emit a RuntimeWarning.
+so a hit before the block shows too; any of these makes `str(report)` open with
+WARNING and the block's exit emit a RuntimeWarning.
 """
 import dataclasses
 import logging
@@ -37,25 +49,77 @@ def _compile_seconds():
     return sum(sum(compilation_time_metrics.get(k, ())) for k in _COMPILE_TIME_KEYS)
 
 
+_ACTIVE = []  # the compile_report blocks open now, outermost first; each one's messages go to all
+_HANDLERS = []  # (logger, handler, its propagate before): installed by the outermost block
+
+
 class _Collect(logging.Handler):
-    def __init__(self, sink):
+    """Appends each message of its kind ("breaks", "recompiles", "limits") to every open report."""
+
+    def __init__(self, kind):
         super().__init__(logging.DEBUG)
-        self.sink = sink
+        self.kind = kind
 
     def emit(self, record):
         try:
-            self.sink.append(record.getMessage())
+            message = record.getMessage()
+            for block in _ACTIVE:
+                block.messages[self.kind].append(message)
         except Exception:  # noqa: BLE001  (a report must never break training)
             pass
+
+
+def _listen():
+    torch._logging.set_logs(graph_breaks=True, recompiles=True)
+    for names, kind in ((_BREAK_LOGGERS, "breaks"), (_RECOMPILE_LOGGERS, "recompiles"), (_LIMIT_LOGGERS, "limits")):
+        for name in names:
+            logger = logging.getLogger(name)
+            handler = _Collect(kind)
+            _HANDLERS.append((logger, handler, logger.propagate))
+            logger.addHandler(handler)
+            if kind != "limits":  # collected here, not printed (Dynamo's own warnings still are)
+                logger.propagate = False
+
+
+def _stop_listening():
+    while _HANDLERS:
+        logger, handler, propagate = _HANDLERS.pop()
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+    torch._logging.set_logs()
+
+
+def _recompile(message):
+    """{"function", "reason", "guards", "where", "full"} from one of Dynamo's recompile messages:
+    the guards that failed (one per compiled variant tried, without the source line Dynamo
+    appends) and the last frame of the user stack it logs: the source line the failing
+    guard came from."""
+    m = re.search(r"Recompiling function (\S+)", message)
+    guards, frames = [], []
+    for line in message.splitlines():
+        line = line.strip()
+        g = re.match(r"- (\d+/\d+: .*)", line)
+        if g and "User stack trace" not in line:
+            guards.append(g.group(1).split("  #")[0].strip())
+        f = re.search(r'File "([^"]+)", line (\d+), in (\S+)', line)
+        if f:
+            frames.append(f"{f.group(1)}:{f.group(2)} in {f.group(3)}")
+    if not frames:  # Dynamo's "# file:line in fn" comment on the guard, when it logs no stack
+        frames = re.findall(r"#\s*(\S+:\d+ in \S+)\s*$", message, flags=re.M)
+    where = frames[-1] if frames else ""
+    reason = "; ".join(guards) or message.splitlines()[-1].strip()
+    return dict(function=m.group(1) if m else "?", reason=reason + (f" (at {where})" if where else ""),
+                guards=guards, where=where, full=message)
 
 
 @dataclasses.dataclass
 class CompileReport:
     graph_breaks: list = dataclasses.field(default_factory=list)  # {"reason", "count", "where"}
-    recompiles: list = dataclasses.field(default_factory=list)    # {"function", "reason"}
+    recompiles: list = dataclasses.field(default_factory=list)    # {"function", "reason", "guards", "where", "full"}
     recompile_limits: list = dataclasses.field(default_factory=list)  # {"function", "limit", "reason"}
     eager_fallbacks: list = dataclasses.field(default_factory=list)   # {"function", "variants", "limit"}
     region_calls: dict = dataclasses.field(default_factory=dict)      # slothai.compile'd layers: calls by path
+    # (regional.REGION_CALLS' keys: "compiled", "eager (...)" by design, "EAGER ..." against it, with the reason)
     compilations: int = 0
     compile_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -69,9 +133,15 @@ class CompileReport:
                f"EAGER (last reason: {h['reason']})" for h in self.recompile_limits]
         out += [f"compiled region {f['function']} has {f['variants']} variants, the recompile limit ({f['limit']}): "
                 f"a call that matches none runs EAGER" for f in self.eager_fallbacks]
+        out += [f"{n} call(s) of layers slothai.compile compiled ran {k}" for k, n in self.region_calls.items()
+                if k.startswith("EAGER")]
         return out
 
     def __str__(self):
+        return self.text()
+
+    def text(self, full=False):
+        """The report as `str` prints it; full=True adds Dynamo's whole message for each recompile."""
         lines = [f"WARNING: {w}" for w in self.warnings()]
         lines += [f"torch.compile report: {self.compilations} compilation(s), {self.compile_seconds:.1f} s compiling "
                  f"(of {self.wall_seconds:.1f} s), {sum(b['count'] for b in self.graph_breaks)} graph break(s), "
@@ -81,6 +151,8 @@ class CompileReport:
             lines.append(f"  graph break x{b['count']}: {b['reason']}{where}")
         for r in self.recompiles:
             lines.append(f"  recompile of {r['function']}: {r['reason']}")
+            if full:
+                lines += ["      " + line for line in r["full"].splitlines()]
         if self.region_calls:
             lines.append("  slothai.compile regions: " + ", ".join(f"{n} {k}" for k, n in self.region_calls.items()))
         return "\n".join(lines)
@@ -94,42 +166,29 @@ class compile_report:  # noqa: N801  (used as a context manager, named like one)
         self._breaks0 = dict(counters["graph_break"])
         self._graphs0 = counters["stats"]["unique_graphs"]
         self._secs0 = _compile_seconds()
-        self._break_msgs, self._recompile_msgs, self._limit_msgs = [], [], []
-        self._handlers = []
+        self.messages = {"breaks": [], "recompiles": [], "limits": []}
         self._calls0 = dict(regional.REGION_CALLS)
-        torch._logging.set_logs(graph_breaks=True, recompiles=True)
-        for names, sink in ((_BREAK_LOGGERS, self._break_msgs), (_RECOMPILE_LOGGERS, self._recompile_msgs),
-                            (_LIMIT_LOGGERS, self._limit_msgs)):
-            for name in names:
-                logger = logging.getLogger(name)
-                handler = _Collect(sink)
-                self._handlers.append((logger, handler, logger.propagate))
-                logger.addHandler(handler)
-                if names is not _LIMIT_LOGGERS:  # collected here, not printed (Dynamo's own warnings still are)
-                    logger.propagate = False
+        if not _ACTIVE:
+            _listen()
+        _ACTIVE.append(self)
         self._t0 = time.perf_counter()
         return self.report
 
     def __exit__(self, *exc):
         r = self.report
         r.wall_seconds = time.perf_counter() - self._t0
-        for logger, handler, propagate in self._handlers:
-            logger.removeHandler(handler)
-            logger.propagate = propagate
-        torch._logging.set_logs()
+        _ACTIVE.remove(self)
+        if not _ACTIVE:
+            _stop_listening()
         r.compilations = counters["stats"]["unique_graphs"] - self._graphs0
         r.compile_seconds = _compile_seconds() - self._secs0
         for reason, n in counters["graph_break"].items():
             d = n - self._breaks0.get(reason, 0)
             if d > 0:
                 r.graph_breaks.append(dict(reason=reason.split("\n")[0].strip(), count=d,
-                                           where=_where(reason, self._break_msgs)))
-        for msg in self._recompile_msgs:
-            m = re.search(r"Recompiling function (\S+)", msg)
-            reasons = [ln.strip(" -") for ln in msg.splitlines() if ln.strip().startswith("- ")]
-            r.recompiles.append(dict(function=m.group(1) if m else "?",
-                                     reason="; ".join(reasons) or msg.splitlines()[-1].strip()))
-        for msg in self._limit_msgs:
+                                           where=_where(reason, self.messages["breaks"])))
+        r.recompiles = [_recompile(msg) for msg in self.messages["recompiles"]]
+        for msg in self.messages["limits"]:
             m = re.search(r"hit config\.(\w+) \((\d+)\)", msg)
             if m:
                 fn = re.search(r"function: (.+)", msg)

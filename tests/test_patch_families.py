@@ -46,3 +46,80 @@ def test_patched_family_matches_unpatched(family, tmp_path):
     labels = ids.clone()
     labels[0, :3] = -100
     assert_patched_matches(model, ref, ids, labels)
+
+
+# Rows in Trainer's order (sequential sampler, 2 a batch): 20 and 12 (padded), 16 and 16
+# (no padding, the length equal to head_dim: second, as marking it on the first call
+# hid the bug), 24 and 9 (padded).
+TRAINER_LENGTHS = [20, 12, 16, 16, 24, 9]
+
+
+def _tiny_with_both_attentions(family, path):
+    """The family's tiny checkpoint; Gemma 3's with a sliding and a full-attention layer
+    (its default pattern makes both of 2 layers sliding) and a window the lengths pass."""
+    from transformers import AutoModelForCausalLM
+
+    config = qlora.make_config("tiny", family)
+    if family == "gemma3_text":
+        config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 12
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def _pad_right(rows):
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r["input_ids"])], mask[i, :len(r["input_ids"])] = r["input_ids"], 1
+    return qlora.collated(ids, mask)
+
+
+def trainer_losses(model, tmp_path, lengths=TRAINER_LENGTHS):
+    """Per-step losses of HF Trainer (AdamW, 4 steps of 2 rows, right-padded by a collator)."""
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 256, (n,), generator=g)} for n in lengths]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=len(lengths) // 2,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                             train_sampling_strategy="sequential", seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=_pad_right)
+    trainer.train()
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("family", sorted(CAUSAL_LM_FAMILIES))
+def test_trainer_padded_and_not_at_the_head_size_compiles_once(family, tmp_path):
+    # Batches with padding (a mask) and without (transformers passes None), one at a
+    # length equal to head_dim (16), and on Gemma 3 a full-attention layer next to a
+    # sliding one: one graph for every layer and batch, and the unpatched model's losses.
+    path = _tiny_with_both_attentions(family, tmp_path / "ckpt")
+    torch._dynamo.reset()
+    model, ref = qlora.build(path=path), qlora.build(path=path)
+    assert model.config.head_dim == 16 and 16 in TRAINER_LENGTHS
+    want = trainer_losses(ref, tmp_path)
+    slothai.compile(slothai.patch(model), backend="aot_eager")
+    with slothai.compile_report() as report:
+        got = trainer_losses(model, tmp_path)
+    torch._dynamo.reset()
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    assert report.compilations == 1 and report.recompiles == [] and report.graph_breaks == [], report
+    assert report.region_calls == {"compiled": 3 * model.config.num_hidden_layers}, report
+
+
+def test_gemma3_inductor_full_and_sliding_layers_compile_once(tmp_path):
+    # Gemma 3's full-attention layer gets no mask where its sliding layer gets one, and
+    # padded batches give both one: with inductor, as users compile, one graph for all.
+    path = _tiny_with_both_attentions("gemma3_text", tmp_path / "ckpt")
+    torch._dynamo.reset()
+    model, ref = qlora.build(path=path), qlora.build(path=path)
+    want = trainer_losses(ref, tmp_path)
+    slothai.compile(slothai.patch(model), backend="inductor")
+    with slothai.compile_report() as report:
+        got = trainer_losses(model, tmp_path)
+    torch._dynamo.reset()
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    assert report.compilations == 1 and report.recompiles == [] and report.graph_breaks == [], report
+    assert report.region_calls == {"compiled": 6}, report
