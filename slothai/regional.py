@@ -43,6 +43,7 @@ LOW_MEMORY_CUDAGRAPH_TOKENS = 32768
 # _CompiledForward._with_causal_mask) while it takes at most this much memory:
 # 256 MiB is batch 1 x 16384 tokens, batch 16 x 4096.
 CAUSAL_MASK_BYTES = 256 << 20
+_MASKED = weakref.WeakSet()  # models (or lone layers) a compiled layer has been called with a mask: see _with_causal_mask
 
 
 def decoder_layers(model):
@@ -358,18 +359,27 @@ class _CompiledForward:
         """kw with its attention mask in one form, so that calls with padding and
         without — and Gemma 3's full-attention and sliding layers — share one compiled
         graph (Dynamo guards on the argument's type and strides: else a second
-        compilation, and a second set of CUDA graphs). `None` becomes the causal mask
-        transformers' SDPA path builds for a padded batch (bool [batch, 1, n, n], True:
-        attends): the same attention, SDPA with that mask instead of is_causal=True
-        (on a GPU its memory-efficient kernel rather than flash). A mask transformers
+        compilation, and a second set of CUDA graphs).
+
+        Once a layer of this model has been called with a mask (a padded batch, a
+        sliding window), `None` becomes the causal mask transformers' SDPA path builds
+        for a padded batch (bool [batch, 1, n, n], True: attends): the same attention,
+        SDPA with that mask instead of is_causal=True. Before that, None stays None: a
+        model trained without padding (packing, fixed lengths) keeps SDPA's causal
+        kernels, which skip the masked half of the scores (with a mask they compute it;
+        on a GPU no flash kernel takes a mask). So a run whose first batch has no
+        padding and a later one has compiles twice, where `warm_up(..., padded=True)`
+        first, or a padded first batch, gives one compilation. A mask transformers
         expanded over the batch (stride 0: a sliding window, no padding) is made
         contiguous, as a padded batch's is. None stays None but for a causal SDPA
         attention, and while the mask is at most CAUSAL_MASK_BYTES: a longer call
         keeps None (and, padded, compiles a variant of its own)."""
         mask = kw.get("attention_mask")
+        owner = (self._model() if self._model is not None else None) or self.layer
         if isinstance(mask, torch.Tensor):
+            _MASKED.add(owner)
             return kw if mask.is_contiguous() else {**kw, "attention_mask": mask.contiguous()}
-        if "attention_mask" not in kw or mask is not None:
+        if "attention_mask" not in kw or mask is not None or owner not in _MASKED:
             return kw
         attn = getattr(self.layer, "self_attn", None)
         config = getattr(attn, "config", None)

@@ -46,11 +46,12 @@ def warm_up(model, lengths, batch_size=1, padded=False):
     random token ids each, through `model(input_ids=ids, labels=ids).loss`: the call
     HF Trainer and TRL make. Run it under the autocast you train under, if any.
     padded: each warm-up batch as a padding collator makes it (an attention mask, its
-    last token padding, and labels -100 there). Under SDPA or eager attention (the
-    default) a batch without padding reaches the compiled layers with the same form
-    of mask (regional._CompiledForward._with_causal_mask), so either warms up the
-    variant both run; it matters where the attention takes no mask without padding
-    (e.g. flash_attention_2), or past CAUSAL_MASK_BYTES.
+    last token padding, and labels -100 there). Under SDPA attention (the default),
+    once the model has seen a mask, a batch without padding reaches the compiled
+    layers with the same form of mask (regional._CompiledForward._with_causal_mask):
+    padded=True then warms up the one variant padded and unpadded batches share. For
+    training without padding (packing, fixed lengths) leave it False: those batches
+    keep the mask-free causal kernel.
     Returns {length run: seconds} (the first includes compiling). With length buckets
     on (`compile`'s default with CUDA graphs) one length runs per bucket
     (`padded_length`), each at its own bucket (training would pad a length into a
