@@ -591,6 +591,20 @@ def _mark_quant_states_static(layer):
                 torch._dynamo.mark_static_address(t, guard=False)
 
 
+def _runs_eager(layers):
+    """Why these layers will run eager though compiled, or None: PEFT's DoRA forward
+    (`use_dora=True`, QDoRA) clears a cache of its own inside the layer
+    (`_dora_cache.clear()` in peft/tuners/lora/dora.py), a side effect Dynamo refuses
+    inside the checkpointed region `compile` makes: the layer runs eager, with the
+    same numbers (compile_report counts those calls as EAGER, with the reason)."""
+    dora = sorted({name for layer in layers for m in layer.modules()
+                   for name, on in (getattr(m, "use_dora", None) or {}).items() if on})
+    if not dora:
+        return None
+    return (f"slothai.compile: the decoder layers hold DoRA adapters ({', '.join(dora)}); PEFT's DoRA forward "
+            "clears a cache inside the layer (peft/tuners/lora/dora.py), a side effect torch.compile does not trace "
+            "there, so those layers run EAGER (same results; compile_report counts their calls as EAGER)")
+
 def _unsupported(model, layers):
     """Why `compile` cannot compile these layers, or None: PEFT's ParamWrapper (LoRA on a
     parameter rather than a module: a mixture of experts' fused expert weights under
@@ -710,9 +724,9 @@ def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgra
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
-    why = _unsupported(model, layers)
-    if why is not None:
-        warnings.warn(why, UserWarning, stacklevel=2)
+    for why in (_unsupported(model, layers), _runs_eager(layers)):
+        if why is not None:
+            warnings.warn(why, UserWarning, stacklevel=2)
     if low_memory:
         for module in model.modules():
             if is_patched(module) and hasattr(module, "lm_head"):
