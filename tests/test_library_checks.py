@@ -100,7 +100,9 @@ def test_qdora_trains_and_merges_as_unpatched(checkpoint, order, compiled):
     assert sum(slothai.is_patched(m) for m in model.modules()) >= 2 * 7  # the NF4 layers, in both orders
     assert len(_params4bit(model)) == 2 * 7
     if compiled:
-        slothai.compile(model, backend="aot_eager")
+        torch._dynamo.reset()  # the break is logged where Dynamo first meets it
+        with pytest.warns(UserWarning, match="DoRA adapters .* run EAGER"):
+            slothai.compile(model, backend="aot_eager")
     steps = list(qlora.batches(256, 2, [16, 12], 2, "cpu", seed=3))
     with slothai.compile_report() as report:
         got_grads, got = _grads_and_losses(model, steps)
@@ -109,9 +111,10 @@ def test_qdora_trains_and_merges_as_unpatched(checkpoint, order, compiled):
     assert got_grads.keys() == want_grads.keys() and any("magnitude" in n for n in want_grads)
     for name, g in want_grads.items():
         _assert_rel(got_grads[name], g, name)
-    if compiled:  # PEFT's DoRA clears its cache inside the layer (a side effect Dynamo breaks the graph at)
-        assert all("peft/tuners/lora/dora.py" in b["where"] for b in report.graph_breaks), report
-        assert report.region_calls.get("compiled"), report
+    if compiled:  # PEFT's DoRA clears its cache inside the layer (a side effect Dynamo breaks the graph at):
+        # the layers run eager, and the report says so with the reason
+        assert report.graph_breaks and all("peft/tuners/lora/dora.py" in b["where"] for b in report.graph_breaks)
+        assert set(report.region_calls) == {"EAGER (graph break: HOP: Unsafe side effect)"}, report
     ids = steps[0]
     merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
     assert len(_params4bit(merged)) == 2 * 7
@@ -230,8 +233,8 @@ def test_accelerate_fsdp2_plugin_gets_nf4_weights_to_shard(checkpoint):
     # accelerate 1.15's fsdp2_prepare_model leaves every uint8 Params4bit out of FSDP2
     # (ignored_params); after patch, its call sees the shardable weights as NF4Weights,
     # and the ones whose rows do not split as Params4bit (kept whole).
-    from slothai.distributed import _with_nf4_weights
-    from slothai.nf4_weight import NF4Weight
+    from slothai.patching.fsdp import _with_nf4_weights
+    from slothai.ops.nf4_weight import NF4Weight
 
     pytest.importorskip("accelerate")
     import accelerate.accelerator as acc

@@ -8,7 +8,7 @@ import torch
 import slothai
 from training_checks import assert_patched_matches
 from slothai import qlora
-from slothai.patch import CAUSAL_LM_FAMILIES
+from slothai.patching.causal_lm import CAUSAL_LM_FAMILIES
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

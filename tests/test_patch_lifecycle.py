@@ -228,7 +228,7 @@ def test_merge_and_unmerge_on_a_patched_compiled_model_match_peft(device):
 
 def test_copy_params4bit_refuses_another_layout():
     bnb = pytest.importorskip("bitsandbytes")
-    from slothai.nf4_weight import copy_params4bit_
+    from slothai.ops.nf4_weight import copy_params4bit_
 
     def params4bit(rows, seed):
         w = torch.randn(rows, 128, generator=torch.Generator().manual_seed(seed))
