@@ -87,7 +87,6 @@ def batches(vocab, batch, seqs, steps, device, seed=0, padded=0):
         yield collated(ids, mask)
 
 
-
 def peak_memory_gb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9

@@ -46,6 +46,7 @@ def _runs_eager(layers):
             "clears a cache inside the layer (peft/tuners/lora/dora.py), a side effect torch.compile does not trace "
             "there, so those layers run EAGER (same results; compile_report counts their calls as EAGER)")
 
+
 def _unsupported(model, layers):
     """Why `compile` cannot compile these layers, or None: PEFT's ParamWrapper (LoRA on a
     parameter rather than a module: a mixture of experts' fused expert weights under
