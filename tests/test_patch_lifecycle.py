@@ -171,7 +171,7 @@ def test_compile_report_says_loudly_when_the_recompile_limit_is_hit():
 
 
 def test_fp32_head_grad_switch_reaches_the_loss(monkeypatch):
-    patch_module = importlib.import_module("slothai.patch")
+    patch_module = importlib.import_module("slothai.patching.causal_lm")
     seen, real = [], patch_module.fused_linear_cross_entropy
     monkeypatch.setattr(patch_module, "fused_linear_cross_entropy",
                         lambda *a, **k: seen.append(k["fp32_weight_grad"]) or real(*a, **k))
