@@ -70,9 +70,12 @@ def install(module, kind):
 
 
 def uninstall(module):
-    """Give a patched module its own class back."""
+    """Give a patched module its own class back, without the attributes its patch set."""
     if is_patched(module):
-        module.__class__ = type(module)._slothai_base
+        cls = type(module)
+        module.__class__ = cls._slothai_base
+        for name in _KINDS[cls._slothai_kind][2]:
+            module.__dict__.pop(name, None)
 
 
 def kind_of(module):
