@@ -57,8 +57,8 @@ import common  # noqa: E402
 import slothai  # noqa: E402
 from slothai import qlora  # noqa: E402
 from slothai.distributed import adapter_state_dict, fully_shard_layers  # noqa: E402
-from slothai.nf4_weight import NF4Weight  # noqa: E402
-from slothai.saving import SAVES  # noqa: E402
+from slothai.ops.nf4_weight import NF4Weight  # noqa: E402
+from slothai.compiling.saves import SAVES  # noqa: E402
 
 RUNS = ["1gpu", "fsdp2", "fsdp2_keep", "ddp", "accelerate_fsdp2", "baseline_accelerate", "trainer_fsdp2"]
 

@@ -4,15 +4,21 @@
     W = slothai.dequantize_nf4(layer.weight)   # bitsandbytes Params4bit -> dense weight
     loss = slothai.fused_linear_cross_entropy(hidden, lm_head.weight, labels)
 
-Ops: torch.ops.slothai.dequant_nf4, .nf4_linear and .fused_ce (schemas in the README;
-one module each in slothai/ops/).
+The package in layers, each importing only those below it:
+    ops/        the custom ops (schemas in docs/ops.md) and what is theirs: NF4Weight, the chunked loss
+    patching/   model surgery: slothai.patch, the TRL and Unsloth integrations, the FSDP2/DDP hooks
+    compiling/  slothai.compile: compiled regions, length buckets, CUDA graphs, saves, offload,
+                warm-up, compile_report
+    distributed.py  FSDP2 / DDP user API;  qlora.py, demo.py  random-weight models for the demo and
+                benchmarks;  __main__.py  the command line
 """
-from .chunked_loss import chunked_linear_loss
-from .ops import FusedLinearCrossEntropyLoss, dequantize_nf4, fused_linear_cross_entropy, nf4_levels, nf4_linear
-from .patch import is_patched, patch, unpatch
-from .regional import compile
-from .report import CompileReport, compile_report
-from .warmup import warm_up
+from .compiling.compile import compile
+from .compiling.report import CompileReport, compile_report
+from .compiling.warmup import warm_up
+from .ops import (FusedLinearCrossEntropyLoss, chunked_linear_loss, dequantize_nf4, fused_linear_cross_entropy,
+                  nf4_levels, nf4_linear)
+from .patching.classes import is_patched
+from .patching.patch import patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = [

@@ -21,11 +21,8 @@ def demo(args):
 def report(args):
     import torch
 
-    from . import qlora
-    from .patch import patch
-    from .regional import compile as compile_model
-    from .report import compile_report
-    from .warmup import warm_up
+    from . import compile as compile_model
+    from . import compile_report, patch, qlora, warm_up
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)

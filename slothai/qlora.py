@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from .compiling.warmup import collated
+
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Shapes by name. "tiny" exists for every family; the others are Llama shapes.
@@ -83,12 +85,6 @@ def batches(vocab, batch, seqs, steps, device, seed=0, padded=0):
         mask = torch.ones_like(ids)
         mask[-1, ids.shape[1] - padded:] = 0
         yield collated(ids, mask)
-
-
-def collated(ids, mask):
-    """What a padding collator hands the model: ids with the padding (mask 0) zeroed,
-    the mask, and labels -100 at the padding."""
-    return dict(input_ids=ids * mask, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
 def peak_memory_gb(device):

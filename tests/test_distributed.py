@@ -19,7 +19,7 @@ import torch
 
 import slothai
 from slothai import qlora
-from slothai.nf4_weight import NF4Weight
+from slothai.ops.nf4_weight import NF4Weight
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -100,7 +100,7 @@ def _worker(rank, path, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from slothai.distributed import adapter_state_dict, fully_shard_layers
-    from slothai.regional import compiled_layers
+    from slothai.compiling.regions import compiled_layers
 
     store = dist.FileStore(os.path.join(out, "store"), WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
@@ -207,7 +207,7 @@ def _shard_as_accelerate_does(model, mesh):
     the head alone), kept gathered after forward, then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    from slothai.regional import decoder_layers
+    from slothai.patching.causal_lm import decoder_layers
 
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
@@ -494,7 +494,7 @@ def test_nf4_weight_rows_dequantize_bit_identical(nested, storage):
     # (4 ranks: 10 rows each), every shard dequantizes to bitsandbytes' own rows.
     import bitsandbytes.functional as bnbF
 
-    from slothai.nf4_weight import to_nf4_weight
+    from slothai.ops.nf4_weight import to_nf4_weight
 
     p = _params4bit(40, 448, nested=nested, storage=storage)
     want = bnbF.dequantize_4bit(p.data, p.quant_state)
@@ -516,7 +516,7 @@ def test_nf4_weight_rows_dequantize_bit_identical(nested, storage):
 def test_nf4_weight_cache_key_follows_its_metadata():
     # AOT autograd's cache keys a compiled graph on it: equal for equal metadata, in any
     # process; different when what the graph depends on differs.
-    from slothai.nf4_weight import to_nf4_weight
+    from slothai.ops.nf4_weight import to_nf4_weight
 
     a, b = to_nf4_weight(_params4bit(40, 448)), to_nf4_weight(_params4bit(40, 448))
     assert a._stable_hash_for_caching() == b._stable_hash_for_caching()
@@ -530,8 +530,8 @@ def test_fully_shard_set_up_of_an_nf4_weight_on_torch_before_2_13():
     # wraps FSDP2's set-up so that both work: within it, an integer Parameter is frozen.
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
-    from slothai.distributed import integer_parameters_default_to_no_grad
-    from slothai.nf4_weight import to_nf4_weight
+    from slothai.patching.fsdp import integer_parameters_default_to_no_grad
+    from slothai.ops.nf4_weight import to_nf4_weight
 
     w = to_nf4_weight(_params4bit(8, 64))
     with pytest.raises(RuntimeError, match="floating point"):
@@ -553,7 +553,7 @@ def test_fully_shard_moves_an_nf4_weight_to_the_mesh_device():
     # a GPU host with the model on the CPU). After patch it moves, frozen; here to "meta".
     from torch.distributed.fsdp._fully_shard import _fsdp_init
 
-    from slothai.nf4_weight import to_nf4_weight
+    from slothai.ops.nf4_weight import to_nf4_weight
 
     slothai.patch(qlora.build("tiny"))  # installs the wrapper
     move = _fsdp_init._move_states_to_device
@@ -569,7 +569,7 @@ def test_nf4_weight_answers_for_its_params4bit_and_a_shard_refuses_dense_ops():
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
-    from slothai.nf4_weight import to_nf4_weight
+    from slothai.ops.nf4_weight import to_nf4_weight
 
     p = _params4bit(8, 64)
     w = to_nf4_weight(p)
@@ -663,7 +663,7 @@ def test_nf4_weight_copies_keep_sharing_with_their_params4bit():
 
     import bitsandbytes.functional as bnbF
 
-    from slothai.nf4_weight import to_nf4_weight
+    from slothai.ops.nf4_weight import to_nf4_weight
 
     w = to_nf4_weight(_params4bit(16, 128))
     want = slothai.dequantize_nf4(w)

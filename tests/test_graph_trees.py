@@ -1,4 +1,4 @@
-"""slothai.graph_trees: its replacements of the CUDA-graph trees' bookkeeping give
+"""slothai.compiling.cudagraphs: its replacements of the CUDA-graph trees' bookkeeping give
 torch's own answers, on paths of real storage weak references (CPU storages: the
 methods only read addresses and reference counts)."""
 import random
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._inductor.cudagraph_trees import StorageWeakRefWrapper
 
-from slothai import graph_trees
+from slothai.compiling import cudagraphs as graph_trees
 
 METHODS = [("CUDAGraphNode", "_is_cuda_graph_recorded_tensor"), ("CUDAGraphNode", "_is_alias_of_live_recorded_tensor"),
            ("CUDAWarmupNode", "_is_cuda_graph_recorded_tensor")]

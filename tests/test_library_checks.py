@@ -233,8 +233,8 @@ def test_accelerate_fsdp2_plugin_gets_nf4_weights_to_shard(checkpoint):
     # accelerate 1.15's fsdp2_prepare_model leaves every uint8 Params4bit out of FSDP2
     # (ignored_params); after patch, its call sees the shardable weights as NF4Weights,
     # and the ones whose rows do not split as Params4bit (kept whole).
-    from slothai.distributed import _with_nf4_weights
-    from slothai.nf4_weight import NF4Weight
+    from slothai.patching.fsdp import _with_nf4_weights
+    from slothai.ops.nf4_weight import NF4Weight
 
     pytest.importorskip("accelerate")
     import accelerate.accelerator as acc

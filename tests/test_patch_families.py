@@ -8,7 +8,7 @@ import torch
 import slothai
 from training_checks import assert_patched_matches
 from slothai import qlora
-from slothai.patch import CAUSAL_LM_FAMILIES
+from slothai.patching.causal_lm import CAUSAL_LM_FAMILIES
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -90,8 +90,9 @@ def trainer_losses(model, tmp_path, lengths=TRAINER_LENGTHS):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-@pytest.mark.parametrize("family", sorted(CAUSAL_LM_FAMILIES))
-def test_trainer_padded_and_not_at_the_head_size_compiles_once(family, tmp_path):
+@pytest.mark.parametrize("family, backend", [(f, "aot_eager") for f in sorted(CAUSAL_LM_FAMILIES)] +
+                         [("gemma3_text", "inductor")])  # as users compile, on the family with both attentions
+def test_trainer_padded_and_not_at_the_head_size_compiles_once(family, backend, tmp_path):
     # Batches with padding (a mask) and without (transformers passes None), one at a
     # length equal to head_dim (16), and on Gemma 3 a full-attention layer next to a
     # sliding one: one graph for every layer and batch, and the unpatched model's losses.
@@ -100,26 +101,10 @@ def test_trainer_padded_and_not_at_the_head_size_compiles_once(family, tmp_path)
     model, ref = qlora.build(path=path), qlora.build(path=path)
     assert model.config.head_dim == 16 and 16 in TRAINER_LENGTHS
     want = trainer_losses(ref, tmp_path)
-    slothai.compile(slothai.patch(model), backend="aot_eager")
+    slothai.compile(slothai.patch(model), backend=backend)
     with slothai.compile_report() as report:
         got = trainer_losses(model, tmp_path)
     torch._dynamo.reset()
     assert got == pytest.approx(want, rel=1e-4), (got, want)
     assert report.compilations == 1 and report.recompiles == [] and report.graph_breaks == [], report
     assert report.region_calls == {"compiled": 3 * model.config.num_hidden_layers}, report
-
-
-def test_gemma3_inductor_full_and_sliding_layers_compile_once(tmp_path):
-    # Gemma 3's full-attention layer gets no mask where its sliding layer gets one, and
-    # padded batches give both one: with inductor, as users compile, one graph for all.
-    path = _tiny_with_both_attentions("gemma3_text", tmp_path / "ckpt")
-    torch._dynamo.reset()
-    model, ref = qlora.build(path=path), qlora.build(path=path)
-    want = trainer_losses(ref, tmp_path)
-    slothai.compile(slothai.patch(model), backend="inductor")
-    with slothai.compile_report() as report:
-        got = trainer_losses(model, tmp_path)
-    torch._dynamo.reset()
-    assert got == pytest.approx(want, rel=1e-4), (got, want)
-    assert report.compilations == 1 and report.recompiles == [] and report.graph_breaks == [], report
-    assert report.region_calls == {"compiled": 6}, report

@@ -171,7 +171,7 @@ def test_compile_report_says_loudly_when_the_recompile_limit_is_hit():
 
 
 def test_fp32_head_grad_switch_reaches_the_loss(monkeypatch):
-    patch_module = importlib.import_module("slothai.patch")
+    patch_module = importlib.import_module("slothai.patching.causal_lm")
     seen, real = [], patch_module.fused_linear_cross_entropy
     monkeypatch.setattr(patch_module, "fused_linear_cross_entropy",
                         lambda *a, **k: seen.append(k["fp32_weight_grad"]) or real(*a, **k))
@@ -228,7 +228,7 @@ def test_merge_and_unmerge_on_a_patched_compiled_model_match_peft(device):
 
 def test_copy_params4bit_refuses_another_layout():
     bnb = pytest.importorskip("bitsandbytes")
-    from slothai.nf4_weight import copy_params4bit_
+    from slothai.ops.nf4_weight import copy_params4bit_
 
     def params4bit(rows, seed):
         w = torch.randn(rows, 128, generator=torch.Generator().manual_seed(seed))

@@ -211,7 +211,7 @@ def test_a_model_prepared_for_kbit_training_trains_like_eager():
 def test_hf_trainer_gradient_accumulation_with_cuda_graphs_logs_eager_losses(tmp_path):
     # compile's default on a GPU replays each layer as a CUDA graph; under Trainer's
     # gradient accumulation the first micro-batch's gradients must survive the second's
-    # graphs (they crashed it before regional._OwnGrad).
+    # graphs (they crashed it before regions._OwnGrad).
     from transformers import Trainer, TrainingArguments
 
     data = [{"input_ids": ids[0], "labels": ids[0]} for ids in qlora.batches(256, 1, [24], 12, "cpu")]

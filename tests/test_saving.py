@@ -11,7 +11,7 @@ import torch
 
 import slothai
 from slothai import qlora
-from slothai.regional import decoder_layers
+from slothai.patching.causal_lm import decoder_layers
 from conftest import DEVICES
 from training_checks import assert_losses_close
 
@@ -121,7 +121,7 @@ def test_offload_sends_one_mlp_activation_per_layer_to_the_host_and_trains_like_
     # per layer call goes through offload._HostCopy (on CUDA: to pinned host memory and back
     # into a landing buffer; CUDA graphs on by default). Same compiled layer, so the same
     # losses and gradients; on CUDA the backward graphs replay from the second pass on.
-    from slothai import offload
+    from slothai.compiling import offload
     from torch._inductor import cudagraph_trees
 
     copies, real_init = [], offload._HostCopy.__init__
@@ -169,7 +169,7 @@ def test_pinned_buffers_are_reused_smallest_fit_first(monkeypatch):
     # offload._Pinned: a copy takes the smallest free buffer that holds it; when none
     # does, the smaller free ones are dropped and a new one is made (pinned, on CUDA:
     # a plain tensor stands in here). Given back, a buffer serves the next copy.
-    from slothai import offload
+    from slothai.compiling import offload
 
     made = []
     monkeypatch.setattr(offload._Pinned, "free", collections.defaultdict(list))
@@ -190,6 +190,30 @@ def test_pinned_buffers_are_reused_smallest_fit_first(monkeypatch):
     big = offload._Pinned.take(*key, 200)
     assert big.numel() == 200 and made == [200] and free == []
 
+
+
+def test_release_landing_buffers_frees_what_host_copies_keep(monkeypatch):
+    # What host copies keep between steps, on the device (the two landing buffers) and
+    # on the host (pinned buffers), is dropped by release_landing_buffers; the next
+    # copy makes new ones.
+    from slothai.compiling import offload
+
+    monkeypatch.setattr(offload._Landing, "buffers", {})
+    monkeypatch.setattr(offload._Landing, "occupants", {})
+    monkeypatch.setattr(offload._Pinned, "free", collections.defaultdict(list))
+
+    class Copy:  # what _Landing.take reads of a _HostCopy
+        device, parity, dev = "cpu", 0, None
+        host = torch.empty(6, 4)
+
+    copy = Copy()
+    landed = offload._Landing.take(copy)
+    assert landed.shape == (6, 4) and offload._Landing.buffers and offload._Landing.occupants
+    offload._Pinned.free[("cuda:0", torch.float32)].append(torch.empty(10))
+    offload.release_landing_buffers()
+    assert offload._Landing.buffers == {} and offload._Landing.occupants == {}
+    assert not any(offload._Pinned.free.values())
+    assert offload._Landing.take(copy).data_ptr() != landed.data_ptr() or landed.numel() == 0
 
 def test_tensors_kept_on_the_host_serve_a_second_backward(device):
     # retain_graph=True: backward unpacks each saved tensor twice; the host copy stays

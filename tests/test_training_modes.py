@@ -11,9 +11,11 @@ import torch
 import slothai
 from training_checks import assert_losses_close, draw_lora_b
 from slothai import qlora
-from slothai.patch import is_patched, slice_tokens
-from slothai import regional
-from slothai.regional import LOW_MEMORY_MLP_SLICES, decoder_layers
+from slothai.compiling import buckets, regions
+from slothai.compiling.offload import slice_tokens
+from slothai.compiling.regions import LOW_MEMORY_MLP_SLICES
+from slothai.patching.causal_lm import decoder_layers
+from slothai.patching.classes import is_patched
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -99,7 +101,7 @@ def test_low_memory_layer_saves_only_its_input(monkeypatch, backend):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
 
-    monkeypatch.setattr(regional, "inputs_to_host", recording)
+    monkeypatch.setattr(regions, "inputs_to_host", recording)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend=backend, low_memory=True)
     ids = torch.randint(0, 256, (2, 40))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -226,7 +228,7 @@ def test_unsloth_drop_in_has_unsloths_signature(monkeypatch):
 
 
 def test_padded_length_buckets():
-    from slothai.regional import padded_length
+    from slothai.compiling.buckets import padded_length
 
     assert [padded_length(n) for n in (1, 64, 65, 100, 1500, 1536, 1537, 2048, 2049)] == \
         [64, 64, 128, 128, 1536, 1536, 1664, 2048, 2304]
@@ -237,11 +239,10 @@ def test_padded_length_buckets():
 def test_bucketed_lengths_give_the_same_losses_and_gradients(monkeypatch):
     # Right-padding each layer's tokens to the bucket must change nothing for the real
     # tokens of a causal model: same loss, same LoRA gradients, and it must happen.
-    from slothai import regional
 
     pads = []
-    real = regional._pad_tokens
-    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
+    real = regions._pad_tokens
+    monkeypatch.setattr(regions, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
     ids = torch.randint(0, 256, (2, 37))
     want_loss, want = one_step(slothai.patch(qlora.build("tiny", "llama")), ids)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
@@ -257,17 +258,17 @@ def test_each_layer_takes_the_previous_layers_padded_output_as_it_is(monkeypatch
     # that layer's outputs for the padding): the second layer's hidden states are the
     # first layer's padded output itself, and loss and LoRA gradients stay eager's.
     runs = []
-    real = regional._pad_tokens
-    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: runs.append((a, real(*a))) or runs[-1][1])
+    real = regions._pad_tokens
+    monkeypatch.setattr(regions, "_pad_tokens", lambda *a: runs.append((a, real(*a))) or runs[-1][1])
     ids = torch.randint(0, 256, (2, 37))
     want_loss, want = one_step(slothai.patch(qlora.build("tiny", "llama")), ids)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager", bucket_lengths=True)
     got_loss, got = one_step(model, ids)
     assert len(runs) == 2  # one call per layer
-    hidden = [regional._hidden_of(*args[:2]) for args, _ in runs]
-    padded = [regional._hidden_of(*out) for _, out in runs]
+    hidden = [regions._hidden_of(*args[:2]) for args, _ in runs]
+    padded = [regions._hidden_of(*out) for _, out in runs]
     assert hidden[0].shape[1] == 37 and padded[0].shape[1] == 64  # the embeddings: padded copy
-    assert padded[1] is getattr(hidden[1], regional._PADDED_FROM)  # layer 0's graph output, uncopied
+    assert padded[1] is getattr(hidden[1], buckets._PADDED_FROM)  # layer 0's graph output, uncopied
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -286,8 +287,8 @@ def test_padded_batches_with_an_attention_mask_run_in_length_buckets(monkeypatch
     # sees the padding): same loss and LoRA gradients as eager, low-memory mode too,
     # and Gemma-2's sliding-window layers (window 32 of 37 tokens).
     pads = []
-    real = regional._pad_tokens
-    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[1].get("attention_mask")) or real(*a))
+    real = regions._pad_tokens
+    monkeypatch.setattr(regions, "_pad_tokens", lambda *a: pads.append(a[1].get("attention_mask")) or real(*a))
     batch = padded_batch(37, padded=11, batch=3)
 
     def step(model):
@@ -312,7 +313,7 @@ def test_a_grown_mask_hides_the_padding_from_real_tokens(dtype):
     g = torch.Generator().manual_seed(0)
     allowed = torch.rand(2, 1, 5, 5, generator=g) < 0.6
     mask = allowed if dtype == torch.bool else torch.where(allowed, 0.0, torch.finfo(dtype).min)
-    grown = regional._pad_mask(mask, 5, 8)
+    grown = buckets._pad_mask(mask, 5, 8)
     sees = grown if dtype == torch.bool else grown == 0
     assert grown.shape == (2, 1, 8, 8) and grown.dtype == dtype
     assert torch.equal(grown[..., :5, :5], mask) and not sees[..., :5, 5:].any()
@@ -322,24 +323,24 @@ def test_a_grown_mask_hides_the_padding_from_real_tokens(dtype):
 def test_length_buckets_pad_into_a_recorded_bucket_until_recording_pays():
     # Rent (pad into a larger recorded bucket) until the padding run adds up to the
     # price of recording (RECORD_COST_STEPS steps), then buy (warm up, record).
-    buckets = regional.LengthBuckets()
-    assert [buckets.choose(2, 2048) for _ in range(3)] == [2048] * 3  # warm-up, record, replay
-    assert buckets.choose(2, 1536) == 2048 and buckets.choose(2, 1800) == 2048  # recorded: no slow step
-    assert buckets.choose(3, 1536) == 1536  # another kind (batch size, mask): nothing recorded for it
-    assert buckets.choose(2, 4000) == 4096  # longer than any recorded bucket: its own
-    assert buckets.choose(2, 100, reuse=False) == 128  # warm_up, or no CUDA graphs: its own
-    runs = [buckets.choose(2, 1024) for _ in range(40)]  # 1 - 1024/2048 = half a step wasted a call
-    rent = 2 * regional.RECORD_COST_STEPS
+    lengths = buckets.LengthBuckets()
+    assert [lengths.choose(2, 2048) for _ in range(3)] == [2048] * 3  # warm-up, record, replay
+    assert lengths.choose(2, 1536) == 2048 and lengths.choose(2, 1800) == 2048  # recorded: no slow step
+    assert lengths.choose(3, 1536) == 1536  # another kind (batch size, mask): nothing recorded for it
+    assert lengths.choose(2, 4000) == 4096  # longer than any recorded bucket: its own
+    assert lengths.choose(2, 100, reuse=False) == 128  # warm_up, or no CUDA graphs: its own
+    runs = [lengths.choose(2, 1024) for _ in range(40)]  # 1 - 1024/2048 = half a step wasted a call
+    rent = 2 * buckets.RECORD_COST_STEPS
     assert runs == [2048] * rent + [1024] * (40 - rent)
-    assert buckets.choose(2, 1000) == 1024  # recorded now, for every length in it
+    assert lengths.choose(2, 1000) == 1024  # recorded now, for every length in it
 
 
 def test_a_length_shorter_than_a_recorded_bucket_runs_in_it_and_trains_like_eager(monkeypatch):
     # Under CUDA graphs (as set up on the CPU here) a new length whose bucket was never
     # run goes into a larger bucket that has been run twice; same losses as eager.
     pads = []
-    real = regional._pad_tokens
-    monkeypatch.setattr(regional, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
+    real = regions._pad_tokens
+    monkeypatch.setattr(regions, "_pad_tokens", lambda *a: pads.append(a[2:]) or real(*a))
     batches = list(qlora.batches(256, 2, [100, 100, 40, 128], 4, "cpu"))
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama")), batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), backend="aot_eager")
@@ -430,7 +431,7 @@ def test_gradient_accumulation_under_cuda_graphs_settings_trains_like_eager():
     def hooked(model):
         params = [p for layer in decoder_layers(model) for p in layer.parameters() if p.requires_grad]
         return len(params) == 2 * 7 * 2 and all(
-            sum(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1 for p in params)
+            sum(isinstance(h, regions._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1 for p in params)
 
     assert hooked(model)
     clone = copy.deepcopy(model)  # Parameter's deepcopy drops hooks; the copy's layers compile again and add them
@@ -470,7 +471,7 @@ def _unfreeze_a_norm_after_compile(mode, device="cpu"):
         for layer in decoder_layers(m):
             layer.post_attention_layernorm.weight.requires_grad_(True)
     norms = [layer.post_attention_layernorm.weight for layer in decoder_layers(model)]
-    assert not any(any(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) for p in norms)
+    assert not any(any(isinstance(h, regions._OwnGrad) for h in (p._backward_hooks or {}).values()) for p in norms)
     for a, b in zip(eager.parameters(), model.parameters()):  # the same weights after one step each
         a.data.copy_(b.data)
     with slothai.compile_report() as report:
@@ -479,7 +480,7 @@ def _unfreeze_a_norm_after_compile(mode, device="cpu"):
     assert report.compilations >= 1, report
     if mode == "regional":
         assert report.compilations == 1, report
-        assert all(sum(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1
+        assert all(sum(isinstance(h, regions._OwnGrad) for h in (p._backward_hooks or {}).values()) == 1
                    for p in norms)
     assert_accumulates_like_eager(got, want)
     assert any(name.endswith("post_attention_layernorm.weight") for name in got[1][0])
@@ -502,7 +503,7 @@ def test_a_whole_model_compiled_with_cuda_graphs_copies_its_gradients_too():
     # mode="full" with cudagraphs=True: every trainable parameter gets the hook at compile.
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama")), mode="full", cudagraphs=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    assert params and all(any(isinstance(h, regional._OwnGrad) for h in (p._backward_hooks or {}).values())
+    assert params and all(any(isinstance(h, regions._OwnGrad) for h in (p._backward_hooks or {}).values())
                           for p in params)
 
 
@@ -523,7 +524,7 @@ def test_gradient_accumulation_with_cuda_graphs_trains_like_eager(set_to_none):
 
 def _as_if_cuda_graphs(model, explicit):
     """Set the compiled layers up as compile's CUDA default does (the CPU has no CUDA graphs)."""
-    from slothai.regional import compiled_layers
+    from slothai.compiling.regions import compiled_layers
 
     regions = [layer.forward for layer in compiled_layers(model)]
     for region in regions:
@@ -707,14 +708,14 @@ def test_low_memory_cuda_graphs_record_once_per_length(monkeypatch):
     recorded, real = [], cudagraph_trees.CUDAGraphTreeManager.record_function
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
                         lambda self, *a, **k: recorded.append(1) or real(self, *a, **k))
-    monkeypatch.setattr(regional, "LOW_MEMORY_CUDAGRAPH_TOKENS", 2 * 200)
+    monkeypatch.setattr(regions, "LOW_MEMORY_CUDAGRAPH_TOKENS", 2 * 200)
     # buckets of 64 and 128 tokens, then 2 x 300 tokens: a long call
     batches = list(qlora.batches(256, 2, [40] * 5 + [100] * 4 + [300] * 2, 11, "cuda"))
     want = qlora.train(slothai.patch(qlora.build("tiny", "llama", device="cuda")), batches)
     model = slothai.compile(slothai.patch(qlora.build("tiny", "llama", device="cuda")), low_memory=True)
     counts = []
     got = qlora.train(model, batches, log=lambda _: counts.append(len(recorded)))
-    layers = [layer.forward for layer in regional.compiled_layers(model)]
+    layers = [layer.forward for layer in regions.compiled_layers(model)]
     assert all(f.kwargs["options"]["triton.cudagraphs"] and f._compiled_long is not None for f in layers)
     assert counts[1] > 0 and counts[2:5] == [counts[1]] * 3, counts  # recorded at step 2, replayed after
     assert counts[6] > counts[4] and counts[7:9] == [counts[6]] * 2, counts  # a new length: once

@@ -3,7 +3,7 @@
 the same losses and logged metrics with `slothai.patch` + `slothai.compile` as without.
 
 TRL's fused LM head has no CPU kernel (it is Triton); `slothai.patch` supplies one
-(slothai.trl.ChunkedLogProbs, checked against full logits below). The unpatched run
+(slothai.patching.trl.ChunkedLogProbs, checked against full logits below). The unpatched run
 gets the same one (fixture), so the two runs differ by patch + compile only.
 """
 import importlib
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import slothai
-import slothai.trl
+import slothai.patching.trl
 from slothai import qlora
 
 trl = pytest.importorskip("trl")
@@ -28,7 +28,7 @@ def _trl_has_its_own_kernel():
     """TRL's Triton kernel, where Triton is installed (PyTorch's CUDA wheels): it takes
     CUDA tensors only, so these CPU trainers fail inside TRL there, patched or not."""
     kernel = getattr(importlib.import_module("trl.trainer.utils"), "_ChunkedLogProbFunction", None)
-    return kernel is not None and kernel is not slothai.trl.ChunkedLogProbs
+    return kernel is not None and kernel is not slothai.patching.trl.ChunkedLogProbs
 
 
 pytestmark = pytest.mark.skipif(_trl_has_its_own_kernel(), reason="CPU trainers; TRL's own kernel here is "
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(_trl_has_its_own_kernel(), reason="CPU trainers;
 
 @pytest.fixture(scope="module", autouse=True)
 def _trl_kernel():
-    assert slothai.trl.supply_trl_kernel()
+    assert slothai.patching.trl.supply_trl_kernel()
 
 
 @pytest.fixture(autouse=True)
@@ -381,11 +381,11 @@ def test_patch_before_trl_is_imported(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import test_trl  # imports trl
         from trl.trainer import utils
-        assert utils._ChunkedLogProbFunction is slothai.trl.ChunkedLogProbs
-        assert sum(isinstance(f, slothai.trl.SupplyOnImport) for f in sys.meta_path) == 1
+        assert utils._ChunkedLogProbFunction is slothai.patching.trl.ChunkedLogProbs
+        assert sum(isinstance(f, slothai.patching.trl.SupplyOnImport) for f in sys.meta_path) == 1
         logs, _, _ = test_trl._train("sft", model, {str(tmp_path)!r}, steps=1, bf16=False)
         slothai.unpatch(model)  # the kernel stays where TRL had none, and the finder
-        assert utils._ChunkedLogProbFunction is slothai.trl.ChunkedLogProbs
+        assert utils._ChunkedLogProbFunction is slothai.patching.trl.ChunkedLogProbs
         print("LOSS", logs[0]["loss"])
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -399,7 +399,7 @@ def test_patch_before_trl_is_imported(tmp_path):
 def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, monkeypatch):
     # Against the full logits in float64: every field TRL reads, and the gradients of
     # log-probs and entropy, with chunks of 5 tokens over 23.
-    monkeypatch.setattr(slothai.trl, "_rows_per_chunk", lambda n, v: 5)
+    monkeypatch.setattr(slothai.patching.trl, "_rows_per_chunk", lambda n, v: 5)
     n, h, v = 23, 16, 37
     x = torch.randn(n, h, requires_grad=True)
     w = torch.randn(v, h, requires_grad=True)
@@ -407,7 +407,7 @@ def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, 
     t = torch.randint(0, v, (n,))
     t[3] = 0
     outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-    lp, ent, lsq, mean, top1 = slothai.trl.ChunkedLogProbs.apply(x, w, b, t, temperature, 32768, softcap, scale,
+    lp, ent, lsq, mean, top1 = slothai.patching.trl.ChunkedLogProbs.apply(x, w, b, t, temperature, 32768, softcap, scale,
                                                                  outputs)
     g1, g2 = torch.randn(n), torch.randn(n)
     grads = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), [x, w] + ([b] if bias else []))
@@ -433,10 +433,10 @@ def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, 
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     # A gradient through the log-probs alone (DPO's loss), then through the entropy alone.
     for which, want_out in enumerate((want_lp, want_ent)):
-        got_out = slothai.trl.ChunkedLogProbs.apply(x, w, b, t, temperature, 32768, softcap, scale, outputs)[which]
+        got_out = slothai.patching.trl.ChunkedLogProbs.apply(x, w, b, t, temperature, 32768, softcap, scale, outputs)[which]
         (gx,) = torch.autograd.grad((got_out * g1).sum(), [x])
         (wx,) = torch.autograd.grad((want_out * g1).sum(), [xd], retain_graph=True)
         torch.testing.assert_close(gx.double(), wx, rtol=1e-4, atol=1e-5)
     # Only log-probs asked (TRL's reference passes): the others are None.
-    out = slothai.trl.ChunkedLogProbs.apply(x.detach(), w.detach(), None, t, 1.0, 32768, None, 1.0, ("log_probs",))
+    out = slothai.patching.trl.ChunkedLogProbs.apply(x.detach(), w.detach(), None, t, 1.0, 32768, None, 1.0, ("log_probs",))
     assert out[0].shape == (n,) and all(o is None for o in out[1:])

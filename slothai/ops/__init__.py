@@ -1,14 +1,18 @@
 """slothai's custom ops, one module per op. Each module holds its op's fake (meta)
-function, its autograd, and the Python function users call.
+function, its autograd, and the Python function users call; beside them what is
+theirs: `NF4Weight` (nf4_weight.py, a 4-bit weight FSDP2 can shard) and
+`chunked_linear_loss` (chunked_loss.py, plain torch: the fused loss's memory saving
+for any per-token loss).
 
 The schemas are declared once, in csrc/torch/library.cpp, where each is tied to its
 module here (`m.set_python_module`); importing `_C` loads them with their CPU and
 CUDA kernels.
 """
 from .. import _C  # noqa: F401  (loads the op library)
+from .chunked_loss import chunked_linear_loss
 from .dequant_nf4 import dequantize_nf4, nf4_levels
 from .fused_ce import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .nf4_linear import nf4_linear
 
 __all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "fused_linear_cross_entropy",
-           "FusedLinearCrossEntropyLoss"]
+           "FusedLinearCrossEntropyLoss", "chunked_linear_loss"]

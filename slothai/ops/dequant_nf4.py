@@ -9,7 +9,7 @@ import functools
 import torch
 
 from .. import _C  # noqa: F401  (loads the op library)
-from ..nf4_weight import NF4Weight
+from .nf4_weight import NF4Weight
 from .schema import Arguments
 
 _dequant_nf4 = torch.ops.slothai.dequant_nf4.default

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import _C  # noqa: F401  (loads the op library)
 from .dequant_nf4 import check_quant_state, quant_state_args
-from ..nf4_weight import NF4Weight
+from .nf4_weight import NF4Weight
 from .schema import Arguments
 
 _nf4_linear = torch.ops.slothai.nf4_linear.default

@@ -29,6 +29,8 @@ per node's output list, kept while the list holds the same wrappers (compared by
 identity, in C), so a check costs a set lookup per node of the path, not a Python
 comparison per output.
 """
+from ..patching.fsdp import is_fsdp_module, is_fully_sharded
+
 _ORIGINALS = {}
 _ADDRESSES = {}  # id(output list) -> (the list, its wrappers then, their addresses); see _addresses
 _ADDRESSES_MAX = 1 << 14  # lists cached before the cache is emptied (a node's list is one entry)
@@ -136,3 +138,27 @@ def original(cls_name, attr):
     if (cls_name, attr) in _ORIGINALS:
         return _ORIGINALS[cls_name, attr]
     return vars(getattr(_trees, cls_name))[attr]
+
+
+def has_cudagraphs(kwargs):
+    """Whether torch.compile keyword arguments turn inductor's CUDA graphs on."""
+    return bool(kwargs.get("options", {}).get("triton.cudagraphs"))
+
+
+def without_cudagraphs(kwargs):
+    """torch.compile keyword arguments with inductor's CUDA graphs option removed."""
+    rest = {k: v for k, v in kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
+    kwargs = {k: v for k, v in kwargs.items() if k != "options"}
+    return {**kwargs, "options": rest} if rest else kwargs
+
+
+def why_no_cudagraphs(layer, model=None):
+    """Why CUDA graphs cannot replay `layer` now (see _settle_cudagraphs), or None."""
+    if getattr(layer, "gradient_checkpointing", False):  # transformers' gradient_checkpointing_enable()
+        return ("the layer checkpoints its activations (transformers' gradient checkpointing, on in TRL's "
+                "configs): the recomputation in backward replays its CUDA graph over outputs the backward still "
+                "reads")
+    if is_fully_sharded(model) if model is not None else is_fsdp_module(layer):  # the whole model: first call only
+        return ("the model is sharded by FSDP2's fully_shard: a CUDA graph replays the weight addresses it "
+                "recorded, and FSDP2 frees and reallocates them every step")
+    return None

@@ -22,7 +22,7 @@ backward's own kernels.
               but in smaller, less efficient kernels.
   offloaded   with saves="offload", what "matmuls" keeps, but one of the MLP's
               tokens x intermediate_size outputs (the first saved: gate's, on
-              Llama) goes to pinned host memory and back (slothai/offload.py,
+              Llama) goes to pinned host memory and back (offload.py,
               `widest_to_host`, at the layer's call) instead of staying on the GPU.
 
 The policy reads the op stream in forward order: the up projection is the second
@@ -36,8 +36,7 @@ import warnings
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from . import _C  # noqa: F401  (loads the op library)
-from .ops.schema import Arguments
+from ..ops.schema import Arguments
 
 SAVES = ("lean", "matmuls", "offload")
 

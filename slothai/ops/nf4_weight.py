@@ -2,7 +2,7 @@
 PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) can shard by rows.
 
 After `slothai.patch`, `fully_shard` turns each bitsandbytes `Params4bit` of a
-`Linear4bit` it patched into one (`to_nf4_weight`, see slothai/distributed.py) as
+`Linear4bit` it patched into one (`to_nf4_weight`, see slothai/patching/fsdp.py) as
 it takes the layer; on a single process the weight stays a `Params4bit`. The
 patched forward hands its fields to `slothai::nf4_linear`. Under `fully_shard`:
 

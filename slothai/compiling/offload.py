@@ -39,6 +39,8 @@ import weakref
 
 import torch
 
+from ..patching.classes import install, kind_of, register_kind, uninstall
+
 
 class _HostCopy:
     """One layer input on its way to the host and back. `prev` (a weak reference)
@@ -269,3 +271,17 @@ def sliced_forward(self, x, *args, **kwargs):
     slices = torch.nn.functional.pad(x, (0, 0, 0, per * n - tokens)).view(batch, n, per, width)
     out = torch.stack([forward(self, slices[:, i], *args, **kwargs) for i in range(n)], dim=1)
     return out.view(batch, per * n, out.shape[-1])[:, :tokens]
+
+
+def slice_tokens(module, n):
+    """Run `module` (per-token: an MLP) over n token slices in training mode under
+    autograd (sliced_forward; what compile(low_memory=True) does to each layer's
+    MLP); n=None undoes it."""
+    if n:
+        install(module, "token_slices")
+        setattr(module, SLICES_ATTR, n)
+    elif kind_of(module) == "token_slices":
+        uninstall(module)
+
+
+register_kind("token_slices", sliced_forward, attrs=(SLICES_ATTR,))

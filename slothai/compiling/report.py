@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch._dynamo.utils import compilation_time_metrics, counters
 
-from . import regional
+from . import regions
 
 _BREAK_LOGGERS = ("torch._dynamo.symbolic_convert.__graph_breaks", "torch._dynamo.convert_frame.__graph_breaks",
                   "torch._dynamo.exc.__graph_breaks")
@@ -119,7 +119,7 @@ class CompileReport:
     recompile_limits: list = dataclasses.field(default_factory=list)  # {"function", "limit", "reason"}
     eager_fallbacks: list = dataclasses.field(default_factory=list)   # {"function", "variants", "limit"}
     region_calls: dict = dataclasses.field(default_factory=dict)      # slothai.compile'd layers: calls by path
-    # (regional.REGION_CALLS' keys: "compiled", "eager (...)" by design, "EAGER ..." against it, with the reason)
+    # (regions.REGION_CALLS' keys: "compiled", "eager (...)" by design, "EAGER ..." against it, with the reason)
     compilations: int = 0
     compile_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -167,7 +167,7 @@ class compile_report:  # noqa: N801  (used as a context manager, named like one)
         self._graphs0 = counters["stats"]["unique_graphs"]
         self._secs0 = _compile_seconds()
         self.messages = {"breaks": [], "recompiles": [], "limits": []}
-        self._calls0 = dict(regional.REGION_CALLS)
+        self._calls0 = dict(regions.REGION_CALLS)
         if not _ACTIVE:
             _listen()
         _ACTIVE.append(self)
@@ -196,8 +196,8 @@ class compile_report:  # noqa: N801  (used as a context manager, named like one)
                 r.recompile_limits.append(dict(function=fn.group(1).strip() if fn else "?",
                                                limit=f"{m.group(1)} ({m.group(2)})",
                                                reason=why.group(1).strip() if why else "?"))
-        r.eager_fallbacks = regional.regions_at_recompile_limit()
-        r.region_calls = {k: n - self._calls0.get(k, 0) for k, n in regional.REGION_CALLS.items()
+        r.eager_fallbacks = regions.regions_at_recompile_limit()
+        r.region_calls = {k: n - self._calls0.get(k, 0) for k, n in regions.REGION_CALLS.items()
                           if n - self._calls0.get(k, 0) > 0}
         if r.warnings():
             warnings.warn("slothai.compile_report: " + "; ".join(r.warnings()), RuntimeWarning, stacklevel=2)

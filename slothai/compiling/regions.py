@@ -1,65 +1,44 @@
-"""`slothai.compile(model)`: torch.compile for QLoRA training, regional by default.
-
-Regional: each decoder layer is compiled on its own and, since the layers share
-their code and their guards, the first layer's compiled code serves them all.
-What keeps it that way on Hugging Face models: the KV cache is turned off
-(training does not need it; a cache object per layer and its `layer_idx` are what
-pushed naive per-layer compilation over the recompile limit), every layer's input
-requires grad (as the first one's otherwise would not), and the batch and
-sequence sizes are dynamic from the first call while the model's own sizes stay
-static, so a new sequence length does not recompile and the kernels are compiled
-for the model's real hidden sizes.
-"""
+"""A compiled decoder layer: `_CompiledForward` replaces the layer's forward and
+runs it through torch.compile, keeping one compilation for every length (token
+dims dynamic by position, one form of attention mask, length buckets under CUDA
+graphs), and counts how each call ran for `compile_report` (`REGION_CALLS`)."""
 import collections
 import contextlib
 import functools
 import inspect
-import warnings
 import weakref
 
 import torch
 from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_leaves, tree_map
 
-from . import graph_trees
-from .distributed import is_fsdp_module, is_fully_sharded
-from .offload import inputs_to_host, widest_to_host
-from .patch import is_patched, slice_tokens
-from .saving import check_saves, with_saves
+from ..patching.classes import is_patched
+from .buckets import (_OWN_BUCKETS, LengthBuckets, _pad_tokens, _paddable_mask, _real_tokens, padded_length)
+from .cudagraphs import has_cudagraphs, why_no_cudagraphs, without_cudagraphs
+from .offload import inputs_to_host, slice_tokens, widest_to_host
+from .saves import with_saves
 
-# Low-memory mode: the loss head's chunk of logits (and their gradient, in place).
-# 128 MiB is 512 tokens at a 128K vocabulary in bf16: GEMMs still large enough.
-LOW_MEMORY_LOGITS_BYTES = 128 << 20
+
 # Low-memory mode: each layer's MLP runs over this many slices of the tokens under
 # autograd (offload.sliced_forward), so that its backward holds a slice's temporaries.
 LOW_MEMORY_MLP_SLICES = 4
+
+
 # Low-memory mode with CUDA graphs by default: a layer call of more tokens than this
 # runs compiled without them (a second variant, compiled at the first such call).
 # A long call is GPU-bound, and a graph costs there without paying back (8B shape,
 # bsz 1 x 65536, H100: the recording step 24.9 s against 14.5 s, peak 22.0 GB
 # against 20.2); at 1B bsz 2 x 2048 (4096 tokens) graphs made the step 2.5x faster.
 LOW_MEMORY_CUDAGRAPH_TOKENS = 32768
+
+
 # A layer call without an attention mask gets an explicit causal one (see
 # _CompiledForward._with_causal_mask) while it takes at most this much memory:
 # 256 MiB is batch 1 x 16384 tokens, batch 16 x 4096.
 CAUSAL_MASK_BYTES = 256 << 20
+
+
 _MASKED = weakref.WeakSet()  # models (or lone layers) a compiled layer has been called with a mask: see _with_causal_mask
-
-
-def decoder_layers(model):
-    """The repeated blocks: members of ModuleLists whose class name ends in 'DecoderLayer'."""
-    layers = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList):
-            layers += [m for m in module if type(m).__name__.endswith("DecoderLayer")]
-    return layers
-
-
-def _disable_kv_cache(model):
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "use_cache"):
-            config.use_cache = False
 
 
 def mark_token_dims_dynamic(hidden, *others):
@@ -105,115 +84,6 @@ def _in_compute_dtype(fn, skip=0):
         return fn(*args, **kw)
 
     return run
-
-
-def padded_length(n):
-    """The bucket a sequence of n tokens is padded to under CUDA graphs: 8 buckets
-    per octave (multiples of 2^(k-3) for n in [2^k, 2^(k+1)), at least 64), so at
-    most 1/8 of the tokens are padding and a few dozen graphs cover every length."""
-    step = max(64, 1 << max(0, n.bit_length() - 4))
-    return -(-n // step) * step
-
-
-# A length whose own bucket has no CUDA graphs yet runs padded into the smallest
-# larger bucket that has them (a replay: no slow step) until the padding run that way
-# adds up to RECORD_COST_STEPS steps (a step of B tokens run for b real ones wastes
-# 1 - b/B of it); then its own bucket is warmed up and recorded. That is about the cost
-# of recording, measured (1B shape, H100): a warm-up and a recording step, 0.39-0.42 s
-# and 0.73-0.77 s, against 0.069 s replayed: 16-17 steps' time, 14-15 more than two
-# replays. Paying rent until it adds up to the price, then buying, never costs more
-# than twice the better choice.
-RECORD_COST_STEPS = 16
-
-
-class LengthBuckets:
-    """The bucket each training call of one compiled layer runs at, under CUDA graphs
-    (see RECORD_COST_STEPS). Every layer sees the same calls, so all choose alike."""
-
-    def __init__(self):
-        self.calls = collections.Counter()  # (kind, bucket) -> calls run at it; 2: warmed up and recorded
-        self.padding = collections.Counter()  # (kind, bucket) -> steps' worth of padding run in a larger one
-
-    def choose(self, kind, n, reuse=True):
-        """The tokens to run n at; `kind`: what else tells graphs apart (batch size, mask)."""
-        own = padded_length(n)
-        key = (kind, own)
-        larger = [b for (k, b), calls in self.calls.items() if k == kind and b > own and calls >= 2]
-        if reuse and larger and self.calls[key] < 2 and self.padding[key] < RECORD_COST_STEPS:
-            run = min(larger)
-            self.padding[key] += 1 - own / run
-        else:
-            run = own
-        self.calls[kind, run] += 1
-        return run
-
-
-_OWN_BUCKETS = [False]  # set by own_buckets()
-
-
-@contextlib.contextmanager
-def own_buckets():
-    """Every length runs at its own bucket, recording it (what `warm_up` asks for)."""
-    _OWN_BUCKETS.append(True)
-    try:
-        yield
-    finally:
-        _OWN_BUCKETS.pop()
-
-
-# The attribute by which a layer output sliced back to its real tokens names the
-# padded output it views (see _pad_tokens).
-_PADDED_FROM = "_slothai_padded_from"
-
-
-def _paddable_mask(mask, n):
-    """Whether a layer's attention mask lets its tokens be padded: none (causal), or
-    the [batch or 1, heads or 1, n, n] mask transformers builds for padded batches
-    (bool: True attends; float: added to the scores)."""
-    return mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 4 and tuple(mask.shape[-2:]) == (n, n) \
-        and (mask.dtype == torch.bool or mask.dtype.is_floating_point)
-
-
-def _pad_mask(mask, n, padded):
-    """`mask` grown to [..., padded, padded]: a real token sees what it saw and no
-    padding; a padding token sees every token up to itself (causal), so its row of
-    the softmax is finite though no real token reads it."""
-    allowed, masked = (True, False) if mask.dtype == torch.bool else (0.0, torch.finfo(mask.dtype).min)
-    out = torch.nn.functional.pad(mask, (0, padded - n, 0, padded - n), value=masked)
-    rows = torch.arange(n, padded, device=mask.device)[:, None]
-    out[..., n:, :] = torch.where(torch.arange(padded, device=mask.device) <= rows, allowed, masked).to(mask.dtype)
-    return out
-
-
-def _pad_tokens(args, kw, n, padded):
-    """Right-pad every tensor whose dim 1 is the token dim (hidden states, rotary
-    cos/sin, position ids; their dim 0 is the batch or 1) and every 1-D tensor of n
-    (cache positions) with zeros to `padded` tokens, and the attention mask, if
-    any, with `_pad_mask`. Exact for a causal layer: a token attends only to those
-    before it, and none to the padding, so the padding, all after the real tokens,
-    changes nothing of theirs, forward or back.
-
-    The previous layer's output, sliced back to n tokens, is not copied: the padded
-    output it views goes on (its padding rows are that layer's finite outputs for
-    the padding, which no real token reads, and whose gradient is zero). So each
-    layer takes the previous one's graph output, as at the bucket's own length: one
-    CUDA-graph path per bucket, whatever the real length."""
-
-    def pad(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if t.dim() >= 2 and t.shape[1] == n:
-            full = getattr(t, _PADDED_FROM, None)
-            if full is not None and full.shape[1] == padded:
-                return full
-            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, padded - n))
-        if t.dim() == 1 and t.shape[0] == n:
-            return torch.nn.functional.pad(t, (0, padded - n))
-        return t
-
-    kw = {k: _pad_mask(v, n, padded) if k == "attention_mask" and v is not None else tree_map(pad, v)
-          for k, v in kw.items()}
-    return tree_map(pad, args), kw
 
 
 class _CompiledForward:
@@ -297,15 +167,15 @@ class _CompiledForward:
         whole model is looked at on the first only): CUDA graphs by `compile`'s default
         go off for the layer, with the length buckets that serve them, and it compiles
         again if it had; asked for explicitly, they are refused."""
-        if not _has_cudagraphs(self.kwargs):
+        if not has_cudagraphs(self.kwargs):
             return
-        why = _why_no_cudagraphs(self.layer, model)
+        why = why_no_cudagraphs(self.layer, model)
         if why is None:
             return
         if self.options.get("cudagraphs") != "default":
             raise RuntimeError(f"cudagraphs=True, but {why}. Compile with cudagraphs=False, or leave cudagraphs to "
                                "slothai.compile's default, which turns them off here")
-        self.kwargs = _without_cudagraphs(self.kwargs)
+        self.kwargs = without_cudagraphs(self.kwargs)
         if self.options.get("bucket_default"):
             self.options = {**self.options, "bucket": False}
         self._compiled = self._compiled_long = None
@@ -313,7 +183,7 @@ class _CompiledForward:
     def _long_call(self, hidden):
         """A low-memory call too long for CUDA graphs by default (LOW_MEMORY_CUDAGRAPH_TOKENS)."""
         return self.options["low_memory"] and self.options.get("cudagraphs") == "default" and \
-            hidden is not None and _has_cudagraphs(self.kwargs) and \
+            hidden is not None and has_cudagraphs(self.kwargs) and \
             hidden.numel() // max(1, hidden.shape[-1]) > LOW_MEMORY_CUDAGRAPH_TOKENS
 
     def _run_compiled(self, *args, **kw):
@@ -322,12 +192,12 @@ class _CompiledForward:
         hidden = _hidden_of(args, kw)
         if self._long_call(hidden):
             if self._compiled_long is None:
-                self._compiled_long = self._compile(_without_cudagraphs(self.kwargs))
+                self._compiled_long = self._compile(without_cudagraphs(self.kwargs))
             compiled, bucket = self._compiled_long, False
         else:
             if self._compiled is None:
                 self._compiled, self.buckets = self._compile(), LengthBuckets()
-                if _has_cudagraphs(self.kwargs):
+                if has_cudagraphs(self.kwargs):
                     own_grads(self.layer)
             compiled, bucket = self._compiled, self.options["bucket"]
         n = hidden.shape[1] if hidden is not None and hidden.dim() == 3 else None
@@ -336,7 +206,7 @@ class _CompiledForward:
         run = None
         mask = kw.get("attention_mask")
         if bucket and n and _paddable_mask(mask, n):
-            reuse = _has_cudagraphs(self.kwargs) and not _OWN_BUCKETS[-1]
+            reuse = has_cudagraphs(self.kwargs) and not _OWN_BUCKETS[-1]
             run = self.buckets.choose((hidden.shape[0], mask is not None), n, reuse)
             if run > padded_length(n):
                 REGION_CALLS["of those, in a larger recorded bucket"] += 1
@@ -351,7 +221,7 @@ class _CompiledForward:
         with self._to_host(hidden):
             out = compiled(*args, **kw) if self.original is not None else compiled(self.layer, *args, **kw)
         REGION_CALLS[_how_it_ran(self._code, before)] += 1
-        if counters["stats"]["unique_graphs"] != graphs and _has_cudagraphs(self.kwargs):
+        if counters["stats"]["unique_graphs"] != graphs and has_cudagraphs(self.kwargs):
             self._own_grads_of_model()
         return out if n is None else tree_map(functools.partial(_real_tokens, n=n, padded=run), out)
 
@@ -391,7 +261,7 @@ class _CompiledForward:
         return {**kw, "attention_mask": _causal_mask(batch, n, hidden.device)}
 
     def _to_host(self, hidden):
-        """What of this call's saved tensors goes to pinned host memory (slothai/offload.py)."""
+        """What of this call's saved tensors goes to pinned host memory (offload.py)."""
         if hidden is None:
             return contextlib.nullcontext()
         if self.options["low_memory"]:
@@ -411,7 +281,7 @@ class _CompiledForward:
         model = self._model() if self._model is not None else None
         for region in list(_REGIONS) if model is not None else [self]:
             same = region is self or (region._model is not None and region._model() is model)
-            if same and _has_cudagraphs(region.kwargs):
+            if same and has_cudagraphs(region.kwargs):
                 own_grads(region.layer)
 
     @property
@@ -426,15 +296,6 @@ def _causal_mask(batch, n, device):
     of a step, and every step of that shape, takes it."""
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     return causal.expand(batch, 1, n, n).contiguous()
-
-
-def _real_tokens(t, n, padded):
-    """A padded layer output's first n tokens, naming the output it views (_PADDED_FROM)."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] != padded:
-        return t
-    view = t[:, :n]
-    setattr(view, _PADDED_FROM, t)
-    return view
 
 
 class _OwnGrad:
@@ -481,31 +342,9 @@ def _guarding_requires_grad(compiled):
     return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=False)(compiled)
 
 
-def _has_cudagraphs(kwargs):
-    """Whether torch.compile keyword arguments turn inductor's CUDA graphs on."""
-    return bool(kwargs.get("options", {}).get("triton.cudagraphs"))
-
-
-def _without_cudagraphs(kwargs):
-    """torch.compile keyword arguments with inductor's CUDA graphs option removed."""
-    rest = {k: v for k, v in kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
-    kwargs = {k: v for k, v in kwargs.items() if k != "options"}
-    return {**kwargs, "options": rest} if rest else kwargs
-
-
-def _why_no_cudagraphs(layer, model=None):
-    """Why CUDA graphs cannot replay `layer` now (see _settle_cudagraphs), or None."""
-    if getattr(layer, "gradient_checkpointing", False):  # transformers' gradient_checkpointing_enable()
-        return ("the layer checkpoints its activations (transformers' gradient checkpointing, on in TRL's "
-                "configs): the recomputation in backward replays its CUDA graph over outputs the backward still "
-                "reads")
-    if is_fully_sharded(model) if model is not None else is_fsdp_module(layer):  # the whole model: first call only
-        return ("the model is sharded by FSDP2's fully_shard: a CUDA graph replays the weight addresses it "
-                "recorded, and FSDP2 frees and reallocates them every step")
-    return None
-
-
 REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
+
+
 _EAGER_WHY = {}  # compiled code object -> how its calls run since Dynamo broke its graph
 
 
@@ -563,7 +402,7 @@ def _compile_layer(layer, dynamic, kwargs, options, model):
     current = layer.__dict__.get("forward")
     original = current.original if isinstance(current, _CompiledForward) else current
     layer.forward = _CompiledForward(layer, original, dynamic, kwargs, options, model)
-    if _has_cudagraphs(kwargs):
+    if has_cudagraphs(kwargs):
         _mark_quant_states_static(layer)
     mlp = getattr(layer, "mlp", None)
     if all(isinstance(getattr(mlp, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
@@ -576,7 +415,7 @@ def _mark_quant_states_static(layer):
     offset) are plain tensors, not parameters or buffers: inductor's CUDA graph trees
     would take them as inputs that may move and copy them into the graph's own
     buffers at every replay. They stay where they are for the model's life (PEFT's
-    merge / unmerge write into them in place, see patch._in_place), so they are marked
+    merge / unmerge write into them in place, see slothai/patching/linear4bit.py, _in_place), so they are marked
     static, unguarded (no recompile if one is replaced: it is then copied again).
     Untested on a GPU in this tree."""
     for module in layer.modules():
@@ -591,150 +430,6 @@ def _mark_quant_states_static(layer):
                 torch._dynamo.mark_static_address(t, guard=False)
 
 
-def _runs_eager(layers):
-    """Why these layers will run eager though compiled, or None: PEFT's DoRA forward
-    (`use_dora=True`, QDoRA) clears a cache of its own inside the layer
-    (`_dora_cache.clear()` in peft/tuners/lora/dora.py), a side effect Dynamo refuses
-    inside the checkpointed region `compile` makes: the layer runs eager, with the
-    same numbers (compile_report counts those calls as EAGER, with the reason)."""
-    dora = sorted({name for layer in layers for m in layer.modules()
-                   for name, on in (getattr(m, "use_dora", None) or {}).items() if on})
-    if not dora:
-        return None
-    return (f"slothai.compile: the decoder layers hold DoRA adapters ({', '.join(dora)}); PEFT's DoRA forward "
-            "clears a cache inside the layer (peft/tuners/lora/dora.py), a side effect torch.compile does not trace "
-            "there, so those layers run EAGER (same results; compile_report counts their calls as EAGER)")
-
-
-def _unsupported(model, layers):
-    """Why `compile` cannot compile these layers, or None: PEFT's ParamWrapper (LoRA on a
-    parameter rather than a module: a mixture of experts' fused expert weights under
-    transformers 5, which PEFT targets on Qwen3-MoE from the projection names, and on
-    Mixtral when asked to by target_parameters) registers a torch parametrization
-    around each forward, which Dynamo does not trace — a graph break in
-    torch/nn/utils/parametrize.py, after which the whole layer runs eager."""
-    wrapped = sorted({str(getattr(m, "parameter_name", "?")) for layer in layers for m in layer.modules()
-                      if type(m).__name__ == "ParamWrapper" and type(m).__module__.startswith("peft")})
-    if not wrapped:
-        return None
-    family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    return (f"slothai.compile does not support {family}: its decoder layers hold PEFT ParamWrapper modules "
-            f"({', '.join(wrapped)}: LoRA on the parameters of a mixture of experts), whose forward registers a "
-            "torch parametrization that torch.compile cannot trace (a graph break in torch/nn/utils/parametrize.py): "
-            "those layers run EAGER (compile_report counts their calls as such). Their experts are not in 4-bit "
-            "either (bitsandbytes quantizes Linear modules only)")
-
-
 def compiled_layers(model):
     """The decoder layers `compile` put a compiled forward on."""
     return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CompiledForward)]
-
-
-def _inputs_require_grad(module, inputs, output):
-    output.requires_grad_(True)
-
-
-def _enable_input_require_grads(model):
-    """transformers' `enable_input_require_grads`, with a module-level hook: theirs is a
-    local function, and a model holding it no longer pickles or torch.saves."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if get is not None else None
-    if embeddings is not None and _inputs_require_grad not in embeddings._forward_hooks.values():
-        embeddings.register_forward_hook(_inputs_require_grad)
-
-
-def compile(model, mode="regional", *, backend="inductor", dynamic=True, fullgraph=False, adapters="compute",
-            saves="lean", memory_budget=None, cudagraphs=None, bucket_lengths=None, low_memory=False, **options):
-    """Compile `model` in place for training and return it.
-
-    mode: "regional" (each decoder layer, compiled once and reused), "full"
-    (the whole model, as `model.compile()`: saves and memory_budget do not
-    apply), or "none".
-    dynamic: True makes batch and sequence sizes dynamic from the first call (no
-    recompile for a new length); False leaves torch's default (static first,
-    then dynamic where a size changed: one recompile).
-    adapters: "compute" runs the LoRA matmuls of each compiled layer in the
-    model's compute dtype (fp16/bf16; fp32 master weights kept); "float32" keeps
-    PEFT's fp32 adapter math.
-    saves: what each compiled layer keeps for backward (slothai/saving.py).
-    "lean": its matmul and attention outputs, except the MLP's up projection,
-    which backward recomputes with the elementwise work between them (1B shape,
-    H100, 2026-11-27: 4.13 GB, 0.068 s/step); "matmuls": the up projection's too
-    (5.12 GB, 0.062 s); "offload": as "matmuls", but one of the MLP's two
-    tokens x intermediate_size outputs (gate's, on Llama) goes to pinned host
-    memory and back on a side stream, overlapping compute: "lean"'s memory without
-    its recompute, for layers whose forward outlasts that copy, as at 8B
-    (slothai/offload.py);
-    None: AOTAutograd's partitioner decides, under memory_budget.
-    memory_budget: with saves=None, the partitioner's activation-memory budget
-    (1.0 saves what is fastest, 0 recomputes all it can); None leaves torch's.
-    cudagraphs: replay each compiled layer as a CUDA graph (inductor, CUDA only),
-    removing the per-kernel launch cost. A graph is recorded per sequence length,
-    once (0.55-0.77 s for the 1B shape, on the second step at a length), so lengths
-    are padded into 8 buckets per octave (`padded_length`; exact, see
-    `_pad_tokens`), and a length whose bucket has no graphs yet runs in a larger
-    bucket that has them until recording its own pays (RECORD_COST_STEPS). The
-    gradient that would become a parameter's .grad is copied out of the graphs'
-    memory first (_OwnGrad), so gradient accumulation works.
-    None: on for a regional compile of a model on CUDA with inductor, not on a
-    model FSDP2 shards or whose layers
-    checkpoint activations (transformers' gradient checkpointing) — before this
-    call, or after it, as Trainer, TRL and accelerate do: then at a layer's next call.
-    bucket_lengths: pad sequence lengths as described; None: as cudagraphs.
-    low_memory: each layer keeps only its input, in pinned host memory, and is
-    recomputed in backward (copies overlap compute on a side stream; `saves` does
-    not apply; inputs come back into two fixed buffers, so CUDA graphs replay; by
-    default a call of more than LOW_MEMORY_CUDAGRAPH_TOKENS tokens runs without them);
-    its MLP runs over token slices (LOW_MEMORY_MLP_SLICES) and the patched loss
-    head takes smaller chunks of logits (LOW_MEMORY_LOGITS_BYTES).
-    """
-    if mode not in ("regional", "full", "none"):
-        raise ValueError(f"mode must be 'regional', 'full' or 'none', got {mode!r}")
-    if adapters not in ("compute", "float32"):
-        raise ValueError(f"adapters must be 'compute' or 'float32', got {adapters!r}")
-    check_saves(saves, memory_budget)
-    if mode == "none":
-        return model
-    _disable_kv_cache(model)
-    kwargs = dict(backend=backend, fullgraph=fullgraph, **options)
-    sharded = is_fully_sharded(model)  # FSDP2 frees and reallocates the gathered weights every step
-    if cudagraphs and sharded:
-        raise ValueError("cudagraphs=True on a model sharded by fully_shard: a CUDA graph replays the addresses "
-                         "of the weights it recorded, and FSDP2 frees and reallocates them every step")
-    cudagraphs_default, bucket_default = cudagraphs is None, bucket_lengths is None
-    if cudagraphs is None:
-        cudagraphs = mode == "regional" and backend == "inductor" and not sharded and \
-            any(p.is_cuda for p in model.parameters())
-    if cudagraphs:
-        if backend != "inductor":
-            raise ValueError(f"cudagraphs needs backend='inductor', got {backend!r}")
-        kwargs["options"] = {"triton.cudagraphs": True, **kwargs.get("options", {})}
-        graph_trees.install()  # cheaper bookkeeping when a graph is recorded (one per length bucket)
-    if mode == "full":
-        # The model's inputs are ids, labels and masks: every size of them is a
-        # batch or sequence size; the weights' sizes stay static (parameters).
-        model.compile(dynamic=True if dynamic else None, **kwargs)
-        model._compiled_call_impl = _guarding_requires_grad(model._compiled_call_impl)
-        if cudagraphs:
-            own_grads(model)
-        return model
-    if any(p.requires_grad for p in model.parameters()):
-        # The first layer's input would otherwise need no grad and the others' would:
-        # two compiled variants of the same layer. One, and half the compile time.
-        _enable_input_require_grads(model)
-    layers = decoder_layers(model)
-    if not layers:
-        raise ValueError("no decoder layers found (ModuleList members named *DecoderLayer); use mode='full'")
-    for why in (_unsupported(model, layers), _runs_eager(layers)):
-        if why is not None:
-            warnings.warn(why, UserWarning, stacklevel=2)
-    if low_memory:
-        for module in model.modules():
-            if is_patched(module) and hasattr(module, "lm_head"):
-                module.slothai_loss_chunk_bytes = LOW_MEMORY_LOGITS_BYTES
-    options = dict(adapters=adapters, saves=saves, memory_budget=memory_budget, low_memory=low_memory,
-                   bucket=bool(cudagraphs) if bucket_default else bucket_lengths, bucket_default=bucket_default,
-                   cudagraphs="default" if cudagraphs_default else bool(cudagraphs))
-    for layer in layers:
-        _compile_layer(layer, dynamic, kwargs, options, model)
-    return model

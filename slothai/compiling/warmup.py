@@ -9,7 +9,7 @@ forward and backward on random tokens, for the bucket of every length given, so 
 training at those lengths replays from its first step: the cost moves to set-up, as
 a serving engine captures its graphs before it serves. The first call also compiles.
 Training pads a length whose bucket was not recorded into a larger one that was (see
-regional.RECORD_COST_STEPS), so warming up the longest length alone already spares
+buckets.RECORD_COST_STEPS), so warming up the longest length alone already spares
 every shorter one its slow steps, at the price of running it padded.
 
 The model is left as it was: no optimizer step; each trainable parameter's `.grad`
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from .qlora import collated
-from .regional import compiled_layers, own_buckets, padded_length
+from .buckets import own_buckets, padded_length
+from .regions import compiled_layers
 
 
 def _positive_int(n):
@@ -32,7 +32,7 @@ def _positive_int(n):
 def _runs(lengths, bucket):
     """{tokens the layers run: the longest length given that runs them}: one run per
     length bucket, which is one CUDA-graph path whatever the real length in it
-    (regional._pad_tokens)."""
+    (buckets._pad_tokens)."""
     runs = {}
     for n in lengths:
         run = padded_length(n) if bucket else n
@@ -48,14 +48,14 @@ def warm_up(model, lengths, batch_size=1, padded=False):
     padded: each warm-up batch as a padding collator makes it (an attention mask, its
     last token padding, and labels -100 there). Under SDPA attention (the default),
     once the model has seen a mask, a batch without padding reaches the compiled
-    layers with the same form of mask (regional._CompiledForward._with_causal_mask):
+    layers with the same form of mask (regions._CompiledForward._with_causal_mask):
     padded=True then warms up the one variant padded and unpadded batches share. For
     training without padding (packing, fixed lengths) leave it False: those batches
     keep the mask-free causal kernel.
     Returns {length run: seconds} (the first includes compiling). With length buckets
     on (`compile`'s default with CUDA graphs) one length runs per bucket
     (`padded_length`), each at its own bucket (training would pad a length into a
-    larger bucket already recorded, regional.RECORD_COST_STEPS); without, each length
+    larger bucket already recorded, buckets.RECORD_COST_STEPS); without, each length
     given runs."""
     lengths = list(lengths)
     if not lengths or not all(_positive_int(n) for n in lengths):
@@ -104,3 +104,9 @@ def warm_up(model, lengths, batch_size=1, padded=False):
             p.grad = g
         model.train(was_training)
     return seconds
+
+
+def collated(ids, mask):
+    """What a padding collator hands the model: ids with the padding (mask 0) zeroed,
+    the mask, and labels -100 at the padding."""
+    return dict(input_ids=ids * mask, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))

@@ -2,7 +2,7 @@
 per-token loss of the logits, in plain torch (an autograd.Function, no custom op)."""
 import torch
 
-from .ops.fused_ce import check_chunk_size, check_reduction, check_tokens
+from .fused_ce import check_chunk_size, check_reduction, check_tokens
 
 
 def _default_chunk(n, v):
