@@ -1,6 +1,7 @@
-"""Build 4-bit QLoRA models (random weights, no download) and run training steps:
-what `python -m slothai report`, the tests and benchmarks/bench_qlora.py share (and
-`warm_up`, a padding collator's batch)."""
+"""Build 4-bit QLoRA models (random weights, no download) and run training steps, for
+users trying slothai without a checkpoint: what `make demo` and `python -m slothai
+report` run, and what the tests and benchmarks/bench_qlora.py build on. The library
+itself does not import it."""
 import contextlib
 import resource
 import tempfile
