@@ -15,7 +15,7 @@ weights taken as `NF4Weight`s at sharding, DDP's broadcast skipping them) is in
 slothai/patching/fsdp.py.
 """
 from .patching.causal_lm import decoder_layers
-from .patching.fsdp import ORDER, dtensor_type, unshardable_4bit_weights  # noqa: F401  (ORDER: the order above)
+from .patching.fsdp import dtensor_type, unshardable_4bit_weights
 
 
 def fully_shard_layers(model, **kwargs):
