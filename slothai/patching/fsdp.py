@@ -78,19 +78,27 @@ def _is_params4bit(param):
     return type(param).__name__ == "Params4bit" and getattr(param, "quant_state", None) is not None
 
 
+def _patched_4bit_weights(modules):
+    """(module, weight) for each slothai-patched Linear4bit among `modules` that still
+    holds a bitsandbytes Params4bit."""
+    for module in modules:
+        weight = module._parameters.get("weight") if _is_patched_linear4bit(module) else None
+        if weight is not None and _is_params4bit(weight):
+            yield module, weight
+
+
+def _why_unshardable(weight):
+    qs = weight.quant_state
+    return (f"in_features {qs.shape[-1]} is not a multiple of its blocksize {qs.blocksize}, so its rows do not "
+            "split into whole blocks" if qs.shape[-1] % qs.blocksize else "its packed codes are not laid out as rows")
+
+
 def unshardable_4bit_weights(model):
     """{weight: why} for the 4-bit weights of `model`'s patched Linear4bit layers that
     FSDP2 cannot shard by rows (see to_nf4_weight): their rows do not split into
     whole blocks, or their codes are not packed as rows."""
-    out = {}
-    for module in model.modules():
-        weight = module._parameters.get("weight") if _is_patched_linear4bit(module) else None
-        if weight is not None and _is_params4bit(weight) and to_nf4_weight(weight) is None:
-            qs = weight.quant_state
-            out[weight] = (f"in_features {qs.shape[-1]} is not a multiple of its blocksize {qs.blocksize}, so its "
-                           "rows do not split into whole blocks" if qs.shape[-1] % qs.blocksize else
-                           "its packed codes are not laid out as rows")
-    return out
+    return {weight: _why_unshardable(weight) for _, weight in _patched_4bit_weights(model.modules())
+            if to_nf4_weight(weight) is None}
 
 
 def _take_nf4_weights(modules, ignored_params):
@@ -103,25 +111,27 @@ def _take_nf4_weights(modules, ignored_params):
     if "unsloth" in sys.modules:  # Unsloth's LoRA kernels read the Params4bit's own layout (no FSDP2 there)
         return
     ignored = ignored_params or set()
-    root = max(modules, key=lambda m: sum(1 for _ in m.modules())) if modules else None  # fully_shard's module
-    names = {id(m): n for n, m in root.named_modules()} if modules else {}
-    todo = []
-    for module in modules:
-        weight = module._parameters.get("weight") if _is_patched_linear4bit(module) else None
-        if weight is None or not _is_params4bit(weight) or weight in ignored:
+    taken = []
+    for module, weight in _patched_4bit_weights(modules):
+        if weight in ignored:
             continue
-        why = unshardable_4bit_weights(module).get(weight)
-        if why is not None:
-            name = names.get(id(module)) or type(module).__name__
-            raise ValueError(
-                f"fully_shard({type(root).__name__}): cannot shard the 4-bit weight of {name!r} "
-                f"({type(module).__name__} {module.in_features} -> {module.out_features}): {why}. Keep it whole on "
-                f"every rank: pass it in fully_shard(..., ignored_params={{...}}) (moved to the device yourself), "
-                f"or shard with slothai.distributed.fully_shard_layers(model), which does both (on a freshly "
-                f"loaded model: fully_shard has registered itself on this one)")
-        todo.append(module)
-    for module in todo:
-        module.weight = to_nf4_weight(module.weight)
+        nf4 = to_nf4_weight(weight)
+        if nf4 is None:
+            raise ValueError(_refusal(modules, module, _why_unshardable(weight)))
+        taken.append((module, nf4))
+    for module, nf4 in taken:
+        module.weight = nf4
+
+
+def _refusal(modules, module, why):
+    # fully_shard's own module is the one that holds all the others (named from it)
+    root = max(modules, key=lambda m: sum(1 for _ in m.modules()))
+    name = {id(m): n for n, m in root.named_modules()}.get(id(module)) or type(module).__name__
+    return (f"fully_shard({type(root).__name__}): cannot shard the 4-bit weight of {name!r} "
+            f"({type(module).__name__} {module.in_features} -> {module.out_features}): {why}. Keep it whole on "
+            f"every rank: pass it in fully_shard(..., ignored_params={{...}}) (moved to the device yourself), "
+            f"or shard with slothai.distributed.fully_shard_layers(model), which does both (on a freshly "
+            f"loaded model: fully_shard has registered itself on this one)")
 
 
 def let_fully_shard_take_nf4_weights():
@@ -163,11 +173,10 @@ def take_nf4_weights(model):
     """Replace each Params4bit of `model`'s slothai-patched Linear4bit layers whose rows
     split into whole blocks by an NF4Weight viewing its tensors (what fully_shard does
     as it takes a layer); the others stay Params4bit."""
-    unshardable = unshardable_4bit_weights(model)
-    for module in model.modules():
-        weight = module._parameters.get("weight") if _is_patched_linear4bit(module) else None
-        if weight is not None and _is_params4bit(weight) and weight not in unshardable:
-            module.weight = to_nf4_weight(weight)
+    for module, weight in list(_patched_4bit_weights(model.modules())):
+        nf4 = to_nf4_weight(weight)
+        if nf4 is not None:
+            module.weight = nf4
 
 
 def let_accelerate_shard_nf4_weights():
