@@ -63,7 +63,7 @@ def draw(rng):
 
 def build(case, seed):
     g = torch.Generator().manual_seed(seed)
-    n, h, v, dtype = case["n"], case["h"], case["v"], case["dtype"]
+    n, h, v = case["n"], case["h"], case["v"]
     x = torch.randn(n, h, generator=g, dtype=torch.float64)
     w = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5
     b = torch.randn(v, generator=g, dtype=torch.float64) if case["bias"] or case["extreme"].endswith("inf") else None

@@ -245,7 +245,8 @@ class _CompiledForward:
         attention, and while the mask is at most CAUSAL_MASK_BYTES: a longer call
         keeps None (and, padded, compiles a variant of its own)."""
         mask = kw.get("attention_mask")
-        owner = (self._model() if self._model is not None else None) or self.layer
+        model = self._model() if self._model is not None else None
+        owner = model if model is not None else self.layer  # (a Module's truth is its len(), if it has one)
         if isinstance(mask, torch.Tensor):
             _MASKED.add(owner)
             return kw if mask.is_contiguous() else {**kw, "attention_mask": mask.contiguous()}
