@@ -5,7 +5,7 @@ import torch
 
 import slothai  # noqa: F401  (loads the ops)
 
-OPS = {"dequant_nf4": False, "nf4_linear": True, "fused_ce": True, "scale_": False}  # name -> differentiable
+OPS = {"dequant_nf4": False, "nf4_linear": True, "nf4_matmul": True, "fused_ce": True, "scale_": False}  # name -> differentiable
 
 
 def test_every_op_is_registered_from_its_own_module():

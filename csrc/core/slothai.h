@@ -76,6 +76,46 @@ slothai_status slothai_dequant_nf4_cpu(const slothai_nf4_args *a, int64_t begin,
 slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream);
 
 /* ------------------------------------------------------------------------ */
+/* Matrix product with an NF4 weight, read 4-bit (decode shapes)             */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * For x [m, k] and the NF4 weight W [n, k] described by `w` (its packed codes
+ * and scales, as for dequantization; w.numel = n * k, w.out / w.out_dtype unused):
+ *
+ *   out[i, j] = T( sum_c T(NF4[code(j, c)]) * s[(j k + c) / blocksize] * x[i, c]
+ *                  + sum_q lora_x[i, q] * lora_b[j, q]   (when lora_x != NULL)
+ *                  + bias[j] )                           (when bias != NULL)
+ *
+ * T() rounds to nearest-even into `dtype` (identity for fp32), s is the block
+ * scale of slothai_nf4_args, and the sums are formed in fp32 in any order. The
+ * level is rounded into T, not the product level * scale as dequant_nf4 does:
+ * the weight enters a tensor-core product as T(level) and its scale multiplies
+ * the fp32 partial sum of its block. The error bound is the same (half an ulp
+ * of T, relative, per weight); tests hold it to dequant + GEMM's own error.
+ *
+ * x, lora_x, lora_b, bias and out are contiguous, in `dtype`; x is [m, k],
+ * lora_x [m, r], lora_b [n, r], out [m, n]. The weight is read once per 64 rows
+ * of x: ~0.52 byte a weight (double-quantized), the byte floor of a decode step.
+ */
+typedef struct {
+    slothai_nf4_args w;
+    slothai_dtype dtype;
+    int64_t m, n, k, r;
+    const void *x;
+    const void *bias;   /* NULL: none */
+    const void *lora_x; /* NULL: no low-rank term */
+    const void *lora_b;
+    void *out;
+} slothai_nf4_matmul_args;
+
+/* CPU reference: output features [n_begin, n_end) of every row. */
+slothai_status slothai_nf4_matmul_cpu(const slothai_nf4_matmul_args *a, int64_t n_begin, int64_t n_end);
+
+/* CUDA: one launch on `stream` (the scales of both levels inside). */
+slothai_status slothai_nf4_matmul_cuda(const slothai_nf4_matmul_args *a, void *stream);
+
+/* ------------------------------------------------------------------------ */
 /* Cross-entropy over rows of logits (the per-row half of fused_ce)          */
 /* ------------------------------------------------------------------------ */
 

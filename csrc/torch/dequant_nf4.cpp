@@ -11,7 +11,8 @@ namespace slothai {
 
 Nf4Call nf4_call(const at::Tensor &packed, const at::Tensor &absmax, const std::optional<at::Tensor> &code2,
                  const std::optional<at::Tensor> &absmax2, const std::optional<at::Tensor> &offset,
-                 int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef sym_shape, at::ScalarType dtype)
+                 int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
+                 bool dense)
 {
     const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
     const at::Device dev = packed.device();
@@ -77,12 +78,14 @@ Nf4Call nf4_call(const at::Tensor &packed, const at::Tensor &absmax, const std::
                           "absmax is float32 (not double-quantized), so code2, absmax2 and offset must be None");
         a.absmax_f32 = c.absmax.data_ptr<float>();
     }
-    c.out = at::empty(shape, packed.options().dtype(dtype));
     a.packed = static_cast<const uint8_t *>(c.packed.data_ptr());
     a.numel = numel;
     a.blocksize = blocksize;
     a.blocksize2 = blocksize2;
-    a.out = c.out.data_ptr();
+    if (dense) {
+        c.out = at::empty(shape, packed.options().dtype(dtype));
+        a.out = c.out.data_ptr();
+    }
     return c;
 }
 

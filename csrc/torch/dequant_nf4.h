@@ -19,9 +19,11 @@ struct Nf4Call {
 };
 
 // Validates the dequant_nf4 arguments against each other, allocates the output
+// (unless `dense` is false: nf4_matmul reads the codes and writes no weight)
 // and returns the core's argument block pointing at it.
 Nf4Call nf4_call(const at::Tensor &packed, const at::Tensor &absmax, const std::optional<at::Tensor> &code2,
                  const std::optional<at::Tensor> &absmax2, const std::optional<at::Tensor> &offset,
-                 int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef shape, at::ScalarType dtype);
+                 int64_t blocksize, int64_t blocksize2, c10::SymIntArrayRef shape, at::ScalarType dtype,
+                 bool dense = true);
 
 } // namespace slothai

@@ -21,6 +21,13 @@ TORCH_LIBRARY(slothai, m)
     m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
           "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias, Tensor? lora_x=None, "
           "Tensor? lora_b=None) -> Tensor");
+    m.set_python_module("slothai.ops.nf4_matmul");
+    // The same product with the weight read 4-bit, straight into the product
+    // (nothing of W written): bound by the codes' bytes for a few rows of x, the
+    // decode shapes; nf4_linear takes it there on its own (nf4_linear.cpp).
+    m.def("nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
+          "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias, Tensor? lora_x=None, "
+          "Tensor? lora_b=None) -> Tensor");
 
     m.set_python_module("slothai.ops.fused_ce");
     // Linear + cross-entropy over chunks of rows; reduction "none", "sum" or "mean".

@@ -12,16 +12,26 @@
 // and two reads. Measured (H100, Llama-3.1-8B shape, a training step): 10.5 ms less
 // GPU work, though the epilogue's read is not free (docs/design.md). Rounding: the
 // LoRA term once into x's dtype, then the sum once.
+//
+// On CUDA, for a few rows of x (decode, GRPO sampling: kFourBitRows below), it
+// calls slothai::nf4_matmul instead, which reads the codes straight into the
+// product and writes nothing of W; the LoRA term and bias join there too.
 #include <vector>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "nf4_matmul.h"
 
 namespace slothai {
 namespace {
+
+// Up to this many rows of x, nf4_linear on CUDA reads the weight 4-bit
+// (nf4_matmul: bound by the codes' bytes, ~0.52 a weight) instead of
+// dequantizing it (~4.5 bytes a weight moved, then a GEMM that wins on
+// arithmetic for more rows). Measured on an H200: benchmarks/results/nf4_matmul.json.
+constexpr int64_t kFourBitRows = 16;
 
 at::Tensor nf4_linear(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &absmax,
                       const std::optional<at::Tensor> &code2, const std::optional<at::Tensor> &absmax2,
@@ -29,31 +39,15 @@ at::Tensor nf4_linear(const at::Tensor &x, const at::Tensor &packed, const at::T
                       c10::SymIntArrayRef shape, const std::optional<at::Tensor> &bias,
                       const std::optional<at::Tensor> &lora_x, const std::optional<at::Tensor> &lora_b)
 {
-    TORCH_CHECK_VALUE(shape.size() == 2, "shape must be [out_features, in_features], got ", shape);
-    TORCH_CHECK_VALUE(x.dim() >= 1 && x.sym_size(-1) == shape[1], "x must end in in_features = ", shape[1],
-                      ", got shape ", x.sym_sizes());
-    core_dtype(x.scalar_type(), "x");
-    check_device(packed, x.device(), "packed");
-    if (bias) {
-        TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == shape[0], "bias must have shape [", shape[0],
-                          "], got ", bias->sym_sizes());
-        check_dtype(*bias, x.scalar_type(), "bias");
-        check_device(*bias, x.device(), "bias");
-    }
-    TORCH_CHECK_VALUE(lora_x.has_value() == lora_b.has_value(), "lora_x and lora_b must be given together, got ",
-                      lora_x ? "lora_x" : "lora_b", " alone");
-    if (lora_x) {
-        check_dtype(*lora_x, x.scalar_type(), "lora_x");
-        check_dtype(*lora_b, x.scalar_type(), "lora_b");
-        check_device(*lora_x, x.device(), "lora_x");
-        check_device(*lora_b, x.device(), "lora_b");
-        TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->sym_size(0) == shape[0], "lora_b must have shape [",
-                          shape[0], ", r], got ", lora_b->sym_sizes());
-        TORCH_CHECK_VALUE(lora_x->dim() == x.dim() &&
-                              lora_x->sym_sizes().slice(0, x.dim() - 1) == x.sym_sizes().slice(0, x.dim() - 1) &&
-                              lora_x->sym_size(-1) == lora_b->sym_size(1),
-                          "lora_x must have x's leading dims and end in r = ", lora_b->sym_size(1), ", got shape ",
-                          lora_x->sym_sizes(), " for x of shape ", x.sym_sizes());
+    check_linear_args(x, packed, shape, bias, lora_x, lora_b);
+    const auto lead = x.sizes().slice(0, x.dim() - 1);
+    const int64_t rows = c10::multiply_integers(lead);
+    if (x.is_cuda() && x.scalar_type() != at::kFloat && rows <= kFourBitRows) {
+        static const auto matmul = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("slothai::nf4_matmul", "")
+                                       .typed<decltype(nf4_linear)>();
+        return matmul.call(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x,
+                           lora_b);
     }
     static const auto dequant = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("slothai::dequant_nf4", "")
@@ -66,8 +60,6 @@ at::Tensor nf4_linear(const at::Tensor &x, const at::Tensor &packed, const at::T
         dequant.call(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, x.scalar_type());
     if (!lora_x) return at::linear(x, w, bias);
 
-    const auto lead = x.sizes().slice(0, x.dim() - 1);
-    const int64_t rows = c10::multiply_integers(lead);
     at::Tensor y = bias ? at::addmm(*bias, lora_x->reshape({rows, lora_x->size(-1)}), lora_b->t())
                         : at::mm(lora_x->reshape({rows, lora_x->size(-1)}), lora_b->t());
     y.addmm_(x.reshape({rows, x.size(-1)}), w.t());

@@ -13,6 +13,7 @@ from .chunked_loss import chunked_linear_loss
 from .dequant_nf4 import dequantize_nf4, nf4_levels
 from .fused_ce import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .nf4_linear import nf4_linear
+from .nf4_matmul import nf4_matmul
 
-__all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "fused_linear_cross_entropy",
+__all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "nf4_matmul", "fused_linear_cross_entropy",
            "FusedLinearCrossEntropyLoss", "chunked_linear_loss"]

@@ -5,6 +5,9 @@ lora_b = B; csrc/torch/nf4_linear.cpp gives the traffic). Backward dequantizes
 again, so only the 4-bit codes are kept; being one op, torch.compile cannot merge
 the forward's and the backward's dequantization and save the dense weight instead.
 
+On CUDA, for a few rows of x, the op itself calls slothai::nf4_matmul (the
+weight read 4-bit: nf4_matmul.py), whose fake, autograd and FLOPs are these.
+
     d x      = dy W           d bias   = sum of dy over rows
     d lora_x = dy lora_b      d lora_b = dy^T lora_x
 """
@@ -85,12 +88,18 @@ def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None):
     `weight` may also be the `NF4Weight` slothai.patch makes of a Params4bit
     (shardable by FSDP2). lora_x [..., r] (x's leading dims) and lora_b
     [out_features, r], both in x's dtype: a low-rank term the base GEMM
-    accumulates onto, written once with it (a LoRA layer passes A(dropout(x)) * scaling and B)."""
+    accumulates onto, written once with it (a LoRA layer passes A(dropout(x)) * scaling and B).
+    On CUDA, for a few rows of x, the weight is read 4-bit instead (nf4_matmul)."""
+    return _nf4_linear(x, *weight_args(weight), bias, lora_x, lora_b)
+
+
+def weight_args(weight):
+    """(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape) of a Params4bit or NF4Weight."""
     if isinstance(weight, NF4Weight):
-        return _nf4_linear(x, *weight.op_args(), bias, lora_x, lora_b)
+        return weight.op_args()
     qs = getattr(weight, "quant_state", None)
     if not isinstance(weight, torch.Tensor) or qs is None:
         raise TypeError(f"weight must be a bitsandbytes Params4bit (with its quant_state) or an NF4Weight, "
                         f"got {type(weight).__name__}")
     check_quant_state(qs)
-    return _nf4_linear(x, weight.data, *quant_state_args(qs), list(qs.shape), bias, lora_x, lora_b)
+    return (weight.data, *quant_state_args(qs), list(qs.shape))

@@ -1,0 +1,180 @@
+"""The 4-bit product at decode shapes: slothai's nf4_matmul (the weight read
+4-bit) vs today's dequantize + cuBLAS vs bitsandbytes' own `matmul_4bit` (its
+fused gemv / gemm kernels with no autograd), on Llama-3.2-1B's and
+Llama-3.1-8B's seven projections, M = 1..64 rows, one card, one run.
+
+    python benchmarks/bench_nf4_matmul.py            # needs CUDA and bitsandbytes
+    python benchmarks/bench_nf4_matmul.py --quick    # M in 1, 8, 16, 64 only
+
+Correctness first: every run's output is compared with a float64 product of the
+dequantized weight. Times are GPU times of CUDA-graph replays (20 calls a graph,
+median of 30 replays): what a decode step replayed as a graph sees, without the
+host's per-call cost. "layer" is the seven projections in one graph. The read
+bandwidth is a plain read-only kernel (torch.sum over int32) over a buffer of one
+8B layer's 4-bit bytes. Writes nf4_matmul.json/.txt/.png under benchmarks/results/.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import bitsandbytes as bnb  # noqa: E402
+
+import slothai  # noqa: E402
+
+MODELS = {  # (out_features, in_features) of each projection
+    "llama-1b": dict(q_proj=(2048, 2048), k_proj=(512, 2048), v_proj=(512, 2048), o_proj=(2048, 2048),
+                     gate_proj=(8192, 2048), up_proj=(8192, 2048), down_proj=(2048, 8192)),
+    "llama-8b": dict(q_proj=(4096, 4096), k_proj=(1024, 4096), v_proj=(1024, 4096), o_proj=(4096, 4096),
+                     gate_proj=(14336, 4096), up_proj=(14336, 4096), down_proj=(4096, 14336)),
+}
+CALLS = 20
+
+
+def weight(n, k):
+    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                            compress_statistics=True)
+    lin.weight = bnb.nn.Params4bit(torch.randn(n, k) * 0.02, requires_grad=False, quant_type="nf4")
+    return lin.cuda().weight
+
+
+def nbytes(w):
+    qs = w.quant_state
+    return (w.data.numel() + qs.absmax.numel() * qs.absmax.element_size()
+            + qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4)
+
+
+RUNS = {
+    "slothai": lambda x, w: slothai.nf4_matmul(x, w),
+    "dequant+cublas": lambda x, w: x @ slothai.dequantize_nf4(w, dtype=x.dtype).t(),
+    "bitsandbytes": lambda x, w: bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state),
+}
+
+
+def graph_us(fns):
+    """GPU microseconds of one round of `fns`, replayed from a CUDA graph of CALLS rounds
+    (or, where a run cannot be captured, CUDA-event time of CALLS eager rounds)."""
+    try:
+        return _graph_us(fns)
+    except RuntimeError as e:
+        print(f"  (not capturable, timed eager: {str(e).splitlines()[0][:100]})", flush=True)
+        torch.cuda.synchronize()
+
+        def rounds():
+            for _ in range(CALLS):
+                for f in fns:
+                    f()
+        with torch.no_grad():
+            return common.median_ms(rounds, reps=20, warmup=3) * 1e3 / CALLS
+
+
+def _graph_us(fns):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        for _ in range(CALLS):
+            for f in fns:
+                f()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(30):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def read_gbps(nb):
+    buf = torch.empty(nb // 4, dtype=torch.int32, device="cuda").random_(0, 1 << 20)
+    return buf.numel() * 4 / graph_us([lambda: buf.sum()]) / 1e3
+
+
+def check(model, ws, ms):
+    """Every run against float64 on the dequantized weight: error within bf16 rounding of the output."""
+    for proj, w in ws.items():
+        wd = slothai.dequantize_nf4(w, dtype=torch.float32).double()
+        for m in (ms[0], ms[-1]):
+            x = torch.randn(m, w.quant_state.shape[1], device="cuda", dtype=torch.bfloat16)
+            want = x.double() @ wd.t()
+            for run, f in RUNS.items():
+                with torch.no_grad():
+                    err = (f(x, w).double() - want).abs().max().item() / want.abs().max().item()
+                assert err < 2e-2, f"{model} {proj} m={m} {run}: relative error {err:.3e}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default="nf4_matmul")
+    args = ap.parse_args()
+    ms = [1, 8, 16, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    env = common.environment()
+    rows, lines = [], []
+    weights = {model: {p: weight(*nk) for p, nk in shapes.items()} for model, shapes in MODELS.items()}
+    layer_bytes = {model: sum(nbytes(w) for w in ws.values()) for model, ws in weights.items()}
+    gbps = read_gbps(layer_bytes["llama-8b"])
+    for model, ws in weights.items():
+        check(model, ws, ms)
+        for m in ms:
+            xs = {p: torch.randn(m, w.quant_state.shape[1], device="cuda", dtype=torch.bfloat16) for p, w in ws.items()}
+            for run, f in RUNS.items():
+                for proj, w in ws.items():
+                    n, k = w.quant_state.shape
+                    us = graph_us([lambda w=w, x=xs[proj]: f(x, w)])
+                    rows.append(dict(model=model, proj=proj, n=n, k=k, m=m, run=run, us=round(us, 2),
+                                     gbps=round(nbytes(w) / us / 1e3, 1)))
+                us = graph_us([lambda w=w, x=xs[p]: f(x, w) for p, w in ws.items()])
+                rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run=run, us=round(us, 2),
+                                 gbps=round(layer_bytes[model] / us / 1e3, 1)))
+            print(f"{model} m={m} done", flush=True)
+
+    lines.append(f"# {env['card']}, torch {env['torch']}, bitsandbytes {bnb.__version__}, {env['date']}; "
+                 f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB")
+    lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time")
+    for model in MODELS:
+        for proj in [*MODELS[model], "layer"]:
+            lines.append(f"\n{model} {proj}" + (f" ({layer_bytes[model] / 1e6:.1f} MB)" if proj == "layer" else ""))
+            header = ["m"] + [f"{r} µs" for r in RUNS] + ["slothai GB/s", "vs dequant", "vs bnb"]
+            body = []
+            for m in ms:
+                got = {r["run"]: r for r in rows if r["model"] == model and r["proj"] == proj and r["m"] == m}
+                s = got["slothai"]["us"]
+                body.append([m] + [got[r]["us"] for r in RUNS] + [got["slothai"]["gbps"],
+                            f"{got['dequant+cublas']['us'] / s:.2f}x", f"{got['bitsandbytes']['us'] / s:.2f}x"])
+            lines += common.table(header, body)
+    common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1), rows=rows), lines)
+
+    fig, axes = common.subplots(2, 2, size=(11, 3.6))
+    for i, model in enumerate(MODELS):
+        for run in RUNS:
+            pts = [r for r in rows if r["model"] == model and r["proj"] == "layer" and r["run"] == run]
+            axes[2 * i].plot([r["m"] for r in pts], [r["us"] for r in pts], marker="o", label=run)
+            axes[2 * i + 1].plot([r["m"] for r in pts], [r["gbps"] for r in pts], marker="o", label=run)
+        axes[2 * i].set(title=f"{model}: one layer's 7 projections", xlabel="rows of x (M)", ylabel="µs",
+                        xscale="log", yscale="log")
+        axes[2 * i + 1].axhline(gbps, color="k", ls="--", lw=1, label=f"read-only kernel {gbps:.0f} GB/s")
+        axes[2 * i + 1].set(title=f"{model}: 4-bit bytes / time", xlabel="rows of x (M)", ylabel="GB/s",
+                            xscale="log")
+        for ax in axes[2 * i:2 * i + 2]:
+            ax.legend(fontsize=7)
+    common.save_figure(fig, args.name, f"NF4 product at decode shapes, {env['card']}, {env['date']}")
+
+
+if __name__ == "__main__":
+    main()

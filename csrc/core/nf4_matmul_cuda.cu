@@ -1,0 +1,344 @@
+/*
+ * x @ W^T with an NF4 weight read 4-bit, on CUDA: the decode-shape product.
+ *
+ *   out[i, j] = T( sum_b s[j, b] * sum_{c in unit b} T(NF4[code(j, c)]) x[i, c]
+ *                  (+ lora_x[i] . lora_b[j]) (+ bias[j]) )
+ *
+ * (slothai.h gives the exact contract). For a few rows of x the product is
+ * bound by the weight's bytes: ~0.52 a weight with double quantization, against
+ * ~4.5 for dequantize-to-bf16 + GEMM (write 2, read 2 back). So the codes are
+ * read once, straight into tensor-core fragments, and nothing of W is written.
+ *
+ * Tensor-core kernel (fp16 / bf16, sm_80+, K a multiple of 64, blocksize >= 64):
+ *   mma.m16n8k16 with W as the 16-row A operand and x^T as the 8-column B
+ *   operand ("swap AB": the output features fill the tile's 16 rows, the few
+ *   tokens its 8 columns; MT tiles of 8 tokens share each A fragment).
+ *   - A CTA owns 16 output features and up to 8 MT tokens; its 8 warps split K
+ *     into units of 64 (one scale per feature and unit, as blocksize >= 64),
+ *     interleaved so that the CTA's loads sweep 16 rows front to back.
+ *   - In a unit, lane (g, t) = (lane / 4, lane % 4) loads 8 bytes (16 codes)
+ *     of rows g and g + 8 and the matching 16 x values of token g. The k index
+ *     inside a unit is permuted (A and B alike, so the sum is unchanged): byte
+ *     8t + 2s + h of the row is step s's k pair (2t, 2t + 1) for h = 0 and
+ *     (2t + 8, 2t + 9) for h = 1 -- one byte is exactly one A register, and
+ *     the lane's x values are 16 consecutive elements.
+ *   - A byte becomes its register of two T(levels) with one shared-memory
+ *     lookup in a 256-entry pair table, replicated per lane (32 KB) so that a
+ *     warp's 32 lookups never share a bank. The unit's fp32 partial product is
+ *     then scaled by the feature's block scale (both levels of double
+ *     quantization recovered per unit, bitsandbytes' order of operations).
+ *   - The 8 warps' partial sums meet in shared memory (the table's space);
+ *     the LoRA term, the bias and one rounding come at the write.
+ *   Traffic: the codes and scales once per 64 tokens, x from L1/L2, out once.
+ *
+ * Generic kernel (fp32, any K or blocksize, cards before sm_80): a warp per
+ * output feature and 8 tokens, lanes striding K, scalar fp32 FMAs. Correct
+ * everywhere; not tuned.
+ */
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "slothai.h"
+#include "half_cuda.cuh"
+
+namespace {
+
+using slothai_cuda::from_f;
+using slothai_cuda::to_f;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kUnit = 64;     // k per unit: one block scale per (feature, unit)
+constexpr int kPrefetch = 4;  // units a warp loads before it uses the first
+
+__constant__ float kNF4[16] = SLOTHAI_NF4_LEVELS;
+
+// The block scale s[b] of slothai_nf4_args, each fp32 step rounded on its own.
+// `offset` is read on the device by each CTA (at()), never on the host.
+struct Scales {
+    const uint8_t *u8;
+    const float *f32, *code2, *absmax2, *offset_ptr;
+    float offset;
+    int log2_bs2;
+
+    __device__ __forceinline__ Scales at() const {
+        Scales s = *this;
+        s.offset = u8 ? __ldg(offset_ptr) : 0.0f;
+        return s;
+    }
+
+    __device__ __forceinline__ float operator()(int64_t b, const float *code2_smem) const {
+        if (!u8) return __ldg(f32 + b);
+        return __fadd_rn(__fmul_rn(code2_smem[__ldg(u8 + b)], __ldg(absmax2 + (b >> log2_bs2))), offset);
+    }
+};
+
+template <typename T> struct Tc;
+template <> struct Tc<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pair(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+        __trap(); // never launched: the host checks the code's architecture first
+#endif
+    }
+};
+template <> struct Tc<__half> {
+    static __device__ __forceinline__ uint32_t pair(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+        __trap();
+#endif
+    }
+};
+
+// The write of one output: the fp32 sum, the low-rank term and the bias, rounded once.
+template <typename T>
+__device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, float acc)
+{
+    if (a.lora_x) {
+        const T *lx = static_cast<const T *>(a.lora_x) + i * a.r, *lb = static_cast<const T *>(a.lora_b) + j * a.r;
+        float low = 0.0f;
+        for (int64_t q = 0; q < a.r; ++q) low = fmaf(to_f(lx[q]), to_f(lb[q]), low);
+        acc += low;
+    }
+    if (a.bias) acc += to_f(static_cast<const T *>(a.bias)[j]);
+    static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(acc);
+}
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads)
+nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
+{
+    const Scales sc = scales.at();
+    __shared__ uint32_t table[256 * 32]; // [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16
+    __shared__ float code2[256];
+    for (int i = threadIdx.x; i < 256 * 32; i += kThreads) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
+    if (sc.u8)
+        for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = __ldg(sc.code2 + i);
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t N = a.n, K = a.k, M = a.m;
+    const int64_t n0 = (int64_t)blockIdx.x * 16, m0 = m_base + (int64_t)blockIdx.y * (8 * MT);
+    // Rows past N read row N - 1 (valid memory); their sums are never written.
+    const int64_t ra = n0 + g < N ? n0 + g : N - 1, rb = n0 + g + 8 < N ? n0 + g + 8 : N - 1;
+    const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
+    const int64_t units = K / kUnit;
+    const char *lut = reinterpret_cast<const char *>(table) + 4 * lane;
+    const T *x = static_cast<const T *>(a.x);
+
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+
+    for (int64_t u0 = warp; u0 < units; u0 += kWarps * kPrefetch) {
+        uint2 wa[kPrefetch], wb[kPrefetch];
+        float sa[kPrefetch], sb[kPrefetch];
+#pragma unroll
+        for (int p = 0; p < kPrefetch; ++p) {
+            const int64_t u = u0 + p * kWarps;
+            if (u < units) {
+                wa[p] = __ldg(reinterpret_cast<const uint2 *>(pa + u * (kUnit / 2)));
+                wb[p] = __ldg(reinterpret_cast<const uint2 *>(pb + u * (kUnit / 2)));
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < kPrefetch; ++p) {
+            const int64_t u = u0 + p * kWarps;
+            if (u < units) {
+                sa[p] = sc((ra * K + u * kUnit) >> log2_bs, code2);
+                sb[p] = sc((rb * K + u * kUnit) >> log2_bs, code2);
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < kPrefetch; ++p) {
+            const int64_t u = u0 + p * kWarps;
+            if (u >= units) break;
+            // A fragments of the unit's 4 steps: one table lookup per code byte.
+            uint32_t frag[4][4];
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const uint32_t wA = s < 2 ? wa[p].x : wa[p].y, wB = s < 2 ? wb[p].x : wb[p].y;
+                const int sh = 16 * (s & 1);
+                frag[s][0] = *reinterpret_cast<const uint32_t *>(lut + (((wA >> sh) & 0xff) << 7));
+                frag[s][1] = *reinterpret_cast<const uint32_t *>(lut + (((wB >> sh) & 0xff) << 7));
+                frag[s][2] = *reinterpret_cast<const uint32_t *>(lut + (((wA >> (sh + 8)) & 0xff) << 7));
+                frag[s][3] = *reinterpret_cast<const uint32_t *>(lut + (((wB >> (sh + 8)) & 0xff) << 7));
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int64_t m = m0 + mt * 8 + g;
+                uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+                if (m < M) {
+                    const uint4 *xp = reinterpret_cast<const uint4 *>(x + m * K + u * kUnit + 16 * t);
+                    x0 = __ldg(xp);
+                    x1 = __ldg(xp + 1);
+                }
+                float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                Tc<T>::mma(blk, frag[0], x0.x, x0.y);
+                Tc<T>::mma(blk, frag[1], x0.z, x0.w);
+                Tc<T>::mma(blk, frag[2], x1.x, x1.y);
+                Tc<T>::mma(blk, frag[3], x1.z, x1.w);
+                acc[mt][0] = fmaf(sa[p], blk[0], acc[mt][0]);
+                acc[mt][1] = fmaf(sa[p], blk[1], acc[mt][1]);
+                acc[mt][2] = fmaf(sb[p], blk[2], acc[mt][2]);
+                acc[mt][3] = fmaf(sb[p], blk[3], acc[mt][3]);
+            }
+        }
+    }
+
+    // The warps' partial sums meet in the table's space: red[warp][feature][token].
+    __syncthreads();
+    float *red = reinterpret_cast<float *>(table);
+    constexpr int kTok = 8 * MT;
+    static_assert(kWarps * 16 * kTok * 4 <= sizeof(table), "reduction space");
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
+        r[0] = acc[mt][0];
+        r[1] = acc[mt][1];
+        r[8 * kTok] = acc[mt][2];
+        r[8 * kTok + 1] = acc[mt][3];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * kTok; idx += kThreads) {
+        const int row = idx & 15, tok = idx >> 4;
+        const int64_t j = n0 + row, i = m0 + tok;
+        if (j >= N || i >= M) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red[(w * 16 + row) * kTok + tok];
+        finish<T>(a, i, j, sum);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+nf4_matmul_generic_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
+{
+    const Scales sc = scales.at();
+    __shared__ float level[16];
+    __shared__ float code2[256];
+    if (threadIdx.x < 16) level[threadIdx.x] = to_f(from_f<T>(kNF4[threadIdx.x])); // T(level), as the contract says
+    if (sc.u8)
+        for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = __ldg(sc.code2 + i);
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31;
+    const int64_t j = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5), m0 = m_base + (int64_t)blockIdx.y * 8;
+    if (j >= a.n) return;
+    const T *x = static_cast<const T *>(a.x);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t c = lane; c < a.k; c += 32) {
+        const int64_t e = j * a.k + c;
+        const uint8_t byte = __ldg(a.w.packed + (e >> 1));
+        const float w = level[(e & 1) ? (byte & 0xf) : (byte >> 4)] * sc(e >> log2_bs, code2);
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+            if (m0 + q < a.m) acc[q] = fmaf(w, to_f(x[(m0 + q) * a.k + c]), acc[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+        if (lane == q && m0 + q < a.m) finish<T>(a, m0 + q, j, acc[q]);
+    }
+}
+
+int log2_exact(int64_t v)
+{
+    int l = 0;
+    while ((int64_t(1) << l) < v) ++l;
+    return (int64_t(1) << l) == v ? l : -1;
+}
+
+// Whether the tensor-core kernel can run here: a card of sm_80 or later, and
+// code for it built for sm_80 or later (a build for sm_75 + PTX runs that PTX,
+// whose kernel body is the trap above).
+template <typename T> bool tensor_cores_here()
+{
+    static std::atomic<int> code_arch{-1};
+    int arch = code_arch.load(std::memory_order_relaxed);
+    if (arch < 0) {
+        cudaFuncAttributes attr;
+        if (cudaFuncGetAttributes(&attr, nf4_matmul_tc_kernel<T, 1>) != cudaSuccess) return false;
+        code_arch.store(arch = attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion);
+    }
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+        return false;
+    return arch >= 80 && major >= 8;
+}
+
+template <typename T, int MT>
+void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
+{
+    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535;
+    for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+        const dim3 grid((unsigned)((a.n + 15) / 16), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        nf4_matmul_tc_kernel<T, MT><<<grid, kThreads, 0, s>>>(a, sc, log2_bs, y0 * per);
+    }
+}
+
+template <typename T>
+slothai_status run(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
+{
+    const bool tc = !std::is_same<T, float>::value && a.k % kUnit == 0 && a.w.blocksize >= kUnit &&
+                    reinterpret_cast<uintptr_t>(a.w.packed) % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+    if constexpr (!std::is_same<T, float>::value) {
+        if (tc && tensor_cores_here<T>()) {
+            if (a.m <= 8) launch_tc<T, 1>(a, sc, log2_bs, s);
+            else if (a.m <= 16) launch_tc<T, 2>(a, sc, log2_bs, s);
+            else if (a.m <= 32) launch_tc<T, 4>(a, sc, log2_bs, s);
+            else launch_tc<T, 8>(a, sc, log2_bs, s);
+            return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
+        }
+    }
+    const int64_t groups = (a.m + 7) / 8, max_y = 65535;
+    for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+        const dim3 grid((unsigned)((a.n + kWarps - 1) / kWarps), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        nf4_matmul_generic_kernel<T><<<grid, kThreads, 0, s>>>(a, sc, log2_bs, y0 * 8);
+    }
+    return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
+}
+
+} // namespace
+
+extern "C" slothai_status slothai_nf4_matmul_cuda(const slothai_nf4_matmul_args *a, void *stream)
+{
+    if (!a || a->m < 0 || a->n < 0 || a->k < 0 || a->r < 0) return SLOTHAI_EINVAL;
+    if (a->m == 0 || a->n == 0) return SLOTHAI_OK; // (empty tensors may have null data pointers)
+    if ((a->w.absmax_u8 == nullptr) == (a->w.absmax_f32 == nullptr)) return SLOTHAI_EINVAL;
+    if (a->lora_x && !a->lora_b) return SLOTHAI_EINVAL;
+    const int log2_bs = log2_exact(a->w.blocksize);
+    const int log2_bs2 = a->w.absmax_u8 ? log2_exact(a->w.blocksize2) : 0;
+    if (log2_bs < 0 || log2_bs2 < 0 || (a->n + 15) / 16 > 0x7fffffff) return SLOTHAI_EINVAL;
+    const Scales sc{a->w.absmax_u8, a->w.absmax_f32, a->w.code2, a->w.absmax2, a->w.offset, 0.0f, log2_bs2};
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    switch (a->dtype) {
+    case SLOTHAI_FLOAT32: return run<float>(*a, sc, log2_bs, s);
+    case SLOTHAI_FLOAT16: return run<__half>(*a, sc, log2_bs, s);
+    case SLOTHAI_BFLOAT16: return run<__nv_bfloat16>(*a, sc, log2_bs, s);
+    default: return SLOTHAI_EINVAL;
+    }
+}
