@@ -101,8 +101,37 @@ def _graph_us(fns):
 
 
 def read_gbps(nb):
-    buf = torch.empty(nb // 4, dtype=torch.int32, device="cuda").random_(0, 1 << 20)
+    buf = torch.randn(nb // 4, device="cuda")
     return buf.numel() * 4 / graph_us([lambda: buf.sum()]) / 1e3
+
+
+def sweep():
+    """Tuning: each SLOTHAI_NF4MM_CONFIG of the decode kernel (csrc/core/nf4_matmul_cuda.cu) in its
+    own process (the config is read once), slothai alone at m = 1 and 8; prints, writes nothing."""
+    import subprocess
+    scores = {}
+    for c in range(7):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--sweep-child"], capture_output=True,
+                             text=True, env=dict(os.environ, SLOTHAI_NF4MM_CONFIG=str(c)), check=True).stdout
+        print(out, end="", flush=True)
+        scores[c] = float(out.split("SCORE ")[1].split()[0])
+    print(f"best {min(scores, key=scores.get)}  (sum of both layers' time at m = 1 and 8: "
+          + ", ".join(f"{c}: {v:.1f}" for c, v in scores.items()) + ")")
+
+
+def sweep_child():
+    out, score = [f"config {os.environ['SLOTHAI_NF4MM_CONFIG']}:"], 0.0
+    for model, shapes in MODELS.items():
+        ws = {p: weight(*nk) for p, nk in shapes.items()}
+        for m in (1, 8):
+            xs = {p: torch.randn(m, w.quant_state.shape[1], device="cuda", dtype=torch.bfloat16) for p, w in ws.items()}
+            per = [graph_us([lambda w=w, x=xs[p]: slothai.nf4_matmul(x, w)]) for p, w in ws.items()]
+            layer = graph_us([lambda w=w, x=xs[p]: slothai.nf4_matmul(x, w) for p, w in ws.items()])
+            nb = sum(nbytes(w) for w in ws.values())
+            score += layer
+            out.append(f"  {model} m={m}: layer {layer:.1f} us ({nb / layer / 1e3:.0f} GB/s); per proj "
+                       + " ".join(f"{p[:-5]} {u:.1f}" for p, u in zip(ws, per)))
+    print("\n".join(out) + f"\nSCORE {score:.2f}", flush=True)
 
 
 def check(model, ws, ms):
@@ -122,13 +151,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default="nf4_matmul")
+    ap.add_argument("--sweep", action="store_true", help="time the decode kernel's tuning configs, then exit")
+    ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sweep or args.sweep_child:
+        return sweep() if args.sweep else sweep_child()
     ms = [1, 8, 16, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
     env = common.environment()
     rows, lines = [], []
     weights = {model: {p: weight(*nk) for p, nk in shapes.items()} for model, shapes in MODELS.items()}
     layer_bytes = {model: sum(nbytes(w) for w in ws.values()) for model, ws in weights.items()}
     gbps = read_gbps(layer_bytes["llama-8b"])
+    copy_gbps = common.copy_bandwidth_gbs()
     for model, ws in weights.items():
         check(model, ws, ms)
         for m in ms:
@@ -145,7 +179,8 @@ def main():
             print(f"{model} m={m} done", flush=True)
 
     lines.append(f"# {env['card']}, torch {env['torch']}, bitsandbytes {bnb.__version__}, {env['date']}; "
-                 f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB")
+                 f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB; "
+                 f"device copy {copy_gbps:.0f} GB/s (read + written, 1 GiB)")
     lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time")
     for model in MODELS:
         for proj in [*MODELS[model], "layer"]:
@@ -158,7 +193,7 @@ def main():
                 body.append([m] + [got[r]["us"] for r in RUNS] + [got["slothai"]["gbps"],
                             f"{got['dequant+cublas']['us'] / s:.2f}x", f"{got['bitsandbytes']['us'] / s:.2f}x"])
             lines += common.table(header, body)
-    common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1), rows=rows), lines)
+    common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1), copy_gbps=round(copy_gbps, 1), rows=rows), lines)
 
     fig, axes = common.subplots(2, 2, size=(11, 3.6))
     for i, model in enumerate(MODELS):

@@ -40,6 +40,7 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
 
 #include "slothai.h"
@@ -50,10 +51,9 @@ namespace {
 using slothai_cuda::from_f;
 using slothai_cuda::to_f;
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 8; // generic kernel: a warp per output feature
 constexpr int kThreads = kWarps * 32;
 constexpr int kUnit = 64;     // k per unit: one block scale per (feature, unit)
-constexpr int kPrefetch = 4;  // units a warp loads before it uses the first
 
 __constant__ float kNF4[16] = SLOTHAI_NF4_LEVELS;
 
@@ -125,16 +125,33 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(acc);
 }
 
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads)
+// x values of one unit for token m: 16 consecutive elements at column c0, as 8 pairs.
+template <typename T>
+__device__ __forceinline__ void load_x(uint32_t (&v)[8], const T *x, int64_t m, int64_t M, int64_t K, int64_t c0)
+{
+    uint4 a = make_uint4(0, 0, 0, 0), b = a;
+    if (m < M) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(x + m * K + c0);
+        a = __ldg(p);
+        b = __ldg(p + 1);
+    }
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// WARPS warps split K; each loads P units ahead (and, with PIPE, the next P
+// while it computes); x is loaded with its unit's codes when one tile of tokens
+// (MT == 1, decode) keeps that in registers.
+template <typename T, int MT, int WARPS, int P, bool PIPE>
+__global__ void __launch_bounds__(WARPS * 32)
 nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
 {
-    const Scales sc = scales.at();
+    constexpr bool kXAhead = MT == 1;
     __shared__ uint32_t table[256 * 32]; // [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16
     __shared__ float code2[256];
-    for (int i = threadIdx.x; i < 256 * 32; i += kThreads) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
+    const Scales sc = scales.at();
+    for (int i = threadIdx.x; i < 256 * 32; i += WARPS * 32) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
     if (sc.u8)
-        for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = __ldg(sc.code2 + i);
+        for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[i] = __ldg(sc.code2 + i);
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -151,34 +168,36 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
-    for (int64_t u0 = warp; u0 < units; u0 += kWarps * kPrefetch) {
-        uint2 wa[kPrefetch], wb[kPrefetch];
-        float sa[kPrefetch], sb[kPrefetch];
+    // A batch: P units of one warp, strided by WARPS. Loads are branch-free (a
+    // unit past the end reloads the last one, whose sum is then not added) so
+    // that every load of a batch is issued before the first use; with PIPE the
+    // next batch's loads are in flight while this one computes.
+    struct Batch {
+        uint2 wa[P], wb[P];
+        float sa[P], sb[P];
+        uint32_t xv[kXAhead ? P : 1][8];
+    };
+    auto load = [&](Batch &b, int64_t u0) {
 #pragma unroll
-        for (int p = 0; p < kPrefetch; ++p) {
-            const int64_t u = u0 + p * kWarps;
-            if (u < units) {
-                wa[p] = __ldg(reinterpret_cast<const uint2 *>(pa + u * (kUnit / 2)));
-                wb[p] = __ldg(reinterpret_cast<const uint2 *>(pb + u * (kUnit / 2)));
-            }
+        for (int p = 0; p < P; ++p) {
+            const int64_t u = u0 + p * WARPS < units ? u0 + p * WARPS : units - 1;
+            b.wa[p] = __ldg(reinterpret_cast<const uint2 *>(pa + u * (kUnit / 2)));
+            b.wb[p] = __ldg(reinterpret_cast<const uint2 *>(pb + u * (kUnit / 2)));
+            b.sa[p] = sc((ra * K + u * kUnit) >> log2_bs, code2);
+            b.sb[p] = sc((rb * K + u * kUnit) >> log2_bs, code2);
+            if constexpr (kXAhead) load_x(b.xv[p], x, m0 + g, M, K, u * kUnit + 16 * t);
         }
+    };
+    auto compute = [&](const Batch &b, int64_t u0) {
 #pragma unroll
-        for (int p = 0; p < kPrefetch; ++p) {
-            const int64_t u = u0 + p * kWarps;
-            if (u < units) {
-                sa[p] = sc((ra * K + u * kUnit) >> log2_bs, code2);
-                sb[p] = sc((rb * K + u * kUnit) >> log2_bs, code2);
-            }
-        }
-#pragma unroll
-        for (int p = 0; p < kPrefetch; ++p) {
-            const int64_t u = u0 + p * kWarps;
-            if (u >= units) break;
+        for (int p = 0; p < P; ++p) {
+            const bool real = u0 + p * WARPS < units;
+            const int64_t u = real ? u0 + p * WARPS : units - 1;
             // A fragments of the unit's 4 steps: one table lookup per code byte.
             uint32_t frag[4][4];
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
-                const uint32_t wA = s < 2 ? wa[p].x : wa[p].y, wB = s < 2 ? wb[p].x : wb[p].y;
+                const uint32_t wA = s < 2 ? b.wa[p].x : b.wa[p].y, wB = s < 2 ? b.wb[p].x : b.wb[p].y;
                 const int sh = 16 * (s & 1);
                 frag[s][0] = *reinterpret_cast<const uint32_t *>(lut + (((wA >> sh) & 0xff) << 7));
                 frag[s][1] = *reinterpret_cast<const uint32_t *>(lut + (((wB >> sh) & 0xff) << 7));
@@ -187,23 +206,39 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
             }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const int64_t m = m0 + mt * 8 + g;
-                uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
-                if (m < M) {
-                    const uint4 *xp = reinterpret_cast<const uint4 *>(x + m * K + u * kUnit + 16 * t);
-                    x0 = __ldg(xp);
-                    x1 = __ldg(xp + 1);
-                }
+                uint32_t own[8];
+                const uint32_t *xs = own;
+                if constexpr (kXAhead) xs = b.xv[p];
+                else load_x(own, x, m0 + mt * 8 + g, M, K, u * kUnit + 16 * t);
                 float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                Tc<T>::mma(blk, frag[0], x0.x, x0.y);
-                Tc<T>::mma(blk, frag[1], x0.z, x0.w);
-                Tc<T>::mma(blk, frag[2], x1.x, x1.y);
-                Tc<T>::mma(blk, frag[3], x1.z, x1.w);
-                acc[mt][0] = fmaf(sa[p], blk[0], acc[mt][0]);
-                acc[mt][1] = fmaf(sa[p], blk[1], acc[mt][1]);
-                acc[mt][2] = fmaf(sb[p], blk[2], acc[mt][2]);
-                acc[mt][3] = fmaf(sb[p], blk[3], acc[mt][3]);
+                Tc<T>::mma(blk, frag[0], xs[0], xs[1]);
+                Tc<T>::mma(blk, frag[1], xs[2], xs[3]);
+                Tc<T>::mma(blk, frag[2], xs[4], xs[5]);
+                Tc<T>::mma(blk, frag[3], xs[6], xs[7]);
+                acc[mt][0] = real ? fmaf(b.sa[p], blk[0], acc[mt][0]) : acc[mt][0];
+                acc[mt][1] = real ? fmaf(b.sa[p], blk[1], acc[mt][1]) : acc[mt][1];
+                acc[mt][2] = real ? fmaf(b.sb[p], blk[2], acc[mt][2]) : acc[mt][2];
+                acc[mt][3] = real ? fmaf(b.sb[p], blk[3], acc[mt][3]) : acc[mt][3];
             }
+        }
+    };
+    constexpr int64_t kStep = WARPS * P;
+    if constexpr (!PIPE) {
+        for (int64_t u0 = warp; u0 < units; u0 += kStep) {
+            Batch b;
+            load(b, u0);
+            compute(b, u0);
+        }
+    } else {
+        Batch b0, b1;
+        int64_t u0 = warp;
+        if (u0 < units) load(b0, u0);
+        for (; u0 < units; u0 += 2 * kStep) {
+            if (u0 + kStep < units) load(b1, u0 + kStep);
+            compute(b0, u0);
+            if (u0 + kStep >= units) break;
+            if (u0 + 2 * kStep < units) load(b0, u0 + 2 * kStep);
+            compute(b1, u0 + kStep);
         }
     }
 
@@ -211,7 +246,7 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
     __syncthreads();
     float *red = reinterpret_cast<float *>(table);
     constexpr int kTok = 8 * MT;
-    static_assert(kWarps * 16 * kTok * 4 <= sizeof(table), "reduction space");
+    static_assert(WARPS * 16 * kTok * 4 <= sizeof(table), "reduction space");
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -221,13 +256,13 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
         r[8 * kTok + 1] = acc[mt][3];
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * kTok; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
         const int row = idx & 15, tok = idx >> 4;
         const int64_t j = n0 + row, i = m0 + tok;
         if (j >= N || i >= M) continue;
         float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red[(w * 16 + row) * kTok + tok];
+        for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
         finish<T>(a, i, j, sum);
     }
 }
@@ -280,7 +315,7 @@ template <typename T> bool tensor_cores_here()
     int arch = code_arch.load(std::memory_order_relaxed);
     if (arch < 0) {
         cudaFuncAttributes attr;
-        if (cudaFuncGetAttributes(&attr, nf4_matmul_tc_kernel<T, 1>) != cudaSuccess) return false;
+        if (cudaFuncGetAttributes(&attr, nf4_matmul_tc_kernel<T, 1, 8, 4, false>) != cudaSuccess) return false;
         code_arch.store(arch = attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion);
     }
     int dev = 0, major = 0;
@@ -290,13 +325,37 @@ template <typename T> bool tensor_cores_here()
     return arch >= 80 && major >= 8;
 }
 
-template <typename T, int MT>
+template <typename T, int MT, int WARPS, int P, bool PIPE = false>
 void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
     const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535;
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)((a.n + 15) / 16), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        nf4_matmul_tc_kernel<T, MT><<<grid, kThreads, 0, s>>>(a, sc, log2_bs, y0 * per);
+        nf4_matmul_tc_kernel<T, MT, WARPS, P, PIPE><<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
+    }
+}
+
+// Tuning only (benchmarks/bench_nf4_matmul.py --configs): SLOTHAI_NF4MM_CONFIG
+// picks another split for the decode case; unset, the default below.
+int tuning_config()
+{
+    static const int c = [] {
+        const char *e = getenv("SLOTHAI_NF4MM_CONFIG");
+        return e ? atoi(e) : 0;
+    }();
+    return c;
+}
+
+template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
+{
+    switch (tuning_config()) {
+    case 1: launch_tc<T, 1, 8, 8>(a, sc, log2_bs, s); break;
+    case 2: launch_tc<T, 1, 4, 4>(a, sc, log2_bs, s); break;
+    case 3: launch_tc<T, 1, 4, 8>(a, sc, log2_bs, s); break;
+    case 4: launch_tc<T, 1, 8, 2>(a, sc, log2_bs, s); break;
+    case 5: launch_tc<T, 1, 8, 2, true>(a, sc, log2_bs, s); break;
+    case 6: launch_tc<T, 1, 4, 4, true>(a, sc, log2_bs, s); break;
+    default: launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s);
     }
 }
 
@@ -307,10 +366,10 @@ slothai_status run(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_
                     reinterpret_cast<uintptr_t>(a.w.packed) % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
     if constexpr (!std::is_same<T, float>::value) {
         if (tc && tensor_cores_here<T>()) {
-            if (a.m <= 8) launch_tc<T, 1>(a, sc, log2_bs, s);
-            else if (a.m <= 16) launch_tc<T, 2>(a, sc, log2_bs, s);
-            else if (a.m <= 32) launch_tc<T, 4>(a, sc, log2_bs, s);
-            else launch_tc<T, 8>(a, sc, log2_bs, s);
+            if (a.m <= 8) launch_decode<T>(a, sc, log2_bs, s);
+            else if (a.m <= 16) launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s);
+            else if (a.m <= 32) launch_tc<T, 4, 8, 4>(a, sc, log2_bs, s);
+            else launch_tc<T, 8, 8, 2>(a, sc, log2_bs, s);
             return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
         }
     }
