@@ -445,16 +445,12 @@ def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, 
 def _greedy_texts(model, n, length, seed):
     """Texts the tiny model itself continues greedily: a model at initialization (LoRA's B
     is 0) predicts most of their next tokens, so the token accuracy logged is far from 0."""
-    g = torch.Generator().manual_seed(seed)
-    texts = []
+    ids = torch.randint(3, 256, (n, 2), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for _ in range(n):
-            ids = torch.randint(3, 256, (1, 2), generator=g)
-            for _ in range(length):
-                nxt = model(input_ids=ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, torch.tensor([[nxt if nxt >= 3 else 3]])], 1)  # ids 0-2: the specials
-            texts.append(" ".join(f"w{int(i) - 3}" for i in ids[0]))
-    return texts
+        for _ in range(length):  # all n texts a token at a time
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt.clamp_min(3)[:, None]], 1)  # ids 0-2: the specials
+    return [" ".join(f"w{int(i) - 3}" for i in row) for row in ids]
 
 
 def _sft_asking_the_head(ask_head):
@@ -497,7 +493,7 @@ def test_sft_logs_token_accuracy_from_the_patched_head_without_logits(tmp_path):
         head = model.get_base_model().lm_head
         calls = []
         hook = head.register_forward_hook(lambda *a: calls.append(1))
-        common = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+        common = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
                       report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0, bf16=False,
                       gradient_accumulation_steps=2)
         trainer = _sft_asking_the_head(patched)(model=model, args=trl.SFTConfig(**common), train_dataset=data,
@@ -506,6 +502,7 @@ def test_sft_logs_token_accuracy_from_the_patched_head_without_logits(tmp_path):
         trainer.train()
         hook.remove()
         runs[patched] = _logged(trainer), len(calls)
+        assert len(runs[patched][0]) == 1
     (want, want_calls), (got, got_calls) = runs[False], runs[True]
     assert want_calls > 0 and got_calls == 0
     assert want[0]["mean_token_accuracy"] > 0.5

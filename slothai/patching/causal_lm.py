@@ -111,8 +111,18 @@ def _load_output_class():
             token_accuracy: Optional[torch.FloatTensor] = None
             predicted_tokens: Optional[torch.LongTensor] = None
 
+        # found by pickle under this module's name (module __getattr__ below)
+        CausalLMOutputWithTokenAccuracy.__qualname__ = CausalLMOutputWithTokenAccuracy.__name__
         _OUTPUT.extend([CausalLMOutputWithTokenAccuracy,
                         frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast))])
+
+
+def __getattr__(name):
+    """CausalLMOutputWithTokenAccuracy, made on first use: this module imports no transformers."""
+    if name == "CausalLMOutputWithTokenAccuracy":
+        _load_output_class()
+        return _OUTPUT[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_causal_lm(module):
