@@ -46,11 +46,12 @@ def environment():
     }
 
 
-def write(name, payload, table_lines):
-    """Writes <name>.json and <name>.txt (the printed table) to results/ and to $OUT."""
+def write(name, payload, table_lines, keep=True):
+    """Writes <name>.json and <name>.txt (the printed table) to results/ (unless not
+    `keep`: a smoke run) and to $OUT."""
     text = "\n".join(table_lines) + "\n"
     print(text, end="")
-    for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
+    for folder in filter(None, [RESULTS if keep else None, os.environ.get("OUT")]):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, name + ".json"), "w") as f:
             json.dump(payload, f, indent=1)
@@ -73,11 +74,11 @@ def subplots(rows=1, cols=1, size=(7, 3.2)):
     return fig, axes.ravel()
 
 
-def save_figure(fig, name, title):
-    """Title, tight layout, <name>.png to results/ and to $OUT."""
+def save_figure(fig, name, title, keep=True):
+    """Title, tight layout, <name>.png to results/ (unless not `keep`) and to $OUT."""
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    for folder in filter(None, [RESULTS, os.environ.get("OUT")]):
+    for folder in filter(None, [RESULTS if keep else None, os.environ.get("OUT")]):
         os.makedirs(folder, exist_ok=True)
         fig.savefig(os.path.join(folder, f"{name}.png"), dpi=110)
 

@@ -15,8 +15,8 @@ The package in layers, each importing only those below it:
 from .compiling.compile import compile
 from .compiling.report import CompileReport, compile_report
 from .compiling.warmup import warm_up
-from .ops import (FusedLinearCrossEntropyLoss, chunked_linear_loss, dequantize_nf4, fused_linear_cross_entropy,
-                  nf4_levels, nf4_linear, nf4_matmul)
+from .ops import (CrossEntropyOutput, FusedLinearCrossEntropyLoss, chunked_linear_loss, dequantize_nf4,
+                  fused_linear_cross_entropy, nf4_levels, nf4_linear, nf4_matmul)
 from .patching.classes import is_patched
 from .patching.patch import patch, unpatch
 
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "dequantize_nf4", "nf4_levels", "nf4_linear", "nf4_matmul",
     "patch", "unpatch", "is_patched", "compile", "warm_up", "compile_report", "CompileReport",
-    "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "chunked_linear_loss",
+    "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "CrossEntropyOutput", "chunked_linear_loss",
     "__version__",
 ]

@@ -176,3 +176,44 @@ def test_double_backward_with_respect_to_the_weight_alone():
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 4, (5,))
     assert torch.autograd.gradgradcheck(lambda w: slothai.chunked_linear_loss(x, w, t, _ce_none, chunk_size=2), (w,))
+
+
+# --- issue 33: token accuracy and predicted tokens, as fused_linear_cross_entropy returns them ------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_loss_returns_token_accuracy_and_predicted_tokens(reduction):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (2, 13, 4), generator=g).double().requires_grad_()  # integer logits: ties
+    w = torch.randint(-1, 2, (29, 4), generator=g).double()
+    t = torch.randint(0, 29, (2, 13), generator=g)
+    z = (x @ w.t()).detach()
+    t[1, :6] = z[1, :6].argmax(-1)  # some hits
+    t[0, :4] = -100
+    out = slothai.chunked_linear_loss(x, w, t, _xent, chunk_size=5, reduction=reduction,
+                                      return_token_accuracy=True, return_predicted_tokens=True)
+    assert isinstance(out, slothai.CrossEntropyOutput) and out.z_loss is None
+    want_pred = z.argmax(-1).masked_fill(t == -100, -1)
+    assert torch.equal(out.predicted_tokens, want_pred)
+    hits = ((want_pred == t) & (t != -100)).float()
+    want_acc = hits if reduction == "none" else hits.sum() / (t != -100).sum()
+    torch.testing.assert_close(out.token_accuracy, want_acc)
+    assert hits.sum() >= 6
+    plain = slothai.chunked_linear_loss(x, w, t, _xent, chunk_size=5, reduction=reduction)
+    assert torch.equal(out.loss, plain)
+    grads = torch.autograd.grad(out.loss.sum(), x)
+    torch.testing.assert_close(grads, torch.autograd.grad(plain.sum(), x))
+    # the same outputs as the fused loss's (same logits, same ties)
+    fused = slothai.fused_linear_cross_entropy(x.detach().float(), w.float(), t, reduction=reduction,
+                                               return_token_accuracy=True, return_predicted_tokens=True)
+    assert torch.equal(fused.predicted_tokens, out.predicted_tokens)
+    torch.testing.assert_close(fused.token_accuracy, out.token_accuracy.float())
+
+
+def test_chunked_loss_predicted_tokens_without_labels_and_accuracy_needs_them():
+    x, w = torch.randn(3, 5, 8), torch.randn(17, 8)
+    teacher = torch.randn(3, 5, 17)
+    out = slothai.chunked_linear_loss(x, w, teacher, _kl_distill, return_predicted_tokens=True)
+    assert torch.equal(out.predicted_tokens, (x @ w.t()).argmax(-1)) and out.token_accuracy is None
+    with pytest.raises(ValueError, match="return_token_accuracy needs integer labels as target"):
+        slothai.chunked_linear_loss(x, w, teacher, _kl_distill, return_token_accuracy=True)

@@ -335,3 +335,37 @@ def test_mixtral_with_lora_on_attention_compiles_once(tmp_path, recwarn):
         got = qlora.train(model, batches)
     assert_losses_close(got, qlora.train(_tiny_moe("mixtral", tmp_path), batches), 1e-4)
     assert report.compilations == 1 and report.region_calls == {"compiled": 4}, report
+
+
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_patched_head_gives_token_accuracy_without_logits(num_items):
+    # Liger-Kernel's head contract, which trainers that log token accuracy without the
+    # logits use: return_token_accuracy / return_predicted_tokens on the forward, and
+    # use_token_scaling (DFT: each token's loss times its detached probability).
+    ref = qlora.build("tiny")
+    model = slothai.patch(qlora.build("tiny"))
+    ids = torch.randint(0, 256, (2, 9))
+    logits = ref(input_ids=ids).logits.detach()
+    labels = ids.clone()
+    labels[:, 1:5] = logits[:, :4].argmax(-1)  # some hits
+    labels[0, :3] = -100
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    counted = shift != -100
+    kw = {} if num_items is None else dict(num_items_in_batch=torch.tensor(num_items))
+    out = model(input_ids=ids, labels=labels, return_token_accuracy=True, return_predicted_tokens=True, **kw)
+    assert out.logits is None
+    pred = logits.argmax(-1).masked_fill(~counted, -1)
+    assert torch.equal(out.predicted_tokens, pred)
+    want_acc = ((pred == shift) & counted).sum() / counted.sum()
+    assert want_acc > 0
+    torch.testing.assert_close(out.token_accuracy, want_acc.float())
+    want = ref(input_ids=ids, labels=labels, **kw)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    plain = model(input_ids=ids, labels=labels, **kw)
+    assert "token_accuracy" not in plain.keys() and plain.token_accuracy is None
+    # token scaling: the mean (or the sum over num_items) of p_t.detach() * nll_t
+    scaled = model(input_ids=ids, labels=labels, use_token_scaling=True, **kw).loss
+    lp = logits.float().log_softmax(-1).gather(-1, shift.clamp_min(0)[..., None])[..., 0]
+    per_token = -(lp.exp() * lp) * counted
+    want_scaled = per_token.sum() / (counted.sum() if num_items is None else num_items)
+    torch.testing.assert_close(scaled, want_scaled, rtol=1e-5, atol=1e-6)

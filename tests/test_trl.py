@@ -440,3 +440,70 @@ def test_chunked_log_probs_match_full_logits(temperature, softcap, scale, bias, 
     # Only log-probs asked (TRL's reference passes): the others are None.
     out = slothai.patching.trl.ChunkedLogProbs.apply(x.detach(), w.detach(), None, t, 1.0, 32768, None, 1.0, ("log_probs",))
     assert out[0].shape == (n,) and all(o is None for o in out[1:])
+
+
+def _greedy_texts(model, n, length, seed):
+    """Texts the tiny model itself continues greedily: a model at initialization (LoRA's B
+    is 0) predicts most of their next tokens, so the token accuracy logged is far from 0."""
+    ids = torch.randint(3, 256, (n, 2), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for _ in range(length):  # all n texts a token at a time
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt.clamp_min(3)[:, None]], 1)  # ids 0-2: the specials
+    return [" ".join(f"w{int(i) - 3}" for i in row) for row in ids]
+
+
+def _sft_asking_the_head(ask_head):
+    """TRL's SFTTrainer computing its loss and `mean_token_accuracy` as it did before TRL's
+    own fused LM head (TRL 0.2x): with a fused head that gives the accuracy (there: Liger's,
+    use_liger_kernel=True), it passes return_token_accuracy=True and logs
+    `outputs.token_accuracy`; else it measures it on `outputs.logits`."""
+
+    class SFTAskingTheHead(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            kwargs = dict(use_cache=False)
+            if ask_head:
+                kwargs["return_token_accuracy"] = True
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            outputs = model(**inputs, **kwargs)
+            if ask_head:
+                accuracy = outputs.token_accuracy
+            else:
+                labels = inputs["labels"][..., 1:]
+                mask = labels != -100
+                accuracy = ((outputs.logits[..., :-1, :].argmax(-1) == labels) & mask).sum() / mask.sum()
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return SFTAskingTheHead
+
+
+def test_sft_logs_token_accuracy_from_the_patched_head_without_logits(tmp_path):
+    # The patched head (no keep_logits) answers return_token_accuracy=True from its fused
+    # loss: the trainer logs the same mean_token_accuracy (far from 0 here) and loss as
+    # the unpatched model's full logits give, and no logits are built (lm_head never runs).
+    data = datasets.Dataset.from_dict({"text": _greedy_texts(qlora.build("tiny"), 8, 12, seed=7)})
+    runs = {}
+    for patched in (False, True):
+        model = qlora.build("tiny")
+        if patched:
+            slothai.patch(model)
+        head = model.get_base_model().lm_head
+        calls = []
+        hook = head.register_forward_hook(lambda *a: calls.append(1))
+        common = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
+                      report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0, bf16=False,
+                      gradient_accumulation_steps=2)
+        trainer = _sft_asking_the_head(patched)(model=model, args=trl.SFTConfig(**common), train_dataset=data,
+                                                processing_class=_tokenizer())
+        torch.manual_seed(0)
+        trainer.train()
+        hook.remove()
+        runs[patched] = _logged(trainer), len(calls)
+        assert len(runs[patched][0]) == 1
+    (want, want_calls), (got, got_calls) = runs[False], runs[True]
+    assert want_calls > 0 and got_calls == 0
+    assert want[0]["mean_token_accuracy"] > 0.5
+    _assert_same_logs(got, want)

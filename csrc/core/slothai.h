@@ -122,15 +122,34 @@ slothai_status slothai_nf4_matmul_cuda(const slothai_nf4_matmul_args *a, void *s
 /*
  * For each row r of z (`rows` x `vocab`, row stride `ld` elements) with target t:
  *   y_j  = softcap * tanh(z_j / softcap)          (y = z when softcap == 0)
- *   lse  = log sum_j exp(y_j)
- *   loss = (1 - eps) (lse - y_t) + eps (lse - mean_j y_j) + z_loss lse^2
+ *   lse  = log sum_j exp(y_j),  p_j = exp(y_j - lse)
+ *   ce   = (1 - eps) (lse - y_t) + eps (lse - mean_j y_j)                    (no class weights)
+ *   ce   = w_t (1 - eps) (lse - y_t) + eps / vocab sum_j w_j (lse - y_j)       (class weights w)
+ *   s    = p_t with token_scaling (a constant: no gradient flows through it), else 1
+ *   loss = s (ce + f z_loss lse^2),  f = *z_loss_factor (1 when NULL)
  * and, when grad != NULL, overwrites the row with d loss / d z, times g_r:
- *   dz_j = g_r [p_j (1 + 2 z_loss lse) - eps / vocab - (1 - eps) [j == t]] * dy_j/dz_j,
- *   p_j = exp(y_j - lse), dy/dz = 1 - (y / softcap)^2, g_r = grad[r * grad_stride].
+ *   dz_j = g_r s [p_j (a + 2 f z_loss lse) - eps / vocab w_j - w_t (1 - eps) [j == t]] * dy_j/dz_j,
+ *   a = w_t (1 - eps) + eps / vocab sum_k w_k (= 1 without weights, where w = 1),
+ *   dy/dz = 1 - (y / softcap)^2, g_r = grad[r * grad_stride].
+ * The class-weighted form is torch's cross_entropy(weight=w, label_smoothing=eps); the z-loss
+ * term is not weighted by class (Liger-Kernel's convention), and f lets the caller's mean divide
+ * it by the count of rows while the rest is divided by the sum of their w_t (f = sum w_t / count).
  * The eps and z_loss terms are left out when their factor is 0 (not added as
  * 0 * inf at a -inf logit). Rows with t == ignore_index: loss 0, gradient 0
  * (never multiplied by g_r, which may be inf or NaN). Rows with t outside
  * [0, vocab): loss NaN, gradient NaN (never an out-of-bounds read).
+ *
+ * Per-row outputs, each written only when its pointer is set (none costs a pass
+ * of its own: they come out of the pass that forms lse):
+ *   z_loss_out[r]   = s z_loss lse^2 (the z-loss term as it enters the loss, before f)
+ *   argmax_out[r]   = argmax_j y_j, torch.argmax's: the lowest index among equal maxima,
+ *                     a NaN above everything (the first NaN wins), all -inf gives 0
+ *   accuracy_out[r] = 1 if argmax_j y_j == t else 0
+ * Ignored rows: z 0, accuracy 0, argmax -1. Rows with a bad target: z and accuracy NaN, argmax -1.
+ *
+ * Memory traffic: the row is read twice (once without a gradient) and written once with a
+ * gradient, in `dtype`; class weights add vocab x 4 bytes per pass only with eps != 0 (the
+ * per-element terms), else one value per row; the per-row outputs add 4 or 8 bytes a row.
  * All math in fp32; z is read in `dtype` and the gradient written back in it.
  */
 typedef struct {
@@ -145,6 +164,14 @@ typedef struct {
     const float *grad;     /* NULL: loss only */
     int64_t grad_stride;   /* 0: one factor for every row; 1: one per row */
     float *loss;           /* rows */
+    /* Options past the plain loss: all NULL / 0 is the plain loss, at its cost. */
+    const float *class_weight;     /* vocab weights w (NULL: every class weighs 1) */
+    const float *class_weight_sum; /* 1 value, sum_j w_j; read only with class_weight and eps != 0 */
+    const float *z_loss_factor;    /* 1 value, f (NULL: 1) */
+    int token_scaling;             /* nonzero: s = p_t */
+    float *z_loss_out;             /* rows, or NULL */
+    float *accuracy_out;           /* rows, or NULL */
+    int64_t *argmax_out;           /* rows, or NULL */
 } slothai_fused_ce_rows_args;
 
 /* CPU reference: rows [row_begin, row_end). */

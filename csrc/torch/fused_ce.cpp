@@ -9,9 +9,12 @@
 //   db   += sum_rows dz_c                      fp32
 // The gradients asked for (grad_* flags) are formed for per-row upstream factors
 // (grad_rows; the backward of reduction none passes them) or, with reduction
-// sum / mean, for the reduced loss' own upstream 1 (mean: 1 / #counted rows, read
-// on the device, no host sync); autograd multiplies in the real one. The fake
-// function and autograd: slothai/ops/fused_ce.py; the reasoning: docs/design.md.
+// sum / mean, for the reduced loss' own upstream 1 (mean: 1 / #counted rows, or
+// 1 / the sum of their targets' class weights, read on the device, no host sync);
+// autograd multiplies in the real one. The z loss, token accuracy and predicted
+// tokens asked for come out of the row kernel (no pass of their own) and are
+// reduced here, on the device. The fake function and autograd:
+// slothai/ops/fused_ce.py; the reasoning: docs/design.md.
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <torch/library.h>
@@ -44,7 +47,8 @@ void addmm_fp32(at::Tensor &dst, const at::Tensor &a, const at::Tensor &b)
 }
 
 void check_inputs(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
-                  const at::Tensor &target, const std::optional<at::Tensor> &grad_rows, const FusedCeOptions &o)
+                  const at::Tensor &target, const std::optional<at::Tensor> &grad_rows,
+                  const std::optional<at::Tensor> &ce_weight, const FusedCeOptions &o)
 {
     const at::Device dev = hidden.device();
     core_dtype(hidden.scalar_type(), "hidden");
@@ -72,6 +76,13 @@ void check_inputs(const at::Tensor &hidden, const at::Tensor &weight, const std:
         const int64_t n = grad_rows->numel();
         TORCH_CHECK_VALUE(grad_rows->dim() <= 1 && (n == hidden.size(0) || n == 1), "grad_rows must be 1-D with 1 or ",
                           hidden.size(0), " values, got shape ", grad_rows->sizes());
+    }
+    if (ce_weight) {
+        check_device(*ce_weight, dev, "ce_weight");
+        TORCH_CHECK_TYPE(at::isFloatingType(ce_weight->scalar_type()), "ce_weight must be a floating-point tensor, got ",
+                         ce_weight->scalar_type());
+        TORCH_CHECK_VALUE(ce_weight->dim() == 1 && ce_weight->size(0) == weight.size(0), "ce_weight must have shape (",
+                          weight.size(0), ",) (one weight per class), got ", ce_weight->sizes());
     }
     TORCH_CHECK_VALUE(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0,
                       "label_smoothing must be in [0, 1], got ", o.label_smoothing);
@@ -117,18 +128,31 @@ int64_t rows_per_chunk(const FusedCeOptions &o, const FusedCeDevice &dev, int64_
 }
 
 // The upstream factor of each row: grad_rows as given, or the reduced loss'
-// own (1 for sum, 1 / #counted for mean); undefined when no gradient is asked for.
+// own (1 for sum; for mean 1 / #counted, or 1 / the sum of the counted rows'
+// class weights `weighed`); undefined when no gradient is asked for.
 at::Tensor upstream_factor(const std::optional<at::Tensor> &grad_rows, const FusedCeOptions &o,
-                           const at::Tensor &counted, const at::TensorOptions &fopts)
+                           const at::Tensor &counted, const at::Tensor &weighed, const at::TensorOptions &fopts)
 {
     if (!o.any_grad()) return {};
     if (grad_rows) return grad_rows->contiguous();
-    return o.reduction == Reduction::kMean ? counted.clamp_min(1).to(at::kFloat).reciprocal() : at::ones({1}, fopts);
+    if (o.reduction != Reduction::kMean) return at::ones({1}, fopts);
+    return weighed.defined() ? weighed.reciprocal().reshape({1}) : counted.clamp_min(1).to(at::kFloat).reciprocal();
 }
 
+// What the row kernel reads besides the logits and targets (device tensors, or
+// undefined): the class weights in fp32 and their sum, and the z-loss factor.
+struct RowInputs {
+    at::Tensor target, g, class_weight, class_weight_sum, z_loss_factor;
+};
+
+// What the row kernel writes per row (undefined where not asked for).
+struct RowOutputs {
+    at::Tensor loss, z_loss, accuracy, argmax;
+};
+
 // The core kernel's arguments for rows [start, start + z.size(0)) of one chunk of logits z.
-slothai_fused_ce_rows_args rows_args(at::Tensor &z, const at::Tensor &target, const at::Tensor &g,
-                                     at::Tensor &loss, int64_t start, const FusedCeOptions &o)
+slothai_fused_ce_rows_args rows_args(at::Tensor &z, const RowInputs &in, RowOutputs &out, int64_t start,
+                                     const FusedCeOptions &o)
 {
     slothai_fused_ce_rows_args a{};
     a.logits = z.data_ptr();
@@ -136,16 +160,24 @@ slothai_fused_ce_rows_args rows_args(at::Tensor &z, const at::Tensor &target, co
     a.rows = z.size(0);
     a.vocab = z.size(1);
     a.ld = z.stride(0);
-    a.target = target.data_ptr<int64_t>() + start;
+    a.target = in.target.data_ptr<int64_t>() + start;
     a.ignore_index = o.ignore_index;
     a.label_smoothing = (float)o.label_smoothing;
     a.softcap = (float)o.softcap;
     a.z_loss = (float)o.z_loss;
-    if (g.defined()) {
-        a.grad_stride = g.numel() == 1 ? 0 : 1;
-        a.grad = g.data_ptr<float>() + a.grad_stride * start;
+    if (in.g.defined()) {
+        a.grad_stride = in.g.numel() == 1 ? 0 : 1;
+        a.grad = in.g.data_ptr<float>() + a.grad_stride * start;
     }
-    a.loss = loss.data_ptr<float>() + start;
+    a.loss = out.loss.data_ptr<float>() + start;
+    auto ptr = [](const at::Tensor &t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+    a.class_weight = ptr(in.class_weight);
+    a.class_weight_sum = ptr(in.class_weight_sum);
+    a.z_loss_factor = ptr(in.z_loss_factor);
+    a.token_scaling = o.use_token_scaling;
+    if (out.z_loss.defined()) a.z_loss_out = out.z_loss.data_ptr<float>() + start;
+    if (out.accuracy.defined()) a.accuracy_out = out.accuracy.data_ptr<float>() + start;
+    if (out.argmax.defined()) a.argmax_out = out.argmax.data_ptr<int64_t>() + start;
     return a;
 }
 
@@ -265,13 +297,23 @@ class GradientSums {
     at::Tensor dx_, dw_, dw_acc_, db_acc_;
 };
 
+// Per-row values of the rows computed, as all N rows: the skipped ones (ignored) take `fill`.
+at::Tensor all_rows(const Rows &set, const at::Tensor &computed, int64_t N, double fill)
+{
+    if (!set.index.defined()) return computed;
+    at::Tensor all = at::full({N}, fill, computed.options());
+    set.put(all, 0, computed);
+    return all;
+}
+
 } // namespace
 
 FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
                             const at::Tensor &target_in, const std::optional<at::Tensor> &grad_rows,
-                            const FusedCeOptions &o, const FusedCeDevice &dev)
+                            const std::optional<at::Tensor> &ce_weight, const FusedCeOptions &o,
+                            const FusedCeDevice &dev)
 {
-    check_inputs(hidden, weight, bias, target_in, grad_rows, o);
+    check_inputs(hidden, weight, bias, target_in, grad_rows, ce_weight, o);
     const int64_t N = hidden.size(0), V = weight.size(0);
     const at::Tensor x = hidden.contiguous(), w = weight.contiguous();
     const at::Tensor target = target_in.to(at::kLong).contiguous();
@@ -279,14 +321,29 @@ FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, 
 
     const at::Tensor counts = target != o.ignore_index, counted = counts.sum();
     const auto fopts = x.options().dtype(at::kFloat);
-    const at::Tensor g_all = upstream_factor(grad_rows, o, counted, fopts);
+    RowInputs in;
+    at::Tensor weighed; // with class weights: the sum of the counted rows' w_t, mean's divisor
+    if (ce_weight) {
+        in.class_weight = ce_weight->to(at::kFloat).contiguous();
+        // A bad target (CUDA: its row is NaN) is clamped to a class here, never read out of bounds.
+        weighed = in.class_weight.index_select(0, target.clamp(0, V - 1)).mul_(counts).sum();
+        if (o.label_smoothing != 0.0) in.class_weight_sum = in.class_weight.sum().reshape({1});
+        // mean divides the class-weighted part by `weighed`, the z-loss part by the count
+        if (o.reduction == Reduction::kMean && o.z_loss != 0.0)
+            in.z_loss_factor = weighed.div(counted).reshape({1});
+    }
+    const at::Tensor g_all = upstream_factor(grad_rows, o, counted, weighed, fopts);
 
-    // The rows computed (Rows), and their targets, upstream factors and losses.
+    // The rows computed (Rows), and their targets, upstream factors and per-row outputs.
     const Rows set(counts, dev.may_sync);
     const int64_t M = set.count;
-    const at::Tensor t = set.take(target, 0, M);
-    const at::Tensor g = g_all.defined() && g_all.numel() > 1 ? set.take(g_all, 0, M) : g_all;
-    at::Tensor loss = at::empty({M}, fopts);
+    in.target = set.take(target, 0, M);
+    in.g = g_all.defined() && g_all.numel() > 1 ? set.take(g_all, 0, M) : g_all;
+    RowOutputs out;
+    out.loss = at::empty({M}, fopts);
+    if (o.return_z_loss) out.z_loss = at::empty({M}, fopts);
+    if (o.return_token_accuracy) out.accuracy = at::empty({M}, fopts);
+    if (o.return_predicted_tokens) out.argmax = at::empty({M}, x.options().dtype(at::kLong));
 
     // The logits buffer's row stride: V rounded up to 16 bytes, as cuBLAS's fast GEMM
     // kernels want aligned rows (H100, N4096 H1024 V50257 trained: 11.4 -> 9.8 ms; with
@@ -305,22 +362,30 @@ FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, 
                 at::addmm_out(z, *bias, xc, wt);
             else
                 at::mm_out(z, xc, wt);
-            dev.rows(rows_args(z, t, g, loss, start, o)); // loss rows; z becomes dz when g is defined
-            if (g.defined()) grads.add(z, xc, start);
+            dev.rows(rows_args(z, in, out, start, o)); // loss rows; z becomes dz when g is defined
+            if (in.g.defined()) grads.add(z, xc, start);
         }
     } // the logits buffer is freed before dW is converted
 
     auto [dx, dw, db] = grads.finish();
-    if (o.reduction == Reduction::kNone && set.index.defined()) {
-        at::Tensor all = at::zeros({N}, fopts); // a skipped row's loss is 0
-        set.put(all, 0, loss);
-        loss = all;
-    } else if (o.reduction == Reduction::kSum) {
+    at::Tensor loss = out.loss, z_loss = at::empty({0}, fopts), accuracy = at::empty({0}, fopts);
+    at::Tensor predicted = out.argmax.defined() ? all_rows(set, out.argmax, N, -1)
+                                                : at::empty({0}, x.options().dtype(at::kLong));
+    if (o.reduction == Reduction::kNone) { // a skipped row's loss, z loss and accuracy are 0
+        loss = all_rows(set, loss, N, 0);
+        if (out.z_loss.defined()) z_loss = all_rows(set, out.z_loss, N, 0);
+        if (out.accuracy.defined()) accuracy = all_rows(set, out.accuracy, N, 0);
+    } else {
+        // 0 / 0 = NaN when every row is ignored, as torch (accuracy: a mean for sum too, as Liger's)
         loss = loss.sum();
-    } else if (o.reduction == Reduction::kMean) {
-        loss = loss.sum() / counted; // 0 / 0 = NaN when every row is ignored, as torch
+        if (out.z_loss.defined()) z_loss = out.z_loss.sum();
+        if (out.accuracy.defined()) accuracy = out.accuracy.sum() / counted;
+        if (o.reduction == Reduction::kMean) {
+            loss = weighed.defined() ? loss / weighed : loss / counted;
+            if (z_loss.numel() == 1) z_loss = z_loss / counted;
+        }
     }
-    return {loss, dx, dw, db};
+    return {loss, dx, dw, db, z_loss, accuracy, predicted};
 }
 
 namespace {

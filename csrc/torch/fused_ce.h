@@ -32,6 +32,11 @@ struct FusedCeOptions {
     // dW summed over chunks in fp32, rounded once (eager's accuracy; a V x H fp32
     // accumulator), or in the input dtype, rounded once per chunk (no accumulator).
     bool fp32_weight_grad;
+    // Each row's loss and gradient times its detached probability of the target.
+    bool use_token_scaling;
+    // The outputs past the loss: the z-loss term alone, the fraction of counted rows
+    // whose argmax is the target (per row with reduction none), the argmax per row.
+    bool return_z_loss, return_token_accuracy, return_predicted_tokens;
 
     bool any_grad() const { return grad_hidden || grad_weight || grad_bias; }
 };
@@ -44,11 +49,13 @@ struct FusedCeDevice {
     bool may_sync;                                                // false while a CUDA graph is captured
 };
 
-using FusedCeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>; // loss, dhidden, dweight, dbias
+// loss, dhidden, dweight, dbias, z loss, token accuracy, predicted tokens
+using FusedCeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 FusedCeResult fused_ce_impl(const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
                             const at::Tensor &target, const std::optional<at::Tensor> &grad_rows,
-                            const FusedCeOptions &o, const FusedCeDevice &dev);
+                            const std::optional<at::Tensor> &ce_weight, const FusedCeOptions &o,
+                            const FusedCeDevice &dev);
 
 // The op's kernel with its dispatcher signature (the schema in library.cpp),
 // written once for every device: packs the scalars, and under a guard for
@@ -58,12 +65,15 @@ FusedCeResult fused_ce_kernel(const at::Tensor &hidden, const at::Tensor &weight
                               const at::Tensor &target, const std::optional<at::Tensor> &grad_rows,
                               int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
                               c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-                              bool grad_bias, bool fp32_weight_grad)
+                              bool grad_bias, bool fp32_weight_grad, const std::optional<at::Tensor> &ce_weight,
+                              bool use_token_scaling, bool return_z_loss, bool return_token_accuracy,
+                              bool return_predicted_tokens)
 {
     const c10::DeviceGuard guard(hidden.device());
-    const FusedCeOptions o{ignore_index, label_smoothing, softcap,   z_loss,          parse_reduction(reduction),
-                           chunk_size,   grad_hidden,     grad_weight, grad_bias, fp32_weight_grad};
-    return fused_ce_impl(hidden, weight, bias, target, grad_rows, o, device(o));
+    const FusedCeOptions o{ignore_index, label_smoothing, softcap, z_loss, parse_reduction(reduction), chunk_size,
+                           grad_hidden, grad_weight, grad_bias, fp32_weight_grad, use_token_scaling,
+                           return_z_loss, return_token_accuracy, return_predicted_tokens};
+    return fused_ce_impl(hidden, weight, bias, target, grad_rows, ce_weight, o, device(o));
 }
 
 } // namespace slothai

@@ -31,14 +31,20 @@ TORCH_LIBRARY(slothai, m)
 
     m.set_python_module("slothai.ops.fused_ce");
     // Linear + cross-entropy over chunks of rows; reduction "none", "sum" or "mean".
-    // Returns (loss, d hidden, d weight, d bias): exactly the gradients the grad_*
-    // flags ask for (the others empty), for the upstream factors grad_rows or,
-    // with reduction sum / mean and no grad_rows, for the reduced loss itself.
+    // Returns (loss, d hidden, d weight, d bias, z loss, token accuracy, predicted
+    // tokens): exactly the gradients the grad_* flags ask for, for the upstream
+    // factors grad_rows or, with reduction sum / mean and no grad_rows, for the
+    // reduced loss itself; exactly the outputs the return_* flags ask for. Whatever
+    // is not asked for comes back empty.
     // fp32_weight_grad: d weight summed over chunks in fp32 (else in the input dtype).
+    // ce_weight (V,): class weights as torch's cross_entropy(weight=); use_token_scaling:
+    // each row's loss and gradient times its (detached) probability of the target.
+    // The names after fp32_weight_grad are Liger-Kernel's.
     m.def("fused_ce(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? grad_rows, "
           "int ignore_index, float label_smoothing, float softcap, float z_loss, str reduction, int chunk_size, "
-          "bool grad_hidden, bool grad_weight, bool grad_bias, bool fp32_weight_grad) "
-          "-> (Tensor, Tensor, Tensor, Tensor)");
+          "bool grad_hidden, bool grad_weight, bool grad_bias, bool fp32_weight_grad, Tensor? ce_weight=None, "
+          "bool use_token_scaling=False, bool return_z_loss=False, bool return_token_accuracy=False, "
+          "bool return_predicted_tokens=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
     m.set_python_module("slothai.ops.scale");
     // self *= factor in place, the product in fp32 and rounded once into self's

@@ -2,7 +2,7 @@
 per-token loss of the logits, in plain torch (an autograd.Function, no custom op)."""
 import torch
 
-from .fused_ce import check_chunk_size, check_reduction, check_tokens
+from .fused_ce import CrossEntropyOutput, check_chunk_size, check_reduction, check_tokens
 
 
 def _default_chunk(n, v):
@@ -20,23 +20,31 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     gradient (an empty accumulation window's 1/0) cannot reach them.
     Under create_graph=True the same steps run with autograd recording them (the
     logits not detached, sums out of place), so the gradients differentiate again;
-    that graph holds every chunk's logits."""
+    that graph holds every chunk's logits.
+    With `argmax`, also each row's argmax of the logits (-1 where `mask` is False),
+    taken from the chunk's logits while they exist; else an empty tensor."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, mask, loss_fn, chunk):
+    def forward(ctx, x, weight, bias, target, mask, loss_fn, chunk, argmax):
         n = x.shape[0]
         losses = torch.empty(n, dtype=_acc_dtype(x), device=x.device)
+        predicted = torch.empty(n if argmax else 0, dtype=torch.int64, device=x.device)
         for s in range(0, n, chunk):
             z = _logits(x[s:s + chunk], weight, bias)
+            if argmax:
+                predicted[s:s + chunk] = z.argmax(-1)
             losses[s:s + chunk] = _per_token(loss_fn, z, target[s:s + chunk])
         if mask is not None:
             losses = torch.where(mask, losses, 0.0)
+            if argmax:
+                predicted = predicted.masked_fill(~mask, -1)
         ctx.save_for_backward(x, weight, bias, target, mask)
         ctx.loss_fn, ctx.chunk = loss_fn, chunk
-        return losses
+        ctx.mark_non_differentiable(predicted)
+        return losses, predicted
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _predicted):
         x, weight, bias, target, mask = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         graph = torch.is_grad_enabled()  # create_graph=True: the gradients get a graph of their own
@@ -72,7 +80,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         if graph and need_x:
             dx = torch.cat(dx) if dx else torch.zeros_like(x)
         return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _per_token(loss_fn, z, target):
@@ -100,7 +108,7 @@ def _logits(x, weight, bias):
 
 
 def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_size=None, reduction="mean",
-                        ignore_index=-100):
+                        ignore_index=-100, return_token_accuracy=False, return_predicted_tokens=False):
     """Memory-efficient `loss_fn(hidden @ weight.T + bias, target)` for any per-token loss.
 
     The loss_fn contract: `loss_fn(logits, target_chunk)` gets logits (T, V) of a
@@ -125,6 +133,15 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
     per chunk, a positive int (default: about 256 MiB of fp32 logits). The gradients
     can be differentiated again (create_graph=True); that graph holds every chunk's
     logits.
+
+    return_token_accuracy / return_predicted_tokens, as fused_linear_cross_entropy's:
+    the result is then a `CrossEntropyOutput(loss, None, token_accuracy,
+    predicted_tokens)`. predicted_tokens: each token's argmax of its logits (as
+    loss_fn receives them, torch.argmax's ties), int64 in the tokens' shape, -1 where
+    the label is ignore_index; token_accuracy: the fraction of labelled tokens whose
+    argmax is the label (per token with reduction "none", 0 where ignored), which
+    needs integer labels as target. Both come from each chunk's logits in the forward
+    (no pass of their own) and carry no gradient.
     """
     check_reduction(reduction)
     check_tokens(hidden, target)
@@ -136,11 +153,24 @@ def chunked_linear_loss(hidden, weight, target, loss_fn, *, bias=None, chunk_siz
     mask = (t != ignore_index) if labels else None
     if mask is not None:
         t = t.masked_fill(~mask, 0)  # a label every loss_fn can index with; its loss is dropped
+    if return_token_accuracy and mask is None:
+        raise ValueError("return_token_accuracy needs integer labels as target (one per token, hidden's leading "
+                         f"shape), got {target.dtype} of shape {tuple(target.shape)}")
     chunk = min(chunk_size or _default_chunk(n, weight.shape[0]), max(1, n))
-    losses = _ChunkedLinearLoss.apply(x, weight, bias, t, mask, loss_fn, chunk)
-    if reduction == "none":
-        return losses.view(hidden.shape[:-1])
-    if reduction == "sum":
-        return losses.sum()
+    argmax = bool(return_token_accuracy or return_predicted_tokens)
+    losses, predicted = _ChunkedLinearLoss.apply(x, weight, bias, t, mask, loss_fn, chunk, argmax)
     count = mask.sum() if mask is not None else torch.tensor(n, device=x.device)
-    return losses.sum() / count.to(losses.dtype)
+    if reduction == "none":
+        loss = losses.view(hidden.shape[:-1])
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = losses.sum() / count.to(losses.dtype)
+    if not argmax:
+        return loss
+    accuracy = None
+    if return_token_accuracy:
+        hits = (predicted == t).float()  # ignored rows: predicted -1, never a label here
+        accuracy = hits.view(hidden.shape[:-1]) if reduction == "none" else hits.sum() / count
+    return CrossEntropyOutput(loss=loss, token_accuracy=accuracy,
+                              predicted_tokens=predicted.view(hidden.shape[:-1]) if return_predicted_tokens else None)
