@@ -4,7 +4,7 @@ fused gemv / gemm kernels with no autograd), on Llama-3.2-1B's and
 Llama-3.1-8B's seven projections, M = 1..64 rows, one card, one run.
 
     python benchmarks/bench_nf4_matmul.py            # needs CUDA and bitsandbytes
-    python benchmarks/bench_nf4_matmul.py --quick    # M in 1, 8, 16, 64 only
+    python benchmarks/bench_nf4_matmul.py --quick    # M in 1, 4, 8, 16, 32, 64 only
 
 Correctness first: every run's output is compared with a float64 product of the
 dequantized weight. Times are GPU times of CUDA-graph replays (20 calls a graph,
@@ -156,7 +156,7 @@ def main():
     args = ap.parse_args()
     if args.sweep or args.sweep_child:
         return sweep() if args.sweep else sweep_child()
-    ms = [1, 8, 16, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    ms = [1, 4, 8, 16, 32, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
     env = common.environment()
     rows, lines = [], []
     weights = {model: {p: weight(*nk) for p, nk in shapes.items()} for model, shapes in MODELS.items()}
