@@ -316,6 +316,25 @@ def test_regional_mode_compiles_one_layer_for_all_layers(compile_counters):
     assert compile_counters["stats"]["unique_graphs"] == 2, dict(compile_counters["stats"])
 
 
+def test_regional_generation_interleaved_with_compiled_training(compile_counters):
+    # GRPO's pattern on a slothai.compile'd model: train, generate (regional mode), train.
+    # Generation does not touch the training layers' compiled code (no recompile there),
+    # the layers get their training forward back, and the tokens are transformers'.
+    model = slothai.compile(_patched(_build("llama"), compile="regional", backend="eager"), backend="aot_eager")
+    ref = _build("llama")
+    forwards = [layer.forward for layer in model.get_base_model().model.layers]
+    ids, mask = _left_padded()
+    with slothai.compile_report() as report:
+        for step in range(2):
+            qlora.train(model, [ids], lr=1e-2)
+            qlora.train(ref, [ids], lr=1e-2)
+            kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            torch.testing.assert_close(model.generate(**kw), ref.generate(**kw), rtol=0, atol=0)
+    assert [layer.forward for layer in model.get_base_model().model.layers] == forwards
+    assert report.recompiles == [] and report.graph_breaks == [], [r["reason"] for r in report.recompiles]
+    assert report.region_calls["compiled"] == 4, report  # two training steps x two layers
+
+
 def test_cache_is_reused_across_calls_and_given_back(llama):
     model = llama
     slothai.generation.release(model)
@@ -357,7 +376,9 @@ def test_copies_pickles_unpatch_and_the_switch(llama, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# CUDA: the decode step recorded and replayed as CUDA graphs.
+# CUDA: the decode step recorded and replayed as CUDA graphs. A replay runs the kernels
+# the uncaptured step runs, so its tokens and logits are the uncaptured ones bit for bit;
+# against the unpatched training forward they agree to bf16's rounding.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -368,30 +389,51 @@ def _cuda_model(dtype=torch.bfloat16, **options):
     return _patched(model, **options)
 
 
+def _cuda_generate(model, ids, mask, new=12, **kw):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=PAD,
+                          return_dict_in_generate=True, output_logits=True, **{"eos_token_id": None, **kw})
+
+
+def _uncaptured(model, ids, mask, **kw):
+    """The same call with the step run uncaptured (cudagraphs=False)."""
+    options = dataclasses.asdict(slothai.generation.configure(model))
+    slothai.generation.configure(model, cudagraphs=False)
+    try:
+        return _cuda_generate(model, ids, mask, **kw)
+    finally:
+        slothai.generation.configure(model, **options)
+
+
+def _assert_matches_training_forward(model, out, ids, mask):
+    prompt, new = ids.shape[1], len(out.logits)
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], out.sequences.shape[1] - prompt, dtype=mask.dtype,
+                                            device=mask.device)], 1)
+    want = _forward_logits(model, out.sequences, full_mask)
+    for t in range(new):
+        got, ref = out.logits[t], want[:, prompt - 1 + t].float()
+        # bf16 rounding: a few bf16 steps (2^-8 relative) of the largest logit, per token
+        torch.testing.assert_close(got, ref, rtol=0, atol=4 * 2 ** -8 * float(ref.abs().max()), msg=f"step {t}")
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(a.sequences, b.sequences, rtol=0, atol=0)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 @cuda
 @pytest.mark.parametrize("compile_mode", [None, "regional"])
-def test_cuda_graph_replay_equals_the_training_forward(compile_mode):
+def test_cuda_graph_replay_equals_uncaptured_step_and_training_forward(compile_mode):
     model = _cuda_model(compile=compile_mode)
     ids, mask = (t.cuda() for t in _left_padded())
     CALLS.clear()
-    out = _assert_step_logits_match_forward_cuda(model, ids, mask)
+    out = _cuda_generate(model, ids, mask)
     assert CALLS["slothai, graph recorded"] == 1, CALLS
-    again = _assert_step_logits_match_forward_cuda(model, ids, mask)
+    again = _cuda_generate(model, ids, mask)
     assert CALLS["slothai, graph replayed"] == 1, CALLS
-    torch.testing.assert_close(again.sequences, out.sequences, rtol=0, atol=0)
-
-
-def _assert_step_logits_match_forward_cuda(model, ids, mask, new=12):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
-                         pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
-    prompt = ids.shape[1]
-    full_mask = torch.cat([mask, torch.ones(ids.shape[0], new, dtype=mask.dtype, device=mask.device)], 1)
-    want = _forward_logits(model, out.sequences, full_mask)
-    for t, got in enumerate(out.logits):
-        ref = want[:, prompt - 1 + t].float()
-        # bf16 rounding: one bf16 step of the largest logit, per token
-        torch.testing.assert_close(got, ref, rtol=0, atol=2 ** -7 * float(ref.abs().max()) + 1e-3, msg=f"step {t}")
-    return out
+    _assert_same(out, again)
+    _assert_same(out, _uncaptured(model, ids, mask))
+    _assert_matches_training_forward(model, out, ids, mask)
 
 
 @cuda
@@ -399,35 +441,49 @@ def test_cuda_graph_sees_lora_updates_and_adapter_switches():
     model = _cuda_model()
     ids, mask = (t.cuda() for t in _left_padded())
     CALLS.clear()
-    _assert_step_logits_match_forward_cuda(model, ids, mask)
+    first = _cuda_generate(model, ids, mask)
     with torch.no_grad():  # an optimizer step: in place, same storage
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    _assert_step_logits_match_forward_cuda(model, ids, mask)
+    updated = _cuda_generate(model, ids, mask)
     assert CALLS["slothai, graph recorded"] == 1 and CALLS["slothai, graph replayed"] == 1, CALLS
+    assert not all(torch.equal(a, b) for a, b in zip(first.logits, updated.logits))
+    _assert_same(updated, _uncaptured(model, ids, mask))
+    _assert_matches_training_forward(model, updated, ids, mask)
     with model.disable_adapter():  # a graph of its own, recorded with the adapter off
-        _assert_step_logits_match_forward_cuda(model, ids, mask)
+        base = _cuda_generate(model, ids, mask)
+        _assert_same(base, _uncaptured(model, ids, mask))
+        _assert_matches_training_forward(model, base, ids, mask)
+    assert CALLS["slothai, graph recorded"] == 2, CALLS
+    _assert_same(_cuda_generate(model, ids, mask), updated)  # the adapter's graph again
     assert CALLS["slothai, graph recorded"] == 2, CALLS
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
-    layer.lora_B["default"].weight = torch.nn.Parameter(layer.lora_B["default"].weight.detach().clone() + 0.1)
-    _assert_step_logits_match_forward_cuda(model, ids, mask)  # a new Parameter: recorded again
+    layer.lora_B["default"].weight = torch.nn.Parameter(layer.lora_B["default"].weight.detach() + 0.1)
+    replaced = _cuda_generate(model, ids, mask)  # a new Parameter: recorded again, not read stale
     assert CALLS["slothai, graph recorded"] == 3, CALLS
+    _assert_same(replaced, _uncaptured(model, ids, mask))
 
 
 @cuda
 def test_cuda_sampling_and_eos_stop_in_graphs():
     model = _cuda_model()
     ids, mask = (t.cuda() for t in _left_padded(rows=4, pads=(0, 1, 3, 5)))
-    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None,
-                          pad_token_id=PAD)
+    free = _cuda_generate(model, ids, mask, new=40).sequences
     eos = [int(free[0, ids.shape[1] + 20]), int(free[2, ids.shape[1] + 3])]
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
-    torch.testing.assert_close(model.generate(**kw), _transformers_generate(model, **kw), rtol=0, atol=0)
+    stopped = _cuda_generate(model, ids, mask, new=40, eos_token_id=eos)
+    _assert_same(stopped, _uncaptured(model, ids, mask, new=40, eos_token_id=eos))
+    for row in (0, 2):  # finished at an EOS id, then padded
+        new = stopped.sequences[row, ids.shape[1]:]
+        at = int(torch.isin(new, torch.tensor(eos, device=new.device)).int().argmax())
+        assert int(new[at]) in eos and (new[at + 1:] == PAD).all(), new
+    options = dict(do_sample=True, top_p=0.9, top_k=50, temperature=0.8, repetition_penalty=1.1)
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=True, top_p=0.9,
-                         top_k=50, temperature=0.8, eos_token_id=eos, pad_token_id=PAD)
-    assert out.shape[0] == 4 and out.shape[1] <= ids.shape[1] + 40
+    a = _cuda_generate(model, ids, mask, new=40, eos_token_id=eos, **options)
+    torch.manual_seed(0)
+    b = _cuda_generate(model, ids, mask, new=40, eos_token_id=eos, **options)
+    _assert_same(a, b)  # a seed gives the same draws, replay after replay
+    _assert_matches_training_forward(model, a, ids, mask)
 
 
 @cuda

@@ -72,6 +72,5 @@ def configure(model, **options):
                 raise TypeError(f"unknown generation option {name!r}; options: {sorted(vars(Options()))}")
             setattr(engine.options, name, value)
         engine.release()  # its graphs were recorded the old way
-        engine._layer_step = None
-        engine.__dict__.pop("_full_step", None)
+        engine._compiled.clear()
     return engine.options

@@ -11,8 +11,8 @@ finished.
 Compilation (`Options.compile`):
 - "regional" (the default on CUDA): each decoder layer's call runs through one
   `torch.compile`d function shared by every layer (its cache slots are arguments, not
-  the layer's index, so one compilation serves all layers; a prefill, whose prompt
-  length is dynamic, is a second), the rest of the step (embedding, rotary tables,
+  the layer's index, so one compilation serves all layers; prefills, whose prompt
+  length is dynamic, compile a function of their own), the rest of the step (embedding, rotary tables,
   final norm, LM head, masks, sampling) eager. Recorded as one CUDA graph, the eager
   parts cost nothing on the host either.
 - "full": the whole step under `torch.compile(fullgraph=True)` (what the CPU tests
@@ -77,10 +77,17 @@ class Options:
 
 
 def _layer_step(forward, layer, cache_key, keys, values, start, args, kwargs):
-    """A decoder layer's forward over its own cache slots: what the regional mode
-    compiles, once for every layer (the layer, its slots and the start slot are
-    arguments)."""
+    """A decoder layer's forward over its own cache slots for one decode step: what the
+    regional mode compiles, once for every layer (the layer, its slots and the slot
+    written, a 0-dim tensor, are arguments)."""
     return forward(layer, *args, **{**kwargs, cache_key: LayerKV(keys, values, start)})
+
+
+def _layer_prefill(forward, layer, cache_key, keys, values, args, kwargs):
+    """The same for a prefill (slots from 0, the prompt's length dynamic): a function of
+    its own, so that Dynamo keeps its compilation apart from the decode step's rather
+    than counting one as a recompile of the other."""
+    return forward(layer, *args, **{**kwargs, cache_key: LayerKV(keys, values, 0)})
 
 
 def _mark_prefill_dynamic(args, kwargs):
@@ -114,11 +121,17 @@ class _RegionalLayer:
                 return self.previous(*args, **kwargs)
             return type(self.layer).forward(self.layer, *args, **kwargs)
         rest = {k: v for k, v in kwargs.items() if k != key}
-        if isinstance(kv.start, int):
-            _mark_prefill_dynamic(args, rest)
+        # no grad here, but `compile` makes the embeddings' output require grad (one
+        # variant for the first layer, another for the rest): the same values, detached
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
+        keys, values = kv.keys[self.index], kv.values[self.index]
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return self.engine.layer_step(type(self.layer).forward, self.layer, key, kv.keys[self.index],
-                                          kv.values[self.index], kv.start, args, rest)
+            if isinstance(kv.start, int):
+                _mark_prefill_dynamic(args, rest)
+                return self.engine.compiled(_layer_prefill)(type(self.layer).forward, self.layer, key, keys, values,
+                                                            args, rest)
+            return self.engine.compiled(_layer_step)(type(self.layer).forward, self.layer, key, keys, values,
+                                                     kv.start, args, rest)
 
 
 def _regional_ok(layer):
@@ -157,7 +170,7 @@ class Engine:
     def __init__(self, options=None):
         self.options = options or Options()
         self.sessions = collections.OrderedDict()  # rows -> Session
-        self._layer_step = None
+        self._compiled = {}  # function -> its torch.compile wrapper
 
     def __deepcopy__(self, memo):
         return Engine(dataclasses.replace(self.options))
@@ -193,17 +206,20 @@ class Engine:
 
     # -- compiled pieces ---------------------------------------------------
 
-    @property
-    def layer_step(self):
-        if self._layer_step is None:
-            self._layer_step = torch.compile(_layer_step, backend=self.options.backend)
-        return self._layer_step
+    def compiled(self, fn):
+        """torch.compile(fn) with this engine's backend, made once."""
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            compiled = self._compiled[fn] = torch.compile(fn, backend=self.options.backend)
+        return compiled
 
     def _stepper(self, device):
         if self.options.compile_mode(device) == "full":
-            if getattr(self, "_full_step", None) is None:
-                self._full_step = torch.compile(self.decode_step, backend=self.options.backend, fullgraph=True)
-            return self._full_step
+            full = self._compiled.get("full")
+            if full is None:
+                full = self._compiled["full"] = torch.compile(self.decode_step, backend=self.options.backend,
+                                                              fullgraph=True)
+            return full
         return self.decode_step
 
     # -- the call ----------------------------------------------------------
@@ -224,11 +240,17 @@ class Engine:
         scores, logits = [], []
         positions = self._load(s, ids, mask, sampler)
         with self._decoding(head, device):
-            last = self._prefill(head, s, positions, layout, dtype)
+            fresh = not s.kv.allocated(0)
+            cache_kw = self._cache_kw(head)
+            last = self._prefill(head, s, positions, layout, dtype, cache_kw)
+            if fresh and self.options.compile_mode(device) == "regional":
+                # the first prefill ran eager to allocate the cache from the layers' own key
+                # states; compile the prefill now (same result), not at the next call
+                last = self._prefill(head, s, positions, layout, dtype, cache_kw)
             sampler.advance(s, last)
             self._collect(s, rows, sampler, scores, logits)
             s.kv.start = s.cur
-            step = functools.partial(self._stepper(device), head, s, sampler, layout, dtype)
+            step = functools.partial(self._stepper(device), head, s, sampler, layout, dtype, cache_kw)
             replay, how = self._replay(head, s, sampler, step)
             CALLS[how] += 1
             every = max(1, int(self.options.check_every))
@@ -276,24 +298,27 @@ class Engine:
         if sampler.want_logits:
             logits.append(s.logits[:rows].clone())
 
-    def _cache_key(self, head):
+    @staticmethod
+    def _cache_kw(head):
+        """The name the model's forward takes its cache by: `cache` (transformers >= 5.20,
+        which still accepts the old name with a deprecation) or `past_key_values`."""
         params = inspect.signature(head.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
-    def _prefill(self, head, s, positions, layout, dtype):
+    def _prefill(self, head, s, positions, layout, dtype, cache_kw):
         prompt = positions.shape[1]
         s.kv.start = 0
         masks = prefill_masks(layout, s.mask[:, :prompt], dtype)
         out = head(input_ids=s.ids[:, :prompt], attention_mask=masks, position_ids=positions, use_cache=True,
-                   logits_to_keep=1, **{self._cache_key(head): s.kv})
+                   logits_to_keep=1, **{cache_kw: s.kv})
         return out.logits[:, -1]
 
-    def decode_step(self, head, s, sampler, layout, dtype):
+    def decode_step(self, head, s, sampler, layout, dtype, cache_kw):
         """One new token for every row: the model over `s.next_ids` at slot `s.cur`,
         then `sampler.advance`. Tensor operations on the session's buffers only."""
         masks = decode_masks(layout, s.mask, s.slots, s.cur, dtype)
         out = head(input_ids=s.next_ids, attention_mask=masks, position_ids=s.position, use_cache=True,
-                   logits_to_keep=1, **{self._cache_key(head): s.kv})
+                   logits_to_keep=1, **{cache_kw: s.kv})
         sampler.advance(s, out.logits[:, -1])
 
     @contextlib.contextmanager
@@ -370,6 +395,7 @@ class Engine:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
+            torch.cuda.set_rng_state(rng, device)  # replays draw from where the warm-up began
         except Exception as e:  # a step that cannot be captured still runs, uncaptured
             if self.options.strict:
                 raise

@@ -9,6 +9,7 @@ import inspect
 
 import torch
 
+from ..patching.fsdp import is_fully_sharded
 from .decode import CALLS, Engine, warn_once
 from .sampling import Sampler
 
@@ -79,6 +80,11 @@ def prepare(head, original, args, kwargs):
     unknown = sorted(k for k, v in model_kwargs.items() if k not in _MODEL_KWARGS and v is not None)
     if unknown:
         return None, f"model argument {unknown[0]}="
+    devices = {str(p.device) for p in head.parameters()}
+    if len(devices) > 1:
+        return None, f"a model split across devices ({sorted(devices)})"
+    if is_fully_sharded(head):
+        return None, "a model FSDP2 shards (its weights move every step; no CUDA graph can hold them)"
     ids = inputs if inputs is not None else model_kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int) or \
             ids.shape[1] == 0:
