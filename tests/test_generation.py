@@ -287,10 +287,12 @@ def test_trl_style_call_takes_disable_compile_and_a_generation_config(llama):
     assert _calls() == before + 1 and out.shape[0] == 3 and out.shape[1] <= ids.shape[1] + 5
 
 
-def test_decode_step_compiles_whole_without_a_graph_break(compile_counters):
+@pytest.mark.parametrize("family", sorted(CAUSAL_LM_FAMILIES))
+def test_decode_step_compiles_whole_without_a_graph_break(family, tmp_path, compile_counters):
     # compile="full": the step under torch.compile(fullgraph=True) — a host read of a
-    # device value would break it (or raise): greedy and sampling with every option.
-    model = _patched(_build("llama"), compile="full", backend="eager")
+    # device value would break it (or raise): greedy and sampling with every option, on
+    # every family (Dynamo alone: backend "eager").
+    model = _patched(_build(family, tmp_path), compile="full", backend="eager")
     ids, mask = _left_padded()
     for kw in (dict(do_sample=False), dict(do_sample=True, temperature=0.8, top_k=30, top_p=0.9, min_p=0.02,
                                            repetition_penalty=1.1, min_new_tokens=2)):

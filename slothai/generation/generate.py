@@ -127,8 +127,13 @@ def prepare(head, original, args, kwargs):
 
 def fast_generate(head, original, args, kwargs):
     """slothai's decode for this call, or `original` (transformers' generate)."""
-    request, why = prepare(head, original, args, kwargs)
     engine = engine_of(head)
+    try:
+        request, why = prepare(head, original, args, kwargs)
+    except Exception as e:  # transformers' own generate raises the user's error, if it is one
+        if engine.options.strict:
+            raise
+        request, why = None, f"preparing the call failed ({type(e).__name__}: {e})"
     if request is None:
         return _fallback(head, original, args, kwargs, why)
     try:
