@@ -21,7 +21,10 @@ bytes read + written) that gives tokens/s = batch x bandwidth / bytes per step.
 
 Results: benchmarks/results/decode_<model><--name>.{json,txt,png}: "runs" of {run,
 batch, new_tokens, tokens_per_s, decode_tokens_per_s, first_call_s, peak_gb, ...} and
-"ceiling_tokens_per_s" (batch 1; each run also carries its batch's).
+"ceiling_tokens_per_s" (batch 1; each run also carries its batch's). "tokens = trf's": how many
+of a run's first 16 greedy tokens (row 0) transformers' run also chose — on random weights the
+logits are near-ties, so rounding differences part the two early; the CUDA tests check the
+logits themselves.
 """
 import argparse
 import importlib.util
@@ -48,7 +51,6 @@ SLOTHAI_OPTIONS = {"slothai": {}, "slothai-full": dict(compile="full"), "slothai
 # Worker: one run, in this process.
 
 def build(run, path, device, dtype):
-    import torch
     if run == "unsloth":
         from unsloth import FastLanguageModel  # before transformers / peft: Unsloth patches them
 
@@ -131,7 +133,8 @@ def worker(args):
         times = [call(args.new)[0] for _ in range(args.reps)]
         prefill = statistics.median(call(1)[0] for _ in range(args.reps))
         seconds = statistics.median(times)
-        row = dict(run=run, batch=batch, new_tokens=args.new, prompt=args.prompt, tokens_per_s=batch * args.new / seconds,
+        row = dict(run=run, batch=batch, new_tokens=args.new, prompt=args.prompt,
+                   tokens_per_s=batch * args.new / seconds,
                    decode_tokens_per_s=batch * (args.new - 1) / max(1e-9, seconds - prefill), seconds=seconds,
                    times=times, prefill_s=prefill, first_call_s=first,
                    peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
@@ -141,7 +144,8 @@ def worker(args):
             row["generation_gb"] = slothai.generation.memory_bytes(model) / 1e9
             slothai.generation.CALLS.clear()
         rec["rows"].append(row)
-        print(f"  [{run}] batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['decode_tokens_per_s']:.0f} decoding), "
+        print(f"  [{run}] batch {batch}: {row['tokens_per_s']:.0f} tokens/s "
+              f"({row['decode_tokens_per_s']:.0f} decoding), "
               f"first call {first:.2f} s, peak {row['peak_gb'] or 0:.2f} GB", flush=True)
         if run.startswith("slothai"):
             slothai.generation.release(model)  # each batch's memory its own
@@ -180,18 +184,24 @@ def report(args, env, recs, failed, bandwidth):
             other = next((x for x in runs if x["run"] == name and x["batch"] == r["batch"]), None)
             return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if other and other is not r else "-"
         of = f"{r['tokens_per_s'] / r['ceiling_tokens_per_s']:.0%}" if r["ceiling_tokens_per_s"] else "-"
+        trf = next((x for x in runs if x["run"] == "transformers" and x["batch"] == r["batch"]), None)
+        same = "-"
+        if trf is not None and trf is not r:  # greedy tokens shared with transformers' (random weights: near-ties)
+            same = str(next((i for i, (a, b) in enumerate(zip(r["head_tokens"], trf["head_tokens"])) if a != b),
+                            len(r["head_tokens"])))
         rows.append([r["run"], str(r["batch"]), str(r["new_tokens"]), f"{r['tokens_per_s']:.0f}",
                      f"{r['decode_tokens_per_s']:.0f}", f"{r['ceiling_tokens_per_s']:.0f}" if r["ceiling_tokens_per_s"]
                      else "-", of, vs("transformers"), vs("unsloth"), f"{r['first_call_s']:.2f}",
-                     f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-"])
+                     f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-", same])
     for run, why in failed.items():
-        rows.append([run, "-", "-", why] + ["-"] * 7)
+        rows.append([run, "-", "-", why] + ["-"] * 8)
     gb = runs[0]["model_bytes"] / 1e9 if runs else 0
-    lines = [f"Decode, {args.model} shape, NF4 double-quant, bf16, LoRA r=32 on 7 projections active, greedy, prompt "
+    lines = [f"Decode, {args.model} shape, NF4 double-quant, {args.dtype_name}, LoRA r=32 on 7 projections active, "
+             f"greedy, prompt "
              f"{args.prompt}, {args.new} new tokens; {gb:.2f} GB of weights read a step; copy bandwidth "
              f"{bandwidth or 0:.0f} GB/s. {env['card']}, torch {env['torch']}, {env['date']}"]
     lines += common.table(["run", "batch", "new", "tokens/s", "decode tokens/s", "ceiling", "of ceiling", "vs trf",
-                           "vs unsloth", "first call s", "peak GB"], rows)
+                           "vs unsloth", "first call s", "peak GB", "tokens = trf's"], rows)
     lines += [f"  {k}: {v}" for k, v in RUNS.items()]
     common.write(name, dict(env, model=args.model, prompt=args.prompt, new_tokens=args.new, bandwidth_gbs=bandwidth,
                             ceiling_tokens_per_s=ceiling1, runs=runs, failed=failed), lines)
@@ -212,7 +222,8 @@ def report(args, env, recs, failed, bandwidth):
     for b_i, b in enumerate(batches):
         c = next((r["ceiling_tokens_per_s"] for r in runs if r["batch"] == b and r["ceiling_tokens_per_s"]), None)
         if c:
-            ax.hlines(c, b_i - 0.1, b_i + 0.9, colors="k", linestyles="dashed", label="byte ceiling" if b_i == 0 else None)
+            ax.hlines(c, b_i - 0.1, b_i + 0.9, colors="k", linestyles="dashed",
+                      label="byte ceiling" if b_i == 0 else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_yscale("log")
     ax.set_ylabel("new tokens / s (log)")
@@ -233,7 +244,8 @@ def main():
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--merge", action="store_true", help="keep the other runs of an existing result file")
     ap.add_argument("--results", help="folder for the result files (default benchmarks/results; --tiny: a temp one)")
-    ap.add_argument("--tiny", action="store_true", help="smoke test: tiny model, CPU if no GPU, results in a temp folder")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke test: tiny model, CPU if no GPU, results in a temp folder")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--run", "--path", "--out", "--device", "--dtype"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -264,7 +276,8 @@ def main():
             for run in args.runs:
                 if run == "unsloth" and importlib.util.find_spec("unsloth") is None:
                     failed[run] = "unsloth not installed"
-                    report(argparse.Namespace(**{**vars(args), "model": model_name}), env, recs, failed, bandwidth)
+                    report(argparse.Namespace(**{**vars(args), "model": model_name, "dtype_name": dtype}), env, recs,
+                           failed, bandwidth)
                     continue
                 out = os.path.join(tmp, f"{run}.json")
                 rec, why = common.run_worker(
@@ -276,7 +289,8 @@ def main():
                     recs.append(rec)
                 else:
                     failed[run] = why
-                report(argparse.Namespace(**{**vars(args), "model": model_name}), env, recs, failed, bandwidth)
+                report(argparse.Namespace(**{**vars(args), "model": model_name, "dtype_name": dtype}), env, recs,
+                       failed, bandwidth)
 
 
 if __name__ == "__main__":

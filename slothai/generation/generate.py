@@ -64,10 +64,11 @@ def prepare(head, original, args, kwargs):
     extra.pop("trust_remote_code", None)
     if "tokenizer" in extra:
         return None, "tokenizer= (stop strings)"
-    has_default_max_length = extra.get("max_length") is None and \
-        (generation_config is None or generation_config.max_length is None) and head.generation_config.max_length is None
-    has_default_min_length = extra.get("min_length") is None and \
-        (generation_config is None or generation_config.min_length is None) and head.generation_config.min_length is None
+    def default(name):  # transformers' generate: no length given anywhere
+        return extra.get(name) is None and getattr(generation_config, name, None) is None and \
+            getattr(head.generation_config, name, None) is None
+
+    has_default_max_length, has_default_min_length = default("max_length"), default("min_length")
     config, model_kwargs = head._prepare_generation_config(generation_config, **extra)
     mode = config.get_generation_mode(None)
     if getattr(mode, "value", mode) not in ("greedy_search", "sample"):

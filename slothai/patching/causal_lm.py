@@ -56,8 +56,9 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
     head = self.lm_head
     if not kwargs.get("fused_lm_head", True):
         kwargs.pop("fused_lm_head")  # an explicit False: TRL's head would drop it too
-    if labels is None or not getattr(self, _LOSS, True) or getattr(self, _KEEP_LOGITS, False) or "fused_lm_head" in kwargs or len(args) > 1 or \
-            kwargs.get("return_dict") is False or not isinstance(head, torch.nn.Linear):
+    if labels is None or not getattr(self, _LOSS, True) or getattr(self, _KEEP_LOGITS, False) or \
+            "fused_lm_head" in kwargs or len(args) > 1 or kwargs.get("return_dict") is False or \
+            not isinstance(head, torch.nn.Linear):
         return type(self)._slothai_base.forward(self, *args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
