@@ -7,6 +7,7 @@ PeftModelForCausalLM.generate. LoRA B is drawn non-zero, so the adapter moves th
 On the CPU the decode step runs uncaptured (compile modes tested apart); the CUDA tests at
 the end record and replay its CUDA graphs.
 """
+import contextlib
 import copy
 import dataclasses
 import pickle
@@ -335,6 +336,98 @@ def test_regional_generation_interleaved_with_compiled_training(compile_counters
     assert [layer.forward for layer in model.get_base_model().model.layers] == forwards
     assert report.recompiles == [] and report.graph_breaks == [], [r["reason"] for r in report.recompiles]
     assert report.region_calls["compiled"] == 4, report  # two training steps x two layers
+
+
+class _StandInGraph:
+    """Replays by running the step again: what a CUDA graph's replay computes."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+    def reset(self):
+        pass
+
+
+class _StandInRecorder:
+    """decode.CudaRecorder on the CPU: the warm-up runs the step for real (as on a GPU,
+    where it moves the session's state on), capturing runs nothing."""
+
+    def available(self, device):
+        return True
+
+    @contextlib.contextmanager
+    def on(self, device):
+        yield
+
+    def synchronize(self):
+        pass
+
+    def rng_state(self):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(state)
+
+    def warm_up(self, step, n):
+        for _ in range(n):
+            step()
+
+    def capture(self, step):
+        return _StandInGraph(step)
+
+
+def test_graph_recording_logic_on_the_cpu(llama, monkeypatch):
+    # The recording and replaying bookkeeping with a stand-in for torch.cuda: the state
+    # the warm-up moves on is put back (tokens, logits and seeded draws equal to the
+    # uncaptured step's), one graph per state (recorded, then replayed; an in-place LoRA
+    # update replays, disable_adapter and a new Parameter record their own), at most
+    # MAX_GRAPHS kept.
+    from slothai.generation import decode
+
+    model = llama
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, eos_token_id=None, pad_token_id=PAD,
+              return_dict_in_generate=True, output_logits=True)
+    sampled = dict(do_sample=True, top_p=0.9, temperature=0.8, repetition_penalty=1.2, output_scores=True)
+
+    def run(**extra):
+        torch.manual_seed(5)
+        return model.generate(**kw, **extra)
+
+    def same(a, b):
+        torch.testing.assert_close(a.sequences, b.sequences, rtol=0, atol=0)
+        for x, y in zip(a.logits, b.logits):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+    want_greedy, want_sampled = run(do_sample=False), run(**sampled)
+    slothai.generation.release(model)
+    monkeypatch.setattr(decode.Engine, "recorder", _StandInRecorder())
+    CALLS.clear()
+    same(run(do_sample=False), want_greedy)
+    same(run(do_sample=False), want_greedy)
+    same(run(**sampled), want_sampled)
+    same(run(**sampled), want_sampled)
+    assert CALLS == {"slothai, graph recorded": 2, "slothai, graph replayed": 2}, CALLS
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1.5)
+    run(do_sample=False)
+    assert CALLS["slothai, graph replayed"] == 3, CALLS
+    with model.disable_adapter():
+        run(do_sample=False)
+    layer = model.get_base_model().model.layers[0].mlp.up_proj
+    layer.lora_B["default"].weight = torch.nn.Parameter(layer.lora_B["default"].weight.detach() * 1.0)
+    run(do_sample=False)
+    assert CALLS["slothai, graph recorded"] == 4, CALLS
+    (session,) = model.get_base_model()._slothai_generation.sessions.values()
+    assert len(session.graphs) == decode.MAX_GRAPHS == 4
+    run(do_sample=True)  # a fifth state: the least recently used graph goes
+    assert len(session.graphs) == 4 and CALLS["slothai, graph recorded"] == 5, CALLS
+    slothai.generation.release(model)
 
 
 def test_cache_is_reused_across_calls_and_given_back(llama):

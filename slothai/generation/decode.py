@@ -72,9 +72,6 @@ class Options:
             return "regional" if device.type == "cuda" else None
         return self.compile
 
-    def use_cudagraphs(self, device):
-        return device.type == "cuda" and self.cudagraphs is not False
-
 
 def _layer_step(forward, layer, cache_key, keys, values, start, args, kwargs):
     """A decoder layer's forward over its own cache slots for one decode step: what the
@@ -163,9 +160,48 @@ def warn_once(message):
 CALLS = collections.Counter()
 
 
+class CudaRecorder:
+    """What recording a CUDA graph takes from torch.cuda, in one place (a test stands
+    in for it on the CPU to run the recording and replaying logic without a GPU)."""
+
+    def available(self, device):
+        return device.type == "cuda"
+
+    @contextlib.contextmanager
+    def on(self, device):
+        self.device = device
+        with torch.cuda.device(device):
+            yield
+
+    def synchronize(self):
+        torch.cuda.synchronize(self.device)
+
+    def rng_state(self):
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state):
+        torch.cuda.set_rng_state(state, self.device)
+
+    def warm_up(self, step, n):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(n):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, step):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # a private memory pool of its own
+            step()
+        return graph
+
+
 class Engine:
     """slothai's decode for one causal-LM head (kept on the head by `patch`; deep
     copies and pickles of the model get a new, empty one)."""
+
+    recorder = CudaRecorder()
 
     def __init__(self, options=None):
         self.options = options or Options()
@@ -362,7 +398,7 @@ class Engine:
 
     def _replay(self, head, s, sampler, step):
         """What runs one decode step, and how: the recorded graph's replay, or the step."""
-        if not self.options.use_cudagraphs(s.device):
+        if not (self.options.cudagraphs is not False and self.recorder.available(s.device)):
             return step, "slothai, no graph (CPU)" if s.device.type == "cpu" else "slothai, no graph"
         key = self._state_key(head, sampler)
         recorded = s.graphs.get(key)
@@ -380,32 +416,29 @@ class Engine:
         return recorded.graph.replay, how
 
     def _record(self, s, sampler, step):
-        device = s.device
-        torch.cuda.synchronize(device)
-        saved, rng = s.snapshot(), torch.cuda.get_rng_state(device)
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            s.restore(saved)
-            torch.cuda.set_rng_state(rng, device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            torch.cuda.set_rng_state(rng, device)  # replays draw from where the warm-up began
-        except Exception as e:  # a step that cannot be captured still runs, uncaptured
-            if self.options.strict:
-                raise
-            torch.cuda.synchronize(device)
-            s.restore(saved)
-            torch.cuda.set_rng_state(rng, device)
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warn_once(f"slothai.generate: the decode step could not be recorded as a CUDA graph ({why}); it runs "
-                      "without one (correct, slower)")
-            return _Recorded(None, sampler, why)
+        """Warm the step up (WARMUP_STEPS on a side stream), put the session's state and
+        the random generator back, record one step; the state and generator are put back
+        again after, so that the replays that follow start where the warm-up did."""
+        cuda = self.recorder
+        with cuda.on(s.device):
+            cuda.synchronize()
+            saved, rng = s.snapshot(), cuda.rng_state()
+            try:
+                cuda.warm_up(step, WARMUP_STEPS)
+                s.restore(saved)
+                cuda.set_rng_state(rng)
+                graph = cuda.capture(step)
+                cuda.set_rng_state(rng)
+            except Exception as e:  # a step that cannot be captured still runs, uncaptured
+                if self.options.strict:
+                    raise
+                cuda.synchronize()
+                s.restore(saved)
+                cuda.set_rng_state(rng)
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warn_once(f"slothai.generate: the decode step could not be recorded as a CUDA graph ({why}); it "
+                          "runs without one (correct, slower)")
+                return _Recorded(None, sampler, why)
         return _Recorded(graph, sampler)
 
     def _state_key(self, head, sampler):
