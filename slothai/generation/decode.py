@@ -287,7 +287,7 @@ class Engine:
             self._collect(s, rows, sampler, scores, logits)
             s.kv.start = s.cur
             step = functools.partial(self._stepper(device), head, s, sampler, layout, dtype, cache_kw)
-            replay, how = self._replay(head, s, sampler, step)
+            replay, how = self._replay(head, s, sampler, step) if max_new > 1 else (None, "slothai, prefill only")
             CALLS[how] += 1
             every = max(1, int(self.options.check_every))
             for k in range(1, max_new):
