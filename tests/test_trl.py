@@ -225,12 +225,21 @@ def test_kto_trainer(tmp_path):
     assert "kl" in got[0]
 
 
+def _slothai_generations():
+    """generate() calls slothai's decode served (slothai.generation.CALLS)."""
+    return sum(n for how, n in slothai.generation.CALLS.items() if how.startswith("slothai"))
+
+
 def test_grpo_trainer(tmp_path):
+    # TRL's GRPO without vLLM samples through the PEFT model's generate(), which a
+    # patched model serves with slothai's decode (same seed, same draws on the CPU).
     want, _, _ = _train("grpo", qlora.build("tiny"), tmp_path, bf16=False)
+    before = _slothai_generations()
     got, report, _ = _train("grpo", _patched_compiled(qlora.build("tiny")), tmp_path, bf16=False)
+    assert _slothai_generations() == before + 2  # one generate() a step
     _assert_same_logs(got, want)
     _assert_compiled_without_eager_fallback(report)
-    assert report.region_calls.get("eager (no grad or eval)", 0) > 0  # generate() and the old log-probs
+    assert report.region_calls.get("eager (no grad or eval)", 0) > 0  # the old and reference log-probs
     assert {"kl", "entropy", "reward"} <= set(got[0])
 
 
@@ -242,7 +251,9 @@ def test_trainer_on_inductor_with_trl_defaults(kind, tmp_path):
     # (about a minute on two cores): DPO and GRPO run the layer compiled under SFT. DPO
     # takes TRL's "ref" adapter path.
     want, _, _ = _train(kind, qlora.build("tiny"), tmp_path)
+    before = _slothai_generations()
     got, report, trainer = _train(kind, slothai.compile(slothai.patch(qlora.build("tiny"))), tmp_path)
+    assert _slothai_generations() == before + (2 if kind == "grpo" else 0)
     assert trainer.args.bf16 is True  # TRL's default: bf16 autocast, on the CPU too
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
     _assert_same_logs(got, want)

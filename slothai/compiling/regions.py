@@ -131,7 +131,9 @@ class _CompiledForward:
         return type(self.layer).forward(self.layer, *args, **kw)
 
     def __call__(self, *args, **kw):
-        if kw.get("past_key_values", kw.get("past_key_value")) is not None or kw.get("use_cache"):
+        if torch.compiler.is_compiling():  # inside another compiled function (generate's whole decode step)
+            return self._uncompiled(*args, **kw)
+        if kw.get("past_key_values", kw.get("past_key_value", kw.get("cache"))) is not None or kw.get("use_cache"):
             REGION_CALLS["eager (KV cache)"] += 1
             return self._uncompiled(*args, **kw)
         if not (self.layer.training and torch.is_grad_enabled()):

@@ -4,7 +4,9 @@ Heads of the families in `CAUSAL_LM_FAMILIES` compute the training loss with
 `fused_linear_cross_entropy` from the last hidden states when labels are given:
 the [tokens x vocab] logits are never built, and the output's `logits` is None.
 Without labels the model's own forward runs unchanged; with `keep_logits=True`
-the head is left alone.
+(or `loss=False`) the head's forward is left alone. The patched head also carries
+slothai's `generate` (added by slothai/generation; `patch(generate=False)` leaves
+transformers' own).
 
 What trainers that log token accuracy without the logits ask a fused head for, as
 Liger-Kernel's patched heads take it: `return_token_accuracy=True` (and
@@ -44,10 +46,15 @@ CAUSAL_LM_FAMILIES = {
     "gemma3_text": "final_logit_softcapping",
 }
 
-# Instance attributes of a patched head: patch(keep_logits=...), patch(fp32_head_grad=...).
+# Instance attributes of a patched head: patch(loss=...), patch(keep_logits=...),
+# patch(fp32_head_grad=...), patch(generate=...) (read by slothai/generation).
+_LOSS = "_slothai_loss"
+
 _KEEP_LOGITS = "_slothai_keep_logits"
 
 _FP32_HEAD_GRAD = "_slothai_fp32_head_grad"
+
+GENERATE = "_slothai_generate"
 
 
 # Liger-Kernel's keyword arguments of a fused head's forward: (name, default).
@@ -63,8 +70,9 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
     head = self.lm_head
     if not kwargs.get("fused_lm_head", True):
         kwargs.pop("fused_lm_head")  # an explicit False: TRL's head would drop it too
-    if labels is None or getattr(self, _KEEP_LOGITS, False) or "fused_lm_head" in kwargs or len(args) > 1 or \
-            kwargs.get("return_dict") is False or not isinstance(head, torch.nn.Linear):
+    if labels is None or not getattr(self, _LOSS, True) or getattr(self, _KEEP_LOGITS, False) or \
+            "fused_lm_head" in kwargs or len(args) > 1 or kwargs.get("return_dict") is False or \
+            not isinstance(head, torch.nn.Linear):
         return type(self)._slothai_base.forward(self, *args, labels=labels, **kwargs)
     options = {name: bool(kwargs.pop(name, default)) for name, default in _HEAD_OPTIONS}  # not the backbone's
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -154,4 +162,4 @@ def decoder_layers(model):
     return layers
 
 
-register_kind("causal_lm", _causal_lm_forward, attrs=(_KEEP_LOGITS, _FP32_HEAD_GRAD))
+register_kind("causal_lm", _causal_lm_forward, attrs=(_LOSS, _KEEP_LOGITS, _FP32_HEAD_GRAD, GENERATE))

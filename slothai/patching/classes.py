@@ -8,7 +8,9 @@ store the patch and load it back (by the base class and the kind of patch, see
 layer guarded by identity (which compiled every decoder layer apart). A forward
 another library puts in the instance dict (TRL's fused LM head) is left to that
 library. The kinds are registered by the modules that implement them
-(linear4bit.py, causal_lm.py, slothai/compiling/offload.py)."""
+(linear4bit.py, causal_lm.py, slothai/compiling/offload.py); a package above
+this one adds methods to a kind with `add_methods` (slothai/generation gives the
+causal-LM head its `generate`)."""
 import functools
 
 
@@ -60,6 +62,18 @@ def register_kind(kind, forward, methods=None, attrs=()):
     class's forward; `methods` maps other method names to makers `make(base)`; `attrs`
     names the instance attributes the patch sets, which `uninstall` removes."""
     _KINDS[kind] = (forward, dict(methods or {}), tuple(attrs))
+
+
+def add_methods(kind, methods, attrs=()):
+    """Add methods (name -> maker, as in `register_kind`) and instance attributes to a
+    registered kind, also on the classes already generated for it: how a package
+    above patching/ (which patching does not import) extends a kind."""
+    forward, makers, kind_attrs = _KINDS[kind]
+    _KINDS[kind] = (forward, {**makers, **methods}, tuple(dict.fromkeys(kind_attrs + tuple(attrs))))
+    for (base, k), cls in _PATCHED_CLASSES.items():
+        if k == kind:
+            for name, make in methods.items():
+                setattr(cls, name, make(base))
 
 
 def install(module, kind):

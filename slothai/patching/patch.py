@@ -6,14 +6,14 @@ PEFT's LoRA over them), causal_lm.py (the loss head), unsloth.py (an Unsloth
 model), trl.py (TRL's fused LM head on the CPU), fsdp.py (FSDP2 and DDP); how a
 module is patched: classes.py."""
 from . import fsdp
-from .causal_lm import _FP32_HEAD_GRAD, _KEEP_LOGITS, _causal_lm_heads, _load_output_class
+from .causal_lm import _FP32_HEAD_GRAD, _KEEP_LOGITS, _LOSS, GENERATE, _causal_lm_heads, _load_output_class
 from .classes import install, is_patched, uninstall
 from .linear4bit import is_bnb_linear4bit, is_peft_lora_linear4bit, own_active_adapters, standard_layout
 from .trl import supply_trl_kernel
 from .unsloth import _is_unsloth, _patch_unsloth, _unpatch_unsloth
 
 
-def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp32_head_grad=True):
+def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp32_head_grad=True, generate=True):
     """Patch `model` in place (idempotent) and return it. See the module docstring.
 
     linear4bit: route bitsandbytes NF4 layers through slothai's dequant.
@@ -28,13 +28,18 @@ def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp
     fp32 (eager's accuracy, a vocab x hidden fp32 buffer); False sums it in the
     head's dtype (Unsloth's default: 1.3 GB less at a 128K vocabulary, a little
     less accurate; see fused_linear_cross_entropy). No effect on a frozen head.
+    generate: the head's `generate()` (reached through PEFT's, as TRL calls it) runs
+    slothai's decode — a static KV cache, the step replayed as a CUDA graph — for
+    greedy and sampled generation, and transformers' own for anything else
+    (docs/generation.md). False keeps transformers' `generate`.
     Patching again with other values changes them.
     """
     fsdp.check_not_sharded(model, "slothai.patch")  # FSDP2: patch comes before fully_shard
     if _is_unsloth(model):
         # A FastLanguageModel computes its own chunked fused loss from the hidden
-        # states; slothai leaves its head alone and serves its NF4 dequantization.
-        loss = False
+        # states and generates its own way; slothai leaves its head alone and serves
+        # its NF4 dequantization.
+        loss = generate = False
     for module in model.modules():
         if linear4bit and is_bnb_linear4bit(module):
             standard_layout(module)
@@ -46,12 +51,14 @@ def patch(model, *, linear4bit=True, lora=True, loss=True, keep_logits=False, fp
                 own_active_adapters(module)
             elif is_patched(module):
                 uninstall(module)
-    if loss:
+    if loss or generate:
         _load_output_class()
         for module in _causal_lm_heads(model):
             install(module, "causal_lm")
+            setattr(module, _LOSS, bool(loss))
             setattr(module, _KEEP_LOGITS, bool(keep_logits))
             setattr(module, _FP32_HEAD_GRAD, bool(fp32_head_grad))
+            setattr(module, GENERATE, bool(generate))
     fsdp.skip_4bit_weights_in_ddp_broadcast(model)
     fsdp.let_accelerate_shard_nf4_weights()
     _patch_unsloth()

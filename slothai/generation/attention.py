@@ -1,0 +1,113 @@
+"""Attention masks over the static cache's slots, and the attention a decode step runs.
+
+Masks. `generate` hands the model ready-made 4D masks, which transformers' mask
+builders return as they are: one for every decoder layer (Llama, Gemma, Mistral, whose
+single mask is a sliding-window one when the config has a window), or one per layer
+type (`config.layer_types`: Qwen2/3, Gemma 2/3) as the mapping those models accept.
+A key slot is visible to the query at slot q when it holds a real token (the prompt's
+attention mask, then ones), is not after q, and (sliding layers) is within the window:
+`kv > q - sliding_window`, transformers' rule. A prompt's padding slot sees itself,
+so that no query row is fully masked (its output would be NaN under SDPA's math and
+reach every later layer through the padding slot's keys and values; real tokens never
+see those slots). Boolean for SDPA; additive (0 / dtype min) for eager attention.
+
+Attention. During `generate` a model whose config says "sdpa" runs `slothai_sdpa`
+(registered with transformers' AttentionInterface): a decode step's single query per
+row attends with its query heads grouped under their key/value head ([rows, kv heads,
+groups, head dim] against the cache's [rows, kv heads, slots, head dim]), so the cache
+is read once, where transformers' SDPA path repeats every key and value `groups` times
+first (a copy of the whole cache per layer per token when compiled, and in
+transformers < 5.20 always). Anything else (prefill, no grouping) is transformers'
+SDPA attention.
+"""
+import torch
+import torch.nn.functional as F
+
+DECODE_ATTENTION = "slothai_sdpa"
+
+# What each attention implementation takes as a mask.
+MASK_FORMS = {"sdpa": "bool", DECODE_ATTENTION: "bool", "eager": "additive"}
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, q_len, _ = query.shape
+    kv_heads = key.shape[1]
+    if q_len != 1 or heads == kv_heads or kwargs.get("softcap") is not None or \
+            kwargs.get("position_bias") is not None or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling)
+    return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+_REGISTERED = []
+
+
+def register_decode_attention():
+    """Make `slothai_sdpa` a name transformers' attention (and mask) lookups accept."""
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    _REGISTERED.append(True)
+
+
+def mask_layout(config):
+    """How this model takes its masks, or (None, why) when `generate` cannot build
+    them: ({layer type or None: sliding window or None}, form)."""
+    implementation = getattr(config, "_attn_implementation", None)
+    form = MASK_FORMS.get(implementation)
+    if form is None:
+        return None, f"attention implementation {implementation!r} (slothai's decode builds masks for sdpa and eager)"
+    if getattr(config, "use_bidirectional_attention", False):
+        return None, "use_bidirectional_attention"
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return ({None: window}, form), None
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        return None, f"layer types {unknown}"
+    if "sliding_attention" in types and window is None:
+        return None, "sliding_attention layers without config.sliding_window"
+    return ({"full_attention": None, "sliding_attention": window}, form), None
+
+
+def _form(ok, form, dtype):
+    if form == "bool":
+        return ok
+    return (~ok).to(dtype) * torch.finfo(dtype).min
+
+
+def prefill_masks(layout, mask, dtype):
+    """Masks [rows, 1, n, n] for a prefill of the n prompt slots; `mask` [rows, n] the
+    prompt's attention mask."""
+    windows, form = layout
+    n = mask.shape[1]
+    q = torch.arange(n, device=mask.device)
+    causal = (q[None, :] <= q[:, None]) & mask.bool()[:, None, :]  # [rows, q, kv]
+    causal = causal | torch.eye(n, dtype=torch.bool, device=mask.device)
+    out = {}
+    for kind, window in windows.items():
+        ok = causal if window is None else causal & (q[None, :] > q[:, None] - window)
+        out[kind] = _form(ok[:, None], form, dtype)
+    return out[None] if None in out else out
+
+
+def decode_masks(layout, mask, slots, cur, dtype):
+    """Masks [rows, 1, 1, slots] for a decode step whose query sits at slot `cur`
+    (0-dim tensor); `mask` [rows, slots] the attention mask over the cache."""
+    windows, form = layout
+    seen = mask.bool() & (slots <= cur)
+    out = {}
+    for kind, window in windows.items():
+        ok = seen if window is None else seen & (slots > cur - window)
+        out[kind] = _form(ok[:, None, None, :], form, dtype)
+    return out[None] if None in out else out
