@@ -20,20 +20,25 @@ def bnb_dequantize(packed, state):
         return bnbF.dequantize_4bit(packed, state)
 
 
-def formula(packed, state, dtype):
-    """The exact recovery order of docs/design.md in torch fp32, from bitsandbytes' own tables."""
+def codes_and_scales(packed, state):
+    """Each weight's 4-bit code, and its block's fp32 scale in bitsandbytes' order of operations."""
     n = state.shape.numel()
     b = packed.view(torch.uint8).reshape(-1).long()
     codes = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n]
-    levels = bnbF.get_4bit_type("nf4", device=packed.device).float()
     if state.nested:
         blocks = torch.arange(state.absmax.numel(), device=packed.device)
         s = state.state2.code[state.absmax.long()] * state.state2.absmax[blocks // state.state2.blocksize]
         s = s + state.offset
     else:
         s = state.absmax
-    idx = torch.arange(n, device=packed.device) // state.blocksize
-    return (levels[codes] * s[idx]).to(dtype).reshape(state.shape)
+    return codes, s[torch.arange(n, device=packed.device) // state.blocksize]
+
+
+def formula(packed, state, dtype):
+    """The exact recovery order of docs/design.md in torch fp32, from bitsandbytes' own tables."""
+    codes, s = codes_and_scales(packed, state)
+    levels = bnbF.get_4bit_type("nf4", device=packed.device).float()
+    return (levels[codes] * s).to(dtype).reshape(state.shape)
 
 
 def to(state, device):

@@ -6,37 +6,23 @@ import pytest
 import torch
 
 import slothai
-from nf4_reference import bnbF, linear4bit, quantize, to
+from nf4_reference import bnbF, codes_and_scales, linear4bit, quantize, to
 
 HALF = [torch.float16, torch.bfloat16]
 EPS = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 
 
-def _codes_and_scales(packed, state):
-    """Each weight's 4-bit code, and each block's fp32 scale in bitsandbytes' order of operations."""
-    n = state.shape.numel()
-    b = packed.view(torch.uint8).reshape(-1).long()
-    codes = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n]
-    if state.nested:
-        blocks = torch.arange(state.absmax.numel(), device=packed.device)
-        s = state.state2.code[state.absmax.long()] * state.state2.absmax[blocks // state.state2.blocksize]
-        s = s + state.offset
-    else:
-        s = state.absmax
-    return codes, s.double()[torch.arange(n, device=packed.device) // state.blocksize]
-
-
 def contract_weight(packed, state, dtype):
     """W in float64 as the op's contract has it: T(level) * block scale."""
-    codes, s = _codes_and_scales(packed, state)
+    codes, s = codes_and_scales(packed, state)
     levels = bnbF.get_4bit_type("nf4", device=packed.device).float().to(dtype).double()
-    return (levels[codes] * s).reshape(state.shape)
+    return (levels[codes] * s.double()).reshape(state.shape)
 
 
 def exact_weight(packed, state):
     """W in float64 as dequantization means it: level * block scale, neither rounded."""
-    codes, s = _codes_and_scales(packed, state)
-    return (bnbF.get_4bit_type("nf4", device=packed.device).double()[codes] * s).reshape(state.shape)
+    codes, s = codes_and_scales(packed, state)
+    return (bnbF.get_4bit_type("nf4", device=packed.device).double()[codes] * s.double()).reshape(state.shape)
 
 
 def op_args(x, packed, state, bias=None, lora_x=None, lora_b=None):
