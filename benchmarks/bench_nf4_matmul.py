@@ -150,6 +150,7 @@ def check(model, ws, ms):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--m", type=int, nargs="+", help="row counts to time (overrides --quick)")
     ap.add_argument("--name", default="nf4_matmul")
     ap.add_argument("--sweep", action="store_true", help="time the decode kernel's tuning configs, then exit")
     ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
@@ -157,6 +158,7 @@ def main():
     if args.sweep or args.sweep_child:
         return sweep() if args.sweep else sweep_child()
     ms = [1, 4, 8, 16, 32, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    ms = args.m or ms
     env = common.environment()
     rows, lines = [], []
     weights = {model: {p: weight(*nk) for p, nk in shapes.items()} for model, shapes in MODELS.items()}
