@@ -13,9 +13,11 @@
  *   mma.m16n8k16 with W as the 16-row A operand and x^T as the 8-column B
  *   operand ("swap AB": the output features fill the tile's 16 rows, the few
  *   tokens its 8 columns; MT tiles of 8 tokens share each A fragment).
- *   - A CTA owns 16 output features and up to 8 MT tokens; its 8 warps split K
- *     into units of 64 (one scale per feature and unit, as blocksize >= 64),
- *     interleaved so that the CTA's loads sweep 16 rows front to back.
+ *   - A CTA owns 16 output features and up to 8 MT tokens; its warps (8) split
+ *     K into units of 64 (one scale per feature and unit, as blocksize >= 64),
+ *     interleaved so that the CTA's loads sweep 16 rows front to back. A warp
+ *     issues the loads of a batch of P units (codes, scales, and x for one
+ *     tile of tokens) before it uses the first; the batches are branch-free.
  *   - In a unit, lane (g, t) = (lane / 4, lane % 4) loads 8 bytes (16 codes)
  *     of rows g and g + 8 and the matching 16 x values of token g. The k index
  *     inside a unit is permuted (A and B alike, so the sum is unchanged): byte
@@ -335,8 +337,8 @@ void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, 
     }
 }
 
-// Tuning only (benchmarks/bench_nf4_matmul.py --configs): SLOTHAI_NF4MM_CONFIG
-// picks another split for the decode case; unset, the default below.
+// Tuning only (benchmarks/bench_nf4_matmul.py --sweep): SLOTHAI_NF4MM_CONFIG
+// picks another warps x batch split for up to 8 rows; unset, the default below.
 int tuning_config()
 {
     static const int c = [] {
