@@ -9,7 +9,7 @@ SOURCES := $(shell find csrc slothai -name '*.c' -o -name '*.h' -o -name '*.cpp'
 CU_FILES := $(wildcard csrc/core/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: demo test build check-cuda bench clean
+.PHONY: demo test build check-cuda bench clean wheel wheel-test
 
 $(VENV)/.deps: requirements-dev.txt Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -40,5 +40,14 @@ test: build check-cuda
 demo: build
 	$(VPY) -m slothai demo
 
+# One wheel for every torch >= 2.10 and Python >= 3.10 (docs/wheel.md): the C core
+# and limited-API module, and the CUDA kernels once per CUDA major (12 and 13).
+wheel: $(VENV)/.deps
+	bash packaging/build_wheel.sh
+
+# The built wheel installed into a fresh environment and the suite run against it.
+wheel-test: wheel
+	bash packaging/test_wheel.sh
+
 clean:
-	rm -rf build *.egg-info slothai/*.so $(VENV)/.built
+	rm -rf build dist *.egg-info slothai/*.so slothai/lib $(VENV)/.built

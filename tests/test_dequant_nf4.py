@@ -100,11 +100,11 @@ def _args(device="cpu", n=300, bs=64):
 
 BAD = [
     ("packed holds 100 bytes but shape \\[300\\] needs 150", ValueError, lambda a: a.__setitem__(0, a[0][:100])),
-    ("absmax must be uint8 or float32, got Half", TypeError, lambda a: a.__setitem__(1, a[1].half())),
+    ("absmax must be uint8 or float32, got float16", TypeError, lambda a: a.__setitem__(1, a[1].half())),
     ("absmax has 2 scales", ValueError, lambda a: a.__setitem__(1, a[1][:2])),
-    ("code2 must be Float, got Double", TypeError, lambda a: a.__setitem__(2, a[2].double())),
+    ("code2 must be float32, got float64", TypeError, lambda a: a.__setitem__(2, a[2].double())),
     ("code2 must have 256 levels", ValueError, lambda a: a.__setitem__(2, a[2][:16])),
-    ("absmax2 must be Float", TypeError, lambda a: a.__setitem__(3, a[3].half())),
+    ("absmax2 must be float32", TypeError, lambda a: a.__setitem__(3, a[3].half())),
     ("offset must hold one value", ValueError, lambda a: a.__setitem__(4, a[4].repeat(2))),
     ("code2, absmax2 and offset are required", ValueError, lambda a: a.__setitem__(4, None)),
     ("blocksize must be a power of two", ValueError, lambda a: a.__setitem__(5, 48)),
@@ -112,7 +112,7 @@ BAD = [
     ("blocksize2 must be a power of two", ValueError, lambda a: a.__setitem__(6, 100)),
     ("shape must have non-negative sizes", ValueError, lambda a: a.__setitem__(7, [-1, 300])),
     ("dtype must be float32, float16 or bfloat16", TypeError, lambda a: a.__setitem__(8, torch.int32)),
-    ("offset must be a floating-point tensor, got Int", TypeError, lambda a: a.__setitem__(4, a[4].int())),
+    ("offset must be a floating-point tensor, got int32", TypeError, lambda a: a.__setitem__(4, a[4].int())),
 ]
 
 

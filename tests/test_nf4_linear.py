@@ -100,10 +100,10 @@ def test_nf4_linear_opcheck(device, rank):
 
 BAD_LINEAR = [
     ("x must end in in_features = 20", ValueError, lambda a: a.__setitem__(0, a[0][:, :19])),
-    ("x must be float32, float16 or bfloat16, got Int", TypeError, lambda a: a.__setitem__(0, a[0].int())),
+    ("x must be float32, float16 or bfloat16, got int32", TypeError, lambda a: a.__setitem__(0, a[0].int())),
     ("shape must be \\[out_features, in_features\\]", ValueError, lambda a: a.__setitem__(8, [240])),
     ("bias must have shape \\[12\\]", ValueError, lambda a: a.__setitem__(9, a[9][:5])),
-    ("bias must be Float, got Half", TypeError, lambda a: a.__setitem__(9, a[9].half())),
+    ("bias must be float32, got float16", TypeError, lambda a: a.__setitem__(9, a[9].half())),
     ("absmax has", ValueError, lambda a: a.__setitem__(2, a[2][:1])),
 ]
 
@@ -120,8 +120,8 @@ def test_nf4_linear_bad_input_raises_named_error(device, msg, exc, mutate):
 BAD_LORA = [
     ("lora_x and lora_b must be given together, got lora_x alone", ValueError, lambda a: a.__setitem__(11, None)),
     ("lora_x and lora_b must be given together, got lora_b alone", ValueError, lambda a: a.__setitem__(10, None)),
-    ("lora_x must be Float, got BFloat16", TypeError, lambda a: a.__setitem__(10, a[10].bfloat16())),
-    ("lora_b must be Float, got Half", TypeError, lambda a: a.__setitem__(11, a[11].half())),
+    ("lora_x must be float32, got bfloat16", TypeError, lambda a: a.__setitem__(10, a[10].bfloat16())),
+    ("lora_b must be float32, got float16", TypeError, lambda a: a.__setitem__(11, a[11].half())),
     ("lora_b must have shape \\[12, r\\], got \\[11, 3\\]", ValueError, lambda a: a.__setitem__(11, a[11][:11])),
     ("lora_x must have x's leading dims and end in r = 3, got shape \\[4, 2\\]", ValueError,
      lambda a: a.__setitem__(10, a[10][:, :2])),

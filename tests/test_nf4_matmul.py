@@ -166,8 +166,8 @@ def test_nf4_matmul_compiles_once_for_every_row_count(device, compile_counters):
 
 BAD = [
     ("x must end in in_features = 128", ValueError, lambda a: a.__setitem__(0, a[0][:, :100])),
-    ("x must be float32, float16 or bfloat16, got Int", TypeError, lambda a: a.__setitem__(0, a[0].int())),
-    ("bias must be BFloat16, got Half", TypeError, lambda a: a.__setitem__(9, a[9].half())),
+    ("x must be float32, float16 or bfloat16, got int32", TypeError, lambda a: a.__setitem__(0, a[0].int())),
+    ("bias must be bfloat16, got float16", TypeError, lambda a: a.__setitem__(9, a[9].half())),
     ("absmax has", ValueError, lambda a: a.__setitem__(2, a[2][:1])),
     ("packed holds", ValueError, lambda a: a.__setitem__(1, a[1][:10])),
     ("blocksize must be a power of two", ValueError, lambda a: a.__setitem__(6, 48)),

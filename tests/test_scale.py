@@ -55,7 +55,7 @@ def test_not_the_bf16_rounded_factor(device):
          lambda d: (torch.ones(4, dtype=torch.int32, device=d), torch.ones((), device=d))),
         ("self must be contiguous", ValueError,
          lambda d: (torch.ones(4, 4, device=d).t(), torch.ones((), device=d))),
-        ("factor must be Float", TypeError,
+        ("factor must be float32", TypeError,
          lambda d: (torch.ones(4, device=d), torch.ones((), device=d, dtype=torch.float64))),
         ("factor must hold one value", ValueError, lambda d: (torch.ones(4, device=d), torch.ones(2, device=d))),
     ],

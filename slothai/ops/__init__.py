@@ -4,11 +4,11 @@ theirs: `NF4Weight` (nf4_weight.py, a 4-bit weight FSDP2 can shard),
 `chunked_linear_loss` (chunked_loss.py, plain torch: the fused loss's memory saving
 for any per-token loss) and Liger-Kernel's fused-loss API on fused_ce (liger.py).
 
-The schemas are declared once, in csrc/torch/library.cpp, where each is tied to its
-module here (`m.set_python_module`); importing `_C` loads them with their CPU and
-CUDA kernels.
+The schemas are declared once, in library.py; each op's kernel (CPU and CUDA, one
+call into the C core through kernels.py) registers in its module, beside its fake
+and autograd.
 """
-from .. import _C  # noqa: F401  (loads the op library)
+from . import library  # noqa: F401  (the schemas, before anything registers on them)
 from .chunked_loss import chunked_linear_loss
 from .dequant_nf4 import dequantize_nf4, nf4_levels
 from .fused_ce import CrossEntropyOutput, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy

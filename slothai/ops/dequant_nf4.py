@@ -5,15 +5,88 @@ Reads a bitsandbytes `QuantState` by its attributes, so any object with them
 works and bitsandbytes itself is never imported.
 """
 import functools
+import math
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the op library)
+from .. import _C
+from . import kernels
+from .kernels import check_device, check_dtype, is_pow2
+from .library import register_kernel
 from .nf4_weight import NF4Weight
 from .schema import Arguments
 
 _dequant_nf4 = torch.ops.slothai.dequant_nf4.default
 _ARGS = Arguments(_dequant_nf4)
+
+
+def weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape):
+    """Checks an NF4 weight's arguments against each other; returns the fields of the
+    core's slothai_nf4_args from `packed` to `blocksize2` and the tensors they point
+    into (contiguous or fp32 copies where the inputs were not), to be kept until the
+    launch. Every message names its argument."""
+    numel = math.prod(shape)
+    if min(shape, default=0) < 0:
+        raise ValueError(f"shape must have non-negative sizes, got {list(shape)}")
+    if numel >= 2**63 or (numel == 0 and math.prod([max(d, 1) for d in shape]) >= 2**63):
+        raise ValueError(f"shape {list(shape)} has more elements than int64 can count")  # as torch.empty counts
+    if not (is_pow2(blocksize) and 32 <= blocksize <= 4096):
+        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+    nbytes, need = packed.numel() * packed.element_size(), (numel + 1) // 2
+    if nbytes < need:
+        raise ValueError(f"packed holds {nbytes} bytes but shape {list(shape)} needs {need}")
+    nblocks = -(-numel // blocksize)
+    check_device(absmax, packed.device, "absmax")
+    if absmax.numel() < nblocks:
+        raise ValueError(f"absmax has {absmax.numel()} scales but shape {list(shape)} with blocksize {blocksize} needs "
+                         f"{nblocks}")
+    # The kernels read every input as a flat array in logical order: a strided
+    # view is copied first (a no-op for the contiguous tensors bitsandbytes makes).
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    if absmax.dtype == torch.uint8:  # double quantization: the block scales are codes into code2
+        if code2 is None or absmax2 is None or offset is None:
+            raise ValueError("absmax is uint8 (double-quantized), so code2, absmax2 and offset are required")
+        check_dtype(code2, torch.float32, "code2")
+        check_dtype(absmax2, torch.float32, "absmax2")
+        # bitsandbytes adds a float16 / bfloat16 offset (some saved checkpoints hold
+        # one) to the fp32 scales after widening it, which is exact: do the same.
+        if not offset.dtype.is_floating_point:
+            raise TypeError(f"offset must be a floating-point tensor, got {kernels.dtype_name(offset.dtype)}")
+        for t, name in ((code2, "code2"), (absmax2, "absmax2"), (offset, "offset")):
+            check_device(t, packed.device, name)
+        if code2.numel() != 256:
+            raise ValueError(f"code2 must have 256 levels, got {code2.numel()}")
+        if offset.numel() != 1:
+            raise ValueError(f"offset must hold one value, got {offset.numel()}")
+        if not (is_pow2(blocksize2) and blocksize2 <= 4096):
+            raise ValueError(f"blocksize2 must be a power of two in [1, 4096], got {blocksize2}")
+        nblocks2 = -(-nblocks // blocksize2)
+        if absmax2.numel() < nblocks2:
+            raise ValueError(f"absmax2 has {absmax2.numel()} scales but {nblocks} blocks with blocksize2 "
+                             f"{blocksize2} need {nblocks2}")
+        if offset.dtype != torch.float32:
+            offset = offset.float()
+        keep = (packed, absmax, code2.contiguous(), absmax2.contiguous(), offset)
+        scales = (absmax.data_ptr(), 0, *(t.data_ptr() for t in keep[2:]))
+    else:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"absmax must be uint8 or float32, got {kernels.dtype_name(absmax.dtype)}")
+        if code2 is not None or absmax2 is not None or offset is not None:
+            raise ValueError("absmax is float32 (not double-quantized), so code2, absmax2 and offset must be None")
+        keep = (packed, absmax)
+        scales = (0, absmax.data_ptr(), 0, 0, 0)
+    return (packed.data_ptr(), *scales, numel, blocksize, blocksize2), keep
+
+
+def _kernel(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+    out_dtype = kernels.core_dtype(dtype, "dtype")
+    fields, keep = weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    kernels.launch(_C.dequant_nf4, packed.device, *fields, out_dtype, out.data_ptr())
+    return out
+
+
+register_kernel("dequant_nf4", _kernel)
 
 
 @torch.library.register_fake("slothai::dequant_nf4")
@@ -108,3 +181,16 @@ def quant_state_args(qs):
         s2 = qs.state2
         return (qs.absmax, s2.code, s2.absmax, qs.offset, qs.blocksize, s2.blocksize)
     return (qs.absmax, None, None, None, qs.blocksize, 256)
+
+
+def weight_args(weight):
+    """(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape) of a Params4bit or NF4Weight:
+    the weight's arguments of nf4_linear and nf4_matmul."""
+    if isinstance(weight, NF4Weight):
+        return weight.op_args()
+    qs = getattr(weight, "quant_state", None)
+    if not isinstance(weight, torch.Tensor) or qs is None:
+        raise TypeError(f"weight must be a bitsandbytes Params4bit (with its quant_state) or an NF4Weight, "
+                        f"got {type(weight).__name__}")
+    check_quant_state(qs)
+    return (weight.data, *quant_state_args(qs), list(qs.shape))

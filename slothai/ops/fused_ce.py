@@ -1,6 +1,6 @@
 """slothai::fused_ce: linear + cross-entropy without the [tokens x vocab] logits.
 
-The op (schema in csrc/torch/library.cpp, chunk loop in csrc/torch/fused_ce.cpp)
+The op (schema in library.py, its kernel, the chunk loop, in fused_ce_chunks.py)
 returns (loss, d hidden, d weight, d bias, z loss, token accuracy, predicted
 tokens) and forms exactly the gradients its grad_* flags ask for, for the per-row
 upstream factors grad_rows or, with reduction sum / mean, for the reduced loss
@@ -23,11 +23,9 @@ from typing import Optional
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the op library)
+from .fused_ce_chunks import REDUCTIONS
 from .scale import scale_
 from .schema import Arguments
-
-REDUCTIONS = ("mean", "none", "sum")
 
 _fused_ce = torch.ops.slothai.fused_ce.default
 _ARGS = Arguments(_fused_ce)

@@ -1,12 +1,22 @@
 """slothai::nf4_linear: `x @ dequant_nf4(...).T + bias`, the weight dequantized in
 x's dtype into a temporary, plus optionally a low-rank term `lora_x @ lora_b.T`
 that the base GEMM accumulates onto (LoRA: lora_x = A(dropout(x)) * scaling,
-lora_b = B; csrc/torch/nf4_linear.cpp gives the traffic). Backward dequantizes
-again, so only the 4-bit codes are kept; being one op, torch.compile cannot merge
-the forward's and the backward's dequantization and save the dense weight instead.
+lora_b = B). Backward dequantizes again, so only the 4-bit codes are kept; being
+one op, torch.compile cannot merge the forward's and the backward's dequantization
+and save the dense weight instead.
 
-On CUDA, for a few rows of x, the op itself calls slothai::nf4_matmul (the
-weight read 4-bit: nf4_matmul.py), whose fake, autograd and FLOPs are these.
+With the low-rank term the kernel forms
+    y = lora_x lora_b^T (+ b)        a K = r GEMM writes y            (rows x out)
+    y += x W^T                       the base GEMM accumulates (beta = 1)
+Traffic in rows x out passes: two writes and one read, that read in the base
+GEMM's epilogue. Done apart (base, LoRA term, then their sum) it is three writes
+and two reads. Measured (H100, Llama-3.1-8B shape, a training step): 10.5 ms less
+GPU work, though the epilogue's read is not free (docs/design.md). Rounding: the
+LoRA term once into x's dtype, then the sum once.
+
+On CUDA, for a few rows of x (FOUR_BIT_ROWS), the kernel reads the weight 4-bit
+instead (slothai::nf4_matmul's kernel, nf4_matmul.py); the fake, autograd and
+FLOPs here serve both ops.
 
     d x      = dy W           d bias   = sum of dy over rows
     d lora_x = dy lora_b      d lora_b = dy^T lora_x
@@ -16,17 +26,43 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import _C  # noqa: F401  (loads the op library)
-from .dequant_nf4 import check_quant_state, quant_state_args
-from .nf4_weight import NF4Weight
+from . import dequant_nf4
+from .dequant_nf4 import weight_args
+from .library import register_kernel
+from .nf4_matmul import check_linear_args, matmul_kernel
 from .schema import Arguments
 
 _nf4_linear = torch.ops.slothai.nf4_linear.default
 _dequant_nf4 = torch.ops.slothai.dequant_nf4.default
 _ARGS = Arguments(_nf4_linear)
+assert Arguments(torch.ops.slothai.nf4_matmul.default).names == _ARGS.names  # one schema (library.py)
+
+# Up to this many rows of x, nf4_linear on CUDA reads the weight 4-bit
+# (nf4_matmul: bound by the codes' bytes, ~0.52 a weight) instead of
+# dequantizing it (~4.5 bytes a weight moved, then a GEMM that wins on
+# arithmetic for more rows). Measured on an H200: benchmarks/results/nf4_matmul_first.json
+# (the first kernel: 16 rows 174 us against 306 for the 8B layer, 64 rows 385 against 305).
+FOUR_BIT_ROWS = 16
 
 
-@torch.library.register_fake("slothai::nf4_linear")
+def _kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None, lora_b=None):
+    check_linear_args(x, packed, shape, bias, lora_x, lora_b)
+    rows = math.prod(x.shape[:-1])
+    if x.is_cuda and x.dtype != torch.float32 and rows <= FOUR_BIT_ROWS:
+        return matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x,
+                             lora_b, checked=True)
+    w = dequant_nf4._kernel(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, x.dtype)
+    if lora_x is None:
+        return torch.nn.functional.linear(x, w, bias)
+    lx = lora_x.reshape(rows, lora_x.shape[-1])
+    y = torch.mm(lx, lora_b.t()) if bias is None else torch.addmm(bias, lx, lora_b.t())
+    y.addmm_(x.reshape(rows, x.shape[-1]), w.t())
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+register_kernel("nf4_linear", _kernel)
+
+
 def _fake(*args):
     a = _ARGS.bind(args)
     torch._check(len(a.shape) == 2, lambda: f"shape must be [out_features, in_features], got {a.shape}")
@@ -68,13 +104,9 @@ def _backward(ctx, grad):
     return _ARGS.gradients(x=dx, bias=db, lora_x=dlx, lora_b=dlb)
 
 
-torch.library.register_autograd("slothai::nf4_linear", _backward, setup_context=_setup_context)
-
-
 # FLOP count, for torch.utils.flop_counter and for the AOT partitioner, whose
 # activation-memory budget ranks what to recompute by FLOPs: an op without a
 # formula counts as free, and the base-weight GEMM would be recomputed in backward.
-@register_flop_formula(torch.ops.slothai.nf4_linear)
 def _flops(x_shape, *args, out_shape=None, **kwargs):
     lora_b = {**dict(zip(_ARGS.names, (x_shape, *args))), **kwargs}.get("lora_b")  # a shape, as every tensor here
     rank = lora_b[1] if lora_b is not None else 0
@@ -93,13 +125,7 @@ def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None):
     return _nf4_linear(x, *weight_args(weight), bias, lora_x, lora_b)
 
 
-def weight_args(weight):
-    """(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape) of a Params4bit or NF4Weight."""
-    if isinstance(weight, NF4Weight):
-        return weight.op_args()
-    qs = getattr(weight, "quant_state", None)
-    if not isinstance(weight, torch.Tensor) or qs is None:
-        raise TypeError(f"weight must be a bitsandbytes Params4bit (with its quant_state) or an NF4Weight, "
-                        f"got {type(weight).__name__}")
-    check_quant_state(qs)
-    return (weight.data, *quant_state_args(qs), list(qs.shape))
+for _op in ("nf4_linear", "nf4_matmul"):  # one schema, one fake, one autograd, one FLOP count
+    torch.library.register_fake(f"slothai::{_op}")(_fake)
+    torch.library.register_autograd(f"slothai::{_op}", _backward, setup_context=_setup_context)
+    register_flop_formula(getattr(torch.ops.slothai, _op))(_flops)

@@ -1,22 +1,68 @@
-"""slothai::nf4_matmul: nf4_linear's product (same schema, checks, fake and
-autograd: nf4_linear.py) with the weight read 4-bit straight into it and nothing
-of W written -- bound by the codes' bytes for a few rows of x, the decode shapes.
-nf4_linear on CUDA calls it itself for up to a few rows (csrc/torch/nf4_linear.cpp);
-call it to force the 4-bit route at any size.
+"""slothai::nf4_matmul: nf4_linear's product (same schema, fake and autograd:
+nf4_linear.py) with the weight read 4-bit straight into it and nothing of W
+written -- bound by the codes' bytes for a few rows of x, the decode shapes.
+nf4_linear on CUDA calls this kernel itself for up to a few rows; call the op to
+force the 4-bit route at any size. Here too: the argument checks both ops share.
 """
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
-from .. import _C  # noqa: F401  (loads the op library)
-from .nf4_linear import _ARGS, _backward, _fake, _flops, _setup_context, weight_args
-from .schema import Arguments
+from .. import _C
+from . import kernels
+from .dequant_nf4 import weight_args, weight_fields
+from .kernels import check_device, check_dtype, ptr
+from .library import register_kernel
 
 _nf4_matmul = torch.ops.slothai.nf4_matmul.default
-assert Arguments(_nf4_matmul).names == _ARGS.names  # one schema, declared twice (library.cpp)
 
-torch.library.register_fake("slothai::nf4_matmul")(_fake)
-torch.library.register_autograd("slothai::nf4_matmul", _backward, setup_context=_setup_context)
-register_flop_formula(torch.ops.slothai.nf4_matmul)(_flops)
+
+def check_linear_args(x, packed, shape, bias, lora_x, lora_b):
+    """x against the weight's [out_features, in_features] shape, the bias, and the
+    low-rank pair (lora_x [..., r] with x's leading dims, lora_b [out_features, r]):
+    dtypes, devices and sizes, each message naming its argument."""
+    if len(shape) != 2:
+        raise ValueError(f"shape must be [out_features, in_features], got {list(shape)}")
+    if x.dim() < 1 or x.shape[-1] != shape[1]:
+        raise ValueError(f"x must end in in_features = {shape[1]}, got shape {list(x.shape)}")
+    kernels.core_dtype(x.dtype, "x")
+    check_device(packed, x.device, "packed")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != shape[0]:
+            raise ValueError(f"bias must have shape [{shape[0]}], got {list(bias.shape)}")
+        check_dtype(bias, x.dtype, "bias")
+        check_device(bias, x.device, "bias")
+    if (lora_x is None) != (lora_b is None):
+        raise ValueError(f"lora_x and lora_b must be given together, got {'lora_b' if lora_x is None else 'lora_x'} "
+                         f"alone")
+    if lora_x is not None:
+        for t, name in ((lora_x, "lora_x"), (lora_b, "lora_b")):
+            check_dtype(t, x.dtype, name)
+            check_device(t, x.device, name)
+        if lora_b.dim() != 2 or lora_b.shape[0] != shape[0]:
+            raise ValueError(f"lora_b must have shape [{shape[0]}, r], got {list(lora_b.shape)}")
+        if lora_x.shape[:-1] != x.shape[:-1] or lora_x.shape[-1] != lora_b.shape[1]:
+            raise ValueError(f"lora_x must have x's leading dims and end in r = {lora_b.shape[1]}, got shape "
+                             f"{list(lora_x.shape)} for x of shape {list(x.shape)}")
+
+
+def matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None,
+                  lora_b=None, *, checked=False):
+    """The op's kernel (CPU and CUDA): one call of slothai_nf4_matmul (csrc/core/slothai.h)."""
+    if not checked:
+        check_linear_args(x, packed, shape, bias, lora_x, lora_b)
+    fields, keep = weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape)
+    n, k = shape
+    x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    lora_x = None if lora_x is None else lora_x.contiguous()
+    lora_b = None if lora_b is None else lora_b.contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
+    kernels.launch(_C.nf4_matmul, x.device, *fields, kernels.DTYPES[x.dtype], kernels.rows_of(x), n, k,
+                   0 if lora_b is None else lora_b.shape[1], x.data_ptr(), ptr(bias), ptr(lora_x), ptr(lora_b),
+                   out.data_ptr())
+    return out
+
+
+register_kernel("nf4_matmul", matmul_kernel)
 
 
 def nf4_matmul(x, weight, bias=None, *, lora_x=None, lora_b=None):

@@ -1,0 +1,102 @@
+"""What makes one wheel serve every torch release, checked on the binaries this
+install carries (docs/wheel.md): nothing compiled references torch, `_C` needs only
+the C library and the limited CPython API, each CUDA library only its own major's
+CUDA runtime, and the CUDA library chosen is the one of torch's CUDA major."""
+import ctypes
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import slothai
+from slothai import _C
+from slothai.ops import kernels
+
+PACKAGE = os.path.dirname(slothai.__file__)
+CUDA_LIBRARIES = sorted(glob.glob(os.path.join(PACKAGE, "lib", "libslothai_cuda*.so")))
+# What a binary of ours may ask the dynamic linker for: the C runtime (glibc's
+# parts), and for a CUDA library the CUDA runtime of its own major, which torch loads.
+SYSTEM = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "ld-linux-x86-64.so.2",
+          "ld-linux-aarch64.so.1", "libgcc_s.so.1"}
+
+
+def _tool(name):
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"needs {name} (binutils)")
+    return path
+
+
+def _needed(lib):
+    out = subprocess.run([_tool("readelf"), "-d", lib], check=True, capture_output=True, text=True).stdout
+    return {line.split("[")[1].split("]")[0] for line in out.splitlines() if "(NEEDED)" in line}
+
+
+def _undefined(lib):
+    out = subprocess.run([_tool("nm"), "-D", "--undefined-only", lib], check=True, capture_output=True,
+                         text=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+def _major(lib):
+    return os.path.basename(lib)[len("libslothai_cuda"):-len(".so")]
+
+
+@pytest.mark.parametrize("lib", [_C.__file__, *CUDA_LIBRARIES], ids=os.path.basename)
+def test_no_binary_references_torch(lib):
+    torchy = [s for s in _undefined(lib) if s.startswith(("_ZN2at", "_ZN3c10", "_ZN5torch", "aoti_torch", "torch_"))]
+    assert torchy == []
+    assert not any(n.startswith(("libtorch", "libc10")) for n in _needed(lib))
+
+
+def test_c_module_needs_only_the_c_library_and_the_limited_api():
+    assert _needed(_C.__file__) <= SYSTEM
+    assert _C.__file__.endswith(".abi3.so")
+
+
+@pytest.mark.parametrize("lib", CUDA_LIBRARIES or [None], ids=lambda p: os.path.basename(p or "none"))
+def test_cuda_library_needs_only_its_own_cuda_runtime(lib):
+    if lib is None:
+        pytest.skip("this install carries no CUDA library (a CPU-only build)")
+    assert _needed(lib) <= SYSTEM | {f"libcudart.so.{_major(lib)}"}  # libstdc++ linked in statically
+    exported = subprocess.run([_tool("nm"), "-D", "--defined-only", lib], check=True, capture_output=True,
+                              text=True).stdout
+    for entry in ("slothai_dequant_nf4_cuda", "slothai_nf4_matmul_cuda", "slothai_fused_ce_rows_cuda",
+                  "slothai_scale_cuda"):
+        assert entry in exported
+
+
+def _cudart(major):
+    """A libcudart.so.<major> on this machine: torch's own (its nvidia package), or a CUDA toolkit's."""
+    roots = [os.path.dirname(torch.__file__) + "/..", "/usr/local/cuda", "/usr/local/cuda-*", "/usr/lib/x86_64-linux-gnu"]
+    for root in roots:
+        found = glob.glob(os.path.join(root, "**", f"libcudart.so.{major}"), recursive=True)
+        if found:
+            return found[0]
+    return None
+
+
+@pytest.mark.parametrize("lib", CUDA_LIBRARIES or [None], ids=lambda p: os.path.basename(p or "none"))
+def test_cuda_library_loads_beside_its_cuda_runtime(lib):
+    # The dynamic linker takes an already loaded libcudart.so.<major> (as torch's is
+    # in a CUDA process); loading needs no GPU.
+    if lib is None:
+        pytest.skip("this install carries no CUDA library (a CPU-only build)")
+    runtime = _cudart(_major(lib))
+    if runtime is None:
+        pytest.skip(f"no libcudart.so.{_major(lib)} on this machine")
+    ctypes.CDLL(runtime, mode=ctypes.RTLD_GLOBAL)
+    loaded = ctypes.CDLL(lib)
+    assert loaded.slothai_nf4_matmul_cuda is not None
+
+
+def test_the_cuda_library_of_torchs_major_is_the_one_chosen(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(kernels, "CUDA_LIBRARY", str(tmp_path / "libslothai_cuda{major}.so"))
+    (tmp_path / "libslothai_cuda13.so").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"CUDA 12\.8.*libslothai_cuda12\.so is not in .*built: "
+                                           r"\['libslothai_cuda13\.so'\]"):
+        kernels._load_cuda()
