@@ -29,7 +29,11 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
 C_FLAGS = ["-std=c11", "-O3", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
-NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off"]
+# Host code without exceptions or thread-safe statics (one, a tuning knob read from the
+# environment, benignly racy): then it needs nothing of the C++ runtime, and the
+# library links with the C compiler against libc and libcudart alone.
+NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off",
+              "-Xcompiler", "-fno-exceptions", "-Xcompiler", "-fno-threadsafe-statics"]
 
 
 def nvccs():
@@ -105,16 +109,15 @@ def build_cuda_library(nvcc, out_dir, tmp_dir):
         objects = list(pool.map(compile_one, sources))
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, f"libslothai_cuda{major}.so")
-    # Linked by the C++ compiler, not nvcc (nothing here needs a device link, and
-    # nvcc's link step asks for a libcudadevrt.a the CUDA 12 toolchain lacks): the
-    # CUDA runtime dynamically (libcudart.so.<major>, the one torch has loaded),
-    # libstdc++ and libgcc statically, and only the core's entry points exported.
+    # Linked by the C compiler, not nvcc (nothing here needs a device link, and nvcc's
+    # link step asks for a libcudadevrt.a the CUDA 12 toolchain lacks): libc and the
+    # CUDA runtime, dynamically (libcudart.so.<major>, the one torch has loaded), and
+    # only the core's entry points exported.
+    cc = os.environ.get("CC", "cc")
     status = os.path.join(obj_dir, "status.o")
-    subprocess.run([os.environ.get("CC", "cc"), *C_FLAGS, "-c", os.path.join(core, "status.c"), "-o", status],
-                   check=True)
-    subprocess.run([os.environ.get("CXX", "c++"), "-shared", "-o", lib, *objects, status,
-                    f"-L{cudart_dir(nvcc)}", "-lcudart", "-static-libstdc++", "-static-libgcc",
-                    f"-Wl,--version-script={os.path.join(core, 'exports.map')}"], check=True)
+    subprocess.run([cc, *C_FLAGS, "-c", os.path.join(core, "status.c"), "-o", status], check=True)
+    subprocess.run([cc, "-shared", "-o", lib, *objects, status, f"-L{cudart_dir(nvcc)}", "-lcudart",
+                    f"-Wl,--version-script={os.path.join(core, 'exports.map')}", "-Wl,--no-undefined"], check=True)
     return lib
 
 

@@ -27,6 +27,19 @@
 
 #include "core/slothai.h"
 
+/* glibc 2.34 moved dlopen and pthread_create into libc under new symbol versions;
+ * binding the old ones (which every glibc still exports) keeps this module loadable
+ * on the glibc 2.28 of manylinux_2_28, as torch's own wheels are. */
+#if defined(__x86_64__) && defined(__GLIBC__)
+#define SLOTHAI_OLD_SYMBOL(name) __asm__(".symver " #name "," #name "@GLIBC_2.2.5")
+SLOTHAI_OLD_SYMBOL(dlopen);
+SLOTHAI_OLD_SYMBOL(dlsym);
+SLOTHAI_OLD_SYMBOL(dlerror);
+SLOTHAI_OLD_SYMBOL(dlclose);
+SLOTHAI_OLD_SYMBOL(pthread_create);
+SLOTHAI_OLD_SYMBOL(pthread_join);
+#endif
+
 /* ---- CUDA entry points, from the library load_cuda opened --------------- */
 
 typedef slothai_status (*dequant_cuda_fn)(const slothai_nf4_args *, void *);

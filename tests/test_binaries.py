@@ -100,3 +100,34 @@ def test_the_cuda_library_of_torchs_major_is_the_one_chosen(monkeypatch, tmp_pat
     with pytest.raises(RuntimeError, match=r"CUDA 12\.8.*libslothai_cuda12\.so is not in .*built: "
                                            r"\['libslothai_cuda13\.so'\]"):
         kernels._load_cuda()
+
+
+# The limited-API claim, tested: `_C` (which needs no torch) loaded by every other
+# CPython >= 3.10 on the machine, scaling a buffer through the core.
+_SCALE_WITHOUT_TORCH = """
+import ctypes, importlib.util, sys
+spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
+_C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(_C)
+x, factor = (ctypes.c_float * 5)(1, 2, 3, 0, -4), ctypes.c_float(2.5)
+_C.scale(False, 2, ctypes.addressof(x), _C.FLOAT32, 5, ctypes.addressof(factor))
+print(sys.version_info[:2], list(x))
+"""
+
+
+def _python(minor):
+    """A python3.<minor> interpreter on this machine (pyenv's shims only dispatch: look past them)."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(os.path.join(root, "versions", f"3.{minor}.*", "bin", f"python3.{minor}")))
+    on_path = shutil.which(f"python3.{minor}")
+    return found[-1] if found else on_path if on_path and "shims" not in on_path else None
+
+
+@pytest.mark.parametrize("minor", [10, 12, 13, 14])
+def test_c_module_runs_on_every_python_from_3_10(minor):
+    python = _python(minor)
+    if python is None:
+        pytest.skip(f"no python3.{minor} on this machine")
+    out = subprocess.run([python, "-c", _SCALE_WITHOUT_TORCH, _C.__file__], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"(3, {minor}) [2.5, 5.0, 7.5, 0.0, -10.0]"

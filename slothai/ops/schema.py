@@ -1,4 +1,4 @@
-"""An op's arguments by name, read from its own schema (csrc/torch/library.cpp),
+"""An op's arguments by name, read from its own schema (library.py),
 so that no Python code repeats an argument's position."""
 import types
 
