@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine: build for its card, then run the steps named, in order.
-#   bash benchmarks/device_run.sh [tests] [sanitize] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
+#   bash benchmarks/device_run.sh [tests] [sanitize] [wheel] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
+# `wheel` installs the wheel carried in dist/ (`make wheel` here; carry ["dist"]) into
+# /tmp/slothai-wheel, runs the suite against it from outside the tree, and leaves it
+# first on PYTHONPATH, so that the steps after it measure the wheel, not the source build.
 # TORCH_CUDA_ARCH_LIST overrides the card's own architecture; CC / CXX pick the
 # compiler (see CONTRIBUTING.md); logs go to $OUT (default /tmp/out). Wheels the
 # machine lacks (bitsandbytes, liger-kernel, cut-cross-entropy) can be unpacked
@@ -25,9 +28,14 @@ for step in "$@"; do
                 -p no:cacheprovider tests -k "cuda and not compile and not graphs and not opcheck" >"$OUT/sanitize.log" 2>&1
               rc=$?; echo "compute-sanitizer rc=$rc"; [ $rc -eq 0 ] || status=1
               grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/sanitize.log" | head -8 ;;
+    wheel) python3 -m pip install -q --no-deps --target /tmp/slothai-wheel dist/slothai-*.whl || { status=1; continue; }
+           export PYTHONPATH="/tmp/slothai-wheel:$PYTHONPATH"; run=$(mktemp -d); cp -r tests benchmarks "$run/"
+           (cd "$run" && python3 -c "import slothai; print('wheel:', slothai.__file__)" &&
+            python3 -X faulthandler -m pytest -q -p no:cacheprovider tests >"$OUT/wheel_tests.log" 2>&1)
+           rc=$?; tail -5 "$OUT/wheel_tests.log"; [ $rc -eq 0 ] || { echo "wheel tests failed: rc $rc"; status=1; } ;;
     bench_*) [ -f "benchmarks/$step.py" ] || { echo "no benchmarks/$step.py"; status=1; continue; }
              python3 "benchmarks/$step.py" 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
-    *) echo "unknown step '$step' (tests, sanitize, bench_<name>)"; status=1 ;;
+    *) echo "unknown step '$step' (tests, sanitize, wheel, bench_<name>)"; status=1 ;;
   esac
 done
 exit $status

@@ -24,4 +24,5 @@ assert "site-packages" in slothai.__file__, slothai.__file__
 print(f"slothai {slothai.__version__} from {os.path.dirname(slothai.__file__)}, torch {torch.__version__}, "
       f"binaries: {sorted(os.listdir(os.path.dirname(slothai._C.__file__) + '/lib'))}")
 PY
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests
+# The CUDA 12 library's load test needs a libcudart.so.12: the one make wheel linked against.
+SLOTHAI_TEST_CUDART_DIRS="$ROOT/.cuda12/lib64" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests

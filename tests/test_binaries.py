@@ -70,8 +70,10 @@ def test_cuda_library_needs_only_its_own_cuda_runtime(lib):
 
 
 def _cudart(major):
-    """A libcudart.so.<major> on this machine: torch's own (its nvidia package), or a CUDA toolkit's."""
-    roots = [os.path.dirname(torch.__file__) + "/..", "/usr/local/cuda", "/usr/local/cuda-*", "/usr/lib/x86_64-linux-gnu"]
+    """A libcudart.so.<major> on this machine: torch's own (its nvidia package), a CUDA toolkit's, or
+    one in SLOTHAI_TEST_CUDART_DIRS (make wheel-test names the CUDA 12 toolchain's)."""
+    roots = [os.path.dirname(torch.__file__) + "/..", "/usr/local/cuda", "/usr/local/cuda-*", "/usr/lib/x86_64-linux-gnu",
+             *filter(None, os.environ.get("SLOTHAI_TEST_CUDART_DIRS", "").split(":"))]
     for root in roots:
         found = glob.glob(os.path.join(root, "**", f"libcudart.so.{major}"), recursive=True)
         if found:

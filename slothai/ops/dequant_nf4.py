@@ -36,7 +36,8 @@ def weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2,
     if nbytes < need:
         raise ValueError(f"packed holds {nbytes} bytes but shape {list(shape)} needs {need}")
     nblocks = -(-numel // blocksize)
-    check_device(absmax, packed.device, "absmax")
+    dev = packed.device
+    check_device(absmax, dev, "absmax")
     if absmax.numel() < nblocks:
         raise ValueError(f"absmax has {absmax.numel()} scales but shape {list(shape)} with blocksize {blocksize} needs "
                          f"{nblocks}")
@@ -53,7 +54,7 @@ def weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2,
         if not offset.dtype.is_floating_point:
             raise TypeError(f"offset must be a floating-point tensor, got {kernels.dtype_name(offset.dtype)}")
         for t, name in ((code2, "code2"), (absmax2, "absmax2"), (offset, "offset")):
-            check_device(t, packed.device, name)
+            check_device(t, dev, name)
         if code2.numel() != 256:
             raise ValueError(f"code2 must have 256 levels, got {code2.numel()}")
         if offset.numel() != 1:

@@ -76,7 +76,7 @@ def launch(entry, device, *fields):
     if not _cuda_loaded:
         _load_cuda()
     index = device.index
-    if index == torch.cuda.current_device():
+    if index == torch._C._cuda_getDevice():  # (initialised: a tensor lives there)
         return entry(True, torch._C._cuda_getCurrentRawStream(index), *fields)
     with torch.cuda.device(index):  # the core launches on the current device
         return entry(True, torch._C._cuda_getCurrentRawStream(index), *fields)
