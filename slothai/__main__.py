@@ -1,4 +1,4 @@
-"""Command line: `python -m slothai demo` and `python -m slothai report ...`."""
+"""Command line: `python -m slothai demo`, `python -m slothai report ...` and `python -m slothai info`."""
 import argparse
 import json
 import sys
@@ -72,6 +72,30 @@ def report(args):
                            steps=args.steps, runs=runs), f, indent=1)
 
 
+def info(args):
+    """What this install is: versions, the binaries it carries, the CUDA kernels torch's CUDA takes."""
+    import os
+
+    import torch
+
+    from . import __version__, _C
+    from .ops import kernels
+
+    print(f"slothai {__version__} at {os.path.dirname(os.path.abspath(__file__))}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), Python {sys.version.split()[0]}")
+    path, built = kernels.cuda_library()
+    print(f"C module: {os.path.basename(_C.__file__)}; CUDA libraries: {', '.join(built) or 'none (a CPU build)'}")
+    if torch.version.cuda is None:
+        return
+    print(f"for CUDA {torch.version.cuda}: {os.path.basename(path)}" + ("" if os.path.exists(path) else " MISSING"))
+    if torch.cuda.is_available():
+        kernels._load_cuda()
+        x = torch.ones(4, device="cuda")
+        torch.ops.slothai.scale_(x, torch.full((1,), 2.0, device="cuda"))
+        ok = torch.equal(x.cpu(), torch.full((4,), 2.0))
+        print(f"GPU {torch.cuda.get_device_name()}: kernels loaded, a launch {'ran' if ok else 'gave a WRONG result'}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m slothai")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +120,8 @@ def main(argv=None):
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--json", default=None, help="write the numbers to this file")
     p.set_defaults(func=report)
+    p = sub.add_parser("info", help="versions, binaries, and whether the CUDA kernels load here")
+    p.set_defaults(func=info)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

@@ -133,3 +133,17 @@ def test_c_module_runs_on_every_python_from_3_10(minor):
     out = subprocess.run([python, "-c", _SCALE_WITHOUT_TORCH, _C.__file__], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"(3, {minor}) [2.5, 5.0, 7.5, 0.0, -10.0]"
+
+
+def test_info_names_the_binaries_and_the_cuda_library_torch_takes(capsys, monkeypatch):
+    from slothai.__main__ import main
+
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["info"])
+    out = capsys.readouterr().out
+    assert f"slothai {slothai.__version__} at {PACKAGE}" in out
+    assert "C module: _C.abi3.so" in out
+    want = "libslothai_cuda12.so" + ("" if os.path.exists(os.path.join(PACKAGE, "lib", "libslothai_cuda12.so"))
+                                     else " MISSING")
+    assert f"for CUDA 12.6: {want}\n" in out

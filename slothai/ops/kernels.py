@@ -54,13 +54,19 @@ def rows_of(x):
 _cuda_loaded = False
 
 
+def cuda_library():
+    """The CUDA kernels' library for torch's CUDA major (a path; it may not exist), and
+    every one this install carries."""
+    path = CUDA_LIBRARY.format(major=(torch.version.cuda or "").split(".")[0])
+    folder = os.path.dirname(path)
+    return path, sorted(f for f in os.listdir(folder) if f.endswith(".so")) if os.path.isdir(folder) else []
+
+
 def _load_cuda():
     global _cuda_loaded
+    path, built = cuda_library()
     major = (torch.version.cuda or "").split(".")[0]
-    path = CUDA_LIBRARY.format(major=major)
     if not os.path.exists(path):
-        built = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(".so")) if os.path.isdir(
-            os.path.dirname(path)) else []
         raise RuntimeError(
             f"slothai has no CUDA kernels for this torch ({torch.__version__}, CUDA {torch.version.cuda}): "
             f"{os.path.basename(path)} is not in {os.path.dirname(path)} (built: {built or 'none'}). Install a "
