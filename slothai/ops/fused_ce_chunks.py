@@ -240,10 +240,19 @@ class GradientSums:
         return dx, dw, db
 
 
-def _kernel(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss, reduction,
-            chunk_size, grad_hidden, grad_weight, grad_bias, fp32_weight_grad, ce_weight=None,
-            use_token_scaling=False, return_z_loss=False, return_token_accuracy=False,
-            return_predicted_tokens=False):
+def _kernel(hidden, *args, **kwargs):
+    """The op's kernel, on CUDA with hidden's device current (the capture check and the
+    free-memory budget ask the current device)."""
+    if hidden.is_cuda:
+        with torch.cuda.device(hidden.device):
+            return _fused_ce(hidden, *args, **kwargs)
+    return _fused_ce(hidden, *args, **kwargs)
+
+
+def _fused_ce(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap, z_loss, reduction,
+              chunk_size, grad_hidden, grad_weight, grad_bias, fp32_weight_grad, ce_weight=None,
+              use_token_scaling=False, return_z_loss=False, return_token_accuracy=False,
+              return_predicted_tokens=False):
     o = dict(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
              grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias, fp32_weight_grad=fp32_weight_grad,
              any_grad=grad_hidden or grad_weight or grad_bias)
