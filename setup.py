@@ -10,7 +10,7 @@ so one wheel serves every torch release (>= 2.10), Python >= 3.10, CPU-only and
 CUDA 12 / CUDA 13 torch builds. docs/wheel.md says why and how it was checked.
 
 Which nvcc builds the CUDA library (SLOTHAI_NVCC, colon-separated, one per CUDA
-major; SLOTHAI_CUDA=0 for none). By default: the nvcc of CUDA_HOME or PATH, unless
+major; SLOTHAI_CUDA=0 for none). By default: the nvcc of CUDA_HOME, PATH or /usr/local/cuda, unless
 the torch this build can see has no CUDA (a CPU-only developer install). Targets:
 SLOTHAI_CUDA_ARCHS (or TORCH_CUDA_ARCH_LIST), "7.5;9.0+PTX" form, else every
 architecture from sm_75 up that the nvcc knows among DEFAULT_ARCHS, with the PTX
@@ -49,8 +49,11 @@ def nvccs():
     except ImportError:
         pass  # an isolated build (a wheel): build what the toolchain can
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
-    return [nvcc] if nvcc and os.path.exists(nvcc) else []
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        print("slothai: no nvcc found (CUDA_HOME, PATH, /usr/local/cuda): building without CUDA kernels")
+        return []
+    return [nvcc]
 
 
 def cuda_major(nvcc):
