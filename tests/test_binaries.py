@@ -19,8 +19,7 @@ PACKAGE = os.path.dirname(slothai.__file__)
 CUDA_LIBRARIES = sorted(glob.glob(os.path.join(PACKAGE, "lib", "libslothai_cuda*.so")))
 # What a binary of ours may ask the dynamic linker for: the C runtime (glibc's
 # parts), and for a CUDA library the CUDA runtime of its own major, which torch loads.
-SYSTEM = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "ld-linux-x86-64.so.2",
-          "ld-linux-aarch64.so.1", "libgcc_s.so.1"}
+SYSTEM = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "ld-linux-x86-64.so.2"}
 
 
 def _tool(name):

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .fused_ce_chunks import REDUCTIONS
+from .fused_ce_chunks import check_reduction
 from .scale import scale_
 from .schema import Arguments
 
@@ -122,11 +122,6 @@ def _backward(ctx, g_loss, *_):
 
 
 torch.library.register_autograd("slothai::fused_ce", _backward, setup_context=_setup_context)
-
-
-def check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
 
 
 def check_chunk_size(chunk_size):

@@ -30,6 +30,11 @@ from .library import register_kernel
 
 REDUCTIONS = ("mean", "none", "sum")
 
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+
 # Rows per chunk: chunk_size, or as many rows of logits as fit the device's budget,
 # rounded down to a multiple of CHUNK_ROW_MULTIPLE: a GEMM tiles its rows by 64 or
 # 128, and a chunk just past a multiple pays for a mostly empty tile (1046 rows, what
@@ -104,8 +109,7 @@ def _check_inputs(hidden, weight, bias, target, grad_rows, ce_weight, o):
         if ce_weight.dim() != 1 or ce_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"ce_weight must have shape ({weight.shape[0]},) (one weight per class), got "
                              f"{list(ce_weight.shape)}")
-    if o["reduction"] not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {o['reduction']!r}")
+    check_reduction(o["reduction"])
     if not 0.0 <= o["label_smoothing"] <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {o['label_smoothing']}")
     if not (o["softcap"] >= 0.0 and math.isfinite(o["softcap"])):

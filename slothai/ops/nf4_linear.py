@@ -26,7 +26,7 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from . import dequant_nf4
+from . import dequant_nf4, kernels
 from .dequant_nf4 import weight_args
 from .library import register_kernel
 from .nf4_matmul import check_linear_args, matmul_kernel
@@ -47,7 +47,7 @@ FOUR_BIT_ROWS = 16
 
 def _kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None, lora_b=None):
     check_linear_args(x, packed, shape, bias, lora_x, lora_b)
-    rows = math.prod(x.shape[:-1])
+    rows = kernels.rows_of(x)
     if x.is_cuda and x.dtype != torch.float32 and rows <= FOUR_BIT_ROWS:
         return matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x,
                              lora_b, checked=True)
