@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,6 +93,44 @@ def test_cuda_library_loads_beside_its_cuda_runtime(lib):
     ctypes.CDLL(runtime, mode=ctypes.RTLD_GLOBAL)
     loaded = ctypes.CDLL(lib)
     assert loaded.slothai_nf4_matmul_cuda is not None
+
+
+# A kernel of each CUDA library launched in a process without torch, through its own
+# major's runtime alone: the check that the CUDA 12 build runs on a GPU although the
+# torch here is a CUDA 13 one. scale multiplies x by a factor read on the device.
+_SCALE_ON_THE_GPU = """
+import ctypes, sys
+rt = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+lib = ctypes.CDLL(sys.argv[2])
+count = ctypes.c_int(0)
+if rt.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value == 0:
+    print("NO GPU"); sys.exit(0)
+n = 1003  # not a whole number of 16-byte vectors
+host = (ctypes.c_float * (n + 1))(*[0.5 * i - 7 for i in range(n)], 2.5)
+dev = ctypes.c_void_p()
+assert rt.cudaMalloc(ctypes.byref(dev), ctypes.c_size_t(4 * (n + 1))) == 0
+assert rt.cudaMemcpy(dev, host, ctypes.c_size_t(4 * (n + 1)), 1) == 0  # host to device
+lib.slothai_scale_cuda.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+status = lib.slothai_scale_cuda(dev, 0, n, ctypes.c_void_p(dev.value + 4 * n), None)  # SLOTHAI_FLOAT32
+assert status == 0 and rt.cudaDeviceSynchronize() == 0, status
+back = (ctypes.c_float * n)()
+assert rt.cudaMemcpy(back, dev, ctypes.c_size_t(4 * n), 2) == 0  # device to host
+assert list(back) == [2.5 * (0.5 * i - 7) for i in range(n)]
+print("SCALED")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("lib", CUDA_LIBRARIES or [None], ids=lambda p: os.path.basename(p or "none"))
+def test_cuda_library_runs_a_kernel_beside_its_own_runtime_without_torch(lib):
+    if lib is None:
+        pytest.skip("this install carries no CUDA library (a CPU-only build)")
+    runtime = _cudart(_major(lib))
+    if runtime is None:
+        pytest.skip(f"no libcudart.so.{_major(lib)} on this machine")
+    out = subprocess.run([sys.executable, "-c", _SCALE_ON_THE_GPU, runtime, lib],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "SCALED", out.stdout + out.stderr
 
 
 def test_the_cuda_library_of_torchs_major_is_the_one_chosen(monkeypatch, tmp_path):
