@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .fused_ce_chunks import check_reduction
+from .library import register_autograd
 from .scale import scale_
 from .schema import Arguments
 
@@ -121,7 +122,7 @@ def _backward(ctx, g_loss, *_):
                            bias=db if wanted[2] else None)
 
 
-torch.library.register_autograd("slothai::fused_ce", _backward, setup_context=_setup_context)
+register_autograd("fused_ce", _backward, setup_context=_setup_context)
 
 
 def check_chunk_size(chunk_size):

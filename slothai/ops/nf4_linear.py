@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import dequant_nf4, kernels
 from .dequant_nf4 import weight_args
-from .library import register_kernel
+from .library import register_autograd, register_kernel
 from .nf4_matmul import check_linear_args, matmul_kernel
 from .schema import Arguments
 
@@ -127,5 +127,5 @@ def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None):
 
 for _op in ("nf4_linear", "nf4_matmul"):  # one schema, one fake, one autograd, one FLOP count
     torch.library.register_fake(f"slothai::{_op}")(_fake)
-    torch.library.register_autograd(f"slothai::{_op}", _backward, setup_context=_setup_context)
+    register_autograd(_op, _backward, setup_context=_setup_context)
     register_flop_formula(getattr(torch.ops.slothai, _op))(_flops)
