@@ -18,11 +18,17 @@ t0=$(date +%s)
 TORCH_CUDA_ARCH_LIST=$arch python3 -m pip install -q --no-build-isolation --no-deps -e . \
   >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "built for $arch in $(( $(date +%s) - t0 )) s"
+# The suite over 10 processes where pytest-xdist is there (the CUDA image has it: ~2400
+# tests do not fit one call otherwise), each test's outcome on its own line as it ends,
+# so that a run cut short by the call's limit still names what failed.
+PYTEST_ARGS="-rfE -v"
+python3 -c "import xdist" 2>/dev/null && PYTEST_ARGS="$PYTEST_ARGS -n ${JOBS:-10}"
 status=0
 for step in "$@"; do
   case "$step" in
-    tests) python3 -X faulthandler -m pytest -q -x tests >"$OUT/tests.log" 2>&1; rc=$?
-           grep -B2 -A12 "Fatal Python\|Current thread" "$OUT/tests.log" | head -40; tail -15 "$OUT/tests.log"
+    tests) python3 -X faulthandler -m pytest $PYTEST_ARGS tests >"$OUT/tests.log" 2>&1; rc=$?
+           grep -B2 -A12 "Fatal Python\|Current thread" "$OUT/tests.log" | head -40
+           grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | head -30; tail -3 "$OUT/tests.log"
            [ $rc -eq 0 ] || { echo "tests failed: rc $rc"; status=1; } ;;
     sanitize) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
                 -p no:cacheprovider tests -k "cuda and not compile and not graphs and not opcheck" >"$OUT/sanitize.log" 2>&1
@@ -31,8 +37,8 @@ for step in "$@"; do
     wheel) python3 -m pip install -q --no-deps --target /tmp/slothai-wheel dist/slothai-*.whl || { status=1; continue; }
            export PYTHONPATH="/tmp/slothai-wheel:$PYTHONPATH"; run=$(mktemp -d); cp -r tests benchmarks "$run/"
            (cd "$run" && python3 -c "import slothai; print('wheel:', slothai.__file__)" &&
-            python3 -X faulthandler -m pytest -q -p no:cacheprovider tests >"$OUT/wheel_tests.log" 2>&1)
-           rc=$?; tail -5 "$OUT/wheel_tests.log"; [ $rc -eq 0 ] || { echo "wheel tests failed: rc $rc"; status=1; } ;;
+            python3 -X faulthandler -m pytest $PYTEST_ARGS -p no:cacheprovider tests >"$OUT/wheel_tests.log" 2>&1)
+           rc=$?; grep -E "(FAILED|ERROR) tests/" "$OUT/wheel_tests.log" | head -30; tail -3 "$OUT/wheel_tests.log"; [ $rc -eq 0 ] || { echo "wheel tests failed: rc $rc"; status=1; } ;;
     bench_*) [ -f "benchmarks/$step.py" ] || { echo "no benchmarks/$step.py"; status=1; continue; }
              python3 "benchmarks/$step.py" 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
     *) echo "unknown step '$step' (tests, sanitize, wheel, bench_<name>)"; status=1 ;;

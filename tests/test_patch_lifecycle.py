@@ -170,6 +170,25 @@ def test_compile_report_says_loudly_when_the_recompile_limit_is_hit():
     torch._dynamo.reset()
 
 
+def _backend_meeting_a_data_dependent_op(gm, example_inputs):
+    # What aot_eager meets in transformers 5.17's CPU expert fallback (offs.tolist() in a
+    # backward): an exception Dynamo answers by giving the frame up and running it eager.
+    raise torch._subclasses.fake_tensor.DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+
+def test_layers_dynamo_gave_up_on_are_counted_eager_at_every_call():
+    # Dynamo keeps nothing for the code, so later calls run eager without reaching it
+    # (its counters stay still, as for a compiled call): each one must still count EAGER.
+    torch._dynamo.reset()
+    model = slothai.compile(Toy(), backend=_backend_meeting_a_data_dependent_op)
+    with pytest.warns(RuntimeWarning, match="EAGER"), slothai.compile_report() as report:
+        for _ in range(3):
+            model(torch.randn(2, 4, requires_grad=True))
+    assert report.region_calls == {"EAGER (Dynamo compiled nothing)": 3 * len(model.layers)}, report
+    assert report.compilations == 0 and str(report).startswith("WARNING: "), report
+    torch._dynamo.reset()
+
+
 def test_fp32_head_grad_switch_reaches_the_loss(monkeypatch):
     patch_module = importlib.import_module("slothai.patching.causal_lm")
     seen, real = [], patch_module.fused_linear_cross_entropy

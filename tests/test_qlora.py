@@ -324,9 +324,19 @@ def test_mixture_of_experts_is_refused_loudly_and_its_eager_calls_are_not_counte
     assert str(report).startswith("WARNING: 4 call(s) of layers slothai.compile compiled ran EAGER"), report
 
 
+def _moe_cpu_fallback_traceable():
+    # transformers' grouped-mm fallback (the CPU's) reads the group offsets on the host
+    # in its backward (offs.tolist()); from some release after 5.17 that backward is a
+    # custom op with a fake, which Dynamo traces. Before it, the graph breaks there.
+    import transformers.integrations.moe as moe
+    return hasattr(moe, "_grouped_mm_fallback_backward_fake")
+
+
 def test_mixtral_with_lora_on_attention_compiles_once(tmp_path, recwarn):
     # Mixtral's experts get no LoRA from the 7 projection names (no ParamWrapper): its
     # layers compile, one graph, no warning; the experts stay frozen and unquantized.
+    # With a transformers whose CPU expert fallback Dynamo cannot trace (5.17, as on the
+    # lent GPU's image), the layers run eager, and compile_report must say so.
     model = _tiny_moe("mixtral", tmp_path)
     slothai.compile(slothai.patch(model), backend="aot_eager")
     assert not [w for w in recwarn if "does not support" in str(w.message)]
@@ -334,7 +344,12 @@ def test_mixtral_with_lora_on_attention_compiles_once(tmp_path, recwarn):
     with slothai.compile_report() as report:
         got = qlora.train(model, batches)
     assert_losses_close(got, qlora.train(_tiny_moe("mixtral", tmp_path), batches), 1e-4)
-    assert report.compilations == 1 and report.region_calls == {"compiled": 4}, report
+    if _moe_cpu_fallback_traceable():
+        assert report.compilations == 1 and report.region_calls == {"compiled": 4}, report
+    else:
+        assert "compiled" not in report.region_calls, report
+        assert all(k.startswith("EAGER (") for k in report.region_calls), report
+        assert str(report).startswith("WARNING: "), report
 
 
 @pytest.mark.parametrize("num_items", [None, 13])

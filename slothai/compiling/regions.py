@@ -363,7 +363,12 @@ def _how_it_ran(code, before):
     A call that matched a compiled variant leaves the counters as they were."""
     frames, graphs, breaks = _dynamo_counts()
     if frames == before[0]:
-        return _EAGER_WHY.get(code, "compiled")
+        why = _EAGER_WHY.get(code)
+        if why is None and code is not None and not torch._dynamo.eval_frame._debug_get_cache_entry_list(code):
+            # Dynamo left nothing to run for this code (its backend failed, and it
+            # skips the frame since): every call runs eager without reaching Dynamo
+            why = _EAGER_WHY[code] = "EAGER (Dynamo compiled nothing)"
+        return why or "compiled"
     new = [reason.split("\n")[0].strip() for reason, n in breaks.items() if n > before[2].get(reason, 0)]
     if new:
         _EAGER_WHY[code] = (f"EAGER, split by a graph break ({new[0]})" if graphs != before[1] else
