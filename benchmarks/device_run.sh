@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: build for its card, then run the steps named, in order.
-#   bash benchmarks/device_run.sh [tests] [sanitize] [wheel] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
+#   bash benchmarks/device_run.sh [tests] [sanitize] [t4] [wheel] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
 # `wheel` installs the wheel carried in dist/ (`make wheel` here; carry ["dist"]) into
 # /tmp/slothai-wheel, runs the suite against it from outside the tree, and leaves it
 # first on PYTHONPATH, so that the steps after it measure the wheel, not the source build.
@@ -39,9 +39,19 @@ for step in "$@"; do
            (cd "$run" && python3 -c "import slothai; print('wheel:', slothai.__file__)" &&
             python3 -X faulthandler -m pytest $PYTEST_ARGS -p no:cacheprovider tests >"$OUT/wheel_tests.log" 2>&1)
            rc=$?; grep -E "(FAILED|ERROR) tests/" "$OUT/wheel_tests.log" | head -30; tail -3 "$OUT/wheel_tests.log"; [ $rc -eq 0 ] || { echo "wheel tests failed: rc $rc"; status=1; } ;;
+    t4) # The T4-level build (sm_75 + PTX, which the driver compiles for this card) of the same
+        # source, installed apart and first on the path, through the kernels' CUDA tests.
+        SLOTHAI_CUDA_ARCHS="7.5+PTX" python3 -m pip install -q --no-build-isolation --no-deps \
+          --target /tmp/slothai-sm75 . >"$OUT/t4_build.log" 2>&1 || { tail -20 "$OUT/t4_build.log"; status=1; continue; }
+        run=$(mktemp -d); cp -r tests "$run/"
+        (cd "$run" && PYTHONPATH="/tmp/slothai-sm75:$PYTHONPATH" python3 -m pytest $PYTEST_ARGS -p no:cacheprovider \
+           -k cuda tests/test_nf4_matmul.py tests/test_nf4_linear.py tests/test_dequant_nf4.py tests/test_fused_ce.py \
+           tests/test_fused_ce_options.py tests/test_scale.py >"$OUT/t4.log" 2>&1)
+        rc=$?; grep -E "(FAILED|ERROR) tests/" "$OUT/t4.log" | head -20; tail -2 "$OUT/t4.log"
+        [ $rc -eq 0 ] || { echo "sm_75+PTX tests failed: rc $rc"; status=1; } ;;
     bench_*) [ -f "benchmarks/$step.py" ] || { echo "no benchmarks/$step.py"; status=1; continue; }
              python3 "benchmarks/$step.py" 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
-    *) echo "unknown step '$step' (tests, sanitize, wheel, bench_<name>)"; status=1 ;;
+    *) echo "unknown step '$step' (tests, sanitize, t4, wheel, bench_<name>)"; status=1 ;;
   esac
 done
 exit $status
