@@ -81,15 +81,21 @@ def _cudart(major):
     return None
 
 
-@pytest.mark.parametrize("lib", CUDA_LIBRARIES or [None], ids=lambda p: os.path.basename(p or "none"))
-def test_cuda_library_loads_beside_its_cuda_runtime(lib):
-    # The dynamic linker takes an already loaded libcudart.so.<major> (as torch's is
-    # in a CUDA process); loading needs no GPU.
+def _runtime_of(lib):
+    """The libcudart.so.<major> of CUDA library `lib`; skips without one (or without `lib`)."""
     if lib is None:
         pytest.skip("this install carries no CUDA library (a CPU-only build)")
     runtime = _cudart(_major(lib))
     if runtime is None:
         pytest.skip(f"no libcudart.so.{_major(lib)} on this machine")
+    return runtime
+
+
+@pytest.mark.parametrize("lib", CUDA_LIBRARIES or [None], ids=lambda p: os.path.basename(p or "none"))
+def test_cuda_library_loads_beside_its_cuda_runtime(lib):
+    # The dynamic linker takes an already loaded libcudart.so.<major> (as torch's is
+    # in a CUDA process); loading needs no GPU.
+    runtime = _runtime_of(lib)
     ctypes.CDLL(runtime, mode=ctypes.RTLD_GLOBAL)
     loaded = ctypes.CDLL(lib)
     assert loaded.slothai_nf4_matmul_cuda is not None
@@ -123,11 +129,7 @@ print("SCALED")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("lib", CUDA_LIBRARIES or [None], ids=lambda p: os.path.basename(p or "none"))
 def test_cuda_library_runs_a_kernel_beside_its_own_runtime_without_torch(lib):
-    if lib is None:
-        pytest.skip("this install carries no CUDA library (a CPU-only build)")
-    runtime = _cudart(_major(lib))
-    if runtime is None:
-        pytest.skip(f"no libcudart.so.{_major(lib)} on this machine")
+    runtime = _runtime_of(lib)
     out = subprocess.run([sys.executable, "-c", _SCALE_ON_THE_GPU, runtime, lib],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "SCALED", out.stdout + out.stderr
