@@ -143,13 +143,17 @@ __device__ __forceinline__ void load_x(uint32_t (&v)[8], const T *x, int64_t m, 
 // WARPS warps split K; each loads P units ahead (and, with PIPE, the next P
 // while it computes); x is loaded with its unit's codes when one tile of tokens
 // (MT == 1, decode) keeps that in registers.
-template <typename T, int MT, int WARPS, int P, bool PIPE>
+// With PERSIST the grid is what stays resident on the card and each CTA loops over
+// 16-feature tiles, so the table is built once per CTA rather than once per tile.
+template <typename T, int MT, int WARPS, int P, bool PIPE, bool PERSIST = false>
 __global__ void __launch_bounds__(WARPS * 32)
 nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
 {
     constexpr bool kXAhead = MT == 1;
+    constexpr int kTok = 8 * MT;
     __shared__ uint32_t table[256 * 32]; // [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16
     __shared__ float code2[256];
+    __shared__ float red_own[PERSIST ? WARPS * 16 * kTok : 1];
     const Scales sc = scales.at();
     for (int i = threadIdx.x; i < 256 * 32; i += WARPS * 32) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
     if (sc.u8)
@@ -157,8 +161,14 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int64_t N = a.n, K = a.k, M = a.m;
-    const int64_t n0 = (int64_t)blockIdx.x * 16, m0 = m_base + (int64_t)blockIdx.y * (8 * MT);
+    const int64_t N = a.n, K = a.k, M = a.m, tiles = (N + 15) / 16;
+    const int64_t m0 = m_base + (int64_t)blockIdx.y * (8 * MT);
+    // The warps' partial sums meet in shared memory: red[warp][feature][token] (the
+    // table's space where the CTA has one tile, so no longer needs the table).
+    float *red = PERSIST ? red_own : reinterpret_cast<float *>(table);
+    static_assert(PERSIST || WARPS * 16 * kTok * 4 <= sizeof(table), "reduction space");
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t n0 = tile * 16;
     // Rows past N read row N - 1 (valid memory); their sums are never written.
     const int64_t ra = n0 + g < N ? n0 + g : N - 1, rb = n0 + g + 8 < N ? n0 + g + 8 : N - 1;
     const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
@@ -244,11 +254,7 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
         }
     }
 
-    // The warps' partial sums meet in the table's space: red[warp][feature][token].
     __syncthreads();
-    float *red = reinterpret_cast<float *>(table);
-    constexpr int kTok = 8 * MT;
-    static_assert(WARPS * 16 * kTok * 4 <= sizeof(table), "reduction space");
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -266,6 +272,111 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
         finish<T>(a, i, j, sum);
+    }
+    // (The next tile's writes to red come after its first __syncthreads, which every
+    // thread reaches only once its reads above are done.)
+    if (!PERSIST) break; // one tile a CTA: the grid has one per tile
+    }
+}
+
+// Decode kernel (up to 8 tokens): the tensor-core kernel's unit and fragments, with
+// fewer instructions a byte, as at one token the loop is issue-bound, not
+// latency-bound. Persistent CTAs (the table built once per CTA); a warp takes 4
+// consecutive units a batch, so its code and x loads are immediate offsets of one
+// pointer and lane (g, t) works out the block scales of unit t for rows g, g + 8
+// once, which the quad then shares by shuffle; a byte's table address is a byte
+// permute and a shift-add. Full batches carry no bounds checks; a warp's last,
+// partial batch goes a unit at a time.
+template <typename T, int WARPS, int MIN_CTAS = 1>
+__global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
+nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
+{
+    constexpr int P = 4, kTok = 8;
+    __shared__ uint32_t table[256 * 32];
+    __shared__ float code2[256];
+    __shared__ float red[WARPS * 16 * kTok];
+    const Scales sc = scales.at();
+    for (int i = threadIdx.x; i < 256 * 32; i += WARPS * 32) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
+    if (sc.u8)
+        for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[i] = __ldg(sc.code2 + i);
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t N = a.n, K = a.k, M = a.m, tiles = (N + 15) / 16, units = K / kUnit;
+    const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
+    const int unit_shift = log2_bs - 6; // block of (row r, unit u) = (r * units + u) >> unit_shift
+    // The table row of byte b is at lut + 128 b (a 32-bit shared address: one multiply-add).
+    const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * lane;
+    auto look = [&](uint32_t w, int byte) {
+        uint32_t v;
+        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
+        return v;
+    };
+    // This lane's token: 16 x values a unit, 8 uint4 a unit apart; none past M.
+    const bool has_x = m0 + g < M;
+    const uint4 *xr = reinterpret_cast<const uint4 *>(static_cast<const T *>(a.x) + (has_x ? m0 + g : 0) * K + 16 * t);
+
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int64_t n0 = tile * 16;
+        const int64_t ra = n0 + g < N ? n0 + g : N - 1, rb = n0 + g + 8 < N ? n0 + g + 8 : N - 1;
+        const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
+        const int64_t qa = ra * units, qb = rb * units;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // One unit: its A fragments (4 steps of k16), the products with x, the block scales.
+        auto unit = [&](uint2 wa, uint2 wb, const uint32_t (&xs)[8], float sa, float sb) {
+            float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
+                const int byte = 2 * (s & 1);
+                const uint32_t frag[4] = {look(wA, byte), look(wB, byte), look(wA, byte + 1), look(wB, byte + 1)};
+                Tc<T>::mma(blk, frag, xs[2 * s], xs[2 * s + 1]);
+            }
+            acc[0] = fmaf(sa, blk[0], acc[0]);
+            acc[1] = fmaf(sa, blk[1], acc[1]);
+            acc[2] = fmaf(sb, blk[2], acc[2]);
+            acc[3] = fmaf(sb, blk[3], acc[3]);
+        };
+        auto load_unit = [&](int64_t u, uint2 &wa, uint2 &wb, uint32_t (&xs)[8]) {
+            wa = __ldg(reinterpret_cast<const uint2 *>(pa + u * (kUnit / 2)));
+            wb = __ldg(reinterpret_cast<const uint2 *>(pb + u * (kUnit / 2)));
+            uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+            if (has_x) x0 = __ldg(xr + 8 * u), x1 = __ldg(xr + 8 * u + 1);
+            xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
+        };
+        int64_t u0 = warp * P;
+        for (; u0 + P <= units; u0 += WARPS * P) {
+            uint2 wa[P], wb[P];
+            uint32_t xs[P][8];
+#pragma unroll
+            for (int p = 0; p < P; ++p) load_unit(u0 + p, wa[p], wb[p], xs[p]);
+            const float my_sa = sc((qa + u0 + t) >> unit_shift, code2), my_sb = sc((qb + u0 + t) >> unit_shift, code2);
+#pragma unroll
+            for (int p = 0; p < P; ++p)
+                unit(wa[p], wb[p], xs[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
+                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p));
+        }
+        for (int64_t u = u0; u < units && u < u0 + P; ++u) { // the warp's partial batch
+            uint2 wa, wb;
+            uint32_t xs[8];
+            load_unit(u, wa, wb, xs);
+            unit(wa, wb, xs, sc((qa + u) >> unit_shift, code2), sc((qb + u) >> unit_shift, code2));
+        }
+
+        // The warps' partial sums meet in red[warp][feature][token]; the write as finish() says.
+        __syncthreads();
+        float *r = red + (warp * 16 + g) * kTok + 2 * t;
+        r[0] = acc[0], r[1] = acc[1], r[8 * kTok] = acc[2], r[8 * kTok + 1] = acc[3];
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
+            const int row = idx & 15, tok = idx >> 4;
+            const int64_t j = n0 + row, i = m0 + tok;
+            if (j >= N || i >= M) continue;
+            float sum = 0.0f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
+            finish<T>(a, i, j, sum);
+        }
     }
 }
 
@@ -327,13 +438,53 @@ template <typename T> bool tensor_cores_here()
     return arch >= 80 && major >= 8;
 }
 
-template <typename T, int MT, int WARPS, int P, bool PIPE = false>
+// CTAs of `kernel` that the card holds at once (cached per device; 0 on error).
+int resident_ctas(const void *kernel, int threads)
+{
+    int dev = 0, per_sm = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        return 0;
+    return per_sm * sms;
+}
+
+template <typename T, int MT, int WARPS, int P, bool PIPE = false, bool PERSIST = false>
 void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
-    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535;
+    const auto kernel = nf4_matmul_tc_kernel<T, MT, WARPS, P, PIPE, PERSIST>;
+    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535, tiles = (a.n + 15) / 16;
+    int64_t ctas = tiles;
+    if (PERSIST) {
+        static std::atomic<int> resident[64];
+        int dev = 0;
+        cudaGetDevice(&dev);
+        int r = dev < 64 ? resident[dev].load(std::memory_order_relaxed) : 0;
+        if (r <= 0 && (r = resident_ctas(reinterpret_cast<const void *>(kernel), WARPS * 32)) > 0 && dev < 64)
+            resident[dev].store(r, std::memory_order_relaxed);
+        if (r > 0 && r < tiles) ctas = r;
+    }
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
-        const dim3 grid((unsigned)((a.n + 15) / 16), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        nf4_matmul_tc_kernel<T, MT, WARPS, P, PIPE><<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
+        const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
+    }
+}
+
+template <typename T, int WARPS, int MIN_CTAS = 1>
+void launch_decode_lean(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
+{
+    const auto kernel = nf4_decode_kernel<T, WARPS, MIN_CTAS>;
+    static std::atomic<int> resident[64];
+    int dev = 0;
+    cudaGetDevice(&dev);
+    int r = dev < 64 ? resident[dev].load(std::memory_order_relaxed) : 0;
+    if (r <= 0 && (r = resident_ctas(reinterpret_cast<const void *>(kernel), WARPS * 32)) > 0 && dev < 64)
+        resident[dev].store(r, std::memory_order_relaxed);
+    const int64_t tiles = (a.n + 15) / 16, groups = (a.m + 7) / 8, max_y = 65535;
+    const int64_t ctas = r > 0 && r < tiles ? r : tiles;
+    for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+        const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * 8);
     }
 }
 
@@ -357,6 +508,12 @@ template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const
     case 4: launch_tc<T, 1, 8, 2>(a, sc, log2_bs, s); break;
     case 5: launch_tc<T, 1, 8, 2, true>(a, sc, log2_bs, s); break;
     case 6: launch_tc<T, 1, 4, 4, true>(a, sc, log2_bs, s); break;
+    case 7: launch_tc<T, 1, 8, 4, false, true>(a, sc, log2_bs, s); break;
+    case 8: launch_tc<T, 1, 8, 2, false, true>(a, sc, log2_bs, s); break;
+    case 9: launch_tc<T, 1, 8, 2, true, true>(a, sc, log2_bs, s); break;
+    case 10: launch_decode_lean<T, 8, 2>(a, sc, log2_bs, s); break;
+    case 11: launch_decode_lean<T, 4, 4>(a, sc, log2_bs, s); break;
+    case 12: launch_decode_lean<T, 8, 3>(a, sc, log2_bs, s); break;
     default: launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s);
     }
 }
