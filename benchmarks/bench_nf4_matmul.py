@@ -37,6 +37,7 @@ MODELS = {  # (out_features, in_features) of each projection
 }
 CALLS = 20
 CONFIGS = 13  # SLOTHAI_NF4MM_CONFIG 0..12: launch_decode's cases in csrc/core/nf4_matmul_cuda.cu
+SWEEP_M = (1, 8, 16)
 
 
 def weight(n, k):
@@ -124,7 +125,7 @@ def read_gbps(nb):
 
 def sweep():
     """Tuning: each SLOTHAI_NF4MM_CONFIG of the decode kernel (csrc/core/nf4_matmul_cuda.cu) in its
-    own process (the config is read once), slothai alone at m = 1 and 8; prints, writes nothing."""
+    own process (the config is read once), slothai alone at each SWEEP_M; prints, writes nothing."""
     import subprocess
     scores = {}
     for c in range(CONFIGS):
@@ -137,7 +138,7 @@ def sweep():
         scores[c] = float(got.stdout.split("SCORE ")[1].split()[0])
     nb = sum(n * k * (0.5 + 1 / 64) for n, k in MODELS["llama-8b"].values())
     print(f"read-only kernel {read_gbps(int(nb)):.0f} GB/s over {nb / 1e6:.1f} MB (an 8B layer's bytes)")
-    print(f"best {min(scores, key=scores.get)}  (sum of both layers' time at m = 1 and 8: "
+    print(f"best {min(scores, key=scores.get)}  (sum of both layers' time at m = {SWEEP_M}: "
           + ", ".join(f"{c}: {v:.1f}" for c, v in scores.items()) + ")")
 
 
@@ -145,7 +146,7 @@ def sweep_child():
     out, score = [f"config {os.environ['SLOTHAI_NF4MM_CONFIG']}:"], 0.0
     for model, shapes in MODELS.items():
         ws = {p: weight(*nk) for p, nk in shapes.items()}
-        for m in (1, 8):
+        for m in SWEEP_M:
             xs = {p: torch.randn(m, w.quant_state.shape[1], device="cuda", dtype=torch.bfloat16) for p, w in ws.items()}
             for p, w in ws.items():  # a config that computes wrong is out, whatever its time
                 with torch.no_grad():

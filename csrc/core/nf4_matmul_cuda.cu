@@ -287,11 +287,11 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
 // once, which the quad then shares by shuffle; a byte's table address is a byte
 // permute and a shift-add. Full batches carry no bounds checks; a warp's last,
 // partial batch goes a unit at a time.
-template <typename T, int WARPS, int MIN_CTAS = 1>
+template <typename T, int MT, int WARPS, int MIN_CTAS>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
 {
-    constexpr int P = 4, kTok = 8;
+    constexpr int P = 4, kTok = 8 * MT;
     __shared__ uint32_t table[256 * 32];
     __shared__ float code2[256];
     __shared__ float red[WARPS * 16 * kTok];
@@ -312,61 +312,82 @@ nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t
         asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
         return v;
     };
-    // This lane's token: 16 x values a unit, 8 uint4 a unit apart; none past M.
-    const bool has_x = m0 + g < M;
-    const uint4 *xr = reinterpret_cast<const uint4 *>(static_cast<const T *>(a.x) + (has_x ? m0 + g : 0) * K + 16 * t);
+    // This lane's token of each tile of 8: 16 x values a unit, 8 uint4 a unit apart; none past M.
+    bool has_x[MT];
+    const uint4 *xr[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        has_x[mt] = m0 + 8 * mt + g < M;
+        xr[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(a.x) + (has_x[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
+    }
+    auto load_x = [&](int mt, int64_t u, uint32_t (&xs)[8]) {
+        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+        if (has_x[mt]) x0 = __ldg(xr[mt] + 8 * u), x1 = __ldg(xr[mt] + 8 * u + 1);
+        xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
+    };
 
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int64_t n0 = tile * 16;
         const int64_t ra = n0 + g < N ? n0 + g : N - 1, rb = n0 + g + 8 < N ? n0 + g + 8 : N - 1;
         const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
         const int64_t qa = ra * units, qb = rb * units;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // One unit: its A fragments (4 steps of k16), the products with x, the block scales.
-        auto unit = [&](uint2 wa, uint2 wb, const uint32_t (&xs)[8], float sa, float sb) {
-            float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float acc[MT][4] = {};
+        // One unit: its A fragments (4 steps of k16), the products with each tile's x (given
+        // for one tile, loaded here for more), the block scales.
+        auto unit = [&](int64_t u, uint2 wa, uint2 wb, const uint32_t (&x_ahead)[8], float sa, float sb) {
+            uint32_t frag[4][4];
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
                 const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
                 const int byte = 2 * (s & 1);
-                const uint32_t frag[4] = {look(wA, byte), look(wB, byte), look(wA, byte + 1), look(wB, byte + 1)};
-                Tc<T>::mma(blk, frag, xs[2 * s], xs[2 * s + 1]);
+                frag[s][0] = look(wA, byte), frag[s][1] = look(wB, byte);
+                frag[s][2] = look(wA, byte + 1), frag[s][3] = look(wB, byte + 1);
             }
-            acc[0] = fmaf(sa, blk[0], acc[0]);
-            acc[1] = fmaf(sa, blk[1], acc[1]);
-            acc[2] = fmaf(sb, blk[2], acc[2]);
-            acc[3] = fmaf(sb, blk[3], acc[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                uint32_t own[8];
+                const uint32_t *xs = x_ahead;
+                if (MT > 1) load_x(mt, u, own), xs = own;
+                float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
+                acc[mt][0] = fmaf(sa, blk[0], acc[mt][0]);
+                acc[mt][1] = fmaf(sa, blk[1], acc[mt][1]);
+                acc[mt][2] = fmaf(sb, blk[2], acc[mt][2]);
+                acc[mt][3] = fmaf(sb, blk[3], acc[mt][3]);
+            }
         };
         auto load_unit = [&](int64_t u, uint2 &wa, uint2 &wb, uint32_t (&xs)[8]) {
             wa = __ldg(reinterpret_cast<const uint2 *>(pa + u * (kUnit / 2)));
             wb = __ldg(reinterpret_cast<const uint2 *>(pb + u * (kUnit / 2)));
-            uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
-            if (has_x) x0 = __ldg(xr + 8 * u), x1 = __ldg(xr + 8 * u + 1);
-            xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
+            if (MT == 1) load_x(0, u, xs);
         };
         int64_t u0 = warp * P;
         for (; u0 + P <= units; u0 += WARPS * P) {
             uint2 wa[P], wb[P];
-            uint32_t xs[P][8];
+            uint32_t xs[P][8]; // (x of the one tile; unused for more)
 #pragma unroll
             for (int p = 0; p < P; ++p) load_unit(u0 + p, wa[p], wb[p], xs[p]);
             const float my_sa = sc((qa + u0 + t) >> unit_shift, code2), my_sb = sc((qb + u0 + t) >> unit_shift, code2);
 #pragma unroll
             for (int p = 0; p < P; ++p)
-                unit(wa[p], wb[p], xs[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
+                unit(u0 + p, wa[p], wb[p], xs[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
                      __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p));
         }
         for (int64_t u = u0; u < units && u < u0 + P; ++u) { // the warp's partial batch
             uint2 wa, wb;
             uint32_t xs[8];
             load_unit(u, wa, wb, xs);
-            unit(wa, wb, xs, sc((qa + u) >> unit_shift, code2), sc((qb + u) >> unit_shift, code2));
+            unit(u, wa, wb, xs, sc((qa + u) >> unit_shift, code2), sc((qb + u) >> unit_shift, code2));
         }
 
         // The warps' partial sums meet in red[warp][feature][token]; the write as finish() says.
         __syncthreads();
-        float *r = red + (warp * 16 + g) * kTok + 2 * t;
-        r[0] = acc[0], r[1] = acc[1], r[8 * kTok] = acc[2], r[8 * kTok + 1] = acc[3];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            float *r = red + (warp * 16 + g) * kTok + 8 * mt + 2 * t;
+            r[0] = acc[mt][0], r[1] = acc[mt][1], r[8 * kTok] = acc[mt][2], r[8 * kTok + 1] = acc[mt][3];
+        }
         __syncthreads();
         for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
             const int row = idx & 15, tok = idx >> 4;
@@ -438,15 +459,21 @@ template <typename T> bool tensor_cores_here()
     return arch >= 80 && major >= 8;
 }
 
-// CTAs of `kernel` that the card holds at once (cached per device; 0 on error).
-int resident_ctas(const void *kernel, int threads)
+// The grid of a persistent kernel: as many CTAs as the card holds at once, or `tiles`
+// where fewer. `held` caches the count per device (one array per kernel).
+int64_t persistent_ctas(std::atomic<int> (&held)[8], const void *kernel, int threads, int64_t tiles)
 {
     int dev = 0, per_sm = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-        return 0;
-    return per_sm * sms;
+    if (cudaGetDevice(&dev) != cudaSuccess) return tiles;
+    int n = dev < 8 ? held[dev].load(std::memory_order_relaxed) : 0;
+    if (n <= 0) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || per_sm * sms <= 0)
+            return tiles;
+        n = per_sm * sms;
+        if (dev < 8) held[dev].store(n, std::memory_order_relaxed);
+    }
+    return n < tiles ? n : tiles;
 }
 
 template <typename T, int MT, int WARPS, int P, bool PIPE = false, bool PERSIST = false>
@@ -454,37 +481,24 @@ void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, 
 {
     const auto kernel = nf4_matmul_tc_kernel<T, MT, WARPS, P, PIPE, PERSIST>;
     const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535, tiles = (a.n + 15) / 16;
-    int64_t ctas = tiles;
-    if (PERSIST) {
-        static std::atomic<int> resident[64];
-        int dev = 0;
-        cudaGetDevice(&dev);
-        int r = dev < 64 ? resident[dev].load(std::memory_order_relaxed) : 0;
-        if (r <= 0 && (r = resident_ctas(reinterpret_cast<const void *>(kernel), WARPS * 32)) > 0 && dev < 64)
-            resident[dev].store(r, std::memory_order_relaxed);
-        if (r > 0 && r < tiles) ctas = r;
-    }
+    static std::atomic<int> held[8];
+    const int64_t ctas = PERSIST ? persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, tiles) : tiles;
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
         kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
     }
 }
 
-template <typename T, int WARPS, int MIN_CTAS = 1>
+template <typename T, int MT, int WARPS, int MIN_CTAS>
 void launch_decode_lean(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
-    const auto kernel = nf4_decode_kernel<T, WARPS, MIN_CTAS>;
-    static std::atomic<int> resident[64];
-    int dev = 0;
-    cudaGetDevice(&dev);
-    int r = dev < 64 ? resident[dev].load(std::memory_order_relaxed) : 0;
-    if (r <= 0 && (r = resident_ctas(reinterpret_cast<const void *>(kernel), WARPS * 32)) > 0 && dev < 64)
-        resident[dev].store(r, std::memory_order_relaxed);
-    const int64_t tiles = (a.n + 15) / 16, groups = (a.m + 7) / 8, max_y = 65535;
-    const int64_t ctas = r > 0 && r < tiles ? r : tiles;
+    const auto kernel = nf4_decode_kernel<T, MT, WARPS, MIN_CTAS>;
+    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535;
+    static std::atomic<int> held[8];
+    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, (a.n + 15) / 16);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * 8);
+        kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
     }
 }
 
@@ -499,9 +513,16 @@ int tuning_config()
     return c;
 }
 
+// Up to 16 rows.
 template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
-    switch (tuning_config()) {
+    const int config = tuning_config();
+    if (a.m > 8) {
+        if (config >= 10) launch_decode_lean<T, 2, 8, 2>(a, sc, log2_bs, s);
+        else launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s);
+        return;
+    }
+    switch (config) {
     case 1: launch_tc<T, 1, 8, 8>(a, sc, log2_bs, s); break;
     case 2: launch_tc<T, 1, 4, 4>(a, sc, log2_bs, s); break;
     case 3: launch_tc<T, 1, 4, 8>(a, sc, log2_bs, s); break;
@@ -511,9 +532,9 @@ template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const
     case 7: launch_tc<T, 1, 8, 4, false, true>(a, sc, log2_bs, s); break;
     case 8: launch_tc<T, 1, 8, 2, false, true>(a, sc, log2_bs, s); break;
     case 9: launch_tc<T, 1, 8, 2, true, true>(a, sc, log2_bs, s); break;
-    case 10: launch_decode_lean<T, 8, 2>(a, sc, log2_bs, s); break;
-    case 11: launch_decode_lean<T, 4, 4>(a, sc, log2_bs, s); break;
-    case 12: launch_decode_lean<T, 8, 3>(a, sc, log2_bs, s); break;
+    case 10: launch_decode_lean<T, 1, 8, 2>(a, sc, log2_bs, s); break;
+    case 11: launch_decode_lean<T, 1, 4, 4>(a, sc, log2_bs, s); break;
+    case 12: launch_decode_lean<T, 1, 8, 3>(a, sc, log2_bs, s); break;
     default: launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s);
     }
 }
@@ -525,8 +546,7 @@ slothai_status run(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_
                     reinterpret_cast<uintptr_t>(a.w.packed) % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
     if constexpr (!std::is_same<T, float>::value) {
         if (tc && tensor_cores_here<T>()) {
-            if (a.m <= 8) launch_decode<T>(a, sc, log2_bs, s);
-            else if (a.m <= 16) launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s);
+            if (a.m <= 16) launch_decode<T>(a, sc, log2_bs, s);
             else if (a.m <= 32) launch_tc<T, 4, 8, 4>(a, sc, log2_bs, s);
             else launch_tc<T, 8, 8, 2>(a, sc, log2_bs, s);
             return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
