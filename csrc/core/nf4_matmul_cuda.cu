@@ -143,17 +143,13 @@ __device__ __forceinline__ void load_x(uint32_t (&v)[8], const T *x, int64_t m, 
 // WARPS warps split K; each loads P units ahead (and, with PIPE, the next P
 // while it computes); x is loaded with its unit's codes when one tile of tokens
 // (MT == 1, decode) keeps that in registers.
-// With PERSIST the grid is what stays resident on the card and each CTA loops over
-// 16-feature tiles, so the table is built once per CTA rather than once per tile.
-template <typename T, int MT, int WARPS, int P, bool PIPE, bool PERSIST = false>
+template <typename T, int MT, int WARPS, int P, bool PIPE>
 __global__ void __launch_bounds__(WARPS * 32)
 nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
 {
     constexpr bool kXAhead = MT == 1;
-    constexpr int kTok = 8 * MT;
     __shared__ uint32_t table[256 * 32]; // [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16
     __shared__ float code2[256];
-    __shared__ float red_own[PERSIST ? WARPS * 16 * kTok : 1];
     const Scales sc = scales.at();
     for (int i = threadIdx.x; i < 256 * 32; i += WARPS * 32) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
     if (sc.u8)
@@ -161,14 +157,8 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int64_t N = a.n, K = a.k, M = a.m, tiles = (N + 15) / 16;
-    const int64_t m0 = m_base + (int64_t)blockIdx.y * (8 * MT);
-    // The warps' partial sums meet in shared memory: red[warp][feature][token] (the
-    // table's space where the CTA has one tile, so no longer needs the table).
-    float *red = PERSIST ? red_own : reinterpret_cast<float *>(table);
-    static_assert(PERSIST || WARPS * 16 * kTok * 4 <= sizeof(table), "reduction space");
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t n0 = tile * 16;
+    const int64_t N = a.n, K = a.k, M = a.m;
+    const int64_t n0 = (int64_t)blockIdx.x * 16, m0 = m_base + (int64_t)blockIdx.y * (8 * MT);
     // Rows past N read row N - 1 (valid memory); their sums are never written.
     const int64_t ra = n0 + g < N ? n0 + g : N - 1, rb = n0 + g + 8 < N ? n0 + g + 8 : N - 1;
     const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
@@ -254,7 +244,11 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
         }
     }
 
+    // The warps' partial sums meet in the table's space: red[warp][feature][token].
     __syncthreads();
+    float *red = reinterpret_cast<float *>(table);
+    constexpr int kTok = 8 * MT;
+    static_assert(WARPS * 16 * kTok * 4 <= sizeof(table), "reduction space");
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -273,20 +267,24 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
         for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
         finish<T>(a, i, j, sum);
     }
-    // (The next tile's writes to red come after its first __syncthreads, which every
-    // thread reaches only once its reads above are done.)
-    if (!PERSIST) break; // one tile a CTA: the grid has one per tile
-    }
 }
 
-// Decode kernel (up to 8 tokens): the tensor-core kernel's unit and fragments, with
-// fewer instructions a byte, as at one token the loop is issue-bound, not
-// latency-bound. Persistent CTAs (the table built once per CTA); a warp takes 4
-// consecutive units a batch, so its code and x loads are immediate offsets of one
-// pointer and lane (g, t) works out the block scales of unit t for rows g, g + 8
-// once, which the quad then shares by shuffle; a byte's table address is a byte
-// permute and a shift-add. Full batches carry no bounds checks; a warp's last,
-// partial batch goes a unit at a time.
+// Decode kernel (up to 16 rows: MT tiles of 8 tokens sharing each A fragment; the
+// default for 1..16 rows). The tensor-core kernel's unit, fragments and 16-feature
+// tiles, with half the instructions a unit (86 SASS instructions against 167 at one
+// tile, sm_90), as at one token that loop is bound by instruction issue, not memory
+// latency (H100: 1.15 TB/s against 0.86 at an 8B layer):
+//   - persistent CTAs (as many as fit; each loops over tiles), so the 32 KB table is
+//     built once per CTA, not once per 16 features;
+//   - a warp takes 4 consecutive units a batch: its code and x loads are immediate
+//     offsets of one pointer, and lane (g, t) works out the block scales of unit t
+//     for rows g and g + 8 only, which its quad then shares by shuffle;
+//   - a code byte's table address is one byte permute and one multiply-add;
+//   - full batches carry no bounds checks; a warp's last, partial batch goes a unit
+//     at a time.
+// Split: K over the CTA's warps (4 units apart, then WARPS x 4), features over CTAs.
+// Traffic: the codes and scales once (0.52 bytes a weight), x from L1/L2, out once;
+// floor at one row: an 8B layer's 112.5 MB at the card's read bandwidth.
 template <typename T, int MT, int WARPS, int MIN_CTAS>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
@@ -476,16 +474,13 @@ int64_t persistent_ctas(std::atomic<int> (&held)[8], const void *kernel, int thr
     return n < tiles ? n : tiles;
 }
 
-template <typename T, int MT, int WARPS, int P, bool PIPE = false, bool PERSIST = false>
+template <typename T, int MT, int WARPS, int P, bool PIPE = false>
 void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
-    const auto kernel = nf4_matmul_tc_kernel<T, MT, WARPS, P, PIPE, PERSIST>;
-    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535, tiles = (a.n + 15) / 16;
-    static std::atomic<int> held[8];
-    const int64_t ctas = PERSIST ? persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, tiles) : tiles;
+    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535;
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
-        const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
+        const dim3 grid((unsigned)((a.n + 15) / 16), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        nf4_matmul_tc_kernel<T, MT, WARPS, P, PIPE><<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
     }
 }
 
@@ -503,7 +498,7 @@ void launch_decode_lean(const slothai_nf4_matmul_args &a, const Scales &sc, int 
 }
 
 // Tuning only (benchmarks/bench_nf4_matmul.py --sweep): SLOTHAI_NF4MM_CONFIG
-// picks another warps x batch split for up to 8 rows; unset, the default below.
+// picks another kernel for up to 16 rows; unset, the default (0).
 int tuning_config()
 {
     static const int c = [] {
@@ -513,29 +508,15 @@ int tuning_config()
     return c;
 }
 
-// Up to 16 rows.
+// Up to 16 rows: the decode kernel, 8 warps a CTA (H100, bench_nf4_matmul --sweep, 8B layer at
+// one row: 97.8 us against 104.3 for 4 warps and 131.7 for the tensor-core kernel).
 template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
-    const int config = tuning_config();
-    if (a.m > 8) {
-        if (config >= 10) launch_decode_lean<T, 2, 8, 2>(a, sc, log2_bs, s);
-        else launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s);
-        return;
-    }
-    switch (config) {
-    case 1: launch_tc<T, 1, 8, 8>(a, sc, log2_bs, s); break;
-    case 2: launch_tc<T, 1, 4, 4>(a, sc, log2_bs, s); break;
-    case 3: launch_tc<T, 1, 4, 8>(a, sc, log2_bs, s); break;
-    case 4: launch_tc<T, 1, 8, 2>(a, sc, log2_bs, s); break;
-    case 5: launch_tc<T, 1, 8, 2, true>(a, sc, log2_bs, s); break;
-    case 6: launch_tc<T, 1, 4, 4, true>(a, sc, log2_bs, s); break;
-    case 7: launch_tc<T, 1, 8, 4, false, true>(a, sc, log2_bs, s); break;
-    case 8: launch_tc<T, 1, 8, 2, false, true>(a, sc, log2_bs, s); break;
-    case 9: launch_tc<T, 1, 8, 2, true, true>(a, sc, log2_bs, s); break;
-    case 10: launch_decode_lean<T, 1, 8, 2>(a, sc, log2_bs, s); break;
-    case 11: launch_decode_lean<T, 1, 4, 4>(a, sc, log2_bs, s); break;
-    case 12: launch_decode_lean<T, 1, 8, 3>(a, sc, log2_bs, s); break;
-    default: launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s);
+    const bool two = a.m > 8;
+    switch (tuning_config()) {
+    case 1: two ? launch_decode_lean<T, 2, 4, 3>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 4, 4>(a, sc, log2_bs, s); break;
+    case 2: two ? launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s) : launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s); break;
+    default: two ? launch_decode_lean<T, 2, 8, 2>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 8, 2>(a, sc, log2_bs, s);
     }
 }
 
