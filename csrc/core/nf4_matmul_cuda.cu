@@ -290,11 +290,15 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
 {
     constexpr int P = 4, kTok = 8 * MT;
-    __shared__ uint32_t table[256 * 32];
+    __shared__ __align__(16) uint32_t table[256 * 32];
     __shared__ float code2[256];
     __shared__ float red[WARPS * 16 * kTok];
     const Scales sc = scales.at();
-    for (int i = threadIdx.x; i < 256 * 32; i += WARPS * 32) table[i] = Tc<T>::pair(kNF4[i >> 9], kNF4[(i >> 5) & 15]);
+    // The table, 16 bytes a store: a quarter-warp fills one byte's 32-lane row (conflict-free).
+    for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
+        const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
+        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
+    }
     if (sc.u8)
         for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[i] = __ldg(sc.code2 + i);
     __syncthreads();
