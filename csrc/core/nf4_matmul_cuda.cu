@@ -127,6 +127,37 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(acc);
 }
 
+// The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
+// 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
+// and each output is written as finish() says. Its first barrier also waits out whoever
+// still reads `red` (the table, or the last tile's sums).
+template <typename T, int MT, int WARPS>
+__device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
+{
+    constexpr int kTok = 8 * MT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
+        r[0] = acc[mt][0];
+        r[1] = acc[mt][1];
+        r[8 * kTok] = acc[mt][2];
+        r[8 * kTok + 1] = acc[mt][3];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
+        const int row = idx & 15, tok = idx >> 4;
+        const int64_t j = n0 + row, i = m0 + tok;
+        if (j >= a.n || i >= a.m) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
+        finish<T>(a, i, j, sum);
+    }
+}
+
 // x values of one unit for token m: 16 consecutive elements at column c0, as 8 pairs.
 template <typename T>
 __device__ __forceinline__ void load_x(uint32_t (&v)[8], const T *x, int64_t m, int64_t M, int64_t K, int64_t c0)
@@ -244,29 +275,9 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
         }
     }
 
-    // The warps' partial sums meet in the table's space: red[warp][feature][token].
-    __syncthreads();
-    float *red = reinterpret_cast<float *>(table);
-    constexpr int kTok = 8 * MT;
-    static_assert(WARPS * 16 * kTok * 4 <= sizeof(table), "reduction space");
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
-        r[0] = acc[mt][0];
-        r[1] = acc[mt][1];
-        r[8 * kTok] = acc[mt][2];
-        r[8 * kTok + 1] = acc[mt][3];
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
-        const int row = idx & 15, tok = idx >> 4;
-        const int64_t j = n0 + row, i = m0 + tok;
-        if (j >= N || i >= M) continue;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
-        finish<T>(a, i, j, sum);
-    }
+    // The warps' partial sums meet in the table's space.
+    static_assert(WARPS * 16 * 8 * MT * 4 <= sizeof(table), "reduction space");
+    meet_and_write<T, MT, WARPS>(a, reinterpret_cast<float *>(table), acc, n0, m0);
 }
 
 // Decode kernel (up to 16 rows: MT tiles of 8 tokens sharing each A fragment; the
@@ -383,23 +394,7 @@ nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t
             unit(u, wa, wb, xs, sc((qa + u) >> unit_shift, code2), sc((qb + u) >> unit_shift, code2));
         }
 
-        // The warps' partial sums meet in red[warp][feature][token]; the write as finish() says.
-        __syncthreads();
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            float *r = red + (warp * 16 + g) * kTok + 8 * mt + 2 * t;
-            r[0] = acc[mt][0], r[1] = acc[mt][1], r[8 * kTok] = acc[mt][2], r[8 * kTok + 1] = acc[mt][3];
-        }
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
-            const int row = idx & 15, tok = idx >> 4;
-            const int64_t j = n0 + row, i = m0 + tok;
-            if (j >= N || i >= M) continue;
-            float sum = 0.0f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
-            finish<T>(a, i, j, sum);
-        }
+        meet_and_write<T, MT, WARPS>(a, red, acc, n0, m0);
     }
 }
 
