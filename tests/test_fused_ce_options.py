@@ -453,14 +453,27 @@ def test_switching_from_liger_by_import_gives_liger_answers(dtype, opts, reducti
         out.loss.backward(torch.ones_like(out.loss))
         outs.append([out.loss.float(), out.z_loss.float(), out.token_accuracy, out.predicted_tokens,
                      xs.grad.float(), ws.grad.float()])
+    # The exact values (float64 on the bf16 / fp32 logits), for where the two part.
+    x64, w64 = (a.detach().double().requires_grad_() for a in (x, w))
+    ref = reference(x64, w64, t, ce_weight=opts.get("ce_weight"), reduction=reduction, dtype=dtype,
+                    label_smoothing=opts.get("label_smoothing", 0.0), softcap=opts.get("softcap"),
+                    z_loss=opts.get("lse_square_scale", 0.0), use_token_scaling=opts.get("use_token_scaling", False))
+    ref[0].backward(torch.ones_like(ref[0]))
+    exact = {"loss": ref[0].detach(), "z_loss": ref[1], "grad x": x64.grad, "grad w": w64.grad}
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, a, e in zip(("loss", "z_loss", "accuracy", "predicted", "grad x", "grad w"), outs[1], outs[0]):
         if name == "predicted":  # near-ties may round apart between the two GEMMs
             assert (a == e).float().mean() > 0.99, name
-        elif name == "accuracy" and reduction == "none":
-            assert (a == e).float().mean() > 0.99, name
+        elif name == "accuracy":  # the same, counted: at most 1% of the tokens' hits apart
+            assert ((a == e).float().mean() > 0.99) if reduction == "none" else (a - e).abs() <= 0.01, name
         else:
-            assert (a - e).norm() <= tol * e.norm() + 1e-6, (name, (a - e).norm(), e.norm())
+            # Liger's answer, or, where it rounds more than we do, nearer the exact value than it.
+            # (bf16 with token scaling under a softcap: Liger takes p_t from a bf16 tanh and softmax
+            # of the chunk, up to ~5% off per token, ~2% in the loss vector's norm.)
+            ex = exact[name].float()
+            ours_nearer = (a - ex).norm() <= min(tol * ex.norm() + 1e-6, (e - ex).norm())
+            assert (a - e).norm() <= tol * e.norm() + 1e-6 or ours_nearer, \
+                (name, (a - e).norm(), e.norm(), (a - ex).norm(), (e - ex).norm())
 
 
 # --- CUDA against the C reference ------------------------------------------------------------
