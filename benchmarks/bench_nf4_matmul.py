@@ -136,8 +136,8 @@ def sweep():
             print(f"config {c} failed:\n{got.stderr[-800:]}", flush=True)
             continue
         scores[c] = float(got.stdout.split("SCORE ")[1].split()[0])
-    nb = sum(n * k * (0.5 + 1 / 64) for n, k in MODELS["llama-8b"].values())
-    print(f"read-only kernel {read_gbps(int(nb)):.0f} GB/s over {nb / 1e6:.1f} MB (an 8B layer's bytes)")
+    nb = sum(nbytes(weight(*nk)) for nk in MODELS["llama-8b"].values())
+    print(f"read-only kernel {read_gbps(nb):.0f} GB/s over {nb / 1e6:.1f} MB (an 8B layer's bytes)")
     print(f"best {min(scores, key=scores.get) if scores else 'none'}  (sum of both layers' time at m = {SWEEP_M}: "
           + ", ".join(f"{c}: {v:.1f}" for c, v in scores.items()) + ")")
 
