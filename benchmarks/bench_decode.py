@@ -46,6 +46,12 @@ RUNS = {
 
 SLOTHAI_OPTIONS = {"slothai": {}, "slothai-full": dict(compile="full"), "slothai-eager": dict(compile=None)}
 
+# GPU kernels by kind, for --profile: first matching pattern wins.
+DECODE_KINDS = [("nf4 product (slothai)", ("nf4",)), ("4-bit (bitsandbytes)", ("kgemm_4bit", "gemv_4bit", "kdequant")),
+                ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+                ("attention", ("flash", "fmha", "attn", "sdpa")), ("inductor (triton)", ("triton",)),
+                ("copy / fill", ("memcpy", "memset", "copy", "fill"))]
+
 
 # ---------------------------------------------------------------------------
 # Worker: one run, in this process.
@@ -98,6 +104,34 @@ def kv_bytes_per_token(config, dtype_bytes=2):
     return 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes
 
 
+def profile_decode(call, new):
+    """A decode step's profile: a call of `new` new tokens and one of 1, each under
+    torch.profiler, their difference over the `new - 1` steps between them — the step's
+    wall time, its GPU kernel time by kind, kernels a step and the costliest kernels.
+    The profiler adds host time to each op; replayed graphs' kernels are recorded too."""
+    import common
+    import torch
+
+    seen = []
+    for n in (1, new):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            wall, _ = call(n)
+        seen.append((wall, *common.kernel_times(prof, DECODE_KINDS)))
+    (wall1, kinds1, kernels1), (wall, kinds, kernels) = seen
+    steps = new - 1
+    by_kind = {k: (ms - kinds1.get(k, 0.0)) * 1e3 / steps for k, ms in kinds.items()}
+    top = [(name, (calls - kernels1.get(name, (0, 0.0))[0]) / steps, (ms - kernels1.get(name, (0, 0.0))[1]) * 1e3 / steps)
+           for name, (calls, ms) in kernels.items()]
+    step_us = (wall - wall1) * 1e6 / steps
+    gpu_us = sum(by_kind.values())
+    return dict(new_tokens=new, step_us=round(step_us, 1), gpu_kernel_us=round(gpu_us, 1),
+                gpu_busy=round(gpu_us / step_us, 2), kernels_per_step=round(sum(c for _, c, _ in top), 1),
+                by_kind_us=dict(sorted(((k, round(v, 1)) for k, v in by_kind.items()), key=lambda kv: -kv[1])),
+                top_kernels=[dict(kernel=n, per_step=round(c, 2), us_per_step=round(us, 1))
+                             for n, c, us in sorted(top, key=lambda t: -t[2])[:25]])
+
+
 def worker(args):
     run = args.run
     model = build(run, args.path, args.device, args.dtype_obj())  # Unsloth first: before transformers
@@ -139,6 +173,9 @@ def worker(args):
                    times=times, prefill_s=prefill, first_call_s=first,
                    peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
                    head_tokens=out[0, args.prompt:args.prompt + 16].tolist())
+        if args.profile:
+            row["profile"] = profile_decode(call, args.profile)
+            print(f"  [{run}] batch {batch}: profiled step {row['profile']}", flush=True)
         if run.startswith("slothai"):
             row["generation_calls"] = dict(slothai.generation.CALLS)
             row["generation_gb"] = slothai.generation.memory_bytes(model) / 1e9
@@ -203,6 +240,13 @@ def report(args, env, recs, failed, bandwidth):
     lines += common.table(["run", "batch", "new", "tokens/s", "decode tokens/s", "ceiling", "of ceiling", "vs trf",
                            "vs unsloth", "first call s", "peak GB", "tokens = trf's"], rows)
     lines += [f"  {k}: {v}" for k, v in RUNS.items()]
+    for r in (r for r in runs if r.get("profile")):
+        p = r["profile"]
+        lines += [f"profile, {r['run']} batch {r['batch']} (calls of {p['new_tokens']} and 1 new tokens): a decode step "
+                  f"{p['step_us']:.0f} µs, GPU kernels {p['gpu_kernel_us']:.0f} µs ({p['gpu_busy']:.0%} busy), "
+                  f"{p['kernels_per_step']:.0f} kernels",
+                  "  by kind, µs a step: " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_us"].items())]
+        lines += [f"  {k['us_per_step']:8.1f} µs {k['per_step']:6.1f}x  {k['kernel']}" for k in p["top_kernels"][:15]]
     common.write(name, dict(env, model=args.model, prompt=args.prompt, new_tokens=args.new, bandwidth_gbs=bandwidth,
                             ceiling_tokens_per_s=ceiling1, runs=runs, failed=failed), lines)
     try:
@@ -240,6 +284,8 @@ def main():
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--profile", type=int, nargs="?", const=64, default=0, metavar="NEW",
+                    help="also profile a decode step (calls of NEW and 1 new tokens, default 64)")
     ap.add_argument("--checkpoint", help="folder to keep the random-weight checkpoints in and reuse")
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--merge", action="store_true", help="keep the other runs of an existing result file")
@@ -283,6 +329,7 @@ def main():
                 rec, why = common.run_worker(
                     __file__, ["--worker", "--run", run, "--path", path, "--out", out, "--device", device, "--dtype",
                                dtype, "--prompt", str(args.prompt), "--new", str(args.new), "--reps", str(args.reps),
+                               "--profile", str(args.profile),
                                "--batch", *map(str, args.batch)], out, args.timeout, f"{model_name} {run}",
                     UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
                 if rec is not None:

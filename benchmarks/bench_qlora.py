@@ -103,6 +103,7 @@ def build_model(label, path, args):
 def profile_step(model, batch):
     """Two more steps, the second under torch.profiler: its wall time, the GPU's
     kernel time, and that time by kind and by kernel."""
+    import common
     import torch
 
     from slothai import qlora
@@ -115,17 +116,8 @@ def profile_step(model, batch):
 
     (_, _, _), (_, wall, _) = qlora.train(model, [batch, batch], log=start_once)
     prof.stop()
-    kinds, top = {}, {}
-    for e in prof.key_averages():
-        # Kernels only: CPU ops repeat their kernels' time, and a record_function region
-        # (AdamW's "Optimizer.step#AdamW.step") shows up as a GPU span over its kernels.
-        if e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
-            continue
-        ms = e.self_device_time_total / 1e3
-        name = e.key.lower()
-        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + ms
-        top[e.key[:90]] = top.get(e.key[:90], 0.0) + ms
+    kinds, top = common.kernel_times(prof, KERNEL_KINDS)
+    top = {k: ms for k, (_, ms) in top.items()}
     gpu_ms = sum(kinds.values())
     return dict(wall_ms=round(wall * 1e3, 1), gpu_kernel_ms=round(gpu_ms, 1),
                 gpu_busy=round(gpu_ms / (wall * 1e3), 2),

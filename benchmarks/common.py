@@ -83,6 +83,24 @@ def save_figure(fig, name, title, keep=True):
         fig.savefig(os.path.join(folder, f"{name}.png"), dpi=110)
 
 
+def kernel_times(prof, kinds):
+    """GPU kernel time of a finished torch.profiler run: ({kind: ms}, {kernel: [calls, ms]}),
+    each kernel put in the first kind of `kinds` ([(kind, name substrings)]) that matches
+    its lower-cased name, "other" if none. Kernels only: CPU ops repeat their kernels'
+    time, and a record_function region shows up as a GPU span over its kernels."""
+    by_kind, by_kernel = {}, {}
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        ms = e.self_device_time_total / 1e3
+        name = e.key.lower()
+        kind = next((k for k, pats in kinds if any(p in name for p in pats)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+        calls, total = by_kernel.get(e.key[:90], (0, 0.0))
+        by_kernel[e.key[:90]] = [calls + e.count, total + ms]
+    return by_kind, by_kernel
+
+
 def run_worker(script, worker_args, out, timeout, label, **env):
     """`python script *worker_args` in its own process, with a cold inductor cache (compile
     times are cold) and `env` added; the worker writes its record to `out` as JSON.
