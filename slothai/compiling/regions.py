@@ -333,16 +333,24 @@ def own_grads(module):
             param.register_hook(_OwnGrad(param))
 
 
+# torch.compile's guard shortcuts that skip a parameter whose module dicts did not change;
+# each is turned off in our compiled calls where this torch has it and has it on.
+_GUARD_SHORTCUTS = ("use_recursive_dict_tags_for_guards", "skip_tensor_guards_with_matching_dict_tags")
+
+
 def _guarding_requires_grad(compiled):
-    """`compiled`, building its guards without torch 2.11's default recursive dict-tag
-    guards, which skip a parameter whose module dicts did not change: a parameter
-    unfrozen (or frozen) after the first call reused the graph compiled without its
-    gradient, silently no .grad (seen on the GPU image; pytorch/pytorch#139476). Later
-    releases turn them off by default; here they are off in our compiled calls only
-    (no step-time cost measured at 1B on an H100)."""
-    if not getattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards", False):
-        return compiled
-    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=False)(compiled)
+    """`compiled`, building its guards without the shortcuts that skip a parameter whose
+    module dicts did not change: there a parameter unfrozen (or frozen) after the first
+    call reused the graph compiled without its gradient — silently no .grad. Under torch
+    2.10-2.11 (the GPU image) the recursive dict-tag guards (on by default there;
+    pytorch/pytorch#139476) did it to a compiled layer, and the matching-dict-tag tensor
+    guards (on by default through 2.13) to a whole compiled model; 2.13 checks
+    requires_grad on that path itself (pytorch/pytorch#177158). Off in our compiled calls
+    only: a parameter's guard is a few C++ checks, against a layer's or a model's call
+    (no step-time cost measured at 1B on an H100 for the first; the second not measured)."""
+    config = torch._dynamo.config
+    off = {name: False for name in _GUARD_SHORTCUTS if getattr(config, name, False)}
+    return config.patch(off)(compiled) if off else compiled
 
 
 REGION_CALLS = collections.Counter()  # calls of compiled layers by path taken, read by compile_report
