@@ -507,15 +507,19 @@ int tuning_config()
     return c;
 }
 
-// Up to 16 rows: the decode kernel, 8 warps a CTA (H100, bench_nf4_matmul --sweep, 8B layer at
-// one row: 97.8 us against 104.3 for 4 warps and 131.7 for the tensor-core kernel).
+// Up to 16 rows: the decode kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM;
+// two tiles (9-16 rows): 4 warps, 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H200,
+// 2026-12-05, benchmarks/results/nf4_matmul_sweep_h200.txt), the 8B layer's seven projections:
+// at one row 91.9 us with 8 warps against 98.5 with 4; at 16 rows 148.1 with 4 against 187.4
+// with 8 (1B layer: 60.2 against 64.3); the tensor-core kernel 129.0 at one row.
+// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel.
 template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
     const bool two = a.m > 8;
     switch (tuning_config()) {
-    case 1: two ? launch_decode_lean<T, 2, 4, 3>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 4, 4>(a, sc, log2_bs, s); break;
+    case 1: two ? launch_decode_lean<T, 2, 8, 2>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 4, 4>(a, sc, log2_bs, s); break;
     case 2: two ? launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s) : launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s); break;
-    default: two ? launch_decode_lean<T, 2, 8, 2>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 8, 2>(a, sc, log2_bs, s);
+    default: two ? launch_decode_lean<T, 2, 4, 3>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 8, 2>(a, sc, log2_bs, s);
     }
 }
 
