@@ -182,14 +182,16 @@ static PyObject *dequant_nf4(PyObject *self, PyObject *args)
 }
 
 /* cuda, ctx, the weight's slothai_nf4_args (as dequant_nf4, without out_dtype and
- * out), then dtype m n k r x bias lora_x lora_b out */
+ * out), then dtype m n k r x bias lora_x lora_b out lora_scale */
 static PyObject *nf4_matmul(PyObject *self, PyObject *args)
 {
     int on_cuda, dtype;
     ptr_t ctx, packed, u8, f32, code2, absmax2, offset, x, bias, lora_x, lora_b, out;
     long long numel, bs, bs2, m, n, k, r;
-    if (!PyArg_ParseTuple(args, "pKKKKKKKLLLiLLLLKKKKK", &on_cuda, &ctx, &packed, &u8, &f32, &code2, &absmax2,
-                          &offset, &numel, &bs, &bs2, &dtype, &m, &n, &k, &r, &x, &bias, &lora_x, &lora_b, &out))
+    double lora_scale;
+    if (!PyArg_ParseTuple(args, "pKKKKKKKLLLiLLLLKKKKKd", &on_cuda, &ctx, &packed, &u8, &f32, &code2, &absmax2,
+                          &offset, &numel, &bs, &bs2, &dtype, &m, &n, &k, &r, &x, &bias, &lora_x, &lora_b, &out,
+                          &lora_scale))
         return NULL;
     if (on_cuda && !cuda.nf4_matmul) return no_cuda();
     const slothai_nf4_matmul_args a = {
@@ -197,7 +199,7 @@ static PyObject *nf4_matmul(PyObject *self, PyObject *args)
          PTR(const float *, absmax2), PTR(const float *, offset), numel, bs, bs2, (slothai_dtype)dtype, NULL},
         (slothai_dtype)dtype, m, n, k, r,
         PTR(const void *, x), PTR(const void *, bias), PTR(const void *, lora_x), PTR(const void *, lora_b),
-        PTR(void *, out)};
+        PTR(void *, out), (float)lora_scale};
     /* Split over output features: each thread expands its rows of W once. */
     const int64_t grain = k > 0 && k < (1 << 16) ? (1 << 16) / k : 1;
     slothai_status s;

@@ -46,10 +46,10 @@ def test_nf4_linear_matches_dense(device, dtype, o, i, lead, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("o,i,r,lead,bias", [(10, 24, 3, (3, 5), True), (33, 17, 1, (7,), False),
-                                             (70, 64, 16, (2, 1, 3), True), (5, 128, 8, (0, 4), False)])
-def test_nf4_linear_with_lora_term_matches_float64(device, dtype, o, i, r, lead, bias):
-    # y = x W^T + lora_x lora_b^T + b and its four gradients, against float64 math on
+@pytest.mark.parametrize("o,i,r,lead,bias,scale", [(10, 24, 3, (3, 5), True, 1.0), (33, 17, 1, (7,), False, 0.37),
+                                                   (70, 64, 16, (2, 1, 3), True, 2.0), (5, 128, 8, (0, 4), False, 4.5)])
+def test_nf4_linear_with_lora_term_matches_float64(device, dtype, o, i, r, lead, bias, scale):
+    # y = x W^T + s lora_x lora_b^T + b and its four gradients, against float64 math on
     # the formula's W; in half precision, no further from it than the same sum formed
     # apart in that precision (base, low-rank term, then their sum: what PEFT does),
     # give or take 1% of the largest value.
@@ -58,11 +58,11 @@ def test_nf4_linear_with_lora_term_matches_float64(device, dtype, o, i, r, lead,
     leaves = [torch.randn(*lead, i, device=device, dtype=dtype), torch.randn(*lead, r, device=device, dtype=dtype),
               torch.randn(o, r, device=device, dtype=dtype), torch.randn(o, device=device, dtype=dtype)]
     x, lx, lb, b = [t.requires_grad_() for t in leaves]
-    y = slothai.nf4_linear(x, w, b if bias else None, lora_x=lx, lora_b=lb)
+    y = slothai.nf4_linear(x, w, b if bias else None, lora_x=lx, lora_b=lb, lora_scale=scale)
     x64, lx64, lb64, b64 = [t.detach().double().requires_grad_() for t in leaves]
-    y64 = x64 @ wd.t() + lx64 @ lb64.t() + (b64 if bias else 0)
+    y64 = x64 @ wd.t() + scale * (lx64 @ lb64.t()) + (b64 if bias else 0)
     x2, lx2, lb2, b2 = [t.detach().clone().requires_grad_() for t in leaves]
-    y2 = _nf4_linear_ref(x2, w, b2 if bias else None) + lx2 @ lb2.t()
+    y2 = _nf4_linear_ref(x2, w, b2 if bias else None) + (lx2 @ lb2.t()) * scale
     assert y.shape == (*lead, o) and y.dtype == dtype
     g = torch.randn_like(y)
     for out in (y, y64, y2):
@@ -88,7 +88,7 @@ def _nf4_linear_args(device, o=12, i=20, bias=True, rank=0):
             list(s.shape), b]
     if rank:
         args += [torch.randn(4, rank, device=device, requires_grad=True),
-                 torch.randn(o, rank, device=device, requires_grad=True)]
+                 torch.randn(o, rank, device=device, requires_grad=True), 0.37]  # LoRA's alpha / r
     return args
 
 

@@ -25,21 +25,21 @@ def exact_weight(packed, state):
     return (bnbF.get_4bit_type("nf4", device=packed.device).double()[codes] * s.double()).reshape(state.shape)
 
 
-def op_args(x, packed, state, bias=None, lora_x=None, lora_b=None):
+def op_args(x, packed, state, bias=None, lora_x=None, lora_b=None, lora_scale=1.0):
     nested = state.nested
     return [x, packed, state.absmax, state.state2.code if nested else None, state.state2.absmax if nested else None,
             state.offset if nested else None, state.blocksize, state.state2.blocksize if nested else 256,
-            list(state.shape), bias, lora_x, lora_b]
+            list(state.shape), bias, lora_x, lora_b, lora_scale]
 
 
-def check_against_contract(y, x, w64, bias=None, lora_x=None, lora_b=None):
+def check_against_contract(y, x, w64, bias=None, lora_x=None, lora_b=None, lora_scale=1.0):
     """|y - exact| within one rounding of y plus fp32 summation error, element by element."""
     x64 = x.double()
     exact = x64 @ w64.t()
     size = x64.abs() @ w64.abs().t()
     if lora_x is not None:
-        exact = exact + lora_x.double() @ lora_b.double().t()
-        size = size + lora_x.double().abs() @ lora_b.double().abs().t()
+        exact = exact + lora_scale * (lora_x.double() @ lora_b.double().t())
+        size = size + abs(lora_scale) * (lora_x.double().abs() @ lora_b.double().abs().t())
     if bias is not None:
         exact, size = exact + bias.double(), size + bias.double().abs()
     bound = EPS[y.dtype] * exact.abs() + 1e-5 * size + 1e-30
@@ -66,16 +66,17 @@ def test_nf4_matmul_matches_contract_in_float64(device, dtype, m, n, k, bs, nest
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_nf4_matmul_bias_and_lora_term(device, dtype):
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_nf4_matmul_bias_and_lora_term(device, dtype, scale):
     m, n, k, r = 5, 40, 192, 7
     packed, state = quantize(torch.randn(n, k) * 0.1)
     packed, state = packed.to(device), to(state, device)
     x, b = torch.randn(3, m, k, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
     lx, lb = torch.randn(3, m, r, device=device, dtype=dtype), torch.randn(n, r, device=device, dtype=dtype)
-    y = slothai.nf4_matmul(x, _params(packed, state), b, lora_x=lx, lora_b=lb)
+    y = slothai.nf4_matmul(x, _params(packed, state), b, lora_x=lx, lora_b=lb, lora_scale=scale)
     assert y.shape == (3, m, n)
     check_against_contract(y.reshape(-1, n), x.reshape(-1, k), contract_weight(packed, state, dtype), b,
-                           lx.reshape(-1, r), lb)
+                           lx.reshape(-1, r), lb, scale)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -136,7 +137,7 @@ def test_nf4_matmul_opcheck(device, rank):
         b = torch.randn(12, device=device, dtype=dtype, requires_grad=True)
         lora = [torch.randn(4, rank, device=device, dtype=dtype, requires_grad=True),
                 torch.randn(12, rank, device=device, dtype=dtype, requires_grad=True)] if rank else [None, None]
-        torch.library.opcheck(torch.ops.slothai.nf4_matmul.default, op_args(x, packed, state, b, *lora),
+        torch.library.opcheck(torch.ops.slothai.nf4_matmul.default, op_args(x, packed, state, b, *lora, 0.37),
                               atol=1e-2 if dtype != torch.float32 else None, rtol=1e-2 if dtype != torch.float32 else None)
 
 

@@ -76,7 +76,7 @@ slothai_status slothai_nf4_matmul_cpu(const slothai_nf4_matmul_args *a, int64_t 
                 float low = 0.0f;
                 for (int64_t q = 0; q < a->r; ++q)
                     low += load(a->lora_x, a->dtype, i * a->r + q) * load(a->lora_b, a->dtype, j * a->r + q);
-                acc += low;
+                acc += a->lora_scale * low;
             }
             if (a->bias) acc += load(a->bias, a->dtype, j);
             store(a->out, a->dtype, i * a->n + j, acc);

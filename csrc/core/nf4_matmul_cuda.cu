@@ -2,7 +2,7 @@
  * x @ W^T with an NF4 weight read 4-bit, on CUDA: the decode-shape product.
  *
  *   out[i, j] = T( sum_b s[j, b] * sum_{c in unit b} T(NF4[code(j, c)]) x[i, c]
- *                  (+ lora_x[i] . lora_b[j]) (+ bias[j]) )
+ *                  (+ lora_scale * lora_x[i] . lora_b[j]) (+ bias[j]) )
  *
  * (slothai.h gives the exact contract). For a few rows of x the product is
  * bound by the weight's bytes: ~0.52 a weight with double quantization, against
@@ -121,7 +121,7 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
         const T *lx = static_cast<const T *>(a.lora_x) + i * a.r, *lb = static_cast<const T *>(a.lora_b) + j * a.r;
         float low = 0.0f;
         for (int64_t q = 0; q < a.r; ++q) low = fmaf(to_f(lx[q]), to_f(lb[q]), low);
-        acc += low;
+        acc = fmaf(a.lora_scale, low, acc);
     }
     if (a.bias) acc += to_f(static_cast<const T *>(a.bias)[j]);
     static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(acc);

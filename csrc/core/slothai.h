@@ -84,7 +84,7 @@ slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream)
  * and scales, as for dequantization; w.numel = n * k, w.out / w.out_dtype unused):
  *
  *   out[i, j] = T( sum_c T(NF4[code(j, c)]) * s[(j k + c) / blocksize] * x[i, c]
- *                  + sum_q lora_x[i, q] * lora_b[j, q]   (when lora_x != NULL)
+ *                  + lora_scale * sum_q lora_x[i, q] * lora_b[j, q]   (when lora_x != NULL)
  *                  + bias[j] )                           (when bias != NULL)
  *
  * T() rounds to nearest-even into `dtype` (identity for fp32), s is the block
@@ -107,6 +107,7 @@ typedef struct {
     const void *lora_x; /* NULL: no low-rank term */
     const void *lora_b;
     void *out;
+    float lora_scale; /* the low-rank term's factor (LoRA's alpha / r), in fp32 */
 } slothai_nf4_matmul_args;
 
 /* CPU reference: output features [n_begin, n_end) of every row. */

@@ -18,11 +18,12 @@ LIB.define("dequant_nf4(Tensor packed, Tensor absmax, Tensor? code2, Tensor? abs
 # x's dtype into a temporary. One opaque op, so that under torch.compile the
 # backward's own dequant_nf4 cannot be merged with the forward's (which would
 # keep every dense weight alive until backward). lora_x [..., r] and lora_b
-# [out_features, r]: a low-rank term the base GEMM accumulates onto (LoRA's
-# scaled A(x) and its B), so that base + LoRA is written once.
+# [out_features, r]: a low-rank term the base GEMM accumulates onto, times
+# lora_scale (LoRA's A(x), its B and alpha / r), so that base + LoRA is written once.
+# lora_scale: a float applied in fp32 to the term, not a pass over lora_x.
 NF4_LINEAR = ("(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
               "int blocksize, int blocksize2, SymInt[] shape, Tensor? bias, Tensor? lora_x=None, "
-              "Tensor? lora_b=None) -> Tensor")
+              "Tensor? lora_b=None, float lora_scale=1.0) -> Tensor")
 LIB.define("nf4_linear" + NF4_LINEAR)
 # The same product with the weight read 4-bit, straight into the product
 # (nothing of W written): bound by the codes' bytes for a few rows of x, the

@@ -1,25 +1,27 @@
 """slothai::nf4_linear: `x @ dequant_nf4(...).T + bias`, the weight dequantized in
-x's dtype into a temporary, plus optionally a low-rank term `lora_x @ lora_b.T`
-that the base GEMM accumulates onto (LoRA: lora_x = A(dropout(x)) * scaling,
-lora_b = B). Backward dequantizes again, so only the 4-bit codes are kept; being
+x's dtype into a temporary, plus optionally a low-rank term
+`lora_scale * lora_x @ lora_b.T` that the base GEMM accumulates onto (LoRA:
+lora_x = A(dropout(x)), lora_b = B, lora_scale = alpha / r: the factor rides in
+the GEMM's alpha and the kernels' fp32 sum, so no pass scales A(x) — under
+torch.compile that pass is a kernel of its own per projection, the op being opaque). Backward dequantizes again, so only the 4-bit codes are kept; being
 one op, torch.compile cannot merge the forward's and the backward's dequantization
 and save the dense weight instead.
 
 With the low-rank term the kernel forms
-    y = lora_x lora_b^T (+ b)        a K = r GEMM writes y            (rows x out)
+    y = s lora_x lora_b^T (+ b)      a K = r GEMM writes y            (rows x out)
     y += x W^T                       the base GEMM accumulates (beta = 1)
 Traffic in rows x out passes: two writes and one read, that read in the base
 GEMM's epilogue. Done apart (base, LoRA term, then their sum) it is three writes
 and two reads. Measured (H100, Llama-3.1-8B shape, a training step): 10.5 ms less
 GPU work, though the epilogue's read is not free (docs/design.md). Rounding: the
-LoRA term once into x's dtype, then the sum once.
+LoRA term (scaled) once into x's dtype, then the sum once.
 
 On CUDA, for a few rows of x (FOUR_BIT_ROWS), the kernel reads the weight 4-bit
 instead (slothai::nf4_matmul's kernel, nf4_matmul.py); the fake, autograd and
 FLOPs here serve both ops.
 
-    d x      = dy W           d bias   = sum of dy over rows
-    d lora_x = dy lora_b      d lora_b = dy^T lora_x
+    d x      = dy W             d bias   = sum of dy over rows
+    d lora_x = s dy lora_b      d lora_b = s dy^T lora_x
 """
 import math
 
@@ -45,17 +47,21 @@ assert Arguments(torch.ops.slothai.nf4_matmul.default).names == _ARGS.names  # o
 FOUR_BIT_ROWS = 16
 
 
-def _kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None, lora_b=None):
+def _kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None, lora_b=None,
+            lora_scale=1.0):
     check_linear_args(x, packed, shape, bias, lora_x, lora_b)
     rows = kernels.rows_of(x)
     if x.is_cuda and x.dtype != torch.float32 and rows <= FOUR_BIT_ROWS:
         return matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x,
-                             lora_b, checked=True)
+                             lora_b, lora_scale, checked=True)
     w = dequant_nf4._kernel(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, x.dtype)
     if lora_x is None:
         return torch.nn.functional.linear(x, w, bias)
     lx = lora_x.reshape(rows, lora_x.shape[-1])
-    y = torch.mm(lx, lora_b.t()) if bias is None else torch.addmm(bias, lx, lora_b.t())
+    if bias is None:  # beta = 0: the empty output is not read
+        y = x.new_empty((rows, shape[0])).addmm_(lx, lora_b.t(), beta=0, alpha=lora_scale)
+    else:
+        y = torch.addmm(bias, lx, lora_b.t(), alpha=lora_scale)
     y.addmm_(x.reshape(rows, x.shape[-1]), w.t())
     return y.view(*x.shape[:-1], w.shape[0])
 
@@ -84,6 +90,7 @@ def _setup_context(ctx, inputs, output):
     a = _ARGS.bind(inputs)
     ctx.save_for_backward(a.packed, a.absmax, a.code2, a.absmax2, a.offset, a.lora_x, a.lora_b)
     ctx.meta = dict(blocksize=a.blocksize, blocksize2=a.blocksize2, shape=a.shape, dtype=a.x.dtype)
+    ctx.lora_scale = a.lora_scale
 
 
 def _backward(ctx, grad):
@@ -97,10 +104,12 @@ def _backward(ctx, grad):
     rows = grad.reshape(n, grad.shape[-1])
     if need.bias:
         db = rows.sum(0)
+    s = ctx.lora_scale  # on [rows, r] and [out, r]: r columns, not a pass over the output
     if need.lora_x:
-        dlx = grad @ lora_b
+        dlx = grad @ lora_b if s == 1.0 else (grad @ lora_b).mul_(s)
     if need.lora_b:
         dlb = rows.t() @ lora_x.reshape(n, lora_x.shape[-1])
+        dlb = dlb if s == 1.0 else dlb.mul_(s)
     return _ARGS.gradients(x=dx, bias=db, lora_x=dlx, lora_b=dlb)
 
 
@@ -113,16 +122,17 @@ def _flops(x_shape, *args, out_shape=None, **kwargs):
     return 2 * math.prod(out_shape) * (x_shape[-1] + rank)
 
 
-def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None):
-    """`x @ dequantize_nf4(weight).T + bias (+ lora_x @ lora_b.T)` for a
+def nf4_linear(x, weight, bias=None, *, lora_x=None, lora_b=None, lora_scale=1.0):
+    """`x @ dequantize_nf4(weight).T + bias (+ lora_scale * lora_x @ lora_b.T)` for a
     bitsandbytes Params4bit, in x's dtype, differentiable in x, bias, lora_x and
     lora_b; backward dequantizes again instead of keeping the dense weight.
     `weight` may also be the `NF4Weight` slothai.patch makes of a Params4bit
     (shardable by FSDP2). lora_x [..., r] (x's leading dims) and lora_b
     [out_features, r], both in x's dtype: a low-rank term the base GEMM
-    accumulates onto, written once with it (a LoRA layer passes A(dropout(x)) * scaling and B).
+    accumulates onto, written once with it (a LoRA layer passes A(dropout(x)), B and its
+    scaling as lora_scale, applied in fp32: no pass over A(x) to scale it).
     On CUDA, for a few rows of x, the weight is read 4-bit instead (nf4_matmul)."""
-    return _nf4_linear(x, *weight_args(weight), bias, lora_x, lora_b)
+    return _nf4_linear(x, *weight_args(weight), bias, lora_x, lora_b, lora_scale)
 
 
 for _op in ("nf4_linear", "nf4_matmul"):  # one schema, one fake, one autograd, one FLOP count

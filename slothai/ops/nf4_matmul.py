@@ -45,7 +45,7 @@ def check_linear_args(x, packed, shape, bias, lora_x, lora_b):
 
 
 def matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None,
-                  lora_b=None, *, checked=False):
+                  lora_b=None, lora_scale=1.0, *, checked=False):
     """The op's kernel (CPU and CUDA): one call of slothai_nf4_matmul (csrc/core/slothai.h)."""
     if not checked:
         check_linear_args(x, packed, shape, bias, lora_x, lora_b)
@@ -58,17 +58,17 @@ def matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksiz
     out = x.new_empty((*x.shape[:-1], n))
     kernels.launch(_C.nf4_matmul, x.device, *fields, kernels.DTYPES[x.dtype], kernels.rows_of(x), n, k,
                    0 if lora_b is None else lora_b.shape[1], x.data_ptr(), ptr(bias), ptr(lora_x), ptr(lora_b),
-                   out.data_ptr())
+                   out.data_ptr(), float(lora_scale))
     return out
 
 
 register_kernel("nf4_matmul", matmul_kernel)
 
 
-def nf4_matmul(x, weight, bias=None, *, lora_x=None, lora_b=None):
+def nf4_matmul(x, weight, bias=None, *, lora_x=None, lora_b=None, lora_scale=1.0):
     """`slothai.nf4_linear` with the weight read 4-bit straight into the product,
     whatever the number of rows of x. Each 4-bit level enters the product as a
     value of x's dtype and its block scale multiplies the fp32 partial sum of its
     block (csrc/core/slothai.h has the contract); fp32 x, K not a multiple of 64
     and cards before sm_80 take a generic kernel."""
-    return _nf4_matmul(x, *weight_args(weight), bias, lora_x, lora_b)
+    return _nf4_matmul(x, *weight_args(weight), bias, lora_x, lora_b, lora_scale)

@@ -90,8 +90,9 @@ def _adapter_converts_exactly(lora_a, lora_b, dtype):
 
 
 def _lora_linear4bit_forward(self, x, *args, **kwargs):
-    """PEFT's LoRA Linear4bit forward as one slothai::nf4_linear: A(dropout(x)) *
-    scaling first (r columns), then the base GEMM accumulates B's term with its own.
+    """PEFT's LoRA Linear4bit forward as one slothai::nf4_linear: A(dropout(x)) first
+    (r columns), then the base GEMM accumulates B's term, times the scaling, with its
+    own (the scaling inside the op: PEFT's order, scaled after B, and no kernel of its own).
 
     Under autocast the adapter math runs in autocast's dtype, as in PEFT. Without it,
     A runs as PEFT runs it, on x cast to the adapter dtype, and B's term is accumulated
@@ -118,9 +119,10 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
     # A reads x through its own cast (autocast's, or PEFT's to the adapter dtype), as in
     # PEFT: x's gradients from A and from the base then add up in x's dtype.
     lora_a = self.lora_A[name]
-    lora_x = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype))) * self.scaling[name]
+    lora_x = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)))
     bias = None if base.bias is None else base.bias.to(dtype)
-    y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype))
+    y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype),
+                   lora_scale=self.scaling[name])
     return y.to(x.dtype)
 
 
