@@ -1,11 +1,12 @@
 """slothai::nf4_linear: `x @ dequant_nf4(...).T + bias`, the weight dequantized in
 x's dtype into a temporary, plus optionally a low-rank term
 `lora_scale * lora_x @ lora_b.T` that the base GEMM accumulates onto (LoRA:
-lora_x = A(dropout(x)), lora_b = B, lora_scale = alpha / r: the factor rides in
-the GEMM's alpha and the kernels' fp32 sum, so no pass scales A(x) — under
-torch.compile that pass is a kernel of its own per projection, the op being opaque). Backward dequantizes again, so only the 4-bit codes are kept; being
-one op, torch.compile cannot merge the forward's and the backward's dequantization
-and save the dense weight instead.
+lora_x = A(dropout(x)), lora_b = B, lora_scale = alpha / r). The factor rides in
+the GEMM's alpha and the 4-bit kernels' fp32 sum, so no pass scales A(x): under
+torch.compile that pass was a kernel of its own per projection, the op being opaque
+to fusion. Backward dequantizes again, so only the 4-bit codes are kept; being one
+op, torch.compile cannot merge the forward's and the backward's dequantization and
+save the dense weight instead.
 
 With the low-rank term the kernel forms
     y = s lora_x lora_b^T (+ b)      a K = r GEMM writes y            (rows x out)
