@@ -121,8 +121,10 @@ def profile_decode(call, new):
     (wall1, kinds1, kernels1), (wall, kinds, kernels) = seen
     steps = new - 1
     by_kind = {k: (ms - kinds1.get(k, 0.0)) * 1e3 / steps for k, ms in kinds.items()}
-    top = [(name, (calls - kernels1.get(name, (0, 0.0))[0]) / steps, (ms - kernels1.get(name, (0, 0.0))[1]) * 1e3 / steps)
-           for name, (calls, ms) in kernels.items()]
+    top = []
+    for name, (calls, ms) in kernels.items():
+        calls1, ms1 = kernels1.get(name, (0, 0.0))
+        top.append((name, (calls - calls1) / steps, (ms - ms1) * 1e3 / steps))
     step_us = (wall - wall1) * 1e6 / steps
     gpu_us = sum(by_kind.values())
     return dict(new_tokens=new, step_us=round(step_us, 1), gpu_kernel_us=round(gpu_us, 1),
@@ -242,8 +244,8 @@ def report(args, env, recs, failed, bandwidth):
     lines += [f"  {k}: {v}" for k, v in RUNS.items()]
     for r in (r for r in runs if r.get("profile")):
         p = r["profile"]
-        lines += [f"profile, {r['run']} batch {r['batch']} (calls of {p['new_tokens']} and 1 new tokens): a decode step "
-                  f"{p['step_us']:.0f} µs, GPU kernels {p['gpu_kernel_us']:.0f} µs ({p['gpu_busy']:.0%} busy), "
+        lines += [f"profile, {r['run']} batch {r['batch']} (calls of {p['new_tokens']} and 1 new tokens): "
+                  f"a decode step {p['step_us']:.0f} µs, GPU kernels {p['gpu_kernel_us']:.0f} µs ({p['gpu_busy']:.0%} busy), "
                   f"{p['kernels_per_step']:.0f} kernels",
                   "  by kind, µs a step: " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_us"].items())]
         lines += [f"  {k['us_per_step']:8.1f} µs {k['per_step']:6.1f}x  {k['kernel']}" for k in p["top_kernels"][:15]]
