@@ -104,6 +104,25 @@ def test_patched_lora_layer_under_bf16_autocast_against_float64(device, x_dtype)
     assert all(e <= 2 ** -7 for e, _ in errors.values()), errors
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_the_scale_is_read_at_each_call_as_peft_sets_it(device, rslora):
+    # The op takes LoRA's scaling as lora_scale: rsLoRA's alpha / sqrt(r), and a scale
+    # changed after patching (PEFT's set_scale), match PEFT's forward and gradients.
+    net = lora_net(device, use_rslora=rslora)
+    patched = slothai.patch(copy.deepcopy(net))
+    for factor in (1.0, 0.37):
+        for model in (net, patched):
+            model.base_model.model.proj.set_scale("default", factor)
+        x = torch.randn(3, 40, device=device)
+        y, dx, grads, lora = run(patched, x)
+        want_y, want_dx, want_grads, _ = run(net, x)
+        assert lora == [True]
+        torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_dropout_draws_the_same_mask_as_peft(device):
     net = lora_net(device, lora_dropout=0.5)
     patched = slothai.patch(copy.deepcopy(net))
