@@ -308,6 +308,24 @@ def test_decode_step_compiles_whole_without_a_graph_break(family, tmp_path, comp
     assert compile_counters["stats"]["unique_graphs"] == 2  # one step per sampling rule
 
 
+def test_compiled_decode_step_takes_lora_a_as_a_fused_reduction():
+    # In a compiled decode step (one token a row, no grad) LoRA's A(x) is a reduction that
+    # inductor fuses with x's producer, not a GEMM of its own: the step's graph (the one
+    # "full" compiles; prefills run eager) holds the LM head's linear only, not also one
+    # per projection (1 + 7 x layers); the tokens are transformers'.
+    linears = []
+
+    def backend(gm, inputs):
+        linears.append(sum(n.op == "call_function" and n.target is torch._C._nn.linear for n in gm.graph.nodes))
+        return gm
+
+    model, ref = _patched(_build("llama"), compile="full", backend=backend), _build("llama")
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(model.generate(**kw), ref.generate(**kw), rtol=0, atol=0)
+    assert linears == [1], linears
+
+
 def test_regional_mode_compiles_one_layer_for_all_layers(compile_counters):
     # compile="regional" (CUDA's default): every decoder layer runs one compiled
     # function, its cache slots as arguments — one compilation for the decode step and

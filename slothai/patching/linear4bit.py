@@ -89,6 +89,20 @@ def _adapter_converts_exactly(lora_a, lora_b, dtype):
     return lora_a.dtype == lora_b.dtype and torch.promote_types(lora_a.dtype, dtype) == dtype
 
 
+def _lora_down(lora_a, x, dtype):
+    """A(x), LoRA's first projection, in `dtype`. Compiled for one token a row without
+    gradients (a decode step), it is written as the sum over x's features of x * A's rows
+    in fp32 (a GEMV's arithmetic: r outputs a row, fp32 accumulation, one rounding), which
+    inductor fuses into the kernel that produces x (the norm before q/k/v, before gate/up)
+    and across the projections that share x — where `nn.Linear` is a GEMM launch of its own
+    per projection, 7 a decoder layer in every step. Elsewhere (training, prefill, eager)
+    it is the layer's own `nn.Linear`."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] == 1 and \
+            lora_a.bias is None:
+        return (x.unsqueeze(-2).float() * lora_a.weight.float()).sum(-1).to(dtype)
+    return lora_a(x)  # in `dtype` already: autocast's, or the adapter's that x was cast to
+
+
 def _lora_linear4bit_forward(self, x, *args, **kwargs):
     """PEFT's LoRA Linear4bit forward as one slothai::nf4_linear: A(dropout(x)) first
     (r columns), then the base GEMM accumulates B's term, times the scaling, with its
@@ -119,7 +133,8 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
     # A reads x through its own cast (autocast's, or PEFT's to the adapter dtype), as in
     # PEFT: x's gradients from A and from the base then add up in x's dtype.
     lora_a = self.lora_A[name]
-    lora_x = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)))
+    lora_x = _lora_down(lora_a, self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)),
+                        dtype if autocast else lora_a.weight.dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
     y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype),
                    lora_scale=self.scaling[name])
