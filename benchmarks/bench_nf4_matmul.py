@@ -9,7 +9,9 @@ Llama-3.1-8B's seven projections, M = 1..64 rows, one card, one run.
 Correctness first: every run's output is compared with a float64 product of the
 dequantized weight. Times are GPU times of CUDA-graph replays (20 calls a graph,
 median of 30 replays): what a decode step replayed as a graph sees, without the
-host's per-call cost. "layer" is the seven projections in one graph. The read
+host's per-call cost. "layer" is the seven projections in one graph; "layer, grouped"
+the same layer as a compiled decode step runs it (slothai/generation/grouping.py):
+q/k/v and gate/up one nf4_linear_group launch each, o and down alone. The read
 bandwidth is a plain read-only Triton kernel (int32 loads summed) over a buffer of one
 8B layer's 4-bit bytes. Writes nf4_matmul.json/.txt/.png under benchmarks/results/.
 """
@@ -51,6 +53,15 @@ def nbytes(w):
     qs = w.quant_state
     return (w.data.numel() + qs.absmax.numel() * qs.absmax.element_size()
             + qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4)
+
+
+# A layer's products that share x, as the decode step's graph pass groups them.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def grouped_layer(ws, xs):
+    """The layer's calls as a compiled decode step makes them: one nf4_linear_group per group."""
+    return [lambda g=g: slothai.ops.nf4_linear_group(xs[g[0]], [ws[p] for p in g]) for g in GROUPS]
 
 
 RUNS = {
@@ -155,10 +166,11 @@ def sweep_child():
                 assert err < 2e-2, f"config {os.environ['SLOTHAI_NF4MM_CONFIG']} {model} {p} m={m}: error {err:.2e}"
             per = [graph_us([lambda w=w, x=xs[p]: slothai.nf4_matmul(x, w)]) for p, w in ws.items()]
             layer = graph_us([lambda w=w, x=xs[p]: slothai.nf4_matmul(x, w) for p, w in ws.items()])
+            grouped = graph_us(grouped_layer(ws, xs))
             nb = sum(nbytes(w) for w in ws.values())
             score += layer
-            out.append(f"  {model} m={m}: layer {layer:.1f} us ({nb / layer / 1e3:.0f} GB/s); per proj "
-                       + " ".join(f"{p[:-5]} {u:.1f}" for p, u in zip(ws, per)))
+            out.append(f"  {model} m={m}: layer {layer:.1f} us ({nb / layer / 1e3:.0f} GB/s), grouped {grouped:.1f}; "
+                       "per proj " + " ".join(f"{p[:-5]} {u:.1f}" for p, u in zip(ws, per)))
     print("\n".join(out) + f"\nSCORE {score:.2f}", flush=True)
 
 
@@ -173,6 +185,13 @@ def check(model, ws, ms):
                 with torch.no_grad():
                     err = (f(x, w).double() - want).abs().max().item() / want.abs().max().item()
                 assert err < 2e-2, f"{model} {proj} m={m} {run}: relative error {err:.3e}"
+    for m in (ms[0], ms[-1]):  # the grouped launches: each output nf4_matmul's, bit for bit
+        xs = {p: torch.randn(m, w.quant_state.shape[1], device="cuda", dtype=torch.bfloat16) for p, w in ws.items()}
+        for g in GROUPS:
+            with torch.no_grad():
+                outs = slothai.ops.nf4_linear_group(xs[g[0]], [ws[p] for p in g])
+                for p, out in zip(g, outs):
+                    assert torch.equal(out, slothai.nf4_matmul(xs[g[0]], ws[p])), f"{model} {p} m={m}: grouped differs"
 
 
 def main():
@@ -206,6 +225,9 @@ def main():
                 us = graph_us([lambda w=w, x=xs[p]: f(x, w) for p, w in ws.items()])
                 rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run=run, us=round(us, 2),
                                  gbps=round(layer_bytes[model] / us / 1e3, 1)))
+            us = graph_us(grouped_layer(ws, xs))
+            rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run="slothai-grouped", us=round(us, 2),
+                             gbps=round(layer_bytes[model] / us / 1e3, 1)))
             print(f"{model} m={m} done", flush=True)
 
     lines.append(f"# {env['card']}, torch {env['torch']}, bitsandbytes {bnb.__version__}, {env['date']}; "
@@ -215,19 +237,20 @@ def main():
     for model in MODELS:
         for proj in [*MODELS[model], "layer"]:
             lines.append(f"\n{model} {proj}" + (f" ({layer_bytes[model] / 1e6:.1f} MB)" if proj == "layer" else ""))
-            header = ["m"] + [f"{r} µs" for r in RUNS] + ["slothai GB/s", "vs dequant", "vs bnb"]
+            runs = [*RUNS, "slothai-grouped"] if proj == "layer" else list(RUNS)
+            header = ["m"] + [f"{r} µs" for r in runs] + ["slothai GB/s", "vs dequant", "vs bnb"]
             body = []
             for m in ms:
                 got = {r["run"]: r for r in rows if r["model"] == model and r["proj"] == proj and r["m"] == m}
                 s = got["slothai"]["us"]
-                body.append([m] + [got[r]["us"] for r in RUNS] + [got["slothai"]["gbps"],
+                body.append([m] + [got[r]["us"] for r in runs] + [got["slothai"]["gbps"],
                             f"{got['dequant+cublas']['us'] / s:.2f}x", f"{got['bitsandbytes']['us'] / s:.2f}x"])
             lines += common.table(header, body)
     common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1), copy_gbps=round(copy_gbps, 1), rows=rows), lines)
 
     fig, axes = common.subplots(2, 2, size=(11, 3.6))
     for i, model in enumerate(MODELS):
-        for run in RUNS:
+        for run in [*RUNS, "slothai-grouped"]:
             pts = [r for r in rows if r["model"] == model and r["proj"] == "layer" and r["run"] == run]
             axes[2 * i].plot([r["m"] for r in pts], [r["us"] for r in pts], marker="o", label=run)
             axes[2 * i + 1].plot([r["m"] for r in pts], [r["gbps"] for r in pts], marker="o", label=run)

@@ -44,12 +44,14 @@ SLOTHAI_OLD_SYMBOL(pthread_join);
 
 typedef slothai_status (*dequant_cuda_fn)(const slothai_nf4_args *, void *);
 typedef slothai_status (*matmul_cuda_fn)(const slothai_nf4_matmul_args *, void *);
+typedef slothai_status (*matmul_group_cuda_fn)(const slothai_nf4_matmul_args *, int, void *);
 typedef slothai_status (*rows_cuda_fn)(const slothai_fused_ce_rows_args *, void *);
 typedef slothai_status (*scale_cuda_fn)(void *, slothai_dtype, int64_t, const float *, void *);
 
 static struct {
     dequant_cuda_fn dequant_nf4;
     matmul_cuda_fn nf4_matmul;
+    matmul_group_cuda_fn nf4_matmul_group;
     rows_cuda_fn fused_ce_rows;
     scale_cuda_fn scale;
 } cuda;
@@ -63,9 +65,10 @@ static PyObject *load_cuda(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_OSError, "slothai: cannot load the CUDA kernels: %s", dlerror());
         return NULL;
     }
-    void *f[4] = {dlsym(lib, "slothai_dequant_nf4_cuda"), dlsym(lib, "slothai_nf4_matmul_cuda"),
-                  dlsym(lib, "slothai_fused_ce_rows_cuda"), dlsym(lib, "slothai_scale_cuda")};
-    for (int i = 0; i < 4; i++)
+    void *f[5] = {dlsym(lib, "slothai_dequant_nf4_cuda"), dlsym(lib, "slothai_nf4_matmul_cuda"),
+                  dlsym(lib, "slothai_fused_ce_rows_cuda"), dlsym(lib, "slothai_scale_cuda"),
+                  dlsym(lib, "slothai_nf4_matmul_group_cuda")};
+    for (int i = 0; i < 5; i++)
         if (!f[i]) {
             PyErr_Format(PyExc_OSError, "slothai: %s lacks an entry point of csrc/core/slothai.h", path);
             dlclose(lib);
@@ -76,6 +79,7 @@ static PyObject *load_cuda(PyObject *self, PyObject *args)
     cuda.nf4_matmul = (matmul_cuda_fn)f[1];
     cuda.fused_ce_rows = (rows_cuda_fn)f[2];
     cuda.scale = (scale_cuda_fn)f[3];
+    cuda.nf4_matmul_group = (matmul_group_cuda_fn)f[4];
     Py_RETURN_NONE;
 }
 
@@ -181,32 +185,92 @@ static PyObject *dequant_nf4(PyObject *self, PyObject *args)
     return done(s, "dequant_nf4", on_cuda);
 }
 
-/* cuda, ctx, the weight's slothai_nf4_args (as dequant_nf4, without out_dtype and
- * out), then dtype m n k r x bias lora_x lora_b out lora_scale */
-static PyObject *nf4_matmul(PyObject *self, PyObject *args)
+/* One product's fields: the weight's slothai_nf4_args (as dequant_nf4, without
+ * out_dtype and out), then dtype m n k r x bias lora_x lora_b out lora_scale. */
+static int matmul_fields(PyObject *t, slothai_nf4_matmul_args *a)
 {
-    int on_cuda, dtype;
-    ptr_t ctx, packed, u8, f32, code2, absmax2, offset, x, bias, lora_x, lora_b, out;
+    int dtype;
+    ptr_t packed, u8, f32, code2, absmax2, offset, x, bias, lora_x, lora_b, out;
     long long numel, bs, bs2, m, n, k, r;
     double lora_scale;
-    if (!PyArg_ParseTuple(args, "pKKKKKKKLLLiLLLLKKKKKd", &on_cuda, &ctx, &packed, &u8, &f32, &code2, &absmax2,
-                          &offset, &numel, &bs, &bs2, &dtype, &m, &n, &k, &r, &x, &bias, &lora_x, &lora_b, &out,
-                          &lora_scale))
-        return NULL;
-    if (on_cuda && !cuda.nf4_matmul) return no_cuda();
-    const slothai_nf4_matmul_args a = {
+    if (!PyArg_ParseTuple(t, "KKKKKKLLLiLLLLKKKKKd", &packed, &u8, &f32, &code2, &absmax2, &offset, &numel, &bs,
+                          &bs2, &dtype, &m, &n, &k, &r, &x, &bias, &lora_x, &lora_b, &out, &lora_scale))
+        return 0;
+    *a = (slothai_nf4_matmul_args){
         {PTR(const uint8_t *, packed), PTR(const uint8_t *, u8), PTR(const float *, f32), PTR(const float *, code2),
          PTR(const float *, absmax2), PTR(const float *, offset), numel, bs, bs2, (slothai_dtype)dtype, NULL},
         (slothai_dtype)dtype, m, n, k, r,
         PTR(const void *, x), PTR(const void *, bias), PTR(const void *, lora_x), PTR(const void *, lora_b),
         PTR(void *, out), (float)lora_scale};
-    /* Split over output features: each thread expands its rows of W once. */
-    const int64_t grain = k > 0 && k < (1 << 16) ? (1 << 16) / k : 1;
+    return 1;
+}
+
+/* The CPU reference of one product, split over output features: each thread
+ * expands its rows of W once. */
+static slothai_status matmul_cpu(const slothai_nf4_matmul_args *a, long threads)
+{
+    const int64_t grain = a->k > 0 && a->k < (1 << 16) ? (1 << 16) / a->k : 1;
+    return parallel_for(matmul_range, a, a->n, grain, threads);
+}
+
+/* The leading `cuda, ctx` of a call whose other arguments are parsed apart. */
+static int cuda_and_ctx(PyObject *args, int *on_cuda, ptr_t *ctx)
+{
+    if (PyTuple_Size(args) < 2) {
+        PyErr_SetString(PyExc_TypeError, "slothai: expected cuda, ctx, then the fields");
+        return 0;
+    }
+    *on_cuda = PyObject_IsTrue(PyTuple_GetItem(args, 0));
+    *ctx = PyLong_AsUnsignedLongLong(PyTuple_GetItem(args, 1));
+    return *on_cuda >= 0 && !PyErr_Occurred();
+}
+
+/* cuda, ctx, then one product's fields (matmul_fields) */
+static PyObject *nf4_matmul(PyObject *self, PyObject *args)
+{
+    int on_cuda;
+    ptr_t ctx;
+    slothai_nf4_matmul_args a;
+    if (!cuda_and_ctx(args, &on_cuda, &ctx)) return NULL;
+    PyObject *fields = PyTuple_GetSlice(args, 2, PyTuple_Size(args));
+    if (!fields) return NULL;
+    const int ok = matmul_fields(fields, &a);
+    Py_DECREF(fields);
+    if (!ok) return NULL;
+    if (on_cuda && !cuda.nf4_matmul) return no_cuda();
     slothai_status s;
     Py_BEGIN_ALLOW_THREADS
-    s = on_cuda ? cuda.nf4_matmul(&a, PTR(void *, ctx)) : parallel_for(matmul_range, &a, n, grain, (long)ctx);
+    s = on_cuda ? cuda.nf4_matmul(&a, PTR(void *, ctx)) : matmul_cpu(&a, (long)ctx);
     Py_END_ALLOW_THREADS
     return done(s, "nf4_matmul", on_cuda);
+}
+
+/* cuda, ctx, then 1 to SLOTHAI_NF4_GROUP_MAX tuples of a product's fields
+ * (matmul_fields), the products sharing x: on CUDA one call of
+ * slothai_nf4_matmul_group_cuda, on the CPU the reference per product. */
+static PyObject *nf4_matmul_group(PyObject *self, PyObject *args)
+{
+    int on_cuda;
+    ptr_t ctx;
+    slothai_nf4_matmul_args a[SLOTHAI_NF4_GROUP_MAX];
+    if (!cuda_and_ctx(args, &on_cuda, &ctx)) return NULL;
+    const Py_ssize_t count = PyTuple_Size(args) - 2;
+    if (count < 1 || count > SLOTHAI_NF4_GROUP_MAX) {
+        PyErr_Format(PyExc_ValueError, "slothai: a group holds 1 to %d products, got %zd", SLOTHAI_NF4_GROUP_MAX,
+                     count);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (!matmul_fields(PyTuple_GetItem(args, i + 2), &a[i])) return NULL;
+    if (on_cuda && !cuda.nf4_matmul_group) return no_cuda();
+    slothai_status s = SLOTHAI_OK;
+    Py_BEGIN_ALLOW_THREADS
+    if (on_cuda)
+        s = cuda.nf4_matmul_group(a, (int)count, PTR(void *, ctx));
+    else
+        for (Py_ssize_t i = 0; i < count && s == SLOTHAI_OK; i++) s = matmul_cpu(&a[i], (long)ctx);
+    Py_END_ALLOW_THREADS
+    return done(s, "nf4_matmul_group", on_cuda);
 }
 
 /* cuda, ctx, then slothai_fused_ce_rows_args: logits dtype rows vocab ld target
@@ -256,6 +320,7 @@ static PyMethodDef methods[] = {
     {"load_cuda", load_cuda, METH_VARARGS, "load_cuda(path): open the CUDA kernels' library"},
     {"dequant_nf4", dequant_nf4, METH_VARARGS, "slothai_dequant_nf4_{cpu,cuda}"},
     {"nf4_matmul", nf4_matmul, METH_VARARGS, "slothai_nf4_matmul_{cpu,cuda}"},
+    {"nf4_matmul_group", nf4_matmul_group, METH_VARARGS, "slothai_nf4_matmul_cpu per product, slothai_nf4_matmul_group_cuda"},
     {"fused_ce_rows", fused_ce_rows, METH_VARARGS, "slothai_fused_ce_rows_{cpu,cuda}"},
     {"scale", scale, METH_VARARGS, "slothai_scale_{cpu,cuda}"},
     {NULL, NULL, 0, NULL},

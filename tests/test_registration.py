@@ -6,7 +6,8 @@ import torch
 import slothai  # noqa: F401  (loads the ops)
 from slothai.ops import library
 
-OPS = {"dequant_nf4": False, "nf4_linear": True, "nf4_matmul": True, "fused_ce": True, "scale_": False}  # name -> differentiable
+OPS = {"dequant_nf4": False, "nf4_linear": True, "nf4_matmul": True, "nf4_linear_group": False, "fused_ce": True,
+       "scale_": False}  # name -> differentiable
 
 
 def test_every_op_has_its_kernels_fake_and_autograd():

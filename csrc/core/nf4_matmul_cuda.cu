@@ -280,6 +280,15 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
     meet_and_write<T, MT, WARPS>(a, reinterpret_cast<float *>(table), acc, n0, m0);
 }
 
+// The products one decode launch computes: S of them sharing x (m, k, dtype and x equal;
+// slothai_nf4_matmul_group_cuda), their 16-feature tiles numbered one product after another.
+template <int S> struct Segments {
+    slothai_nf4_matmul_args a[S];
+    Scales sc[S];
+    int log2_bs[S];
+    int64_t tiles_before[S + 1]; // [s]: the tiles of products 0..s-1; [S]: all
+};
+
 // Decode kernel (up to 16 rows: MT tiles of 8 tokens sharing each A fragment; the
 // default for 1..16 rows). The tensor-core kernel's unit, fragments and 16-feature
 // tiles, with half the instructions a unit (86 SASS instructions against 167 at one
@@ -293,31 +302,37 @@ nf4_matmul_tc_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int6
 //   - a code byte's table address is one byte permute and one multiply-add;
 //   - full batches carry no bounds checks; a warp's last, partial batch goes a unit
 //     at a time.
-// Split: K over the CTA's warps (4 units apart, then WARPS x 4), features over CTAs.
+//   - S products sharing x (a layer's q/k/v, or gate/up) run as one launch: their tiles
+//     are numbered one product after another, and a tile's product is found by comparing
+//     its number with S - 1 boundaries (each product's pointers, scales and sizes read from
+//     the kernel's parameters, a __grid_constant__ struct: not copied per thread).
+// Split: K over the CTA's warps (4 units apart, then WARPS x 4), features (of every
+// product) over CTAs.
 // Traffic: the codes and scales once (0.52 bytes a weight), x from L1/L2, out once;
 // floor at one row: an 8B layer's 112.5 MB at the card's read bandwidth.
-template <typename T, int MT, int WARPS, int MIN_CTAS>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
-nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
+nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
     constexpr int P = 4, kTok = 8 * MT;
     __shared__ __align__(16) uint32_t table[256 * 32];
-    __shared__ float code2[256];
+    __shared__ float code2[S][256];
     __shared__ float red[WARPS * 16 * kTok];
-    const Scales sc = scales.at();
+    const Scales sc0 = seg.sc[0].at();
     // The table, 16 bytes a store: a quarter-warp fills one byte's 32-lane row (conflict-free).
     for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
         const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
         reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
     }
-    if (sc.u8)
-        for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[i] = __ldg(sc.code2 + i);
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+        if (seg.sc[s].u8)
+            for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[s][i] = __ldg(seg.sc[s].code2 + i);
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int64_t N = a.n, K = a.k, M = a.m, tiles = (N + 15) / 16, units = K / kUnit;
+    const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit;
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
-    const int unit_shift = log2_bs - 6; // block of (row r, unit u) = (r * units + u) >> unit_shift
     // The table row of byte b is at lut + 128 b (a 32-bit shared address: one multiply-add).
     const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * lane;
     auto look = [&](uint32_t w, int byte) {
@@ -331,7 +346,7 @@ nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         has_x[mt] = m0 + 8 * mt + g < M;
-        xr[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(a.x) + (has_x[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
+        xr[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(seg.a[0].x) + (has_x[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
     }
     auto load_x = [&](int mt, int64_t u, uint32_t (&xs)[8]) {
         uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
@@ -340,7 +355,14 @@ nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t
     };
 
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int64_t n0 = tile * 16;
+        int prod = 0; // the product this tile belongs to
+#pragma unroll
+        for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
+        const slothai_nf4_matmul_args &a = seg.a[prod];
+        const Scales sc = S == 1 ? sc0 : seg.sc[prod].at();
+        const float *c2 = code2[prod];
+        const int unit_shift = seg.log2_bs[prod] - 6; // block of (row r, unit u) = (r * units + u) >> unit_shift
+        const int64_t N = a.n, n0 = (tile - seg.tiles_before[prod]) * 16;
         const int64_t ra = n0 + g < N ? n0 + g : N - 1, rb = n0 + g + 8 < N ? n0 + g + 8 : N - 1;
         const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
         const int64_t qa = ra * units, qb = rb * units;
@@ -381,7 +403,7 @@ nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t
             uint32_t xs[P][8]; // (x of the one tile; unused for more)
 #pragma unroll
             for (int p = 0; p < P; ++p) load_unit(u0 + p, wa[p], wb[p], xs[p]);
-            const float my_sa = sc((qa + u0 + t) >> unit_shift, code2), my_sb = sc((qb + u0 + t) >> unit_shift, code2);
+            const float my_sa = sc((qa + u0 + t) >> unit_shift, c2), my_sb = sc((qb + u0 + t) >> unit_shift, c2);
 #pragma unroll
             for (int p = 0; p < P; ++p)
                 unit(u0 + p, wa[p], wb[p], xs[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
@@ -391,7 +413,7 @@ nf4_decode_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t
             uint2 wa, wb;
             uint32_t xs[8];
             load_unit(u, wa, wb, xs);
-            unit(u, wa, wb, xs, sc((qa + u) >> unit_shift, code2), sc((qb + u) >> unit_shift, code2));
+            unit(u, wa, wb, xs, sc((qa + u) >> unit_shift, c2), sc((qb + u) >> unit_shift, c2));
         }
 
         meet_and_write<T, MT, WARPS>(a, red, acc, n0, m0);
@@ -483,16 +505,16 @@ void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, 
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS>
-void launch_decode_lean(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S>
+void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_decode_kernel<T, MT, WARPS, MIN_CTAS>;
-    const int64_t per = 8 * MT, groups = (a.m + per - 1) / per, max_y = 65535;
+    const auto kernel = nf4_decode_kernel<T, MT, WARPS, MIN_CTAS, S>;
+    const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
     static std::atomic<int> held[8];
-    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, (a.n + 15) / 16);
+    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S]);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        kernel<<<grid, WARPS * 32, 0, s>>>(a, sc, log2_bs, y0 * per);
+        kernel<<<grid, WARPS * 32, 0, s>>>(seg, y0 * per);
     }
 }
 
@@ -513,24 +535,47 @@ int tuning_config()
 // at one row 91.9 us with 8 warps against 98.5 with 4; at 16 rows 148.1 with 4 against 187.4
 // with 8 (1B layer: 60.2 against 64.3); the tensor-core kernel 129.0 at one row.
 // SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel.
-template <typename T> void launch_decode(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
+template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
-    const bool two = a.m > 8;
+    const bool two = seg.a[0].m > 8;
     switch (tuning_config()) {
-    case 1: two ? launch_decode_lean<T, 2, 8, 2>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 4, 4>(a, sc, log2_bs, s); break;
-    case 2: two ? launch_tc<T, 2, 8, 4>(a, sc, log2_bs, s) : launch_tc<T, 1, 8, 4>(a, sc, log2_bs, s); break;
-    default: two ? launch_decode_lean<T, 2, 4, 3>(a, sc, log2_bs, s) : launch_decode_lean<T, 1, 8, 2>(a, sc, log2_bs, s);
+    case 1: two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s); break;
+    case 2:
+        for (int i = 0; i < S; ++i)
+            two ? launch_tc<T, 2, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s)
+                : launch_tc<T, 1, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s);
+        break;
+    default: two ? launch_decode_lean<T, 2, 4, 3, S>(seg, s) : launch_decode_lean<T, 1, 8, 2, S>(seg, s);
     }
+}
+
+// The S products as one decode launch.
+template <typename T, int S>
+void launch_decode(const slothai_nf4_matmul_args *a, const Scales *sc, const int *log2_bs, cudaStream_t s)
+{
+    Segments<S> seg;
+    seg.tiles_before[0] = 0;
+    for (int i = 0; i < S; ++i) {
+        seg.a[i] = a[i], seg.sc[i] = sc[i], seg.log2_bs[i] = log2_bs[i];
+        seg.tiles_before[i + 1] = seg.tiles_before[i] + (a[i].n + 15) / 16;
+    }
+    launch_decode<T, S>(seg, s);
+}
+
+// Whether the 16-feature-tile kernels (tensor cores) take this product: fp16 / bf16, K a
+// multiple of 64, blocks of 64 or more, the codes 8-byte and x 16-byte aligned.
+template <typename T> bool tile_kernels_take(const slothai_nf4_matmul_args &a)
+{
+    return !std::is_same<T, float>::value && a.k % kUnit == 0 && a.w.blocksize >= kUnit &&
+           reinterpret_cast<uintptr_t>(a.w.packed) % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
 }
 
 template <typename T>
 slothai_status run(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, cudaStream_t s)
 {
-    const bool tc = !std::is_same<T, float>::value && a.k % kUnit == 0 && a.w.blocksize >= kUnit &&
-                    reinterpret_cast<uintptr_t>(a.w.packed) % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
     if constexpr (!std::is_same<T, float>::value) {
-        if (tc && tensor_cores_here<T>()) {
-            if (a.m <= 16) launch_decode<T>(a, sc, log2_bs, s);
+        if (tile_kernels_take<T>(a) && tensor_cores_here<T>()) {
+            if (a.m <= 16) launch_decode<T, 1>(&a, &sc, &log2_bs, s);
             else if (a.m <= 32) launch_tc<T, 4, 8, 4>(a, sc, log2_bs, s);
             else launch_tc<T, 8, 8, 2>(a, sc, log2_bs, s);
             return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
@@ -544,23 +589,74 @@ slothai_status run(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_
     return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
 }
 
+// `count` products sharing x: one decode launch where the decode kernel takes them all,
+// else each as run() launches it.
+template <typename T>
+slothai_status run_group(const slothai_nf4_matmul_args *a, const Scales *sc, const int *log2_bs, int count,
+                         cudaStream_t s)
+{
+    if constexpr (!std::is_same<T, float>::value) {
+        bool one = count > 1 && a[0].m <= 16;
+        for (int i = 0; one && i < count; ++i) one = tile_kernels_take<T>(a[i]);
+        if (one && tensor_cores_here<T>()) {
+            switch (count) {
+            case 2: launch_decode<T, 2>(a, sc, log2_bs, s); break;
+            case 3: launch_decode<T, 3>(a, sc, log2_bs, s); break;
+            default: launch_decode<T, 4>(a, sc, log2_bs, s);
+            }
+            return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
+        }
+    }
+    for (int i = 0; i < count; ++i) {
+        const slothai_status st = run<T>(a[i], sc[i], log2_bs[i], s);
+        if (st != SLOTHAI_OK) return st;
+    }
+    return SLOTHAI_OK;
+}
+
+// One product's arguments checked; its scales and log2(blocksize). `empty`: nothing to
+// compute (no rows or no features: its pointers may be null and are not checked).
+slothai_status prepare(const slothai_nf4_matmul_args &a, Scales &sc, int &log2_bs, bool &empty)
+{
+    if (a.m < 0 || a.n < 0 || a.k < 0 || a.r < 0) return SLOTHAI_EINVAL;
+    empty = a.m == 0 || a.n == 0;
+    if (empty) return SLOTHAI_OK;
+    if ((a.w.absmax_u8 == nullptr) == (a.w.absmax_f32 == nullptr)) return SLOTHAI_EINVAL;
+    if (a.lora_x && !a.lora_b) return SLOTHAI_EINVAL;
+    log2_bs = log2_exact(a.w.blocksize);
+    const int log2_bs2 = a.w.absmax_u8 ? log2_exact(a.w.blocksize2) : 0;
+    if (log2_bs < 0 || log2_bs2 < 0 || (a.n + 15) / 16 > 0x7fffffff) return SLOTHAI_EINVAL;
+    sc = Scales{a.w.absmax_u8, a.w.absmax_f32, a.w.code2, a.w.absmax2, a.w.offset, 0.0f, log2_bs2};
+    return SLOTHAI_OK;
+}
+
 } // namespace
+
+extern "C" slothai_status slothai_nf4_matmul_group_cuda(const slothai_nf4_matmul_args *a, int count, void *stream)
+{
+    if (!a || count < 1 || count > SLOTHAI_NF4_GROUP_MAX) return SLOTHAI_EINVAL;
+    slothai_nf4_matmul_args live[SLOTHAI_NF4_GROUP_MAX];
+    Scales sc[SLOTHAI_NF4_GROUP_MAX];
+    int log2_bs[SLOTHAI_NF4_GROUP_MAX], n = 0;
+    for (int i = 0; i < count; ++i) {
+        if (a[i].m != a[0].m || a[i].k != a[0].k || a[i].dtype != a[0].dtype || a[i].x != a[0].x)
+            return SLOTHAI_EINVAL;
+        bool empty = false;
+        const slothai_status st = prepare(a[i], sc[n], log2_bs[n], empty);
+        if (st != SLOTHAI_OK) return st;
+        if (!empty) live[n++] = a[i];
+    }
+    if (n == 0) return SLOTHAI_OK;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    switch (a[0].dtype) {
+    case SLOTHAI_FLOAT32: return run_group<float>(live, sc, log2_bs, n, s);
+    case SLOTHAI_FLOAT16: return run_group<__half>(live, sc, log2_bs, n, s);
+    case SLOTHAI_BFLOAT16: return run_group<__nv_bfloat16>(live, sc, log2_bs, n, s);
+    default: return SLOTHAI_EINVAL;
+    }
+}
 
 extern "C" slothai_status slothai_nf4_matmul_cuda(const slothai_nf4_matmul_args *a, void *stream)
 {
-    if (!a || a->m < 0 || a->n < 0 || a->k < 0 || a->r < 0) return SLOTHAI_EINVAL;
-    if (a->m == 0 || a->n == 0) return SLOTHAI_OK; // (empty tensors may have null data pointers)
-    if ((a->w.absmax_u8 == nullptr) == (a->w.absmax_f32 == nullptr)) return SLOTHAI_EINVAL;
-    if (a->lora_x && !a->lora_b) return SLOTHAI_EINVAL;
-    const int log2_bs = log2_exact(a->w.blocksize);
-    const int log2_bs2 = a->w.absmax_u8 ? log2_exact(a->w.blocksize2) : 0;
-    if (log2_bs < 0 || log2_bs2 < 0 || (a->n + 15) / 16 > 0x7fffffff) return SLOTHAI_EINVAL;
-    const Scales sc{a->w.absmax_u8, a->w.absmax_f32, a->w.code2, a->w.absmax2, a->w.offset, 0.0f, log2_bs2};
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    switch (a->dtype) {
-    case SLOTHAI_FLOAT32: return run<float>(*a, sc, log2_bs, s);
-    case SLOTHAI_FLOAT16: return run<__half>(*a, sc, log2_bs, s);
-    case SLOTHAI_BFLOAT16: return run<__nv_bfloat16>(*a, sc, log2_bs, s);
-    default: return SLOTHAI_EINVAL;
-    }
+    return slothai_nf4_matmul_group_cuda(a, 1, stream);
 }

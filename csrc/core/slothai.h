@@ -116,6 +116,15 @@ slothai_status slothai_nf4_matmul_cpu(const slothai_nf4_matmul_args *a, int64_t 
 /* CUDA: one launch on `stream` (the scales of both levels inside). */
 slothai_status slothai_nf4_matmul_cuda(const slothai_nf4_matmul_args *a, void *stream);
 
+/* `count` products sharing their x (a[i].x, m, k and dtype equal; W, bias, LoRA term,
+ * lora_scale and out their own), each as slothai_nf4_matmul_cuda computes it: one
+ * launch where the decode kernel serves them all (a layer's q/k/v or gate/up at a
+ * decode step: one launch's fixed cost instead of three or two, and one grid filling
+ * the card), else one launch each. 1 <= count <= SLOTHAI_NF4_GROUP_MAX. (The CPU
+ * reference of a group is slothai_nf4_matmul_cpu per product.) */
+#define SLOTHAI_NF4_GROUP_MAX 4
+slothai_status slothai_nf4_matmul_group_cuda(const slothai_nf4_matmul_args *a, int count, void *stream);
+
 /* ------------------------------------------------------------------------ */
 /* Cross-entropy over rows of logits (the per-row half of fused_ce)          */
 /* ------------------------------------------------------------------------ */

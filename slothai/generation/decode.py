@@ -18,6 +18,8 @@ Compilation (`Options.compile`):
 - "full": the whole step under `torch.compile(fullgraph=True)` (what the CPU tests
   use to show the step holds no graph break, that is, no host synchronisation).
 - None: eager (the default on the CPU, where there are no graphs).
+Compiled by inductor, the 4-bit products that share x (q/k/v, gate/up) become one op
+each, one launch on CUDA (grouping.py).
 
 One graph is recorded per session (rows bucket x cache length) and per state that a
 graph bakes in, the key of `_state_key`: the sampling rule, the adapters' switches
@@ -49,6 +51,7 @@ from ..patching.linear4bit import is_bnb_linear4bit
 from .attention import (DECODE_ATTENTION, decode_masks, mask_layout, prefill_masks,
                         register_decode_attention)
 from .cache import LayerKV, Session, StaticKV, length_bucket, row_bucket
+from .grouping import inductor_options
 
 MAX_SESSIONS = 2
 MAX_GRAPHS = 4
@@ -246,7 +249,8 @@ class Engine:
         """torch.compile(fn) with this engine's backend, made once."""
         compiled = self._compiled.get(fn)
         if compiled is None:
-            compiled = self._compiled[fn] = torch.compile(fn, backend=self.options.backend)
+            compiled = self._compiled[fn] = torch.compile(fn, backend=self.options.backend,
+                                                          options=inductor_options(self.options.backend))
         return compiled
 
     def _stepper(self, device):
@@ -254,7 +258,8 @@ class Engine:
             full = self._compiled.get("full")
             if full is None:
                 full = self._compiled["full"] = torch.compile(self.decode_step, backend=self.options.backend,
-                                                              fullgraph=True)
+                                                              fullgraph=True,
+                                                              options=inductor_options(self.options.backend))
             return full
         return self.decode_step
 

@@ -12,8 +12,9 @@ from . import library  # noqa: F401  (the schemas, before anything registers on 
 from .chunked_loss import chunked_linear_loss
 from .dequant_nf4 import dequantize_nf4, nf4_levels
 from .fused_ce import CrossEntropyOutput, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
+from .nf4_group import nf4_linear_group
 from .nf4_linear import nf4_linear
 from .nf4_matmul import nf4_matmul
 
-__all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "nf4_matmul", "fused_linear_cross_entropy",
+__all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "nf4_matmul", "nf4_linear_group", "fused_linear_cross_entropy",
            "FusedLinearCrossEntropyLoss", "CrossEntropyOutput", "chunked_linear_loss"]

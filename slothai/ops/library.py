@@ -29,6 +29,14 @@ LIB.define("nf4_linear" + NF4_LINEAR)
 # (nothing of W written): bound by the codes' bytes for a few rows of x, the
 # decode shapes; nf4_linear takes it there on its own (nf4_linear.py).
 LIB.define("nf4_matmul" + NF4_LINEAR)
+# nf4_linear for several weights sharing x (a layer's q/k/v, or gate/up, at a decode
+# step): nf4_linear's arguments past x as one list per argument, `shapes` flattened
+# ([out, in] of each weight in turn), one output per weight. On CUDA, for a few rows
+# of x, one launch of the 4-bit kernel computes them all. No autograd: made by the
+# decode step's graph pass (slothai/generation/grouping.py) in no-grad graphs.
+LIB.define("nf4_linear_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] code2, Tensor?[] absmax2, "
+           "Tensor?[] offset, int[] blocksize, int[] blocksize2, SymInt[] shapes, Tensor?[] bias, "
+           "Tensor?[] lora_x, Tensor?[] lora_b, float[] lora_scale) -> Tensor[]")
 
 # Linear + cross-entropy over chunks of rows; reduction "none", "sum" or "mean".
 # Returns (loss, d hidden, d weight, d bias, z loss, token accuracy, predicted

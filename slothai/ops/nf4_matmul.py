@@ -44,21 +44,30 @@ def check_linear_args(x, packed, shape, bias, lora_x, lora_b):
                              f"{list(lora_x.shape)} for x of shape {list(x.shape)}")
 
 
+def product_fields(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None,
+                   lora_b=None, lora_scale=1.0):
+    """One product's fields of the core's slothai_nf4_matmul_args (csrc/module.c's
+    order), its output, and the tensors the fields point into (kept until the launch).
+    x must already be contiguous; the arguments checked (check_linear_args)."""
+    fields, keep = weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape)
+    n, k = shape
+    bias = None if bias is None else bias.contiguous()
+    lora_x = None if lora_x is None else lora_x.contiguous()
+    lora_b = None if lora_b is None else lora_b.contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
+    fields = (*fields, kernels.DTYPES[x.dtype], kernels.rows_of(x), n, k, 0 if lora_b is None else lora_b.shape[1],
+              x.data_ptr(), ptr(bias), ptr(lora_x), ptr(lora_b), out.data_ptr(), float(lora_scale))
+    return fields, out, (keep, bias, lora_x, lora_b)
+
+
 def matmul_kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, bias, lora_x=None,
                   lora_b=None, lora_scale=1.0, *, checked=False):
     """The op's kernel (CPU and CUDA): one call of slothai_nf4_matmul (csrc/core/slothai.h)."""
     if not checked:
         check_linear_args(x, packed, shape, bias, lora_x, lora_b)
-    fields, keep = weight_fields(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape)
-    n, k = shape
-    x = x.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    lora_x = None if lora_x is None else lora_x.contiguous()
-    lora_b = None if lora_b is None else lora_b.contiguous()
-    out = x.new_empty((*x.shape[:-1], n))
-    kernels.launch(_C.nf4_matmul, x.device, *fields, kernels.DTYPES[x.dtype], kernels.rows_of(x), n, k,
-                   0 if lora_b is None else lora_b.shape[1], x.data_ptr(), ptr(bias), ptr(lora_x), ptr(lora_b),
-                   out.data_ptr(), float(lora_scale))
+    fields, out, _keep = product_fields(x.contiguous(), packed, absmax, code2, absmax2, offset, blocksize,
+                                        blocksize2, shape, bias, lora_x, lora_b, lora_scale)
+    kernels.launch(_C.nf4_matmul, x.device, *fields)
     return out
 
 
