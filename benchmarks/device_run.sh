@@ -9,6 +9,7 @@
 # machine lacks (bitsandbytes, liger-kernel, cut-cross-entropy) can be unpacked
 # under .whl/site: that folder is put on PYTHONPATH. Anything else (a benchmark
 # with options) runs after this script in the same shell: `... && python3 benchmarks/bench_qlora.py --full`.
+# SANITIZE_FILES (default: tests) narrows `sanitize` to some test files.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.whl/site:${PYTHONPATH:-}"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,7 +32,8 @@ for step in "$@"; do
            grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | head -30; tail -3 "$OUT/tests.log"
            [ $rc -eq 0 ] || { echo "tests failed: rc $rc"; status=1; } ;;
     sanitize) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
-                -p no:cacheprovider tests -k "cuda and not compile and not graphs and not opcheck" >"$OUT/sanitize.log" 2>&1
+                -p no:cacheprovider ${SANITIZE_FILES:-tests} -k "cuda and not compile and not graphs and not opcheck" \
+                >"$OUT/sanitize.log" 2>&1
               rc=$?; echo "compute-sanitizer rc=$rc"; [ $rc -eq 0 ] || status=1
               grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/sanitize.log" | head -8 ;;
     wheel) python3 -m pip install -q --no-deps --target /tmp/slothai-wheel dist/slothai-*.whl || { status=1; continue; }

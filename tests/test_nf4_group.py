@@ -75,6 +75,16 @@ def test_leading_dims_and_one_weight(device):
     assert torch.equal(got, slothai.nf4_linear(x, w))
 
 
+def test_refuses_inputs_that_require_grad(device):
+    torch.manual_seed(8)
+    ws = [w for w, _, _ in _weights(device, 64, [(16, 64, True, False, 0), (8, 64, True, False, 0)])]
+    x = torch.randn(2, 64, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        nf4_linear_group(x, ws)
+    with torch.no_grad():
+        assert all(not y.requires_grad for y in nf4_linear_group(x, ws))
+
+
 def test_opcheck(device):
     torch.manual_seed(2)
     weights = _weights(device, 128, [(20, 64, True, True, 3), (12, 128, False, False, 0)])

@@ -1,13 +1,14 @@
 """Every slothai op is declared once (slothai/ops/library.py) and has, from its
 own module, a kernel for the CPU and CUDA, a fake function, and autograd for the
-differentiable ones; a missing registration fails here, by name."""
+differentiable ones (nf4_linear_group's Autograd kernel refuses gradients); a missing
+registration fails here, by name."""
 import torch
 
 import slothai  # noqa: F401  (loads the ops)
 from slothai.ops import library
 
-OPS = {"dequant_nf4": False, "nf4_linear": True, "nf4_matmul": True, "nf4_linear_group": False, "fused_ce": True,
-       "scale_": False}  # name -> differentiable
+OPS = {"dequant_nf4": False, "nf4_linear": True, "nf4_matmul": True, "nf4_linear_group": True, "fused_ce": True,
+       "scale_": False}  # name -> has an Autograd kernel
 
 
 def test_every_op_has_its_kernels_fake_and_autograd():

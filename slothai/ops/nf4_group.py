@@ -10,15 +10,16 @@ weights' tiles fill one grid. Each output is what nf4_linear gives for its weigh
 (the same kernel, the same sums); anywhere else each product is nf4_linear's own.
 
 Made by the decode step's graph pass (slothai/generation/grouping.py) in no-grad
-graphs, so it has no autograd: a backward through it raises torch's "no autograd
-kernel" error.
+graphs, so it has no backward: called on inputs that require grad, with grad mode
+on, it raises (use nf4_linear per weight there).
 """
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .. import _C
 from . import kernels
 from .dequant_nf4 import weight_args
-from .library import register_kernel
+from .library import LIB, register_kernel
 from .nf4_linear import FOUR_BIT_ROWS
 from .nf4_linear import _kernel as linear_kernel
 from .nf4_matmul import check_linear_args, product_fields
@@ -74,6 +75,17 @@ def _fake(x, packed, *lists):
         torch._check(x.shape[-1] == shapes[2 * i + 1],
                      lambda: f"x must end in in_features = {shapes[2 * i + 1]}, got {x.shape}")
     return [x.new_empty((*x.shape[:-1], shapes[2 * i])) for i in range(len(packed))]
+
+
+def _autograd(keyset, *args):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(args)):
+        raise RuntimeError("slothai::nf4_linear_group has no backward (it serves no-grad decode steps); an input "
+                           "requires grad: call slothai.nf4_linear per weight, or run under torch.no_grad()")
+    with torch._C._AutoDispatchBelowAutograd():
+        return _group.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+LIB.impl("nf4_linear_group", _autograd, "Autograd", with_keyset=True)
 
 
 def nf4_linear_group(x, weights, bias=None, *, lora_x=None, lora_b=None, lora_scale=None):
