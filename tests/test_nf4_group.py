@@ -30,8 +30,7 @@ def _weights(device, k, specs):
 GROUPS = {
     "qkv": (128, [(40, 64, True, False, 8), (8, 64, True, False, 8), (8, 128, False, True, 3)]),
     "gate_up": (192, [(70, 64, True, False, 8), (70, 64, True, False, 8)]),
-    "four": (64, [(17, 64, True, True, 0), (1, 64, False, False, 3), (33, 128, True, False, 0),
-                  (16, 64, True, True, 8)]),
+    "mixed": (64, [(17, 64, True, True, 0), (1, 64, False, False, 3), (33, 128, True, False, 8)]),
     "odd_k": (99, [(24, 64, True, False, 4), (9, 64, True, True, 0)]),
 }
 
@@ -122,7 +121,7 @@ def test_compiles_once_for_every_row_count(device, compile_counters):
 BAD = [
     ("absmax must hold one entry per weight", ValueError, lambda a: a.__setitem__(2, a[2][:1])),
     ("shapes must hold", ValueError, lambda a: a.__setitem__(8, a[8][:3])),
-    ("packed must hold 1 to 4 weights", ValueError,
+    ("packed must hold 1 to 3 weights", ValueError,
      lambda a: [a.__setitem__(i, a[i] * 3) for i in range(1, 13) if i != 8] and a.__setitem__(8, a[8] * 3)),
     ("x must end in in_features = 128", ValueError, lambda a: a.__setitem__(0, a[0][:, :100])),
     ("bias must be bfloat16, got float16", TypeError, lambda a: a[9].__setitem__(1, torch.zeros_like(a[0][0, :12]).half())),

@@ -538,8 +538,10 @@ int tuning_config()
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
-    switch (tuning_config()) {
-    case 1: two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s); break;
+    switch (S == 1 ? tuning_config() : 0) { // (the tuning configs for single products only: fewer kernels built)
+    case 1:
+        if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
+        break;
     case 2:
         for (int i = 0; i < S; ++i)
             two ? launch_tc<T, 2, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s)
@@ -599,11 +601,7 @@ slothai_status run_group(const slothai_nf4_matmul_args *a, const Scales *sc, con
         bool one = count > 1 && a[0].m <= 16;
         for (int i = 0; one && i < count; ++i) one = tile_kernels_take<T>(a[i]);
         if (one && tensor_cores_here<T>()) {
-            switch (count) {
-            case 2: launch_decode<T, 2>(a, sc, log2_bs, s); break;
-            case 3: launch_decode<T, 3>(a, sc, log2_bs, s); break;
-            default: launch_decode<T, 4>(a, sc, log2_bs, s);
-            }
+            count == 2 ? launch_decode<T, 2>(a, sc, log2_bs, s) : launch_decode<T, 3>(a, sc, log2_bs, s);
             return cudaGetLastError() == cudaSuccess ? SLOTHAI_OK : SLOTHAI_ECUDA;
         }
     }

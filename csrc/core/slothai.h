@@ -122,7 +122,7 @@ slothai_status slothai_nf4_matmul_cuda(const slothai_nf4_matmul_args *a, void *s
  * decode step: one launch's fixed cost instead of three or two, and one grid filling
  * the card), else one launch each. 1 <= count <= SLOTHAI_NF4_GROUP_MAX. (The CPU
  * reference of a group is slothai_nf4_matmul_cpu per product.) */
-#define SLOTHAI_NF4_GROUP_MAX 4
+#define SLOTHAI_NF4_GROUP_MAX 3
 slothai_status slothai_nf4_matmul_group_cuda(const slothai_nf4_matmul_args *a, int count, void *stream);
 
 /* ------------------------------------------------------------------------ */

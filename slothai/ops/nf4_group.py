@@ -27,7 +27,7 @@ from .nf4_matmul import check_linear_args, product_fields
 _group = torch.ops.slothai.nf4_linear_group.default
 
 # The most products one launch takes (csrc/core/slothai.h, SLOTHAI_NF4_GROUP_MAX).
-GROUP_MAX = 4
+GROUP_MAX = 3
 
 # The per-weight list arguments, in schema order.
 _LISTS = ("packed", "absmax", "code2", "absmax2", "offset", "blocksize", "blocksize2", "bias", "lora_x", "lora_b",
@@ -90,7 +90,7 @@ LIB.impl("nf4_linear_group", _autograd, "Autograd", with_keyset=True)
 
 def nf4_linear_group(x, weights, bias=None, *, lora_x=None, lora_b=None, lora_scale=None):
     """[slothai.nf4_linear(x, w, b, lora_x=lx, lora_b=lb, lora_scale=s) for each weight],
-    1 to 4 weights sharing x, no gradients: on CUDA one launch of the 4-bit kernel for a
+    1 to 3 weights sharing x, no gradients: on CUDA one launch of the 4-bit kernel for a
     few rows of x. bias, lora_x, lora_b, lora_scale: one entry per weight (None: none)."""
     count = len(weights)
     fill = (lambda v, d: [d] * count if v is None else list(v))
