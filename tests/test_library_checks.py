@@ -114,7 +114,10 @@ def test_qdora_trains_and_merges_as_unpatched(checkpoint, order, compiled):
     if compiled:  # PEFT's DoRA clears its cache inside the layer (a side effect Dynamo breaks the graph at):
         # the layers run eager, and the report says so with the reason
         assert report.graph_breaks and all("peft/tuners/lora/dora.py" in b["where"] for b in report.graph_breaks)
-        assert set(report.region_calls) == {"EAGER (graph break: HOP: Unsafe side effect)"}, report
+        # (torch 2.13: "HOP: Unsafe side effect"; 2.10: "HigherOrderOperator: Mutating a variable not in
+        # the current scope (SideEffects)")
+        (how,) = report.region_calls
+        assert how.startswith("EAGER (graph break: ") and ("Unsafe side effect" in how or "(SideEffects)" in how), report
     ids = steps[0]
     merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
     assert len(_params4bit(merged)) == 2 * 7

@@ -293,7 +293,8 @@ def test_recompile_reason_is_the_guard_and_the_user_frame():
     assert r["guards"] == ["0/0: scale is None"], r
     assert r["where"].endswith(f"test_qlora.py:{_guarded.__code__.co_firstlineno + 1} in _guarded"), r
     assert r["reason"] == f"0/0: scale is None (at {r['where']})", r
-    assert "User stack trace" in r["full"] and "User stack trace" not in str(report)
+    assert len(r["full"]) > len(r["reason"])  # (torch >= 2.11 adds the user stack trace; 2.10 a source line)
+    assert "User stack trace" not in str(report)
     assert all(line.strip() in report.text(full=True) for line in r["full"].splitlines())
 
 

@@ -23,6 +23,7 @@ construction-time broadcast skips them. Gradients (LoRA only) are all-reduced as
 """
 import contextlib
 import functools
+import importlib
 import sys
 
 import torch
@@ -158,15 +159,21 @@ def let_fully_shard_take_nf4_weights():
     try:
         from torch.distributed.fsdp._fully_shard import _fsdp_init
         from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+        fully_shard_module = importlib.import_module("torch.distributed.fsdp._fully_shard._fully_shard")
     except ImportError:  # a torch built without distributed
         return
     if getattr(FSDPParam._init_sharded_param, "_slothai", False):
         return
     FSDPParam._init_sharded_param = _frozen_nf4_parameters(FSDPParam._init_sharded_param, lambda a: a[1:2])
+    wrapped = {"_get_managed_states": _taking_nf4_weights(_fsdp_init._get_managed_states)}
     if hasattr(_fsdp_init, "_move_states_to_device"):
-        _fsdp_init._move_states_to_device = _frozen_nf4_parameters(_fsdp_init._move_states_to_device,
-                                                                   lambda a: a[0])
-    _fsdp_init._get_managed_states = _taking_nf4_weights(_fsdp_init._get_managed_states)
+        wrapped["_move_states_to_device"] = _frozen_nf4_parameters(_fsdp_init._move_states_to_device, lambda a: a[0])
+    # Where fully_shard calls them: _fsdp_init itself (torch >= 2.11), or _fully_shard's
+    # own bindings of them, imported by name (torch 2.10).
+    for module in (_fsdp_init, fully_shard_module):
+        for name, fn in wrapped.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)
 
 
 def take_nf4_weights(model):
