@@ -205,3 +205,24 @@ def test_graph_pass_groups_the_calls_sharing_x_and_no_other():
         assert ops == [torch.ops.slothai.nf4_linear_group.default] + [torch.ops.slothai.nf4_linear.default] * 2
         for got, want in zip(gm(x), f(x)):
             assert torch.equal(got, want)
+
+
+def test_the_cores_group_entry_is_each_products_reference():
+    # _C.nf4_matmul_group on the CPU (the reference per product; the op's own CPU route
+    # is nf4_linear's) against nf4_matmul per weight, and its count check.
+    from slothai import _C
+    from slothai.ops import kernels
+    from slothai.ops.dequant_nf4 import weight_args
+    from slothai.ops.nf4_matmul import product_fields
+
+    torch.manual_seed(9)
+    ws = [w for w, _, _ in _weights("cpu", 128, [(40, 64, True, False, 0), (8, 128, False, False, 0),
+                                                (17, 64, True, False, 0)])]
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    b = torch.randn(8, dtype=torch.bfloat16)
+    launches = [product_fields(x, *weight_args(w), b if i == 1 else None) for i, w in enumerate(ws)]
+    kernels.launch(_C.nf4_matmul_group, x.device, *(fields for fields, _, _ in launches))
+    for (_, out, _), w, bias in zip(launches, ws, [None, b, None]):
+        assert torch.equal(out, slothai.nf4_matmul(x, w, bias))
+    with pytest.raises(ValueError, match="a group holds 1 to 3 products, got 4"):
+        kernels.launch(_C.nf4_matmul_group, x.device, *[fields for fields, _, _ in launches * 2][:4])
