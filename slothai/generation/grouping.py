@@ -64,35 +64,47 @@ def _independent(calls, order):
     return group
 
 
-def group_products(graph):
-    """Replace the nf4_linear calls of `graph` that share x by nf4_linear_group calls;
-    the number of groups made."""
+def _groups(graph):
+    """The groups to make, found on the graph as it is: lists of calls sharing x."""
     order = {node: i for i, node in enumerate(graph.nodes)}
-    made = 0
-    for x, calls in _calls_by_input(graph).items():
+    groups = []
+    for calls in _calls_by_input(graph).values():
         while len(calls) > 1:
             group = _independent(calls, order)
             calls = calls[len(group):]
-            if len(group) < 2:
-                continue
-            bound = [_ARGS.bind(call.args) for call in group]
-            lists = [[getattr(b, name) for b in bound] for name in _PER_WEIGHT]
-            shapes = [size for b in bound for size in b.shape]
-            outputs = [[getattr(b, name) for b in bound] for name in _PER_OUTPUT]
-            with graph.inserting_before(group[-1]):
-                node = graph.call_function(_GROUP, (x, *lists, shapes, *outputs))
-                node.meta["val"] = [call.meta.get("val") for call in group]
-                for i, call in enumerate(group):
-                    item = graph.call_function(operator.getitem, (node, i))
-                    item.meta.update(call.meta)
-                    call.replace_all_uses_with(item)
-                    graph.erase_node(call)
-            made += 1
-    if made:
+            if len(group) > 1:
+                groups.append(group)
+    return groups
+
+
+def _replace(graph, group):
+    """One nf4_linear_group node (and a getitem per output) in place of `group`'s calls.
+    Their arguments are read now: an earlier replacement may have changed them."""
+    bound = [_ARGS.bind(call.args) for call in group]
+    lists = [[getattr(b, name) for b in bound] for name in _PER_WEIGHT]
+    shapes = [size for b in bound for size in b.shape]
+    outputs = [[getattr(b, name) for b in bound] for name in _PER_OUTPUT]
+    with graph.inserting_before(group[-1]):
+        node = graph.call_function(_GROUP, (bound[0].x, *lists, shapes, *outputs))
+        node.meta["val"] = [call.meta.get("val") for call in group]
+        for i, call in enumerate(group):
+            item = graph.call_function(operator.getitem, (node, i))
+            item.meta.update(call.meta)
+            call.replace_all_uses_with(item)
+            graph.erase_node(call)
+
+
+def group_products(graph):
+    """Replace the nf4_linear calls of `graph` that share x by nf4_linear_group calls;
+    the number of groups made."""
+    groups = _groups(graph)
+    for group in groups:
+        _replace(graph, group)
+    if groups:
         from torch._inductor.pattern_matcher import stable_topological_sort
 
-        stable_topological_sort(graph)  # the earlier calls' users now follow the group
-    return made
+        stable_topological_sort(graph)  # the earlier calls' users now follow their group
+    return len(groups)
 
 
 @functools.cache
