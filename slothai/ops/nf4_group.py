@@ -93,7 +93,10 @@ def nf4_linear_group(x, weights, bias=None, *, lora_x=None, lora_b=None, lora_sc
     1 to 3 weights sharing x, no gradients: on CUDA one launch of the 4-bit kernel for a
     few rows of x. bias, lora_x, lora_b, lora_scale: one entry per weight (None: none)."""
     count = len(weights)
-    fill = (lambda v, d: [d] * count if v is None else list(v))
+
+    def fill(values, default):
+        return [default] * count if values is None else list(values)
+
     args = [weight_args(w) for w in weights]
     shapes = [size for a in args for size in a[7]]
     return _group(x, *(list(column) for column in zip(*(a[:7] for a in args))), shapes, fill(bias, None),
