@@ -326,23 +326,25 @@ def test_compiled_decode_step_takes_lora_a_as_a_fused_reduction():
     assert linears == [1], linears
 
 
-def test_inductor_step_takes_q_k_v_and_gate_up_as_one_4bit_op_each():
+@pytest.mark.parametrize("mode", ["full", "regional"])
+def test_inductor_step_takes_q_k_v_and_gate_up_as_one_4bit_op_each(mode):
     # Compiled by inductor (CPU here), the decode step's 4-bit products that share x
     # are one nf4_linear_group each (generation/grouping.py): per layer q/k/v and
     # gate/up grouped, o and down alone -- 4 ops where there were 7 -- with
-    # transformers' tokens.
+    # transformers' tokens. "full": the whole step's code; "regional" (CUDA's default):
+    # the one layer function every layer runs.
     import re
 
     from torch._inductor.utils import run_and_get_code
 
-    model, ref = _patched(_build("llama"), compile="full", backend="inductor"), _build("llama")
+    model, ref = _patched(_build("llama"), compile=mode, backend="inductor"), _build("llama")
     ids, mask = _left_padded()
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     out, code = run_and_get_code(lambda: model.generate(**kw))
     torch.testing.assert_close(out, ref.generate(**kw), rtol=0, atol=0)
     step = code[-1]
     calls = re.findall(r"= torch\.ops\.slothai\.(nf4_linear_group|nf4_linear)\.default\(", step)
-    layers = model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers if mode == "full" else 1
     assert calls == ["nf4_linear_group", "nf4_linear"] * 2 * layers, calls
 
 
