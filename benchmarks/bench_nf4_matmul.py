@@ -246,7 +246,8 @@ def main():
                 body.append([m] + [got[r]["us"] for r in runs] + [got["slothai"]["gbps"],
                             f"{got['dequant+cublas']['us'] / s:.2f}x", f"{got['bitsandbytes']['us'] / s:.2f}x"])
             lines += common.table(header, body)
-    common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1), copy_gbps=round(copy_gbps, 1), rows=rows), lines)
+    common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1),
+                                 copy_gbps=round(copy_gbps, 1), rows=rows), lines)
 
     fig, axes = common.subplots(2, 2, size=(11, 3.6))
     for i, model in enumerate(MODELS):

@@ -124,7 +124,8 @@ BAD = [
     ("packed must hold 1 to 3 weights", ValueError,
      lambda a: [a.__setitem__(i, a[i] * 3) for i in range(1, 13) if i != 8] and a.__setitem__(8, a[8] * 3)),
     ("x must end in in_features = 128", ValueError, lambda a: a.__setitem__(0, a[0][:, :100])),
-    ("bias must be bfloat16, got float16", TypeError, lambda a: a[9].__setitem__(1, torch.zeros_like(a[0][0, :12]).half())),
+    ("bias must be bfloat16, got float16", TypeError,
+     lambda a: a[9].__setitem__(1, torch.zeros_like(a[0][0, :12]).half())),
     ("lora_x and lora_b must be given together", ValueError, lambda a: a[10].__setitem__(0, a[0][:, :4])),
 ]
 
