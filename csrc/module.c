@@ -320,7 +320,8 @@ static PyMethodDef methods[] = {
     {"load_cuda", load_cuda, METH_VARARGS, "load_cuda(path): open the CUDA kernels' library"},
     {"dequant_nf4", dequant_nf4, METH_VARARGS, "slothai_dequant_nf4_{cpu,cuda}"},
     {"nf4_matmul", nf4_matmul, METH_VARARGS, "slothai_nf4_matmul_{cpu,cuda}"},
-    {"nf4_matmul_group", nf4_matmul_group, METH_VARARGS, "slothai_nf4_matmul_cpu per product, slothai_nf4_matmul_group_cuda"},
+    {"nf4_matmul_group", nf4_matmul_group, METH_VARARGS,
+     "slothai_nf4_matmul_cpu per product, slothai_nf4_matmul_group_cuda"},
     {"fused_ce_rows", fused_ce_rows, METH_VARARGS, "slothai_fused_ce_rows_{cpu,cuda}"},
     {"scale", scale, METH_VARARGS, "slothai_scale_{cpu,cuda}"},
     {NULL, NULL, 0, NULL},
@@ -335,9 +336,10 @@ PyMODINIT_FUNC PyInit__C(void)
 {
     PyObject *m = PyModule_Create(&slothai_c_module);
     if (!m) return NULL;
-    /* The element types' codes, from the one header that defines them. */
+    /* The element types' codes and the group size, from the one header that defines them. */
     if (PyModule_AddIntConstant(m, "FLOAT32", SLOTHAI_FLOAT32) || PyModule_AddIntConstant(m, "FLOAT16", SLOTHAI_FLOAT16) ||
-        PyModule_AddIntConstant(m, "BFLOAT16", SLOTHAI_BFLOAT16)) {
+        PyModule_AddIntConstant(m, "BFLOAT16", SLOTHAI_BFLOAT16) ||
+        PyModule_AddIntConstant(m, "NF4_GROUP_MAX", SLOTHAI_NF4_GROUP_MAX)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import slothai
+from slothai.ops.dequant_nf4 import weight_args
 from slothai.ops.nf4_group import nf4_linear_group
 from nf4_reference import quantize, to
 from test_nf4_matmul import _params
@@ -15,7 +16,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 
 def _weights(device, k, specs):
-    """(Params4bit stand-in, bias or None, lora_b or None, lora_scale) per (n, blocksize, nested, bias, rank)."""
+    """(Params4bit stand-in, whether it has a bias, LoRA rank) per (n, blocksize, nested, bias, rank)."""
     out = []
     for n, bs, nested, bias, rank in specs:
         packed, state = quantize(torch.randn(n, k) * 0.1, blocksize=bs, nested=nested)
@@ -86,14 +87,7 @@ def test_refuses_inputs_that_require_grad(device):
 
 def test_opcheck(device):
     torch.manual_seed(2)
-    weights = _weights(device, 128, [(20, 64, True, True, 3), (12, 128, False, False, 0)])
-    args = []
-    for w, _, _ in weights:
-        state = w.quant_state
-        nested = state.nested
-        args.append((w, state.absmax, state.state2.code if nested else None, state.state2.absmax if nested else None,
-                     state.offset if nested else None, state.blocksize, state.state2.blocksize if nested else 256,
-                     list(state.shape)))
+    args = [weight_args(w) for w, _, _ in _weights(device, 128, [(20, 64, True, True, 3), (12, 128, False, False, 0)])]
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, 128, device=device, dtype=dtype)
         lists = [list(column) for column in zip(*(a[:7] for a in args))]
@@ -133,12 +127,10 @@ BAD = [
 @pytest.mark.parametrize("msg,exc,mutate", BAD, ids=[b[0][:30] for b in BAD])
 def test_bad_input_raises_named_error(device, msg, exc, mutate):
     torch.manual_seed(4)
-    weights = _weights(device, 128, [(20, 64, True, False, 0), (12, 64, True, False, 0)])
+    per = [weight_args(w) for w, _, _ in _weights(device, 128, [(20, 64, True, False, 0), (12, 64, True, False, 0)])]
     a = [torch.randn(4, 128, device=device, dtype=torch.bfloat16)]
-    per = [(w, w.quant_state.absmax, w.quant_state.state2.code, w.quant_state.state2.absmax, w.quant_state.offset,
-            w.quant_state.blocksize, w.quant_state.state2.blocksize) for w, _, _ in weights]
-    a += [list(column) for column in zip(*per)]
-    a += [[20, 128, 12, 128], [None, None], [None, None], [None, None], [1.0, 1.0]]
+    a += [list(column) for column in zip(*(p[:7] for p in per))]
+    a += [[size for p in per for size in p[7]], [None, None], [None, None], [None, None], [1.0, 1.0]]
     mutate(a)
     with pytest.raises(exc, match=msg):
         torch.ops.slothai.nf4_linear_group(*a)
@@ -218,7 +210,6 @@ def test_the_cores_group_entry_is_each_products_reference():
     # is nf4_linear's) against nf4_matmul per weight, and its count check.
     from slothai import _C
     from slothai.ops import kernels
-    from slothai.ops.dequant_nf4 import weight_args
     from slothai.ops.nf4_matmul import product_fields
 
     torch.manual_seed(9)

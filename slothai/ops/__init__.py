@@ -16,5 +16,5 @@ from .nf4_group import nf4_linear_group
 from .nf4_linear import nf4_linear
 from .nf4_matmul import nf4_matmul
 
-__all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "nf4_matmul", "nf4_linear_group", "fused_linear_cross_entropy",
-           "FusedLinearCrossEntropyLoss", "CrossEntropyOutput", "chunked_linear_loss"]
+__all__ = ["dequantize_nf4", "nf4_levels", "nf4_linear", "nf4_matmul", "nf4_linear_group",
+           "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "CrossEntropyOutput", "chunked_linear_loss"]

@@ -27,7 +27,7 @@ from .nf4_matmul import check_linear_args, product_fields
 _group = torch.ops.slothai.nf4_linear_group.default
 
 # The most products one launch takes (csrc/core/slothai.h, SLOTHAI_NF4_GROUP_MAX).
-GROUP_MAX = 3
+GROUP_MAX = _C.NF4_GROUP_MAX
 
 # The per-weight list arguments, in schema order.
 _LISTS = ("packed", "absmax", "code2", "absmax2", "offset", "blocksize", "blocksize2", "bias", "lora_x", "lora_b",
@@ -54,10 +54,10 @@ def _products(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, 
 
 def _kernel(x, *lists):
     products = _products(x, *lists)
+    if not (x.is_cuda and x.dtype != torch.float32 and kernels.rows_of(x) <= FOUR_BIT_ROWS and len(products) > 1):
+        return [linear_kernel(x, *p) for p in products]  # (each checks its arguments)
     for p in products:
         check_linear_args(x, p[0], p[7], *p[8:11])
-    if not (x.is_cuda and x.dtype != torch.float32 and kernels.rows_of(x) <= FOUR_BIT_ROWS and len(products) > 1):
-        return [linear_kernel(x, *p) for p in products]
     x = x.contiguous()
     launches = [product_fields(x, *p) for p in products]
     kernels.launch(_C.nf4_matmul_group, x.device, *(fields for fields, _, _ in launches))
