@@ -9,37 +9,43 @@
 # machine lacks (bitsandbytes, liger-kernel, cut-cross-entropy) can be unpacked
 # under .whl/site: that folder is put on PYTHONPATH. Anything else (a benchmark
 # with options) runs after this script in the same shell: `... && python3 benchmarks/bench_qlora.py --full`.
-# SANITIZE_FILES (default: tests) narrows `sanitize` to some test files.
+# SANITIZE_FILES (default: tests) narrows `sanitize` to some test files, WHEEL_TESTS (default:
+# tests) the `wheel` step's. BUILD=0 skips the source build (a call that measures the wheel only);
+# after `wheel`, `sanitize` runs from the wheel's test folder, so it checks the wheel too.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.whl/site:${PYTHONPATH:-}"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 arch=${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)}
 t0=$(date +%s)
-TORCH_CUDA_ARCH_LIST=$arch python3 -m pip install -q --no-build-isolation --no-deps -e . \
-  >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "built for $arch in $(( $(date +%s) - t0 )) s"
+if [ "${BUILD:-1}" != 0 ]; then
+  TORCH_CUDA_ARCH_LIST=$arch python3 -m pip install -q --no-build-isolation --no-deps -e . \
+    >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "built for $arch in $(( $(date +%s) - t0 )) s"
+fi
 # The suite over 10 processes where pytest-xdist is there (the CUDA image has it: ~2400
 # tests do not fit one call otherwise), each test's outcome on its own line as it ends,
 # so that a run cut short by the call's limit still names what failed.
 PYTEST_ARGS="-rfE -v"
 python3 -c "import xdist" 2>/dev/null && PYTEST_ARGS="$PYTEST_ARGS -n ${JOBS:-10}"
 status=0
+testdir=$PWD
 for step in "$@"; do
   case "$step" in
     tests) python3 -X faulthandler -m pytest $PYTEST_ARGS tests >"$OUT/tests.log" 2>&1; rc=$?
            grep -B2 -A12 "Fatal Python\|Current thread" "$OUT/tests.log" | head -40
            grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | head -30; tail -3 "$OUT/tests.log"
            [ $rc -eq 0 ] || { echo "tests failed: rc $rc"; status=1; } ;;
-    sanitize) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
+    sanitize) (cd "$testdir" && timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
                 -p no:cacheprovider ${SANITIZE_FILES:-tests} -k "cuda and not compile and not graphs and not opcheck" \
-                >"$OUT/sanitize.log" 2>&1
+                >"$OUT/sanitize.log" 2>&1)
               rc=$?; echo "compute-sanitizer rc=$rc"; [ $rc -eq 0 ] || status=1
               grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/sanitize.log" | head -8 ;;
     wheel) python3 -m pip install -q --no-deps --target /tmp/slothai-wheel dist/slothai-*.whl || { status=1; continue; }
-           export PYTHONPATH="/tmp/slothai-wheel:$PYTHONPATH"; run=$(mktemp -d); cp -r tests benchmarks "$run/"
+           export PYTHONPATH="/tmp/slothai-wheel:$PYTHONPATH"; run=$(mktemp -d); cp -r tests benchmarks "$run/"; testdir=$run
            (cd "$run" && python3 -c "import slothai; print('wheel:', slothai.__file__)" &&
-            python3 -X faulthandler -m pytest $PYTEST_ARGS -p no:cacheprovider tests >"$OUT/wheel_tests.log" 2>&1)
+            timeout ${WHEEL_TIMEOUT:-3600} python3 -X faulthandler -m pytest $PYTEST_ARGS -p no:cacheprovider \
+              ${WHEEL_TESTS:-tests} >"$OUT/wheel_tests.log" 2>&1)
            rc=$?; grep -E "(FAILED|ERROR) tests/" "$OUT/wheel_tests.log" | head -30; tail -3 "$OUT/wheel_tests.log"; [ $rc -eq 0 ] || { echo "wheel tests failed: rc $rc"; status=1; } ;;
     t4) # The T4-level build (sm_75 + PTX, which the driver compiles for this card) of the same
         # source, installed apart and first on the path, through the kernels' CUDA tests.
