@@ -420,8 +420,10 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                uint32_t xs[8];
-                load_x(mt, u, xs);
+                // Unconditional (free to be scheduled early): a token past M reads row 0 (its
+                // pointer's clamp), which only touches that token's own output column, never written.
+                const uint4 x0 = __ldg(xr[mt] + 8 * u), x1 = __ldg(xr[mt] + 8 * u + 1);
+                const uint32_t xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
                 float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
@@ -647,24 +649,23 @@ int tuning_config()
 // 2026-12-05, benchmarks/results/nf4_matmul_sweep_h200.txt), the 8B layer's seven projections:
 // at one row 91.9 us with 8 warps against 98.5 with 4; at 16 rows 148.1 with 4 against 187.4
 // with 8 (1B layer: 60.2 against 64.3); the tensor-core kernel 129.0 at one row.
-// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel, 3 the
-// pipelined decode kernel (PIPE) at the default warp counts.
+// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts (single products), 2 takes the tensor-core
+// kernel, 3 the pipelined decode kernel (PIPE) at the default warp counts (groups too).
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
-    switch (S == 1 ? tuning_config() : 0) { // (the tuning configs for single products only: fewer kernels built)
-    case 1:
-        if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
-        break;
-    case 3: // the pipelined decode kernel at the default warp counts
-        if constexpr (S == 1) two ? launch_decode_lean<T, 2, 4, 3, S, true>(seg, s) : launch_decode_lean<T, 1, 8, 2, S, true>(seg, s);
-        break;
-    case 2:
+    const int config = tuning_config();
+    if (config == 1 && S == 1) { // (4 / 8 warps for single products only: fewer kernels built)
+        if constexpr (S == 1)
+            two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
+    } else if (config == 2) {
         for (int i = 0; i < S; ++i)
             two ? launch_tc<T, 2, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s)
                 : launch_tc<T, 1, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s);
-        break;
-    default: two ? launch_decode_lean<T, 2, 4, 3, S>(seg, s) : launch_decode_lean<T, 1, 8, 2, S>(seg, s);
+    } else if (config == 3) {
+        two ? launch_decode_lean<T, 2, 4, 3, S, true>(seg, s) : launch_decode_lean<T, 1, 8, 2, S, true>(seg, s);
+    } else {
+        two ? launch_decode_lean<T, 2, 4, 3, S>(seg, s) : launch_decode_lean<T, 1, 8, 2, S>(seg, s);
     }
 }
 
