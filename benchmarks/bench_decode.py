@@ -40,11 +40,14 @@ RUNS = {
     "slothai": "slothai.patch(model): slothai's generate (static cache, CUDA-graph decode step, regional compile)",
     "slothai-full": "as slothai, the whole decode step compiled (configure(compile='full'))",
     "slothai-eager": "as slothai, the decode step not compiled, still one CUDA graph (configure(compile=None))",
+    "slothai-bf16a": "as slothai, the LoRA weights in bf16 (as TRL's trainers cast them on 4-bit models; PEFT's "
+                     "default keeps them fp32, whose term slothai leaves to PEFT's forward)",
     "transformers": "transformers + PEFT + bitsandbytes generate(), as users run it",
     "unsloth": "Unsloth FastLanguageModel.for_inference(model), then generate()",
 }
 
-SLOTHAI_OPTIONS = {"slothai": {}, "slothai-full": dict(compile="full"), "slothai-eager": dict(compile=None)}
+SLOTHAI_OPTIONS = {"slothai": {}, "slothai-full": dict(compile="full"), "slothai-eager": dict(compile=None),
+                   "slothai-bf16a": {}}
 
 # GPU kernels by kind, for --profile: first matching pattern wins.
 DECODE_KINDS = [("nf4 product (slothai)", ("nf4",)), ("4-bit (bitsandbytes)", ("kgemm_4bit", "gemv_4bit", "kdequant")),
@@ -70,6 +73,10 @@ def build(run, path, device, dtype):
     from slothai import qlora
     model = qlora.build(path=path, device=device, dtype=dtype, lora_r=32)
     model.config.use_cache = True  # qlora.build turns it off for training
+    if run == "slothai-bf16a":
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(dtype)
     if run.startswith("slothai"):
         slothai.patch(model)
         slothai.generation.configure(model, **SLOTHAI_OPTIONS[run])

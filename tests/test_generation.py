@@ -529,8 +529,9 @@ def _cuda_model(dtype=torch.bfloat16, **options):
 
 
 def _cuda_generate(model, ids, mask, new=12, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=PAD,
-                          return_dict_in_generate=True, output_logits=True, **{"eos_token_id": None, **kw})
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=PAD,
+                          return_dict_in_generate=True, output_logits=True,
+                          **{"do_sample": False, "eos_token_id": None, **kw})
 
 
 def _uncaptured(model, ids, mask, **kw):
@@ -627,16 +628,27 @@ def test_cuda_graphs_sample_and_stop_at_eos():
 
 @cuda
 def test_cuda_graphs_and_cache_memory_is_given_back():
+    # Given back, and bounded: after a first cycle (which leaves what torch keeps for the
+    # process: the compiled kernels, cuBLAS's workspace of the warm-ups' side stream), two
+    # more cycles of two sessions each record their graphs again and give everything back.
     model = _cuda_model()
     ids, mask = (t.cuda() for t in _left_padded())
+
+    def cycle():
+        for batch in (3, 9):
+            rows = ids.repeat(3, 1)[:batch]
+            model.generate(input_ids=rows, attention_mask=mask.repeat(3, 1)[:batch], max_new_tokens=20,
+                           do_sample=False)
+        assert slothai.generation.memory_bytes(model) > 0
+        slothai.generation.release(model)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved()
+
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    before = torch.cuda.memory_reserved()
-    for batch in (3, 9):
-        rows = ids.repeat(3, 1)[:batch]
-        model.generate(input_ids=rows, attention_mask=mask.repeat(3, 1)[:batch], max_new_tokens=20, do_sample=False)
-    assert slothai.generation.memory_bytes(model) > 0
-    slothai.generation.release(model)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    assert torch.cuda.memory_reserved() <= before + (2 << 20), (before, torch.cuda.memory_reserved())
+    start = torch.cuda.memory_reserved()
+    before = cycle()
+    assert before <= start + (34 << 20), (start, before)  # cuBLAS's workspace: 32 MiB at most (Hopper)
+    for _ in range(2):
+        assert cycle() <= before + (2 << 20), (before, torch.cuda.memory_reserved())

@@ -167,6 +167,9 @@ class CudaRecorder:
     """What recording a CUDA graph takes from torch.cuda, in one place (a test stands
     in for it on the CPU to run the recording and replaying logic without a GPU)."""
 
+    def __init__(self):
+        self._streams = {}  # device -> the warm-ups' side stream
+
     def available(self, device):
         return device.type == "cuda"
 
@@ -186,7 +189,12 @@ class CudaRecorder:
         torch.cuda.set_rng_state(state, self.device)
 
     def warm_up(self, step, n):
-        side = torch.cuda.Stream(self.device)
+        # One side stream a device for every warm-up: cuBLAS keeps a workspace (32 MiB on
+        # Hopper) per stream it ran on, for the process's life, so a new stream each
+        # recording held 32 MiB more each time (seen on an H100: 64 MiB after two).
+        side = self._streams.get(self.device)
+        if side is None:
+            side = self._streams[self.device] = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(n):
