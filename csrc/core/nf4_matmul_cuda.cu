@@ -310,11 +310,7 @@ template <int S> struct Segments {
 // product) over CTAs.
 // Traffic: the codes and scales once (0.52 bytes a weight), x from L1/L2, out once;
 // floor at one row: an 8B layer's 112.5 MB at the card's read bandwidth.
-//   - PIPE (tuning config 3): the codes and block-scale bytes of a warp's next batch --
-//     the next of its tile, or the first of its next tile -- are loaded before this one
-//     is computed, so that their memory latency hides behind this batch's lookups and
-//     MMAs and behind the tile's reduction; x then comes from L1 at compute time.
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, bool PIPE = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -358,117 +354,6 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
     };
 
-    if constexpr (PIPE) {
-        // A tile's product, pointers and scales.
-        struct Tile {
-            const slothai_nf4_matmul_args *a;
-            Scales sc;
-            const float *c2;
-            const uint8_t *pa, *pb;
-            int64_t n0, qa, qb;
-            int unit_shift;
-        };
-        auto open = [&](int64_t tile) {
-            int prod = 0;
-#pragma unroll
-            for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
-            Tile c;
-            c.a = &seg.a[prod];
-            c.sc = S == 1 ? sc0 : seg.sc[prod].at();
-            c.c2 = code2[prod];
-            c.unit_shift = seg.log2_bs[prod] - 6;
-            const int64_t N = c.a->n;
-            c.n0 = (tile - seg.tiles_before[prod]) * 16;
-            const int64_t ra = c.n0 + g < N ? c.n0 + g : N - 1, rb = c.n0 + g + 8 < N ? c.n0 + g + 8 : N - 1;
-            c.pa = c.a->w.packed + ra * (K / 2) + 8 * t, c.pb = c.a->w.packed + rb * (K / 2) + 8 * t;
-            c.qa = ra * units, c.qb = rb * units;
-            return c;
-        };
-        // A full batch in flight: P units' codes of rows g and g + 8, and what the block
-        // scales of unit u0 + t need from global memory (u8 scales: the byte and absmax2;
-        // fp32 scales: the scale).
-        struct Buf {
-            uint2 wa[P], wb[P];
-            uint32_t ia, ib;
-            float fa, fb;
-        };
-        auto issue = [&](const Tile &c, int64_t u0, Buf &b) {
-#pragma unroll
-            for (int p = 0; p < P; ++p) {
-                b.wa[p] = __ldg(reinterpret_cast<const uint2 *>(c.pa + (u0 + p) * (kUnit / 2)));
-                b.wb[p] = __ldg(reinterpret_cast<const uint2 *>(c.pb + (u0 + p) * (kUnit / 2)));
-            }
-            const int64_t ba = (c.qa + u0 + t) >> c.unit_shift, bb = (c.qb + u0 + t) >> c.unit_shift;
-            if (c.sc.u8) {
-                b.ia = __ldg(c.sc.u8 + ba), b.ib = __ldg(c.sc.u8 + bb);
-                b.fa = __ldg(c.sc.absmax2 + (ba >> c.sc.log2_bs2)), b.fb = __ldg(c.sc.absmax2 + (bb >> c.sc.log2_bs2));
-            } else {
-                b.ia = b.ib = 0;
-                b.fa = __ldg(c.sc.f32 + ba), b.fb = __ldg(c.sc.f32 + bb);
-            }
-        };
-        float acc[MT][4];
-        // One unit's A fragments times each tile of tokens' x, scaled into acc.
-        auto unit = [&](int64_t u, uint2 wa, uint2 wb, float sa, float sb) {
-            uint32_t frag[4][4];
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
-                const int byte = 2 * (s & 1);
-                frag[s][0] = look(wA, byte), frag[s][1] = look(wB, byte);
-                frag[s][2] = look(wA, byte + 1), frag[s][3] = look(wB, byte + 1);
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                // Unconditional (free to be scheduled early): a token past M reads row 0 (its
-                // pointer's clamp), which only touches that token's own output column, never written.
-                const uint4 x0 = __ldg(xr[mt] + 8 * u), x1 = __ldg(xr[mt] + 8 * u + 1);
-                const uint32_t xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-                float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
-                acc[mt][0] = fmaf(sa, blk[0], acc[mt][0]);
-                acc[mt][1] = fmaf(sa, blk[1], acc[mt][1]);
-                acc[mt][2] = fmaf(sb, blk[2], acc[mt][2]);
-                acc[mt][3] = fmaf(sb, blk[3], acc[mt][3]);
-            }
-        };
-        // This warp's full batches in every tile (K is the same for all products): u0 = warp P + r WARPS P.
-        const int64_t first = warp * P, stride = WARPS * P;
-        const int64_t batches = first + P <= units ? (units - first - P) / stride + 1 : 0;
-        int64_t tile = blockIdx.x;
-        if (tile >= tiles) return;
-        Tile cur = open(tile);
-        Buf next;
-        if (batches > 0) issue(cur, first, next);
-        for (; tile < tiles; tile += gridDim.x) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-            Tile after = cur; // the tile of the next batch issued
-            for (int64_t r = 0; r < batches; ++r) {
-                const Buf now = next; // waits for this batch's loads
-                const int64_t u0 = first + r * stride;
-                if (r + 1 < batches) issue(cur, u0 + stride, next);
-                else if (tile + gridDim.x < tiles) after = open(tile + gridDim.x), issue(after, first, next);
-                const float my_sa = cur.sc.u8 ? __fadd_rn(__fmul_rn(cur.c2[now.ia], now.fa), cur.sc.offset) : now.fa;
-                const float my_sb = cur.sc.u8 ? __fadd_rn(__fmul_rn(cur.c2[now.ib], now.fb), cur.sc.offset) : now.fb;
-#pragma unroll
-                for (int p = 0; p < P; ++p)
-                    unit(u0 + p, now.wa[p], now.wb[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
-                         __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p));
-            }
-            for (int64_t u = first + batches * stride; u < units && u < first + batches * stride + P; ++u) {
-                // the warp's partial batch (K not a multiple of WARPS x P units): not pipelined
-                const uint2 wa = __ldg(reinterpret_cast<const uint2 *>(cur.pa + u * (kUnit / 2)));
-                const uint2 wb = __ldg(reinterpret_cast<const uint2 *>(cur.pb + u * (kUnit / 2)));
-                unit(u, wa, wb, cur.sc((cur.qa + u) >> cur.unit_shift, cur.c2),
-                     cur.sc((cur.qb + u) >> cur.unit_shift, cur.c2));
-            }
-            meet_and_write<T, MT, WARPS>(*cur.a, red, acc, cur.n0, m0);
-            cur = batches > 0 ? after : (tile + gridDim.x < tiles ? open(tile + gridDim.x) : cur);
-        }
-        return;
-    }
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int prod = 0; // the product this tile belongs to
 #pragma unroll
@@ -620,10 +505,10 @@ void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, 
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, bool PIPE = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S>
 void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_decode_kernel<T, MT, WARPS, MIN_CTAS, S, PIPE>;
+    const auto kernel = nf4_decode_kernel<T, MT, WARPS, MIN_CTAS, S>;
     const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
     static std::atomic<int> held[8];
     const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S]);
@@ -649,23 +534,23 @@ int tuning_config()
 // 2026-12-05, benchmarks/results/nf4_matmul_sweep_h200.txt), the 8B layer's seven projections:
 // at one row 91.9 us with 8 warps against 98.5 with 4; at 16 rows 148.1 with 4 against 187.4
 // with 8 (1B layer: 60.2 against 64.3); the tensor-core kernel 129.0 at one row.
-// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts (single products), 2 takes the tensor-core
-// kernel, 3 the pipelined decode kernel (PIPE) at the default warp counts (groups too).
+// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel. Tried and
+// taken out: loading a warp's next batch of codes and scale bytes before computing this one,
+// across tiles too (H100, 2026-12-06, nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4
+// against 96.7 us, 1B 44.2 against 40.0; the latency is not what this loop waits on).
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
-    const int config = tuning_config();
-    if (config == 1 && S == 1) { // (4 / 8 warps for single products only: fewer kernels built)
-        if constexpr (S == 1)
-            two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
-    } else if (config == 2) {
+    switch (S == 1 ? tuning_config() : 0) { // (the tuning configs for single products only: fewer kernels built)
+    case 1:
+        if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
+        break;
+    case 2:
         for (int i = 0; i < S; ++i)
             two ? launch_tc<T, 2, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s)
                 : launch_tc<T, 1, 8, 4>(seg.a[i], seg.sc[i], seg.log2_bs[i], s);
-    } else if (config == 3) {
-        two ? launch_decode_lean<T, 2, 4, 3, S, true>(seg, s) : launch_decode_lean<T, 1, 8, 2, S, true>(seg, s);
-    } else {
-        two ? launch_decode_lean<T, 2, 4, 3, S>(seg, s) : launch_decode_lean<T, 1, 8, 2, S>(seg, s);
+        break;
+    default: two ? launch_decode_lean<T, 2, 4, 3, S>(seg, s) : launch_decode_lean<T, 1, 8, 2, S>(seg, s);
     }
 }
 
