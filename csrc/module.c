@@ -186,22 +186,22 @@ static PyObject *dequant_nf4(PyObject *self, PyObject *args)
 }
 
 /* One product's fields: the weight's slothai_nf4_args (as dequant_nf4, without
- * out_dtype and out), then dtype m n k r x bias lora_x lora_b out lora_scale. */
+ * out_dtype and out), then dtype m n k r x bias lora_x lora_b out lora_scale lora_dtype. */
 static int matmul_fields(PyObject *t, slothai_nf4_matmul_args *a)
 {
-    int dtype;
+    int dtype, lora_dtype;
     ptr_t packed, u8, f32, code2, absmax2, offset, x, bias, lora_x, lora_b, out;
     long long numel, bs, bs2, m, n, k, r;
     double lora_scale;
-    if (!PyArg_ParseTuple(t, "KKKKKKLLLiLLLLKKKKKd", &packed, &u8, &f32, &code2, &absmax2, &offset, &numel, &bs,
-                          &bs2, &dtype, &m, &n, &k, &r, &x, &bias, &lora_x, &lora_b, &out, &lora_scale))
+    if (!PyArg_ParseTuple(t, "KKKKKKLLLiLLLLKKKKKdi", &packed, &u8, &f32, &code2, &absmax2, &offset, &numel, &bs,
+                          &bs2, &dtype, &m, &n, &k, &r, &x, &bias, &lora_x, &lora_b, &out, &lora_scale, &lora_dtype))
         return 0;
     *a = (slothai_nf4_matmul_args){
         {PTR(const uint8_t *, packed), PTR(const uint8_t *, u8), PTR(const float *, f32), PTR(const float *, code2),
          PTR(const float *, absmax2), PTR(const float *, offset), numel, bs, bs2, (slothai_dtype)dtype, NULL},
         (slothai_dtype)dtype, m, n, k, r,
         PTR(const void *, x), PTR(const void *, bias), PTR(const void *, lora_x), PTR(const void *, lora_b),
-        PTR(void *, out), (float)lora_scale};
+        PTR(void *, out), (float)lora_scale, (slothai_dtype)lora_dtype};
     return 1;
 }
 

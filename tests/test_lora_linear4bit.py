@@ -183,6 +183,32 @@ def test_fp32_adapters_on_a_bf16_base_without_autocast_keep_peft_math():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-2, atol=1e-2, msg=name)
 
 
+def test_fp32_adapters_on_a_bf16_base_without_gradients_take_the_op_in_fp32():
+    # Generation and evaluation (no grad): the op takes PEFT's fp32 adapters as they are,
+    # A(x) in fp32 as PEFT forms it and the low-rank term added to the base's fp32 sum
+    # unrounded; PEFT rounds the term to bf16 and the sum again. Equal to bf16 rounding,
+    # and nearer to the float64 result than PEFT's.
+    net = lora_net()
+    net.base_model.model.proj.base_layer.compute_dtype = torch.bfloat16
+    patched = slothai.patch(copy.deepcopy(net))
+    x = torch.randn(5, 40, dtype=torch.bfloat16)
+    calls = _Calls()
+    with torch.no_grad(), calls:
+        y = patched(x)
+    with torch.no_grad():
+        want = net(x)
+    layer = net.base_model.model.proj
+    lora = calls.lora == [True]
+    assert lora and y.dtype == torch.bfloat16, calls.lora
+    w64 = slothai.dequantize_nf4(layer.base_layer.weight, dtype=torch.float32).double()
+    a64, b64 = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    exact = x.double() @ w64.t() + layer.scaling["default"] * (x.double() @ a64.t() @ b64.t())
+    if layer.base_layer.bias is not None:
+        exact = exact + layer.base_layer.bias.double()
+    torch.testing.assert_close(y.float(), want.float(), rtol=0, atol=4 * 2 ** -8 * float(want.abs().max()))
+    assert (y.double() - exact).abs().mean() <= (want.double() - exact).abs().mean()
+
+
 def test_unpatch_restores_peft_forward():
     net = slothai.patch(lora_net())
     slothai.unpatch(net)

@@ -45,24 +45,26 @@ def test_nf4_linear_matches_dense(device, dtype, o, i, lead, bias):
         torch.testing.assert_close(b.grad, b2.grad, **tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,low", [(d, d) for d in DTYPES] +
+                         [(d, torch.float32) for d in DTYPES if d != torch.float32])
 @pytest.mark.parametrize("o,i,r,lead,bias,scale", [(10, 24, 3, (3, 5), True, 1.0), (33, 17, 1, (7,), False, 0.37),
                                                    (70, 64, 16, (2, 1, 3), True, 2.0), (5, 128, 8, (0, 4), False, 4.5)])
-def test_nf4_linear_with_lora_term_matches_float64(device, dtype, o, i, r, lead, bias, scale):
+def test_nf4_linear_with_lora_term_matches_float64(device, dtype, low, o, i, r, lead, bias, scale):
     # y = x W^T + s lora_x lora_b^T + b and its four gradients, against float64 math on
     # the formula's W; in half precision, no further from it than the same sum formed
     # apart in that precision (base, low-rank term, then their sum: what PEFT does),
-    # give or take 1% of the largest value.
+    # give or take 1% of the largest value. `low`: the low-rank operands' dtype (fp32
+    # over half x: PEFT's fp32 adapters, the term formed in fp32 and rounded once).
     w = linear4bit(o, i, device).weight
     wd = formula(w.data, w.quant_state, torch.float64)
-    leaves = [torch.randn(*lead, i, device=device, dtype=dtype), torch.randn(*lead, r, device=device, dtype=dtype),
-              torch.randn(o, r, device=device, dtype=dtype), torch.randn(o, device=device, dtype=dtype)]
+    leaves = [torch.randn(*lead, i, device=device, dtype=dtype), torch.randn(*lead, r, device=device, dtype=low),
+              torch.randn(o, r, device=device, dtype=low), torch.randn(o, device=device, dtype=dtype)]
     x, lx, lb, b = [t.requires_grad_() for t in leaves]
     y = slothai.nf4_linear(x, w, b if bias else None, lora_x=lx, lora_b=lb, lora_scale=scale)
     x64, lx64, lb64, b64 = [t.detach().double().requires_grad_() for t in leaves]
     y64 = x64 @ wd.t() + scale * (lx64 @ lb64.t()) + (b64 if bias else 0)
     x2, lx2, lb2, b2 = [t.detach().clone().requires_grad_() for t in leaves]
-    y2 = _nf4_linear_ref(x2, w, b2 if bias else None) + (lx2 @ lb2.t()) * scale
+    y2 = _nf4_linear_ref(x2, w, b2 if bias else None) + ((lx2 @ lb2.t()) * scale).to(dtype)
     assert y.shape == (*lead, o) and y.dtype == dtype
     g = torch.randn_like(y)
     for out in (y, y64, y2):
@@ -122,6 +124,11 @@ BAD_LORA = [
     ("lora_x and lora_b must be given together, got lora_b alone", ValueError, lambda a: a.__setitem__(10, None)),
     ("lora_x must be float32, got bfloat16", TypeError, lambda a: a.__setitem__(10, a[10].bfloat16())),
     ("lora_b must be float32, got float16", TypeError, lambda a: a.__setitem__(11, a[11].half())),
+    # over bf16 x the pair may be fp32, both of them
+    ("lora_b must be float32, got bfloat16", TypeError,
+     lambda a: [a.__setitem__(i, a[i].bfloat16()) for i in (0, 9, 11)]),
+    ("lora_x must be bfloat16, got float16", TypeError,
+     lambda a: [a.__setitem__(i, a[i].bfloat16()) for i in (0, 9, 11)] + [a.__setitem__(10, a[10].half())]),
     ("lora_b must have shape \\[12, r\\], got \\[11, 3\\]", ValueError, lambda a: a.__setitem__(11, a[11][:11])),
     ("lora_x must have x's leading dims and end in r = 3, got shape \\[4, 2\\]", ValueError,
      lambda a: a.__setitem__(10, a[10][:, :2])),

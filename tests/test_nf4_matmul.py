@@ -67,12 +67,14 @@ def test_nf4_matmul_matches_contract_in_float64(device, dtype, m, n, k, bs, nest
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("scale", [1.0, 0.37])
-def test_nf4_matmul_bias_and_lora_term(device, dtype, scale):
+@pytest.mark.parametrize("fp32_lora", [False, True])
+def test_nf4_matmul_bias_and_lora_term(device, dtype, scale, fp32_lora):
     m, n, k, r = 5, 40, 192, 7
     packed, state = quantize(torch.randn(n, k) * 0.1)
     packed, state = packed.to(device), to(state, device)
     x, b = torch.randn(3, m, k, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
-    lx, lb = torch.randn(3, m, r, device=device, dtype=dtype), torch.randn(n, r, device=device, dtype=dtype)
+    low = torch.float32 if fp32_lora else dtype  # fp32 low-rank operands: PEFT's fp32 adapters
+    lx, lb = torch.randn(3, m, r, device=device, dtype=low), torch.randn(n, r, device=device, dtype=low)
     y = slothai.nf4_matmul(x, _params(packed, state), b, lora_x=lx, lora_b=lb, lora_scale=scale)
     assert y.shape == (3, m, n)
     check_against_contract(y.reshape(-1, n), x.reshape(-1, k), contract_weight(packed, state, dtype), b,

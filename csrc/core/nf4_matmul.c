@@ -55,7 +55,8 @@ slothai_status slothai_nf4_matmul_cpu(const slothai_nf4_matmul_args *a, int64_t 
 {
     if (!a || n_begin < 0 || n_end > a->n || n_begin > n_end || a->m < 0 || a->k < 0) return SLOTHAI_EINVAL;
     if ((a->w.absmax_u8 == NULL) == (a->w.absmax_f32 == NULL) || a->w.blocksize <= 0) return SLOTHAI_EINVAL;
-    if (a->lora_x && (!a->lora_b || a->r < 0)) return SLOTHAI_EINVAL;
+    if (a->lora_x && (!a->lora_b || a->r < 0 || (a->lora_dtype != a->dtype && a->lora_dtype != SLOTHAI_FLOAT32)))
+        return SLOTHAI_EINVAL;
     float lut[16];
     for (int c = 0; c < 16; ++c) lut[c] = level(a->dtype, c);
     float *row = malloc(sizeof(float) * (size_t)(a->k > 0 ? a->k : 1));
@@ -75,7 +76,7 @@ slothai_status slothai_nf4_matmul_cpu(const slothai_nf4_matmul_args *a, int64_t 
             if (a->lora_x) {
                 float low = 0.0f;
                 for (int64_t q = 0; q < a->r; ++q)
-                    low += load(a->lora_x, a->dtype, i * a->r + q) * load(a->lora_b, a->dtype, j * a->r + q);
+                    low += load(a->lora_x, a->lora_dtype, i * a->r + q) * load(a->lora_b, a->lora_dtype, j * a->r + q);
                 acc += a->lora_scale * low;
             }
             if (a->bias) acc += load(a->bias, a->dtype, j);

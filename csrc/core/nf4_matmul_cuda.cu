@@ -118,9 +118,15 @@ template <typename T>
 __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, float acc)
 {
     if (a.lora_x) {
-        const T *lx = static_cast<const T *>(a.lora_x) + i * a.r, *lb = static_cast<const T *>(a.lora_b) + j * a.r;
         float low = 0.0f;
-        for (int64_t q = 0; q < a.r; ++q) low = fmaf(to_f(lx[q]), to_f(lb[q]), low);
+        if (a.lora_dtype == SLOTHAI_FLOAT32) { // fp32 LoRA weights over fp16 / bf16 x
+            const float *lx = static_cast<const float *>(a.lora_x) + i * a.r,
+                        *lb = static_cast<const float *>(a.lora_b) + j * a.r;
+            for (int64_t q = 0; q < a.r; ++q) low = fmaf(lx[q], lb[q], low);
+        } else {
+            const T *lx = static_cast<const T *>(a.lora_x) + i * a.r, *lb = static_cast<const T *>(a.lora_b) + j * a.r;
+            for (int64_t q = 0; q < a.r; ++q) low = fmaf(to_f(lx[q]), to_f(lb[q]), low);
+        }
         acc = fmaf(a.lora_scale, low, acc);
     }
     if (a.bias) acc += to_f(static_cast<const T *>(a.bias)[j]);
@@ -623,7 +629,7 @@ slothai_status prepare(const slothai_nf4_matmul_args &a, Scales &sc, int &log2_b
     empty = a.m == 0 || a.n == 0;
     if (empty) return SLOTHAI_OK;
     if ((a.w.absmax_u8 == nullptr) == (a.w.absmax_f32 == nullptr)) return SLOTHAI_EINVAL;
-    if (a.lora_x && !a.lora_b) return SLOTHAI_EINVAL;
+    if (a.lora_x && (!a.lora_b || (a.lora_dtype != a.dtype && a.lora_dtype != SLOTHAI_FLOAT32))) return SLOTHAI_EINVAL;
     log2_bs = log2_exact(a.w.blocksize);
     const int log2_bs2 = a.w.absmax_u8 ? log2_exact(a.w.blocksize2) : 0;
     if (log2_bs < 0 || log2_bs2 < 0 || (a.n + 15) / 16 > 0x7fffffff) return SLOTHAI_EINVAL;

@@ -94,7 +94,9 @@ slothai_status slothai_dequant_nf4_cuda(const slothai_nf4_args *a, void *stream)
  * the fp32 partial sum of its block. The error bound is the same (half an ulp
  * of T, relative, per weight); tests hold it to dequant + GEMM's own error.
  *
- * x, lora_x, lora_b, bias and out are contiguous, in `dtype`; x is [m, k],
+ * x, lora_x, lora_b, bias and out are contiguous, in `dtype` -- except lora_x and
+ * lora_b, in `lora_dtype`: `dtype`, or fp32 over fp16 / bf16 (fp32 LoRA weights, PEFT's
+ * default, whose term then enters the fp32 sum unrounded); x is [m, k],
  * lora_x [m, r], lora_b [n, r], out [m, n]. The weight is read once per 64 rows
  * of x: ~0.52 byte a weight (double-quantized), the byte floor of a decode step.
  */
@@ -108,6 +110,7 @@ typedef struct {
     const void *lora_b;
     void *out;
     float lora_scale; /* the low-rank term's factor (LoRA's alpha / r), in fp32 */
+    slothai_dtype lora_dtype; /* lora_x's and lora_b's: dtype, or SLOTHAI_FLOAT32 */
 } slothai_nf4_matmul_args;
 
 /* CPU reference: output features [n_begin, n_end) of every row. */

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import register_flop_formula
 from . import dequant_nf4, kernels
 from .dequant_nf4 import weight_args
 from .library import register_autograd, register_kernel
-from .nf4_matmul import check_linear_args, matmul_kernel
+from .nf4_matmul import check_linear_args, low_rank_dtype, matmul_kernel
 from .schema import Arguments
 
 _nf4_linear = torch.ops.slothai.nf4_linear.default
@@ -59,6 +59,9 @@ def _kernel(x, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, sh
     if lora_x is None:
         return torch.nn.functional.linear(x, w, bias)
     lx = lora_x.reshape(rows, lora_x.shape[-1])
+    if lx.dtype != x.dtype:  # fp32 low-rank operands over fp16 / bf16 x: the term in fp32, added to the base's result
+        y = torch.nn.functional.linear(x.reshape(rows, x.shape[-1]), w, bias)
+        return y.float().addmm_(lx, lora_b.t(), alpha=lora_scale).to(x.dtype).view(*x.shape[:-1], w.shape[0])
     if bias is None:  # beta = 0: the empty output is not read
         y = x.new_empty((rows, shape[0])).addmm_(lx, lora_b.t(), beta=0, alpha=lora_scale)
     else:
@@ -76,9 +79,10 @@ def _fake(*args):
     torch._check(a.x.shape[-1] == a.shape[1], lambda: f"x must end in in_features = {a.shape[1]}, got {a.x.shape}")
     torch._check_value((a.lora_x is None) == (a.lora_b is None), lambda: "lora_x and lora_b must be given together")
     if a.lora_x is not None:
+        low = low_rank_dtype(a.x.dtype, a.lora_x.dtype)
         for name in ("lora_x", "lora_b"):
             t = getattr(a, name)
-            torch._check_type(t.dtype == a.x.dtype, lambda: f"{name} must be {a.x.dtype}, got {t.dtype}")
+            torch._check_type(t.dtype == low, lambda: f"{name} must be {low}, got {t.dtype}")
         torch._check_value(a.lora_b.dim() == 2 and a.lora_b.shape[0] == a.shape[0],
                            lambda: f"lora_b must have shape [{a.shape[0]}, r], got {a.lora_b.shape}")
         torch._check_value(a.lora_x.shape[:-1] == a.x.shape[:-1] and a.lora_x.shape[-1] == a.lora_b.shape[1],
@@ -106,6 +110,8 @@ def _backward(ctx, grad):
     if need.bias:
         db = rows.sum(0)
     s = ctx.lora_scale  # on [rows, r] and [out, r]: r columns, not a pass over the output
+    if lora_x is not None and lora_x.dtype != grad.dtype:  # fp32 low-rank operands: their gradients in fp32
+        grad, rows = grad.to(lora_x.dtype), rows.to(lora_x.dtype)
     if need.lora_x:
         dlx = grad @ lora_b if s == 1.0 else (grad @ lora_b).mul_(s)
     if need.lora_b:

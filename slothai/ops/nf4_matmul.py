@@ -15,10 +15,17 @@ from .library import register_kernel
 _nf4_matmul = torch.ops.slothai.nf4_matmul.default
 
 
+def low_rank_dtype(x_dtype, lora_x_dtype):
+    """The dtype lora_x and lora_b must have: x's, or fp32 (both) over fp16 / bf16 x
+    (PEFT's fp32 adapters, whose term the kernels form in fp32)."""
+    return torch.float32 if lora_x_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16) else x_dtype
+
+
 def check_linear_args(x, packed, shape, bias, lora_x, lora_b):
     """x against the weight's [out_features, in_features] shape, the bias, and the
-    low-rank pair (lora_x [..., r] with x's leading dims, lora_b [out_features, r]):
-    dtypes, devices and sizes, each message naming its argument."""
+    low-rank pair (lora_x [..., r] with x's leading dims, lora_b [out_features, r], both
+    in x's dtype or both fp32 over fp16 / bf16 x): dtypes, devices and sizes, each
+    message naming its argument."""
     if len(shape) != 2:
         raise ValueError(f"shape must be [out_features, in_features], got {list(shape)}")
     if x.dim() < 1 or x.shape[-1] != shape[1]:
@@ -34,8 +41,9 @@ def check_linear_args(x, packed, shape, bias, lora_x, lora_b):
         raise ValueError(f"lora_x and lora_b must be given together, got {'lora_b' if lora_x is None else 'lora_x'} "
                          f"alone")
     if lora_x is not None:
+        low = low_rank_dtype(x.dtype, lora_x.dtype)
         for t, name in ((lora_x, "lora_x"), (lora_b, "lora_b")):
-            check_dtype(t, x.dtype, name)
+            check_dtype(t, low, name)
             check_device(t, x.device, name)
         if lora_b.dim() != 2 or lora_b.shape[0] != shape[0]:
             raise ValueError(f"lora_b must have shape [{shape[0]}, r], got {list(lora_b.shape)}")
@@ -56,7 +64,8 @@ def product_fields(x, packed, absmax, code2, absmax2, offset, blocksize, blocksi
     lora_b = None if lora_b is None else lora_b.contiguous()
     out = x.new_empty((*x.shape[:-1], n))
     fields = (*fields, kernels.DTYPES[x.dtype], kernels.rows_of(x), n, k, 0 if lora_b is None else lora_b.shape[1],
-              x.data_ptr(), ptr(bias), ptr(lora_x), ptr(lora_b), out.data_ptr(), float(lora_scale))
+              x.data_ptr(), ptr(bias), ptr(lora_x), ptr(lora_b), out.data_ptr(), float(lora_scale),
+              kernels.DTYPES[x.dtype if lora_x is None else lora_x.dtype])
     return fields, out, (keep, bias, lora_x, lora_b)
 
 

@@ -89,6 +89,16 @@ def _adapter_converts_exactly(lora_a, lora_b, dtype):
     return lora_a.dtype == lora_b.dtype and torch.promote_types(lora_a.dtype, dtype) == dtype
 
 
+def _fp32_adapter_for_inference(lora_a, lora_b, dtype):
+    """Whether the op takes fp32 adapter weights over an fp16 / bf16 base as they are:
+    PEFT's default adapter dtype, without gradients (generation, evaluation). The op's
+    low-rank term is then formed in fp32 from A(x) in fp32 (as PEFT forms it) and enters
+    the base's fp32 sum unrounded -- PEFT rounds it to the compute dtype, then rounds the
+    sum again. With gradients (training) such adapters keep PEFT's own forward."""
+    return not torch.is_grad_enabled() and lora_a.dtype == lora_b.dtype == torch.float32 and \
+        dtype in (torch.float16, torch.bfloat16)
+
+
 def _lora_down(lora_a, x, dtype):
     """A(x), LoRA's first projection, in `dtype`. Compiled for one token a row without
     gradients (a decode step), it is written as the sum over x's features of x * A's rows
@@ -120,14 +130,16 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
     name = _plain_lora_adapter(self, args, kwargs)
     base = self.base_layer
     autocast = torch.is_autocast_enabled(x.device.type)
+    low = None  # the low-rank operands' dtype in the op: the compute dtype, or fp32 adapters' own
     if autocast:
-        dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = low = torch.get_autocast_dtype(x.device.type)
     else:
         dtype = getattr(base, "compute_dtype", None) or x.dtype
-        if name is not None and not _adapter_converts_exactly(self.lora_A[name].weight, self.lora_B[name].weight,
-                                                              dtype):
-            name = None
-    if name is None:
+        if name is not None:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            low = dtype if _adapter_converts_exactly(a, b, dtype) else \
+                torch.float32 if _fp32_adapter_for_inference(a, b, dtype) else None
+    if name is None or low is None:
         return type(self)._slothai_base.forward(self, x, *args, **kwargs)
     standard_layout(base)
     # A reads x through its own cast (autocast's, or PEFT's to the adapter dtype), as in
@@ -136,7 +148,7 @@ def _lora_linear4bit_forward(self, x, *args, **kwargs):
     lora_x = _lora_down(lora_a, self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)),
                         dtype if autocast else lora_a.weight.dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
-    y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(dtype), lora_b=self.lora_B[name].weight.to(dtype),
+    y = nf4_linear(x.to(dtype), base.weight, bias, lora_x=lora_x.to(low), lora_b=self.lora_B[name].weight.to(low),
                    lora_scale=self.scaling[name])
     return y.to(x.dtype)
 
