@@ -36,17 +36,19 @@ GROUPS = {
 }
 
 
-def _call(device, dtype, rows, group, seed=0):
+def _call(device, dtype, rows, group, seed=0, low=None):
+    """`low`: the low-rank operands' dtype (x's by default; fp32 over half x)."""
     torch.manual_seed(seed)
     k, specs = GROUPS[group]
     weights = _weights(device, k, specs)
     x = torch.randn(rows, k, device=device, dtype=dtype)
+    low = low or dtype
     bias, lora_x, lora_b, scale = [], [], [], []
     for i, (w, has_bias, rank) in enumerate(weights):
         n = w.quant_state.shape[0]
         bias.append(torch.randn(n, device=device, dtype=dtype) if has_bias else None)
-        lora_x.append(torch.randn(rows, rank, device=device, dtype=dtype) if rank else None)
-        lora_b.append(torch.randn(n, rank, device=device, dtype=dtype) * 0.1 if rank else None)
+        lora_x.append(torch.randn(rows, rank, device=device, dtype=low) if rank else None)
+        lora_b.append(torch.randn(n, rank, device=device, dtype=low) * 0.1 if rank else None)
         scale.append(0.37 + i if rank else 1.0)
     ws = [w for w, _, _ in weights]
     got = nf4_linear_group(x, ws, bias, lora_x=lora_x, lora_b=lora_b, lora_scale=scale)
@@ -55,11 +57,11 @@ def _call(device, dtype, rows, group, seed=0):
     return got, want
 
 
-@pytest.mark.parametrize("dtype", HALF + [torch.float32])
+@pytest.mark.parametrize("dtype,low", [(d, d) for d in HALF + [torch.float32]] + [(d, torch.float32) for d in HALF])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17])
 @pytest.mark.parametrize("group", sorted(GROUPS))
-def test_each_output_is_nf4_linears_bit_for_bit(device, dtype, rows, group):
-    got, want = _call(device, dtype, rows, group)
+def test_each_output_is_nf4_linears_bit_for_bit(device, dtype, low, rows, group):
+    got, want = _call(device, dtype, rows, group, low=low)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
