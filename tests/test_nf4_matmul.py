@@ -132,13 +132,14 @@ def test_nf4_linear_reads_4bit_for_few_rows_on_cuda(device):
 
 @pytest.mark.parametrize("rank", [0, 3])
 def test_nf4_matmul_opcheck(device, rank):
-    for dtype in (torch.float32, torch.bfloat16):
+    # (bf16 x with fp32 low-rank operands too: PEFT's fp32 adapters at generation)
+    for dtype, low in ((torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)):
         packed, state = quantize(torch.randn(12, 128))
         packed, state = packed.to(device), to(state, device)
         x = torch.randn(4, 128, device=device, dtype=dtype, requires_grad=True)
         b = torch.randn(12, device=device, dtype=dtype, requires_grad=True)
-        lora = [torch.randn(4, rank, device=device, dtype=dtype, requires_grad=True),
-                torch.randn(12, rank, device=device, dtype=dtype, requires_grad=True)] if rank else [None, None]
+        lora = [torch.randn(4, rank, device=device, dtype=low, requires_grad=True),
+                torch.randn(12, rank, device=device, dtype=low, requires_grad=True)] if rank else [None, None]
         torch.library.opcheck(torch.ops.slothai.nf4_matmul.default, op_args(x, packed, state, b, *lora, 0.37),
                               atol=1e-2 if dtype != torch.float32 else None, rtol=1e-2 if dtype != torch.float32 else None)
 
