@@ -21,6 +21,15 @@ def draw_lora_b(*models, std=0.02):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def cast_adapters(model, dtype):
+    """Every LoRA weight of `model` in `dtype`, in place (PEFT makes them fp32; TRL casts
+    them to bf16 on 4-bit models)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(dtype)
+
+
 def assert_patched_matches(model, ref, ids, labels):
     """One labelled forward + backward of a patched model and its unpatched twin, with
     LoRA B drawn non-zero in both: no logits built, same loss, same gradient for every
