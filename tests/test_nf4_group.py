@@ -33,6 +33,9 @@ GROUPS = {
     "gate_up": (192, [(70, 64, True, False, 8), (70, 64, True, False, 8)]),
     "mixed": (64, [(17, 64, True, True, 0), (1, 64, False, False, 3), (33, 128, True, False, 8)]),
     "odd_k": (99, [(24, 64, True, False, 4), (9, 64, True, True, 0)]),
+    # K a multiple of 256, blocks of 64: the streaming decode kernel's groups
+    "qkv_256": (512, [(40, 64, True, False, 8), (8, 64, True, False, 8), (24, 64, True, True, 3)]),
+    "gate_up_plain": (768, [(70, 64, False, False, 8), (33, 64, False, True, 0)]),
 }
 
 

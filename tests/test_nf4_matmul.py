@@ -51,6 +51,9 @@ SIZES = [  # (m, n, k, blocksize, nested): primes, one row, odd and partial-bloc
     (1, 17, 99, 64, True), (3, 37, 130, 64, True), (7, 64, 128, 64, False), (13, 100, 320, 128, True),
     (1, 48, 4096, 64, True), (17, 33, 192, 256, True), (61, 16, 64, 64, True), (67, 24, 256, 64, False),
     (5, 8, 96, 32, True), (2, 3, 1, 64, True),
+    # K a multiple of 256 with blocks of 64 (the streaming decode kernel's): plain and double-quantized
+    # scales, one and two tiles of tokens, partial feature tiles
+    (3, 40, 512, 64, False), (11, 35, 768, 64, False), (5, 70, 1024, 64, True), (16, 17, 256, 64, True),
 ]
 
 

@@ -426,6 +426,202 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     }
 }
 
+// Streaming decode kernel: the decode kernel's units, fragments, tiles and split, with
+// the codes and block scales brought to shared memory by cp.async (sm_80+) through a
+// ring of STAGES batches per warp, so that a warp has STAGES - 1 batches (2 KB of codes
+// each) in flight while it computes one, held in no register, and the first batches are
+// in flight while the CTA builds its table. The ring runs across tiles: the reduction at
+// a tile's end waits for nothing that is loading.
+//   Batch (16 rows x 4 units) in its stage: codes [unit p][row r][32 B] (a warp's 8-byte
+//   reads, 8 rows x 32 B a step, conflict-free), then the scales: u8 [row][4] and the
+//   absmax2 of each row ([row], one for the 4 units: blocksize2 >= 4 blocks), or fp32
+//   [row][4].
+//   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
+//   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
+// Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
+// the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
+constexpr int kStageBytes = 2048 + 256;
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit()
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages)
+{
+    return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
+}
+
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
+nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    constexpr int P = 4, kTok = 8 * MT;
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint32_t *table = reinterpret_cast<uint32_t *>(smem);
+    float *red = reinterpret_cast<float *>(smem + 256 * 32 * 4);
+    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + 256 * 32 * 4 + WARPS * 16 * kTok * 4);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) +
+                          warp * STAGES * kStageBytes;
+    const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit, nb = units / P;
+    const int64_t nbw = warp < nb ? (nb - 1 - warp) / WARPS + 1 : 0; // this warp's batches a tile
+    const bool u8 = seg.a[0].w.absmax_u8 != nullptr;
+
+    // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
+    int64_t it = blockIdx.x, ib = 0;
+    int is = 0;
+    auto issue = [&] {
+        if (nbw > 0 && it < tiles) {
+            int prod = 0;
+#pragma unroll
+            for (int i = 1; i < S; ++i) prod += it >= seg.tiles_before[i];
+            const slothai_nf4_matmul_args &a = seg.a[prod];
+            const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
+            const int64_t rc = n0 + (lane >> 1) < a.n ? n0 + (lane >> 1) : a.n - 1;  // this lane's code row
+            const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // its scale row
+            const uint32_t dst = ring + is * kStageBytes;
+            const uint8_t *src = a.w.packed + rc * (K / 2) + u0 * (kUnit / 2) + 16 * (lane & 1);
+#pragma unroll
+            for (int p = 0; p < P; ++p) cp_async16(dst + p * 512 + (lane >> 1) * 32 + 16 * (lane & 1), src + p * 32);
+            if (u8) {
+                const int64_t blk = rs * units + u0;
+                if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
+                else cp_async4(dst + 2048 + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
+            } else if (lane < 16) {
+                cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + rs * units + u0);
+            }
+            if (++ib == nbw) ib = 0, it += gridDim.x;
+            is = is + 1 == STAGES ? 0 : is + 1;
+        }
+        cp_async_commit(); // (an empty group past the last batch: the waits count groups)
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue();
+
+    for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
+        const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
+        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
+    }
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+        if (seg.sc[s].u8)
+            for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[s][i] = __ldg(seg.sc[s].code2 + i);
+    __syncthreads();
+
+    const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
+    const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * lane;
+    auto look = [&](uint32_t w, int byte) {
+        uint32_t v;
+        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
+        return v;
+    };
+    bool has_x[MT];
+    const uint4 *xr[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        has_x[mt] = m0 + 8 * mt + g < M;
+        xr[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(seg.a[0].x) + (has_x[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
+    }
+    auto load_x = [&](int mt, int64_t u, uint32_t(&xs)[8]) {
+        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+        if (has_x[mt]) x0 = __ldg(xr[mt] + 8 * u), x1 = __ldg(xr[mt] + 8 * u + 1);
+        xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
+    };
+    int cs = 0; // the stage this warp computes next
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int prod = 0;
+#pragma unroll
+        for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
+        const slothai_nf4_matmul_args &a = seg.a[prod];
+        const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
+        const float *c2 = code2[prod];
+        float acc[MT][4] = {};
+        for (int64_t b = 0; b < nbw; ++b) {
+            const int64_t u0 = (warp + b * WARPS) * P;
+            uint32_t xc[MT == 1 ? P : 1][8]; // one tile of tokens: x of the batch, loaded (L2) while its codes land
+            if constexpr (MT == 1)
+#pragma unroll
+                for (int p = 0; p < P; ++p) load_x(0, u0 + p, xc[p]);
+            cp_async_wait<STAGES - 2>(); // this lane's copies of stage cs have landed
+            __syncwarp();                // and every lane's; all reads of the stage refilled below are done
+            issue();
+            const uint32_t st = ring + cs * kStageBytes;
+            cs = cs + 1 == STAGES ? 0 : cs + 1;
+            // Block scales of unit t, rows g and g + 8 (the quad shares them by shuffle).
+            float my_sa, my_sb;
+            if (u8) {
+                uint32_t qa, qb;
+                float a2a, a2b;
+                asm("ld.shared.u8 %0, [%1];" : "=r"(qa) : "r"(st + 2048 + 4 * g + t));
+                asm("ld.shared.u8 %0, [%1];" : "=r"(qb) : "r"(st + 2048 + 4 * (g + 8) + t));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(a2a) : "r"(st + 2048 + 64 + 4 * g));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(a2b) : "r"(st + 2048 + 64 + 4 * (g + 8)));
+                my_sa = __fadd_rn(__fmul_rn(c2[qa], a2a), offset);
+                my_sb = __fadd_rn(__fmul_rn(c2[qb], a2b), offset);
+            } else {
+                asm("ld.shared.f32 %0, [%1];" : "=f"(my_sa) : "r"(st + 2048 + 16 * g + 4 * t));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(my_sb) : "r"(st + 2048 + 16 * (g + 8) + 4 * t));
+            }
+#pragma unroll
+            for (int p = 0; p < P; ++p) {
+                uint2 wa, wb;
+                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(st + p * 512 + g * 32 + 8 * t));
+                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(st + p * 512 + (g + 8) * 32 + 8 * t));
+                const float sa = __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p);
+                const float sb = __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p);
+                uint32_t frag[4][4];
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
+                    const int byte = 2 * (s & 1);
+                    frag[s][0] = look(wA, byte), frag[s][1] = look(wB, byte);
+                    frag[s][2] = look(wA, byte + 1), frag[s][3] = look(wB, byte + 1);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    uint32_t own[8];
+                    const uint32_t *xs = xc[MT == 1 ? p : 0];
+                    if (MT > 1) load_x(mt, u0 + p, own), xs = own;
+                    float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                    for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
+                    acc[mt][0] = fmaf(sa, blk[0], acc[mt][0]);
+                    acc[mt][1] = fmaf(sa, blk[1], acc[mt][1]);
+                    acc[mt][2] = fmaf(sb, blk[2], acc[mt][2]);
+                    acc[mt][3] = fmaf(sb, blk[3], acc[mt][3]);
+                }
+            }
+        }
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
+    }
+    cp_async_wait<0>();
+#else
+    __trap(); // never launched: the host checks the code's architecture first
+#endif
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 nf4_matmul_generic_kernel(slothai_nf4_matmul_args a, Scales scales, int log2_bs, int64_t m_base)
@@ -486,13 +682,13 @@ template <typename T> bool tensor_cores_here()
 
 // The grid of a persistent kernel: as many CTAs as the card holds at once, or `tiles`
 // where fewer. `held` caches the count per device (one array per kernel).
-int64_t persistent_ctas(std::atomic<int> (&held)[8], const void *kernel, int threads, int64_t tiles)
+int64_t persistent_ctas(std::atomic<int> (&held)[8], const void *kernel, int threads, int64_t tiles, size_t smem = 0)
 {
     int dev = 0, per_sm = 0, sms = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return tiles;
     int n = dev < 8 ? held[dev].load(std::memory_order_relaxed) : 0;
     if (n <= 0) {
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess ||
             cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || per_sm * sms <= 0)
             return tiles;
         n = per_sm * sms;
@@ -524,6 +720,41 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+void launch_stream(const Segments<S> &seg, cudaStream_t s)
+{
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
+    static std::atomic<int> sized[8], held[8];
+    int dev = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        sized[dev].store(1, std::memory_order_relaxed);
+    }
+    const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
+    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
+    for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+        const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
+    }
+}
+
+// Whether the streaming kernel takes every product of a launch (its comment says what it needs).
+template <int S> bool stream_takes(const Segments<S> &seg)
+{
+    if (seg.a[0].k % (4 * kUnit)) return false;
+    for (int i = 0; i < S; ++i) {
+        const slothai_nf4_matmul_args &a = seg.a[i];
+        if (a.w.blocksize != kUnit || reinterpret_cast<uintptr_t>(a.w.packed) % 16) return false;
+        if (a.w.absmax_u8 ? reinterpret_cast<uintptr_t>(a.w.absmax_u8) % 4 || reinterpret_cast<uintptr_t>(a.w.absmax2) % 4 ||
+                                seg.sc[i].log2_bs2 < 2
+                          : reinterpret_cast<uintptr_t>(a.w.absmax_f32) % 16)
+            return false;
+        if ((a.w.absmax_u8 != nullptr) != (seg.a[0].w.absmax_u8 != nullptr)) return false;
+    }
+    return true;
+}
+
 // Tuning only (benchmarks/bench_nf4_matmul.py --sweep): SLOTHAI_NF4MM_CONFIG
 // picks another kernel for up to 16 rows; unset, the default (0).
 int tuning_config()
@@ -547,7 +778,16 @@ int tuning_config()
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
-    switch (S == 1 ? tuning_config() : 0) { // (the tuning configs for single products only: fewer kernels built)
+    const int config = tuning_config();
+    if (config == 3 && stream_takes(seg)) {
+        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
+        return;
+    }
+    if (config == 4 && stream_takes(seg)) {
+        two ? launch_stream<T, 2, 4, 3, S, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 4>(seg, s);
+        return;
+    }
+    switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
     case 1:
         if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
         break;
