@@ -59,9 +59,17 @@ def nbytes(w):
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def grouped_layer(ws, xs):
-    """The layer's calls as a compiled decode step makes them: one nf4_linear_group per group."""
-    return [lambda g=g: slothai.ops.nf4_linear_group(xs[g[0]], [ws[p] for p in g]) for g in GROUPS]
+def grouped_layer(ws, xs, rank=0):
+    """The layer's calls as a compiled decode step makes them: one nf4_linear_group per group
+    (with `rank`, each with a LoRA term of that rank in fp32, PEFT's default, its A(x) given)."""
+    if not rank:
+        return [lambda g=g: slothai.ops.nf4_linear_group(xs[g[0]], [ws[p] for p in g]) for g in GROUPS]
+    m = next(iter(xs.values())).shape[0]
+    lx = {p: torch.randn(m, rank, device="cuda") for p in ws}
+    lb = {p: torch.randn(w.quant_state.shape[0], rank, device="cuda") * 0.01 for p, w in ws.items()}
+    return [lambda g=g: slothai.ops.nf4_linear_group(xs[g[0]], [ws[p] for p in g], lora_x=[lx[p] for p in g],
+                                                     lora_b=[lb[p] for p in g], lora_scale=[2.0] * len(g))
+            for g in GROUPS]
 
 
 RUNS = {
@@ -139,7 +147,7 @@ def sweep():
     own process (the config is read once), slothai alone at each SWEEP_M; prints, writes nothing."""
     import subprocess
     scores = {}
-    for c in range(CONFIGS):
+    for c in [int(c) for c in os.environ.get("SWEEP_CONFIGS", "").split()] or range(CONFIGS):  # (a subset: SWEEP_CONFIGS="0 3")
         got = subprocess.run([sys.executable, os.path.abspath(__file__), "--sweep-child"], capture_output=True,
                              text=True, env=dict(os.environ, SLOTHAI_NF4MM_CONFIG=str(c)))
         print(got.stdout, end="", flush=True)
@@ -149,6 +157,8 @@ def sweep():
         scores[c] = float(got.stdout.split("SCORE ")[1].split()[0])
     nb = sum(nbytes(weight(*nk)) for nk in MODELS["llama-8b"].values())
     print(f"read-only kernel {read_gbps(nb):.0f} GB/s over {nb / 1e6:.1f} MB (an 8B layer's bytes)")
+    one = torch.zeros(1, device="cuda")  # the floor of a launch in these timings: a kernel that does ~nothing
+    print(f"one-element add: {graph_us([lambda: one.add_(1)]):.2f} us a launch (graph replay, back to back)")
     print(f"best {min(scores, key=scores.get) if scores else 'none'}  (sum of both layers' time at m = {SWEEP_M}: "
           + ", ".join(f"{c}: {v:.1f}" for c, v in scores.items()) + ")")
 
@@ -167,9 +177,11 @@ def sweep_child():
             per = [graph_us([lambda w=w, x=xs[p]: slothai.nf4_matmul(x, w)]) for p, w in ws.items()]
             layer = graph_us([lambda w=w, x=xs[p]: slothai.nf4_matmul(x, w) for p, w in ws.items()])
             grouped = graph_us(grouped_layer(ws, xs))
+            lora = graph_us(grouped_layer(ws, xs, rank=32))
             nb = sum(nbytes(w) for w in ws.values())
             score += layer
-            out.append(f"  {model} m={m}: layer {layer:.1f} us ({nb / layer / 1e3:.0f} GB/s), grouped {grouped:.1f}; "
+            out.append(f"  {model} m={m}: layer {layer:.1f} us ({nb / layer / 1e3:.0f} GB/s), grouped {grouped:.1f} "
+                       f"({nb / grouped / 1e3:.0f} GB/s), with fp32 LoRA r=32 {lora:.1f}; "
                        "per proj " + " ".join(f"{p[:-5]} {u:.1f}" for p, u in zip(ws, per)))
     print("\n".join(out) + f"\nSCORE {score:.2f}", flush=True)
 

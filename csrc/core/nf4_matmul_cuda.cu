@@ -113,24 +113,40 @@ template <> struct Tc<__half> {
     }
 };
 
-// The write of one output: the fp32 sum, the low-rank term and the bias, rounded once.
+// The low-rank term's share of lane qi of 4: sum over q = 8 qi .. 8 qi + 7 (mod 32) of
+// lora_x[i, q] lora_b[j, q], fp32 (its 16 loads at rank 32 issued together: one trip
+// to memory for the quad's output, not one a step of q).
+template <typename L>
+__device__ __forceinline__ float lora_share(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, int qi)
+{
+    const L *lx = static_cast<const L *>(a.lora_x) + i * a.r, *lb = static_cast<const L *>(a.lora_b) + j * a.r;
+    float low = 0.0f;
+    for (int64_t q0 = 8 * qi; q0 < a.r; q0 += 32)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (q0 + e < a.r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
+    return low;
+}
+
+// The write of one output: the fp32 sum, the low-rank term (`low`: lora_x[i] . lora_b[j]) and the
+// bias, rounded once.
+template <typename T>
+__device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, float acc, float low)
+{
+    if (a.lora_x) acc = fmaf(a.lora_scale, low, acc);
+    if (a.bias) acc += to_f(static_cast<const T *>(a.bias)[j]);
+    static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(acc);
+}
+
+// One output written by one thread (the generic kernel): its low-rank term in q order.
 template <typename T>
 __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, float acc)
 {
-    if (a.lora_x) {
-        float low = 0.0f;
-        if (a.lora_dtype == SLOTHAI_FLOAT32) { // fp32 LoRA weights over fp16 / bf16 x
-            const float *lx = static_cast<const float *>(a.lora_x) + i * a.r,
-                        *lb = static_cast<const float *>(a.lora_b) + j * a.r;
-            for (int64_t q = 0; q < a.r; ++q) low = fmaf(lx[q], lb[q], low);
-        } else {
-            const T *lx = static_cast<const T *>(a.lora_x) + i * a.r, *lb = static_cast<const T *>(a.lora_b) + j * a.r;
-            for (int64_t q = 0; q < a.r; ++q) low = fmaf(to_f(lx[q]), to_f(lb[q]), low);
-        }
-        acc = fmaf(a.lora_scale, low, acc);
-    }
-    if (a.bias) acc += to_f(static_cast<const T *>(a.bias)[j]);
-    static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(acc);
+    float l[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (a.lora_x)
+        for (int qi = 0; qi < 4; ++qi)
+            l[qi] = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
+    finish<T>(a, i, j, acc, (l[0] + l[1]) + (l[2] + l[3])); // the quads' order (meet_and_write)
 }
 
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
@@ -153,14 +169,24 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         r[8 * kTok + 1] = acc[mt][3];
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
-        const int row = idx & 15, tok = idx >> 4;
+    // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
+    // and writes. Rounds over the tile's live tokens only (the same count in every thread).
+    const int64_t live_tok = a.m - m0 < kTok ? a.m - m0 : kTok;
+    const int qi = threadIdx.x & 3;
+    for (int base = 0; base < 16 * live_tok; base += WARPS * 8) {
+        const int idx = base + (threadIdx.x >> 2), row = idx & 15, tok = idx >> 4;
         const int64_t j = n0 + row, i = m0 + tok;
-        if (j >= a.n || i >= a.m) continue;
+        const bool live = idx < 16 * live_tok && j < a.n;
+        float low = 0.0f;
+        if (live && a.lora_x)
+            low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
+        low += __shfl_xor_sync(0xffffffffu, low, 1);
+        low += __shfl_xor_sync(0xffffffffu, low, 2);
+        if (!live || qi) continue;
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
-        finish<T>(a, i, j, sum);
+        finish<T>(a, i, j, sum, low);
     }
 }
 
