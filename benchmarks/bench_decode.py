@@ -41,7 +41,7 @@ RUNS = {
     "slothai-full": "as slothai, the whole decode step compiled (configure(compile='full'))",
     "slothai-eager": "as slothai, the decode step not compiled, still one CUDA graph (configure(compile=None))",
     "slothai-bf16a": "as slothai, the LoRA weights in bf16 (as TRL's trainers cast them on 4-bit models; PEFT's "
-                     "default keeps them fp32, whose term slothai leaves to PEFT's forward)",
+                     "default keeps them fp32, which the 4-bit op also takes when no gradient is needed)",
     "transformers": "transformers + PEFT + bitsandbytes generate(), as users run it",
     "unsloth": "Unsloth FastLanguageModel.for_inference(model), then generate()",
 }
@@ -141,6 +141,12 @@ def profile_decode(call, new):
                              for n, c, us in sorted(top, key=lambda t: -t[2])[:25]])
 
 
+def compile_seconds():
+    """Seconds torch.compile has spent in this process so far (dynamo's own tally, inductor included)."""
+    from torch._dynamo.utils import compilation_time_metrics
+    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
+
+
 def worker(args):
     run = args.run
     model = build(run, args.path, args.device, args.dtype_obj())  # Unsloth first: before transformers
@@ -172,14 +178,16 @@ def worker(args):
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        compiled_before = compile_seconds()
         first, out = call(args.new)
+        first_compile = compile_seconds() - compiled_before
         times = [call(args.new)[0] for _ in range(args.reps)]
         prefill = statistics.median(call(1)[0] for _ in range(args.reps))
         seconds = statistics.median(times)
         row = dict(run=run, batch=batch, new_tokens=args.new, prompt=args.prompt,
                    tokens_per_s=batch * args.new / seconds,
                    decode_tokens_per_s=batch * (args.new - 1) / max(1e-9, seconds - prefill), seconds=seconds,
-                   times=times, prefill_s=prefill, first_call_s=first,
+                   times=times, prefill_s=prefill, first_call_s=first, first_call_compile_s=first_compile,
                    peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
                    head_tokens=out[0, args.prompt:args.prompt + 16].tolist())
         if args.profile:
@@ -192,7 +200,8 @@ def worker(args):
         rec["rows"].append(row)
         print(f"  [{run}] batch {batch}: {row['tokens_per_s']:.0f} tokens/s "
               f"({row['decode_tokens_per_s']:.0f} decoding), "
-              f"first call {first:.2f} s, peak {row['peak_gb'] or 0:.2f} GB", flush=True)
+              f"first call {first:.2f} s ({first_compile:.2f} of it torch.compile), peak {row['peak_gb'] or 0:.2f} GB",
+              flush=True)
         if run.startswith("slothai"):
             slothai.generation.release(model)  # each batch's memory its own
     with open(args.out, "w") as f:
