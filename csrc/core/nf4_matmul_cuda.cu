@@ -321,6 +321,88 @@ template <int S> struct Segments {
     int64_t tiles_before[S + 1]; // [s]: the tiles of products 0..s-1; [S]: all
 };
 
+// What the decode kernels (nf4_decode_kernel, nf4_stream_kernel) share.
+
+// The pair table, [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16, 16 bytes a store
+// (a quarter-warp fills one byte's 32-lane row, conflict-free); each product's code2.
+template <typename T, int S>
+__device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256], const Segments<S> &seg)
+{
+    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+        const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
+        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
+    }
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+        if (seg.sc[s].u8)
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[s][i] = __ldg(seg.sc[s].code2 + i);
+}
+
+// A code byte's register of two T(levels): the table row of byte b is at base + 128 b (a
+// 32-bit shared address: one byte permute, one multiply-add, one shared load).
+struct Lut {
+    uint32_t base;
+    __device__ explicit Lut(const uint32_t *table)
+        : base(static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * (threadIdx.x & 31)) {}
+    __device__ __forceinline__ uint32_t operator()(uint32_t w, int byte) const
+    {
+        uint32_t v;
+        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(base + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
+        return v;
+    }
+};
+
+// x of this lane's token in each of MT tiles of 8 (lane (g, t): token g, 16 values a unit
+// from 16 t, 8 uint4 a unit apart); zeros past M.
+template <typename T, int MT> struct XRows {
+    bool has[MT];
+    const uint4 *row[MT];
+    __device__ XRows(const void *x, int64_t m0, int64_t M, int64_t K, int g, int t)
+    {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            has[mt] = m0 + 8 * mt + g < M;
+            row[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(x) + (has[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
+        }
+    }
+    __device__ __forceinline__ void load(int mt, int64_t u, uint32_t (&xs)[8]) const
+    {
+        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+        if (has[mt]) x0 = __ldg(row[mt] + 8 * u), x1 = __ldg(row[mt] + 8 * u + 1);
+        xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
+    }
+};
+
+// One unit (64 k) of rows g and g + 8 from their code bytes wa, wb: the A fragments of its 4
+// steps of k16, the products with each token tile's x (given for one tile, loaded here for
+// more), scaled into acc by the rows' block scales.
+template <typename T, int MT>
+__device__ __forceinline__ void unit_product(const Lut &look, const XRows<T, MT> &x, int64_t u, uint2 wa, uint2 wb,
+                                             const uint32_t (&x_ahead)[8], float sa, float sb, float (&acc)[MT][4])
+{
+    uint32_t frag[4][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
+        const int byte = 2 * (s & 1);
+        frag[s][0] = look(wA, byte), frag[s][1] = look(wB, byte);
+        frag[s][2] = look(wA, byte + 1), frag[s][3] = look(wB, byte + 1);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        uint32_t own[8];
+        const uint32_t *xs = x_ahead;
+        if (MT > 1) x.load(mt, u, own), xs = own;
+        float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
+        acc[mt][0] = fmaf(sa, blk[0], acc[mt][0]);
+        acc[mt][1] = fmaf(sa, blk[1], acc[mt][1]);
+        acc[mt][2] = fmaf(sb, blk[2], acc[mt][2]);
+        acc[mt][3] = fmaf(sb, blk[3], acc[mt][3]);
+    }
+}
+
 // Decode kernel (up to 16 rows: MT tiles of 8 tokens sharing each A fragment; the
 // default for 1..16 rows). The tensor-core kernel's unit, fragments and 16-feature
 // tiles, with half the instructions a unit (86 SASS instructions against 167 at one
@@ -351,40 +433,14 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     __shared__ float code2[S][256];
     __shared__ float red[WARPS * 16 * kTok];
     const Scales sc0 = seg.sc[0].at();
-    // The table, 16 bytes a store: a quarter-warp fills one byte's 32-lane row (conflict-free).
-    for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
-        const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
-        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
-    }
-#pragma unroll
-    for (int s = 0; s < S; ++s)
-        if (seg.sc[s].u8)
-            for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[s][i] = __ldg(seg.sc[s].code2 + i);
+    build_tables<T, S>(table, code2, seg);
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit;
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
-    // The table row of byte b is at lut + 128 b (a 32-bit shared address: one multiply-add).
-    const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * lane;
-    auto look = [&](uint32_t w, int byte) {
-        uint32_t v;
-        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
-        return v;
-    };
-    // This lane's token of each tile of 8: 16 x values a unit, 8 uint4 a unit apart; none past M.
-    bool has_x[MT];
-    const uint4 *xr[MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        has_x[mt] = m0 + 8 * mt + g < M;
-        xr[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(seg.a[0].x) + (has_x[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
-    }
-    auto load_x = [&](int mt, int64_t u, uint32_t (&xs)[8]) {
-        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
-        if (has_x[mt]) x0 = __ldg(xr[mt] + 8 * u), x1 = __ldg(xr[mt] + 8 * u + 1);
-        xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
-    };
+    const Lut look(table);
+    const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int prod = 0; // the product this tile belongs to
@@ -399,35 +455,10 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         const uint8_t *pa = a.w.packed + ra * (K / 2) + 8 * t, *pb = a.w.packed + rb * (K / 2) + 8 * t;
         const int64_t qa = ra * units, qb = rb * units;
         float acc[MT][4] = {};
-        // One unit: its A fragments (4 steps of k16), the products with each tile's x (given
-        // for one tile, loaded here for more), the block scales.
-        auto unit = [&](int64_t u, uint2 wa, uint2 wb, const uint32_t (&x_ahead)[8], float sa, float sb) {
-            uint32_t frag[4][4];
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
-                const int byte = 2 * (s & 1);
-                frag[s][0] = look(wA, byte), frag[s][1] = look(wB, byte);
-                frag[s][2] = look(wA, byte + 1), frag[s][3] = look(wB, byte + 1);
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                uint32_t own[8];
-                const uint32_t *xs = x_ahead;
-                if (MT > 1) load_x(mt, u, own), xs = own;
-                float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
-                acc[mt][0] = fmaf(sa, blk[0], acc[mt][0]);
-                acc[mt][1] = fmaf(sa, blk[1], acc[mt][1]);
-                acc[mt][2] = fmaf(sb, blk[2], acc[mt][2]);
-                acc[mt][3] = fmaf(sb, blk[3], acc[mt][3]);
-            }
-        };
         auto load_unit = [&](int64_t u, uint2 &wa, uint2 &wb, uint32_t (&xs)[8]) {
             wa = __ldg(reinterpret_cast<const uint2 *>(pa + u * (kUnit / 2)));
             wb = __ldg(reinterpret_cast<const uint2 *>(pb + u * (kUnit / 2)));
-            if (MT == 1) load_x(0, u, xs);
+            if (MT == 1) x.load(0, u, xs);
         };
         int64_t u0 = warp * P;
         for (; u0 + P <= units; u0 += WARPS * P) {
@@ -438,14 +469,14 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             const float my_sa = sc((qa + u0 + t) >> unit_shift, c2), my_sb = sc((qb + u0 + t) >> unit_shift, c2);
 #pragma unroll
             for (int p = 0; p < P; ++p)
-                unit(u0 + p, wa[p], wb[p], xs[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
-                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p));
+                unit_product<T, MT>(look, x, u0 + p, wa[p], wb[p], xs[p], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
+                                    __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
         }
         for (int64_t u = u0; u < units && u < u0 + P; ++u) { // the warp's partial batch
             uint2 wa, wb;
             uint32_t xs[8];
             load_unit(u, wa, wb, xs);
-            unit(u, wa, wb, xs, sc((qa + u) >> unit_shift, c2), sc((qb + u) >> unit_shift, c2));
+            unit_product<T, MT>(look, x, u, wa, wb, xs, sc((qa + u) >> unit_shift, c2), sc((qb + u) >> unit_shift, c2), acc);
         }
 
         meet_and_write<T, MT, WARPS>(a, red, acc, n0, m0);
@@ -502,7 +533,9 @@ template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
+#endif
     constexpr int P = 4, kTok = 8 * MT;
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t *table = reinterpret_cast<uint32_t *>(smem);
@@ -546,35 +579,13 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
-    for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
-        const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
-        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
-    }
-#pragma unroll
-    for (int s = 0; s < S; ++s)
-        if (seg.sc[s].u8)
-            for (int i = threadIdx.x; i < 256; i += WARPS * 32) code2[s][i] = __ldg(seg.sc[s].code2 + i);
+    build_tables<T, S>(table, code2, seg);
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
-    const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * lane;
-    auto look = [&](uint32_t w, int byte) {
-        uint32_t v;
-        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
-        return v;
-    };
-    bool has_x[MT];
-    const uint4 *xr[MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        has_x[mt] = m0 + 8 * mt + g < M;
-        xr[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(seg.a[0].x) + (has_x[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
-    }
-    auto load_x = [&](int mt, int64_t u, uint32_t(&xs)[8]) {
-        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
-        if (has_x[mt]) x0 = __ldg(xr[mt] + 8 * u), x1 = __ldg(xr[mt] + 8 * u + 1);
-        xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
-    };
+    const Lut look(table);
+    const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
+
     int cs = 0; // the stage this warp computes next
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int prod = 0;
@@ -589,7 +600,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             uint32_t xc[MT == 1 ? P : 1][8]; // one tile of tokens: x of the batch, loaded (L2) while its codes land
             if constexpr (MT == 1)
 #pragma unroll
-                for (int p = 0; p < P; ++p) load_x(0, u0 + p, xc[p]);
+                for (int p = 0; p < P; ++p) x.load(0, u0 + p, xc[p]);
             cp_async_wait<STAGES - 2>(); // this lane's copies of stage cs have landed
             __syncwarp();                // and every lane's; all reads of the stage refilled below are done
             issue();
@@ -615,37 +626,13 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                 uint2 wa, wb;
                 asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(st + p * 512 + g * 32 + 8 * t));
                 asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(st + p * 512 + (g + 8) * 32 + 8 * t));
-                const float sa = __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p);
-                const float sb = __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p);
-                uint32_t frag[4][4];
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const uint32_t wA = s < 2 ? wa.x : wa.y, wB = s < 2 ? wb.x : wb.y;
-                    const int byte = 2 * (s & 1);
-                    frag[s][0] = look(wA, byte), frag[s][1] = look(wB, byte);
-                    frag[s][2] = look(wA, byte + 1), frag[s][3] = look(wB, byte + 1);
-                }
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    uint32_t own[8];
-                    const uint32_t *xs = xc[MT == 1 ? p : 0];
-                    if (MT > 1) load_x(mt, u0 + p, own), xs = own;
-                    float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                    for (int s = 0; s < 4; ++s) Tc<T>::mma(blk, frag[s], xs[2 * s], xs[2 * s + 1]);
-                    acc[mt][0] = fmaf(sa, blk[0], acc[mt][0]);
-                    acc[mt][1] = fmaf(sa, blk[1], acc[mt][1]);
-                    acc[mt][2] = fmaf(sb, blk[2], acc[mt][2]);
-                    acc[mt][3] = fmaf(sb, blk[3], acc[mt][3]);
-                }
+                unit_product<T, MT>(look, x, u0 + p, wa, wb, xc[MT == 1 ? p : 0], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
+                                    __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
         meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
     }
     cp_async_wait<0>();
-#else
-    __trap(); // never launched: the host checks the code's architecture first
-#endif
 }
 
 template <typename T>
