@@ -324,18 +324,18 @@ template <int S> struct Segments {
 // What the decode kernels (nf4_decode_kernel, nf4_stream_kernel) share.
 
 // The pair table, [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16, 16 bytes a store
-// (a quarter-warp fills one byte's 32-lane row, conflict-free); each product's code2.
-template <typename T, int S>
+// (a quarter-warp fills one byte's 32-lane row, conflict-free); each product's code2. THREADS: the CTA's.
+template <typename T, int S, int THREADS>
 __device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256], const Segments<S> &seg)
 {
-    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
         const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
         reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
     }
 #pragma unroll
     for (int s = 0; s < S; ++s)
         if (seg.sc[s].u8)
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[s][i] = __ldg(seg.sc[s].code2 + i);
+            for (int i = threadIdx.x; i < 256; i += THREADS) code2[s][i] = __ldg(seg.sc[s].code2 + i);
 }
 
 // A code byte's register of two T(levels): the table row of byte b is at base + 128 b (a
@@ -433,7 +433,7 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     __shared__ float code2[S][256];
     __shared__ float red[WARPS * 16 * kTok];
     const Scales sc0 = seg.sc[0].at();
-    build_tables<T, S>(table, code2, seg);
+    build_tables<T, S, WARPS * 32>(table, code2, seg);
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -579,7 +579,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
-    build_tables<T, S>(table, code2, seg);
+    build_tables<T, S, WARPS * 32>(table, code2, seg);
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
