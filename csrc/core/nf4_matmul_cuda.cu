@@ -784,10 +784,12 @@ int tuning_config()
 // 2026-12-05, benchmarks/results/nf4_matmul_sweep_h200.txt), the 8B layer's seven projections:
 // at one row 91.9 us with 8 warps against 98.5 with 4; at 16 rows 148.1 with 4 against 187.4
 // with 8 (1B layer: 60.2 against 64.3); the tensor-core kernel 129.0 at one row.
-// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel. Tried and
-// taken out: loading a warp's next batch of codes and scale bytes before computing this one,
-// across tiles too (H100, 2026-12-06, nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4
-// against 96.7 us, 1B 44.2 against 40.0; the latency is not what this loop waits on).
+// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel, 3 and 4 the
+// streaming kernel with 3 and 4 stages (where it takes the launch; single and grouped products;
+// not yet timed). Tried and taken out: loading a warp's next batch of codes and scale bytes into
+// registers before computing this one, across tiles too (H100, 2026-12-06,
+// nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4 against 96.7 us, 1B 44.2 against
+// 40.0; the kernel is at its register cap, so that batch bought no more bytes in flight).
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
