@@ -789,7 +789,8 @@ int tuning_config()
 // not yet timed). Tried and taken out: loading a warp's next batch of codes and scale bytes into
 // registers before computing this one, across tiles too (H100, 2026-12-06,
 // nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4 against 96.7 us, 1B 44.2 against
-// 40.0; the kernel is at its register cap, so that batch bought no more bytes in flight).
+// 40.0; why is not known: the kernel sits at its register cap, so a second batch held in
+// registers may have bought no more bytes in flight -- the streaming kernel tests that).
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
