@@ -19,6 +19,7 @@ import functools
 import torch
 
 from ..ops import nf4_linear
+from ..ops.nf4_matmul import low_rank_dtype
 from ..ops.nf4_weight import copy_params4bit_
 from .classes import kind_of, register_kind
 
@@ -96,7 +97,7 @@ def _fp32_adapter_for_inference(lora_a, lora_b, dtype):
     the base's fp32 sum unrounded -- PEFT rounds it to the compute dtype, then rounds the
     sum again. With gradients (training) such adapters keep PEFT's own forward."""
     return not torch.is_grad_enabled() and lora_a.dtype == lora_b.dtype == torch.float32 and \
-        dtype in (torch.float16, torch.bfloat16)
+        dtype != torch.float32 and low_rank_dtype(dtype, torch.float32) == torch.float32  # (the op's own rule)
 
 
 def _lora_down(lora_a, x, dtype):
