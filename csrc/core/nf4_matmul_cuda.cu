@@ -779,28 +779,33 @@ int tuning_config()
     return c;
 }
 
-// Up to 16 rows: the decode kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM;
-// two tiles (9-16 rows): 4 warps, 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H200,
-// 2026-12-05, benchmarks/results/nf4_matmul_sweep_h200.txt), the 8B layer's seven projections:
-// at one row 91.9 us with 8 warps against 98.5 with 4; at 16 rows 148.1 with 4 against 187.4
-// with 8 (1B layer: 60.2 against 64.3); the tensor-core kernel 129.0 at one row.
-// SLOTHAI_NF4MM_CONFIG 1 swaps the two warp counts, 2 takes the tensor-core kernel, 3 and 4 the
-// streaming kernel with 3 and 4 stages (where it takes the launch; single and grouped products;
-// not yet timed). Tried and taken out: loading a warp's next batch of codes and scale bytes into
-// registers before computing this one, across tiles too (H100, 2026-12-06,
-// nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4 against 96.7 us, 1B 44.2 against
-// 40.0; why is not known: the kernel sits at its register cap, so a second batch held in
-// registers may have bought no more bytes in flight -- the streaming kernel tests that).
+// Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
+// in_features a multiple of 256: every Llama / Mistral / Qwen projection), else the decode
+// kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
+// 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100, 2026-12-06, the wheel of 520b68b,
+// benchmarks/results/nf4_matmul_sweep_h100_stream.txt), the 8B layer's seven projections grouped
+// as the patch groups them: at one row 72.9 us streaming against 84.4 for the decode kernel
+// (1544 against 1334 GB/s), at 16 rows 124.7 against 136.6; the 1B layer 29.8 against 32.0 and
+// 53.1 against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the decode kernel
+// at one row 91.9 us with 8 warps against 98.5 with 4, at 16 rows 148.1 with 4 against 187.4
+// with 8; the tensor-core kernel 129.0 at one row.
+// Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
+// tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
+// default before the streaming kernel), 4 the streaming kernel with 4 stages.
+// Tried and taken out: loading a warp's next batch of codes and scale bytes into registers
+// before computing this one (H100, 2026-12-06, nf4_matmul_sweep_h100_pipe.txt: 8B layer at one
+// row 96.4 against 96.7 us, 1B 44.2 against 40.0). The decode kernel sits at its register cap
+// (128 a thread), so a second batch held in registers bought no more bytes in flight; the
+// streaming kernel holds its batches in shared memory instead, and gained.
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if (config == 3 && stream_takes(seg)) {
-        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
-        return;
-    }
-    if (config == 4 && stream_takes(seg)) {
-        two ? launch_stream<T, 2, 4, 3, S, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 4>(seg, s);
+    if ((config == 0 || config == 4) && stream_takes(seg)) {
+        if (config == 4)
+            two ? launch_stream<T, 2, 4, 3, S, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 4>(seg, s);
+        else
+            two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
