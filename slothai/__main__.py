@@ -87,7 +87,8 @@ def info(args):
     print(f"C module: {os.path.basename(_C.__file__)}; CUDA libraries: {', '.join(built) or 'none (a CPU build)'}")
     if torch.version.cuda is None:
         return
-    print(f"for CUDA {torch.version.cuda}: {os.path.basename(path)}" + ("" if os.path.exists(path) else " MISSING"))
+    chosen = f" (SLOTHAI_CUDA_VERSION={kernels.cuda_major()})" if os.environ.get("SLOTHAI_CUDA_VERSION") else ""
+    print(f"for CUDA {torch.version.cuda}{chosen}: {os.path.basename(path)}" + ("" if os.path.exists(path) else " MISSING"))
     if torch.cuda.is_available():
         kernels._load_cuda()
         x = torch.ones(4, device="cuda")

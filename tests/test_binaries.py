@@ -144,6 +144,18 @@ def test_the_cuda_library_of_torchs_major_is_the_one_chosen(monkeypatch, tmp_pat
         kernels._load_cuda()
 
 
+def test_slothai_cuda_version_picks_the_other_majors_library(monkeypatch, tmp_path):
+    # As bitsandbytes' BNB_CUDA_VERSION: the CUDA 12 library in a CUDA 13 torch process (its
+    # runtime found by the dynamic linker), how the GPU machine's CUDA 13 image tests it.
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(kernels, "CUDA_LIBRARY", str(tmp_path / "libslothai_cuda{major}.so"))
+    monkeypatch.setenv("SLOTHAI_CUDA_VERSION", "12")
+    assert kernels.cuda_library() == (str(tmp_path / "libslothai_cuda12.so"), [])
+    (tmp_path / "libslothai_cuda13.so").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"SLOTHAI_CUDA_VERSION=12\): libslothai_cuda12\.so is not in"):
+        kernels._load_cuda()
+
+
 # The limited-API claim, tested: `_C` (which needs no torch) loaded by every other
 # CPython >= 3.10 on the machine, scaling a buffer through the core.
 _SCALE_WITHOUT_TORCH = """

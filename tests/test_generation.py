@@ -622,6 +622,8 @@ def test_cuda_graphs_replay_the_uncaptured_step_and_match_the_training_forward(c
 
 @cuda
 def test_cuda_graphs_see_lora_updates_and_adapter_switches():
+    # The graph counts first: the reference checks below go through configure() and
+    # unpatch / patch, which give every recorded graph back.
     model = _cuda_model()
     ids, mask = (t.cuda() for t in _left_padded())
     CALLS.clear()
@@ -633,19 +635,26 @@ def test_cuda_graphs_see_lora_updates_and_adapter_switches():
     updated = _cuda_generate(model, ids, mask)
     assert CALLS["slothai, graph recorded"] == 1 and CALLS["slothai, graph replayed"] == 1, CALLS
     assert not all(torch.equal(a, b) for a, b in zip(first.logits, updated.logits))
-    _assert_same(updated, _uncaptured(model, ids, mask))
-    _assert_matches_training_forward(model, updated, ids, mask)
     with model.disable_adapter():  # a graph of its own, recorded with the adapter off
         base = _cuda_generate(model, ids, mask)
-        _assert_same(base, _uncaptured(model, ids, mask))
-        _assert_matches_training_forward(model, base, ids, mask)
     assert CALLS["slothai, graph recorded"] == 2, CALLS
     _assert_same(_cuda_generate(model, ids, mask), updated)  # the adapter's graph again
-    assert CALLS["slothai, graph recorded"] == 2, CALLS
+    assert CALLS["slothai, graph recorded"] == 2 and CALLS["slothai, graph replayed"] == 2, CALLS
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
-    layer.lora_B["default"].weight = torch.nn.Parameter(layer.lora_B["default"].weight.detach() + 0.1)
+    kept = layer.lora_B["default"].weight
+    layer.lora_B["default"].weight = torch.nn.Parameter(kept.detach() + 0.1)
     replaced = _cuda_generate(model, ids, mask)  # a new Parameter: recorded again, not read stale
     assert CALLS["slothai, graph recorded"] == 3, CALLS
+    layer.lora_B["default"].weight = kept
+    _assert_same(_cuda_generate(model, ids, mask), updated)  # the old Parameter back: its graph
+    assert CALLS["slothai, graph recorded"] == 3 and CALLS["slothai, graph replayed"] == 3, CALLS
+
+    _assert_same(updated, _uncaptured(model, ids, mask))
+    _assert_matches_training_forward(model, updated, ids, mask)
+    with model.disable_adapter():
+        _assert_same(base, _uncaptured(model, ids, mask))
+        _assert_matches_training_forward(model, base, ids, mask)
+    layer.lora_B["default"].weight = torch.nn.Parameter(kept.detach() + 0.1)
     _assert_same(replaced, _uncaptured(model, ids, mask))
 
 
@@ -696,3 +705,33 @@ def test_cuda_graphs_and_cache_memory_is_given_back():
     assert before <= start + (34 << 20), (start, before)  # cuBLAS's workspace: 32 MiB at most (Hopper)
     for _ in range(2):
         assert cycle() <= before + (2 << 20), (before, torch.cuda.memory_reserved())
+
+
+@pytest.mark.parametrize("mask_form", ["bool", "additive"])
+def test_compiled_grouped_decode_attention_equals_float64_attention(mask_form, monkeypatch):
+    # The decode step's attention as it runs compiled: one query a row, 3 query heads a
+    # key/value head, an awkward slot count and head dim, rows seeing different slots;
+    # against float64 attention over keys and values repeated per query head (transformers'
+    # repeat_kv), not the grouped layout.
+    from slothai.generation import attention
+
+    monkeypatch.setattr(attention, "DECODE_FORM", "matmul")  # (SLOTHAI_DECODE_ATTENTION)
+    torch.manual_seed(0)
+    rows, kv, groups, slots, d = 3, 2, 3, 37, 24
+    q = torch.randn(rows, kv * groups, 1, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(rows, kv, slots, d, dtype=torch.bfloat16) for _ in range(2))
+    seen = torch.rand(rows, 1, 1, slots) < 0.6
+    seen[..., 7] = True
+    mask = seen if mask_form == "bool" else (~seen).to(torch.bfloat16) * torch.finfo(torch.bfloat16).min
+    scale = 0.3
+    kr, vr = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = (q.double() @ kr.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    want = (torch.softmax(scores, -1) @ vr).transpose(1, 2)  # [rows, 1, heads, d], as transformers returns it
+    module = torch.nn.Module().eval()
+    compiled = torch.compile(attention.decode_attention, fullgraph=True, backend="eager")
+    got, _ = compiled(module, q, k, v, mask, scaling=scale)
+    sdpa, _ = attention.decode_attention(module, q, k, v, mask, scaling=scale)  # eager: the SDPA call
+    assert got.shape == sdpa.shape == want.shape and got.dtype == torch.bfloat16
+    worst = float((sdpa.double() - want).abs().max())
+    err = float((got.double() - want).abs().max())
+    assert err <= 4 * worst + 1e-2, (err, worst)  # bf16 scores (transformers' eager attention)

@@ -19,11 +19,25 @@ is read once, where transformers' SDPA path repeats every key and value `groups`
 first (a copy of the whole cache per layer per token when compiled, and in
 transformers < 5.20 always). Anything else (prefill, no grouping) is transformers'
 SDPA attention.
+
+SLOTHAI_DECODE_ATTENTION=matmul (tuning only, read once) writes that grouped attention, when
+compiled, as transformers' eager attention computes it (`_grouped_decode_matmul`: bf16
+scores, fp32 softmax) instead of the SDPA call. A decode step is one query a row, so
+flash / cuDNN tiles are mostly empty: inside the 1B decode step cuDNN took 11.7 us a
+layer, 16 at 8B, for 0.7 and 2.6 MB of keys and values. Measured (H100, 2026-12-06,
+docs/measurements.md, Generation): 1B batch 1, 745 decode tokens/s against 679.
+Not the default until its CUDA tests have run and 8B is measured.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 DECODE_ATTENTION = "slothai_sdpa"
+DECODE_FORMS = ("sdpa", "matmul")
+DECODE_FORM = os.environ.get("SLOTHAI_DECODE_ATTENTION", "sdpa")  # tuning only: read once
+if DECODE_FORM not in DECODE_FORMS:
+    raise ValueError(f"SLOTHAI_DECODE_ATTENTION={DECODE_FORM!r}: one of {DECODE_FORMS}")
 
 # What each attention implementation takes as a mask.
 MASK_FORMS = {"sdpa": "bool", DECODE_ATTENTION: "bool", "eager": "additive"}
@@ -39,9 +53,29 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling)
+    if DECODE_FORM != "sdpa" and torch.compiler.is_compiling() and not (module.training and dropout):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = _grouped_decode_matmul(grouped, key, value, attention_mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling)
     return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _masked(scores, mask):
+    if mask is None:
+        return scores
+    return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+
+
+def _grouped_decode_matmul(q, k, v, mask, scale):
+    """softmax(q k^T scale + mask) v, one query a row, as transformers' eager attention
+    computes it: q [rows, kv heads, groups, d] against k, v [rows, kv heads, slots, d], mask
+    [rows, 1, 1, slots] (True: seen) or additive; scores a bf16 / fp16 product, the softmax in
+    fp32, rounded to the input dtype before its product with v."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    p = torch.softmax(_masked(scores.float(), mask), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
 
 
 _REGISTERED = []

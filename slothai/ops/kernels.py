@@ -54,10 +54,17 @@ def rows_of(x):
 _cuda_loaded = False
 
 
+def cuda_major():
+    """The CUDA major whose kernels load: torch's, or SLOTHAI_CUDA_VERSION's (as bitsandbytes'
+    BNB_CUDA_VERSION: the other major's library, its libcudart.so.<major> found by the dynamic
+    linker, e.g. on LD_LIBRARY_PATH; for testing that library in this process)."""
+    return os.environ.get("SLOTHAI_CUDA_VERSION") or (torch.version.cuda or "").split(".")[0]
+
+
 def cuda_library():
-    """The CUDA kernels' library for torch's CUDA major (a path; it may not exist), and
-    every one this install carries."""
-    path = CUDA_LIBRARY.format(major=(torch.version.cuda or "").split(".")[0])
+    """The CUDA kernels' library for `cuda_major()` (a path; it may not exist), and every one
+    this install carries."""
+    path = CUDA_LIBRARY.format(major=cuda_major())
     folder = os.path.dirname(path)
     return path, sorted(f for f in os.listdir(folder) if f.endswith(".so")) if os.path.isdir(folder) else []
 
@@ -65,10 +72,12 @@ def cuda_library():
 def _load_cuda():
     global _cuda_loaded
     path, built = cuda_library()
-    major = (torch.version.cuda or "").split(".")[0]
+    major = cuda_major()
     if not os.path.exists(path):
+        chosen = f"SLOTHAI_CUDA_VERSION={major}" if os.environ.get("SLOTHAI_CUDA_VERSION") else \
+            f"CUDA {torch.version.cuda}"
         raise RuntimeError(
-            f"slothai has no CUDA kernels for this torch ({torch.__version__}, CUDA {torch.version.cuda}): "
+            f"slothai has no CUDA kernels for this torch ({torch.__version__}, {chosen}): "
             f"{os.path.basename(path)} is not in {os.path.dirname(path)} (built: {built or 'none'}). Install a "
             f"slothai wheel, or build from source with an nvcc {major}.x (README, Install)")
     _C.load_cuda(path)
