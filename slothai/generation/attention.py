@@ -22,7 +22,8 @@ SDPA attention.
 
 SLOTHAI_DECODE_ATTENTION=matmul (tuning only, read once) writes that grouped attention, when
 compiled, as transformers' eager attention computes it (`_grouped_decode_matmul`: bf16
-scores, fp32 softmax) instead of the SDPA call. A decode step is one query a row, so
+scores, fp32 softmax) instead of the SDPA call; "matmul32" the same with fp32 scores, as
+flash attention keeps them (`_grouped_decode_matmul32`; not yet run on a GPU). A decode step is one query a row, so
 flash / cuDNN tiles are mostly empty: inside the 1B decode step cuDNN took 11.7 us a
 layer, 16 at 8B, for 0.7 and 2.6 MB of keys and values. Measured (H100, 2026-12-06,
 docs/measurements.md, Generation): 1B batch 1, 745 decode tokens/s against 679.
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 DECODE_ATTENTION = "slothai_sdpa"
-DECODE_FORMS = ("sdpa", "matmul")
+DECODE_FORMS = ("sdpa", "matmul", "matmul32")
 DECODE_FORM = os.environ.get("SLOTHAI_DECODE_ATTENTION", "sdpa")  # tuning only: read once
 if DECODE_FORM not in DECODE_FORMS:
     raise ValueError(f"SLOTHAI_DECODE_ATTENTION={DECODE_FORM!r}: one of {DECODE_FORMS}")
@@ -55,7 +56,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
     if DECODE_FORM != "sdpa" and torch.compiler.is_compiling() and not (module.training and dropout):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = _grouped_decode_matmul(grouped, key, value, attention_mask, scale)
+        form = _grouped_decode_matmul if DECODE_FORM == "matmul" else _grouped_decode_matmul32
+        out = form(grouped, key, value, attention_mask, scale)
     else:
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                              scale=scaling)
@@ -145,3 +147,20 @@ def decode_masks(layout, mask, slots, cur, dtype):
         ok = seen if window is None else seen & (slots > cur - window)
         out[kind] = _form(ok[:, None, None, :], form, dtype)
     return out[None] if None in out else out
+
+
+def _grouped_decode_matmul32(q, k, v, mask, scale):
+    """The same with flash attention's arithmetic: the scores the fp32 sums of the bf16 / fp16
+    products, unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the
+    same products), the softmax in fp32, the probabilities rounded to the input dtype for their
+    product with v (an fp32 sum, one rounding)."""
+    rows, kv, groups, d = q.shape
+    slots = k.shape[2]
+    q3, k3 = q.reshape(rows * kv, groups, d), k.reshape(rows * kv, slots, d).transpose(1, 2)
+    if q.is_cuda:
+        scores = torch.bmm(q3, k3, out_dtype=torch.float32)
+    else:  # (bmm's out_dtype is CUDA's alone)
+        scores = torch.bmm(q3.float(), k3.float())
+    scores = scores.reshape(rows, kv, groups, slots) * scale
+    p = torch.softmax(_masked(scores, mask), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
