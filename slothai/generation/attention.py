@@ -23,11 +23,12 @@ SDPA attention.
 SLOTHAI_DECODE_ATTENTION=matmul (tuning only, read once) writes that grouped attention, when
 compiled, as transformers' eager attention computes it (`_grouped_decode_matmul`: bf16
 scores, fp32 softmax) instead of the SDPA call; "matmul32" the same with fp32 scores, as
-flash attention keeps them (`_grouped_decode_matmul32`; not yet run on a GPU). A decode step is one query a row, so
-flash / cuDNN tiles are mostly empty: inside the 1B decode step cuDNN took 11.7 us a
-layer, 16 at 8B, for 0.7 and 2.6 MB of keys and values. Measured (H100, 2026-12-06,
-docs/measurements.md, Generation): 1B batch 1, 745 decode tokens/s against 679.
-Not the default until its CUDA tests have run and 8B is measured.
+flash attention keeps them (`_grouped_decode_matmul32`; not yet run on a GPU). A decode
+step is one query a row, so flash / cuDNN tiles are mostly empty: inside the 1B decode
+step cuDNN took 11.7 us a layer, 16 at 8B, for 0.7 and 2.6 MB of keys and values.
+Measured (H100, 2026-12-06, docs/measurements.md, Generation): "matmul" at 1B batch 1,
+745 decode tokens/s against SDPA's 679. Neither is the default until its CUDA tests have
+run and 8B and batch 8 are measured.
 """
 import os
 
@@ -77,6 +78,23 @@ def _grouped_decode_matmul(q, k, v, mask, scale):
     fp32, rounded to the input dtype before its product with v."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     p = torch.softmax(_masked(scores.float(), mask), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def _grouped_decode_matmul32(q, k, v, mask, scale):
+    """The same with flash attention's arithmetic: the scores the fp32 sums of the bf16 / fp16
+    products, unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the
+    same products), the softmax in fp32, the probabilities rounded to the input dtype for their
+    product with v (an fp32 sum, one rounding)."""
+    rows, kv, groups, d = q.shape
+    slots = k.shape[2]
+    q3, k3 = q.reshape(rows * kv, groups, d), k.reshape(rows * kv, slots, d).transpose(1, 2)
+    if q.is_cuda:
+        scores = torch.bmm(q3, k3, out_dtype=torch.float32)
+    else:  # (bmm's out_dtype is CUDA's alone)
+        scores = torch.bmm(q3.float(), k3.float())
+    scores = scores.reshape(rows, kv, groups, slots) * scale
+    p = torch.softmax(_masked(scores, mask), dim=-1).to(q.dtype)
     return torch.matmul(p, v)
 
 
@@ -147,20 +165,3 @@ def decode_masks(layout, mask, slots, cur, dtype):
         ok = seen if window is None else seen & (slots > cur - window)
         out[kind] = _form(ok[:, None, None, :], form, dtype)
     return out[None] if None in out else out
-
-
-def _grouped_decode_matmul32(q, k, v, mask, scale):
-    """The same with flash attention's arithmetic: the scores the fp32 sums of the bf16 / fp16
-    products, unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the
-    same products), the softmax in fp32, the probabilities rounded to the input dtype for their
-    product with v (an fp32 sum, one rounding)."""
-    rows, kv, groups, d = q.shape
-    slots = k.shape[2]
-    q3, k3 = q.reshape(rows * kv, groups, d), k.reshape(rows * kv, slots, d).transpose(1, 2)
-    if q.is_cuda:
-        scores = torch.bmm(q3, k3, out_dtype=torch.float32)
-    else:  # (bmm's out_dtype is CUDA's alone)
-        scores = torch.bmm(q3.float(), k3.float())
-    scores = scores.reshape(rows, kv, groups, slots) * scale
-    p = torch.softmax(_masked(scores, mask), dim=-1).to(q.dtype)
-    return torch.matmul(p, v)
