@@ -136,6 +136,7 @@ def test_cuda_library_runs_a_kernel_beside_its_own_runtime_without_torch(lib):
 
 
 def test_the_cuda_library_of_torchs_major_is_the_one_chosen(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLOTHAI_CUDA_VERSION", raising=False)  # (set where the other major's library is tested)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(kernels, "CUDA_LIBRARY", str(tmp_path / "libslothai_cuda{major}.so"))
     (tmp_path / "libslothai_cuda13.so").write_bytes(b"")
@@ -190,6 +191,7 @@ def test_c_module_runs_on_every_python_from_3_10(minor):
 def test_info_names_the_binaries_and_the_cuda_library_torch_takes(capsys, monkeypatch):
     from slothai.__main__ import main
 
+    monkeypatch.delenv("SLOTHAI_CUDA_VERSION", raising=False)
     monkeypatch.setattr(torch.version, "cuda", "12.6")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     main(["info"])
