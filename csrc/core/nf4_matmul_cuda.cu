@@ -154,7 +154,8 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
 // apart (odd: a quad's reads of 8 rows fall in distinct banks), for ranks up to kLoraStageR.
 // The (16 + kTok) r values are consecutive in memory twice over (rows n0.. of lora_b, m0.. of
 // lora_x): read coalesced, each thread's loads issued together -- one trip to memory a tile,
-// where unstaged each round of outputs (8 at 16 rows, 4 warps) makes its own.
+// where unstaged each round of outputs (8 at 16 rows, 4 warps) seems to make its own (the
+// output stores between rounds may alias the next round's loads; docs/ops.md).
 constexpr int kLoraStageR = 64;
 __host__ __device__ constexpr int lora_stride(int64_t r) { return (int)r | 1; }
 template <int MT> __host__ __device__ constexpr int lora_stage_floats() { return (16 + 8 * MT) * lora_stride(kLoraStageR); }
