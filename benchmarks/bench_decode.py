@@ -284,7 +284,7 @@ def report(args, env, recs, failed, bandwidth):
     for b_i, b in enumerate(batches):
         c = next((r["ceiling_tokens_per_s"] for r in runs if r["batch"] == b and r["ceiling_tokens_per_s"]), None)
         if c:
-            ax.hlines(c, b_i - 0.1, b_i + 0.9, colors="k", linestyles="dashed",
+            ax.hlines(c, b_i - width / 2, b_i + 0.8 - width / 2, colors="k", linestyles="dashed",  # over its bars
                       label="byte ceiling" if b_i == 0 else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_yscale("log")
