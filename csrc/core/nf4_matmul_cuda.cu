@@ -116,16 +116,21 @@ template <> struct Tc<__half> {
 // The low-rank term's share of lane qi of 4: sum over q = 8 qi .. 8 qi + 7 (mod 32) of
 // lora_x[i, q] lora_b[j, q], fp32 (its 16 loads at rank 32 issued together: one trip
 // to memory for the quad's output, not one a step of q).
+// (lx, lb: the two rows; also the staged rows of stage_lora, in fp32: the same bits.)
+template <typename L>
+__device__ __forceinline__ float lora_dot(const L *lx, const L *lb, int64_t r, int qi)
+{
+    float low = 0.0f;
+    for (int64_t q0 = 8 * qi; q0 < r; q0 += 32)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (q0 + e < r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
+    return low;
+}
 template <typename L>
 __device__ __forceinline__ float lora_share(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, int qi)
 {
-    const L *lx = static_cast<const L *>(a.lora_x) + i * a.r, *lb = static_cast<const L *>(a.lora_b) + j * a.r;
-    float low = 0.0f;
-    for (int64_t q0 = 8 * qi; q0 < a.r; q0 += 32)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (q0 + e < a.r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
-    return low;
+    return lora_dot(static_cast<const L *>(a.lora_x) + i * a.r, static_cast<const L *>(a.lora_b) + j * a.r, a.r, qi);
 }
 
 // The write of one output: the fp32 sum, the low-rank term (`low`: lora_x[i] . lora_b[j]) and the
@@ -171,7 +176,7 @@ __device__ __forceinline__ void stage_lora(const slothai_nf4_matmul_args &a, flo
     float v[kPer];
 #pragma unroll
     for (int p = 0; p < kPer; ++p) {
-        const int e = threadIdx.x + p * THREADS, row = e / r, q = e - row * r;
+        const int e = threadIdx.x + p * THREADS, row = e / r;
         v[p] = 0.0f;
         if (e < total && (row < 16 ? row < live_rows : row - 16 < live_tok))
             v[p] = to_f(row < 16 ? lb[e] : lx[e - 16 * r]);
@@ -181,19 +186,6 @@ __device__ __forceinline__ void stage_lora(const slothai_nf4_matmul_args &a, flo
         const int e = threadIdx.x + p * THREADS, row = e / r;
         if (e < total) stage[row * rs + (e - row * r)] = v[p];
     }
-}
-
-// lora_share from the staged rows (the same products in the same order: the same bits).
-__device__ __forceinline__ float lora_share_staged(const float *stage, int64_t r, int row, int tok, int qi)
-{
-    const int rs = lora_stride(r);
-    const float *lx = stage + (16 + tok) * rs, *lb = stage + row * rs;
-    float low = 0.0f;
-    for (int q0 = 8 * qi; q0 < r; q0 += 32)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (q0 + e < r) low = fmaf(lx[q0 + e], lb[q0 + e], low);
-    return low;
 }
 
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
@@ -234,7 +226,7 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         const bool live = idx < 16 * live_tok && j < a.n;
         float low = 0.0f;
         if (STAGE && live && staged)
-            low = lora_share_staged(stage, a.r, row, tok, qi);
+            low = lora_dot(stage + (16 + tok) * lora_stride(a.r), stage + row * lora_stride(a.r), a.r, qi);
         else if (live && a.lora_x)
             low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
         low += __shfl_xor_sync(0xffffffffu, low, 1);
@@ -904,7 +896,7 @@ int tuning_config()
 }
 
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
-// in_features a multiple of 256: every Llama / Mistral / Qwen projection), else the decode
+// in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), else the decode
 // kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
 // 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100, 2026-12-06, the wheel of 520b68b,
 // benchmarks/results/nf4_matmul_sweep_h100_stream.txt), the 8B layer's seven projections grouped
@@ -922,8 +914,8 @@ int tuning_config()
 // Tried and taken out: loading a warp's next batch of codes and scale bytes into registers
 // before computing this one (H100, 2026-12-06, nf4_matmul_sweep_h100_pipe.txt: 8B layer at one
 // row 96.4 against 96.7 us, 1B 44.2 against 40.0). The decode kernel sits at its register cap
-// (128 a thread), so a second batch held in registers bought no more bytes in flight; the
-// streaming kernel holds its batches in shared memory instead, and gained.
+// (128 a thread), so a second batch held in registers likely bought no more bytes in flight (a
+// hypothesis); the streaming kernel holds its batches in shared memory instead, and gained.
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
