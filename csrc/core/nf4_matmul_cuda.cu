@@ -116,21 +116,16 @@ template <> struct Tc<__half> {
 // The low-rank term's share of lane qi of 4: sum over q = 8 qi .. 8 qi + 7 (mod 32) of
 // lora_x[i, q] lora_b[j, q], fp32 (its 16 loads at rank 32 issued together: one trip
 // to memory for the quad's output, not one a step of q).
-// (lx, lb: the two rows; also the staged rows of stage_lora, in fp32: the same bits.)
-template <typename L>
-__device__ __forceinline__ float lora_dot(const L *lx, const L *lb, int64_t r, int qi)
-{
-    float low = 0.0f;
-    for (int64_t q0 = 8 * qi; q0 < r; q0 += 32)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (q0 + e < r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
-    return low;
-}
 template <typename L>
 __device__ __forceinline__ float lora_share(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, int qi)
 {
-    return lora_dot(static_cast<const L *>(a.lora_x) + i * a.r, static_cast<const L *>(a.lora_b) + j * a.r, a.r, qi);
+    const L *lx = static_cast<const L *>(a.lora_x) + i * a.r, *lb = static_cast<const L *>(a.lora_b) + j * a.r;
+    float low = 0.0f;
+    for (int64_t q0 = 8 * qi; q0 < a.r; q0 += 32)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (q0 + e < a.r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
+    return low;
 }
 
 // The write of one output: the fp32 sum, the low-rank term (`low`: lora_x[i] . lora_b[j]) and the
@@ -154,49 +149,13 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     finish<T>(a, i, j, acc, (l[0] + l[1]) + (l[2] + l[3])); // the quads' order (meet_and_write)
 }
 
-// The low-rank operands of one tile staged in shared memory as fp32 (the streaming kernel's
-// tuning config 4): lora_b's 16 rows, then lora_x's kTok rows, each `lora_stride(r)` floats
-// apart (odd: a quad's reads of 8 rows fall in distinct banks), for ranks up to kLoraStageR.
-// The (16 + kTok) r values are consecutive in memory twice over (rows n0.. of lora_b, m0.. of
-// lora_x): read coalesced, each thread's loads issued together -- one trip to memory a tile,
-// where unstaged each round of outputs (8 at 16 rows, 4 warps) seems to make its own (the
-// output stores between rounds may alias the next round's loads; docs/ops.md).
-constexpr int kLoraStageR = 64;
-__host__ __device__ constexpr int lora_stride(int64_t r) { return (int)r | 1; }
-template <int MT> __host__ __device__ constexpr int lora_stage_floats() { return (16 + 8 * MT) * lora_stride(kLoraStageR); }
-
-template <typename L, int MT, int THREADS>
-__device__ __forceinline__ void stage_lora(const slothai_nf4_matmul_args &a, float *stage, int64_t n0, int64_t m0,
-                                           int64_t live_tok)
-{
-    constexpr int kTok = 8 * MT, kPer = ((16 + kTok) * kLoraStageR + THREADS - 1) / THREADS;
-    const int r = (int)a.r, rs = lora_stride(r), total = (16 + kTok) * r;
-    const int64_t live_rows = a.n - n0 < 16 ? a.n - n0 : 16;
-    const L *lb = static_cast<const L *>(a.lora_b) + n0 * r, *lx = static_cast<const L *>(a.lora_x) + m0 * r;
-    float v[kPer];
-#pragma unroll
-    for (int p = 0; p < kPer; ++p) {
-        const int e = threadIdx.x + p * THREADS, row = e / r;
-        v[p] = 0.0f;
-        if (e < total && (row < 16 ? row < live_rows : row - 16 < live_tok))
-            v[p] = to_f(row < 16 ? lb[e] : lx[e - 16 * r]);
-    }
-#pragma unroll
-    for (int p = 0; p < kPer; ++p) {
-        const int e = threadIdx.x + p * THREADS, row = e / r;
-        if (e < total) stage[row * rs + (e - row * r)] = v[p];
-    }
-}
-
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
-// still reads `red` (the table, or the last tile's sums). STAGE: the low-rank operands are
-// staged in `stage` first (stage_lora), for ranks up to kLoraStageR.
-template <typename T, int MT, int WARPS, bool STAGE = false>
+// still reads `red` (the table, or the last tile's sums).
+template <typename T, int MT, int WARPS>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
-                                               const float (&acc)[MT][4], int64_t n0, int64_t m0,
-                                               float *stage = nullptr)
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -209,12 +168,6 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         r[8 * kTok] = acc[mt][2];
         r[8 * kTok + 1] = acc[mt][3];
     }
-    const bool staged = STAGE && a.lora_x && a.r > 0 && a.r <= kLoraStageR;
-    if constexpr (STAGE) {
-        const int64_t live = a.m - m0 < kTok ? a.m - m0 : kTok;
-        if (staged && a.lora_dtype == SLOTHAI_FLOAT32) stage_lora<float, MT, WARPS * 32>(a, stage, n0, m0, live);
-        else if (staged) stage_lora<T, MT, WARPS * 32>(a, stage, n0, m0, live);
-    }
     __syncthreads();
     // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
     // and writes. Rounds over the tile's live tokens only (the same count in every thread).
@@ -225,9 +178,7 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         const int64_t j = n0 + row, i = m0 + tok;
         const bool live = idx < 16 * live_tok && j < a.n;
         float low = 0.0f;
-        if (STAGE && live && staged)
-            low = lora_dot(stage + (16 + tok) * lora_stride(a.r), stage + row * lora_stride(a.r), a.r, qi);
-        else if (live && a.lora_x)
+        if (live && a.lora_x)
             low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
         low += __shfl_xor_sync(0xffffffffu, low, 1);
         low += __shfl_xor_sync(0xffffffffu, low, 2);
@@ -372,20 +323,8 @@ template <int S> struct Segments {
 
 // What the decode kernels (nf4_decode_kernel, nf4_stream_kernel) share.
 
-// Programmatic dependent launch (sm_90+): launched with the attribute (SLOTHAI_PDL, see
-// pdl_here), a kernel may start while the kernel before it on the stream is finishing; this
-// waits until that kernel has completed and its writes are visible. No global memory is read or
-// written before it. Launched without the attribute it returns at once.
-__device__ __forceinline__ void grid_dependency_wait()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // The pair table, [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16, 16 bytes a store
-// (a quarter-warp fills one byte's 32-lane row, conflict-free), from constant memory alone; then
-// the grid dependency wait; then each product's code2. THREADS: the CTA's.
+// (a quarter-warp fills one byte's 32-lane row, conflict-free); each product's code2. THREADS: the CTA's.
 template <typename T, int S, int THREADS>
 __device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256], const Segments<S> &seg)
 {
@@ -393,7 +332,6 @@ __device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256
         const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
         reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
     }
-    grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < S; ++s)
         if (seg.sc[s].u8)
@@ -494,8 +432,8 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     __shared__ __align__(16) uint32_t table[256 * 32];
     __shared__ float code2[S][256];
     __shared__ float red[WARPS * 16 * kTok];
-    build_tables<T, S, WARPS * 32>(table, code2, seg);
     const Scales sc0 = seg.sc[0].at();
+    build_tables<T, S, WARPS * 32>(table, code2, seg);
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -586,15 +524,14 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
 #endif
 }
 
-template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages, bool lora_stage = false)
+template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages)
 {
-    return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes +
-           (lora_stage ? lora_stage_floats<MT>() * 4 : 0);
+    return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LORA_STAGE = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
-nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base, bool pdl)
+nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
@@ -639,15 +576,10 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base, bool 
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
     };
-    // The first batches load while the table is built; launched dependent (pdl), only after
-    // the wait (a kernel before it may still be writing the weights: a merge, an all-gather).
-    auto prologue = [&] {
 #pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) issue();
-    };
-    if (!pdl) prologue();
+    for (int s = 0; s < STAGES - 1; ++s) issue();
+
     build_tables<T, S, WARPS * 32>(table, code2, seg);
-    if (pdl) prologue();
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
@@ -698,8 +630,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base, bool 
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        meet_and_write<T, MT, WARPS, LORA_STAGE>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0,
-                                                 reinterpret_cast<float *>(smem + stream_smem<MT, WARPS, S>(STAGES)));
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
     }
     cp_async_wait<0>();
 }
@@ -789,66 +720,24 @@ void launch_tc(const slothai_nf4_matmul_args &a, const Scales &sc, int log2_bs, 
     }
 }
 
-// Whether a decode kernel launches dependent (programmatic dependent launch: it may start while
-// the kernel before it on the stream finishes, and waits in grid_dependency_wait): tuning only,
-// SLOTHAI_PDL=1 (read once; off until measured), on a card of sm_90 or later, and only when
-// the kernel's code was built for sm_90 or later -- code for an older architecture run on Hopper
-// through its PTX has no wait compiled in, and would race. `ok` caches the answer per device.
-bool pdl_here(const void *kernel, std::atomic<int> (&ok)[8])
-{
-    static const bool wanted = [] {
-        const char *e = getenv("SLOTHAI_PDL");
-        return e && e[0] == '1';
-    }();
-    int dev = 0;
-    if (!wanted || cudaGetDevice(&dev) != cudaSuccess || dev >= 8) return false;
-    int v = ok[dev].load(std::memory_order_relaxed);
-    if (v == 0) {
-        cudaFuncAttributes attr;
-        int major = 0;
-        const bool yes = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                         attr.binaryVersion >= 90 &&
-                         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-        ok[dev].store(v = yes ? 1 : -1, std::memory_order_relaxed);
-    }
-    return v > 0;
-}
-
-// A launch marked programmatic-dependent (see pdl_here); errors are left for cudaGetLastError.
-template <typename... Params, typename... Args>
-void launch_dependent(void (*kernel)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t s, Args... args)
-{
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid, cfg.blockDim = dim3(threads), cfg.dynamicSmemBytes = smem, cfg.stream = s;
-    cfg.attrs = &attr, cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, kernel, args...);
-}
-
 template <typename T, int MT, int WARPS, int MIN_CTAS, int S>
 void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
 {
     const auto kernel = nf4_decode_kernel<T, MT, WARPS, MIN_CTAS, S>;
     const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
-    static std::atomic<int> held[8], dependent[8];
+    static std::atomic<int> held[8];
     const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S]);
-    const bool pdl = pdl_here(reinterpret_cast<const void *>(kernel), dependent);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        if (pdl)
-            launch_dependent(kernel, grid, WARPS * 32, 0, s, seg, y0 * per);
-        else
-            kernel<<<grid, WARPS * 32, 0, s>>>(seg, y0 * per);
+        kernel<<<grid, WARPS * 32, 0, s>>>(seg, y0 * per);
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LORA_STAGE = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LORA_STAGE>;
-    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES, LORA_STAGE);
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
@@ -857,14 +746,9 @@ void launch_stream(const Segments<S> &seg, cudaStream_t s)
     }
     const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
     const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
-    static std::atomic<int> dependent[8];
-    const bool pdl = pdl_here(reinterpret_cast<const void *>(kernel), dependent);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        if (pdl)
-            launch_dependent(kernel, grid, WARPS * 32, smem, s, seg, y0 * per, true);
-        else
-            kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per, false);
+        kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
     }
 }
 
@@ -907,24 +791,28 @@ int tuning_config()
 // with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel), 4 the streaming kernel with the low-rank operands staged
-// in shared memory a tile at a time (stage_lora; not yet run on a GPU). Taken out: 4 stages
-// instead of 3 (then config 4), slower: 8B grouped layer 75.1 against 72.9 us at one row, 130.4
-// against 124.5 at 16 (H100, 2026-12-06, nf4_matmul_sweep_h100_stages.txt).
-// Tried and taken out: loading a warp's next batch of codes and scale bytes into registers
-// before computing this one (H100, 2026-12-06, nf4_matmul_sweep_h100_pipe.txt: 8B layer at one
-// row 96.4 against 96.7 us, 1B 44.2 against 40.0). The decode kernel sits at its register cap
-// (128 a thread), so a second batch held in registers likely bought no more bytes in flight (a
-// hypothesis); the streaming kernel holds its batches in shared memory instead, and gained.
+// default before the streaming kernel).
+// Tried and taken out (H100, 2026-12-06; git history has the code):
+// - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
+//   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
+// - the low-rank operands staged in shared memory as fp32 a tile at a time (one coalesced trip
+//   a tile): 8B grouped layer with fp32 LoRA r=32 83.4 against 76.6 us at one row, 152.1
+//   against 154.0 at 16; the 1B layer 38.0 against 33.6 at one row (nf4_matmul_sweep_h100_lora_stage.txt).
+// - programmatic dependent launch (griddepcontrol.wait after the pair table, cudaLaunchKernelEx,
+//   inductor's triton.enable_pdl): the small 1B projections 0.3-0.7 us faster in the sweep, the
+//   decode step no faster (1B batch 1 687 against 678 decode tokens/s, 8B 224 against 226;
+//   decode_llama-*_h100_pdl1.txt against decode_llama-*_h100_attn2_sdpa.txt, one machine).
+// - loading a warp's next batch of codes and scale bytes into registers before computing this
+//   one (nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4 against 96.7 us, 1B 44.2
+//   against 40.0). The decode kernel sits at its register cap (128 a thread), so a second batch
+//   held in registers likely bought no more bytes in flight (a hypothesis); the streaming kernel
+//   holds its batches in shared memory instead, and gained.
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if ((config == 0 || config == 4) && stream_takes(seg)) {
-        if (config == 4)
-            two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
-        else
-            two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
+    if (config == 0 && stream_takes(seg)) {
+        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)

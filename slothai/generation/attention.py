@@ -20,15 +20,15 @@ first (a copy of the whole cache per layer per token when compiled, and in
 transformers < 5.20 always). Anything else (prefill, no grouping) is transformers'
 SDPA attention.
 
-SLOTHAI_DECODE_ATTENTION=matmul (tuning only, read once) writes that grouped attention, when
-compiled, as transformers' eager attention computes it (`_grouped_decode_matmul`: bf16
-scores, fp32 softmax) instead of the SDPA call; "matmul32" the same with fp32 scores, as
-flash attention keeps them (`_grouped_decode_matmul32`; not yet run on a GPU). A decode
-step is one query a row, so flash / cuDNN tiles are mostly empty: inside the 1B decode
-step cuDNN took 11.7 us a layer, 16 at 8B, for 0.7 and 2.6 MB of keys and values.
-Measured (H100, 2026-12-06, docs/measurements.md, Generation): "matmul" at 1B batch 1,
-745 decode tokens/s against SDPA's 679. Neither is the default until its CUDA tests have
-run and 8B and batch 8 are measured.
+Compiled (the decode step on CUDA), that grouped attention is two batched products and a
+softmax (`_grouped_decode_matmul32`: fp32 scores, as flash attention keeps them) rather
+than the SDPA call: a decode step is one query a row, so flash / cuDNN tiles are mostly
+empty (inside the 1B decode step cuDNN took 11.7 us a layer, 16 at 8B, for 0.7 and 2.6 MB
+of keys and values). Measured (H100, 2026-12-06, one machine, docs/measurements.md,
+Generation), decode tokens/s against SDPA: 1B batch 1 740 against 678, batch 8 4698 against
+4670; 8B batch 1 254 against 226, batch 8 1531 against 1496. SLOTHAI_DECODE_ATTENTION=sdpa
+(read once) keeps the SDPA call instead. A form with bf16 scores (transformers' eager
+arithmetic, 745 at 1B batch 1) was measured and taken out: no faster, less exact.
 """
 import os
 
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 DECODE_ATTENTION = "slothai_sdpa"
-DECODE_FORMS = ("sdpa", "matmul", "matmul32")
-DECODE_FORM = os.environ.get("SLOTHAI_DECODE_ATTENTION", "sdpa")  # tuning only: read once
+DECODE_FORMS = ("matmul32", "sdpa")
+DECODE_FORM = os.environ.get("SLOTHAI_DECODE_ATTENTION", "matmul32")  # read once
 if DECODE_FORM not in DECODE_FORMS:
     raise ValueError(f"SLOTHAI_DECODE_ATTENTION={DECODE_FORM!r}: one of {DECODE_FORMS}")
 
@@ -57,8 +57,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
     if DECODE_FORM != "sdpa" and torch.compiler.is_compiling() and not (module.training and dropout):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        form = _grouped_decode_matmul if DECODE_FORM == "matmul" else _grouped_decode_matmul32
-        out = form(grouped, key, value, attention_mask, scale)
+        out = _grouped_decode_matmul32(grouped, key, value, attention_mask, scale)
     else:
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                              scale=scaling)
@@ -71,19 +70,10 @@ def _masked(scores, mask):
     return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
 
 
-def _grouped_decode_matmul(q, k, v, mask, scale):
-    """softmax(q k^T scale + mask) v, one query a row, as transformers' eager attention
-    computes it: q [rows, kv heads, groups, d] against k, v [rows, kv heads, slots, d], mask
-    [rows, 1, 1, slots] (True: seen) or additive; scores a bf16 / fp16 product, the softmax in
-    fp32, rounded to the input dtype before its product with v."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    p = torch.softmax(_masked(scores.float(), mask), dim=-1).to(q.dtype)
-    return torch.matmul(p, v)
-
-
 def _grouped_decode_matmul32(q, k, v, mask, scale):
-    """The same with flash attention's arithmetic: the scores the fp32 sums of the bf16 / fp16
-    products, unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the
+    """softmax(q k^T scale + mask) v, one query a row, with flash attention's arithmetic: q
+    [rows, kv heads, groups, d] against k, v [rows, kv heads, slots, d], mask [rows, 1, 1,
+    slots] (True: seen) or additive; the scores the fp32 sums of the bf16 / fp16 products, unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the
     same products), the softmax in fp32, the probabilities rounded to the input dtype for their
     product with v (an fp32 sum, one rounding)."""
     rows, kv, groups, d = q.shape

@@ -188,13 +188,19 @@ class CudaRecorder:
     def set_rng_state(self, state):
         torch.cuda.set_rng_state(state, self.device)
 
-    def warm_up(self, step, n):
-        # One side stream a device for every warm-up: cuBLAS keeps a workspace (32 MiB on
-        # Hopper) per stream it ran on, for the process's life, so a new stream each
-        # recording held 32 MiB more each time (seen on an H100: 64 MiB after two).
+    def _side(self):
+        # One side stream a device for every warm-up and recording: cuBLAS keeps a workspace
+        # (32 MiB on Hopper) per stream it ran on, for the process's life, so a new stream
+        # each recording held 32 MiB more each time (seen on an H100: 64 MiB after two), and
+        # recording on torch.cuda.graph's own capture stream held a third (H100: 98 MiB kept
+        # after the first generate of a process that had run no cuBLAS before).
         side = self._streams.get(self.device)
         if side is None:
             side = self._streams[self.device] = torch.cuda.Stream(self.device)
+        return side
+
+    def warm_up(self, step, n):
+        side = self._side()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(n):
@@ -203,7 +209,7 @@ class CudaRecorder:
 
     def capture(self, step):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # a private memory pool of its own
+        with torch.cuda.graph(graph, stream=self._side()):  # a private memory pool of its own
             step()
         return graph
 

@@ -17,7 +17,6 @@ left alone, as is a call with keyword arguments.
 import functools
 import hashlib
 import operator
-import os
 
 import torch
 
@@ -127,15 +126,5 @@ def _inductor_pass():
 
 
 def inductor_options(backend):
-    """torch.compile's `options` for a decode step compiled by `backend`: the pass, for inductor.
-    With SLOTHAI_PDL=1 (tuning only: off until measured; the 4-bit kernels read it too, ops.md)
-    inductor's Triton kernels are also made for programmatic dependent launch (sm_90+): each may
-    start while the kernel before it finishes, and waits before reading what that kernel wrote."""
-    if backend != "inductor":
-        return None
-    from torch._inductor import config
-
-    options = {"post_grad_custom_post_pass": _inductor_pass()}
-    if os.environ.get("SLOTHAI_PDL") == "1" and hasattr(config.triton, "enable_pdl"):
-        options["triton.enable_pdl"] = True
-    return options
+    """torch.compile's `options` for a decode step compiled by `backend`: the pass, for inductor."""
+    return {"post_grad_custom_post_pass": _inductor_pass()} if backend == "inductor" else None
