@@ -20,7 +20,7 @@ named below.
 Runs: `trl` (PEFT + bitsandbytes as TRL uses them, TRL's own fused LM head),
 `slothai` (`slothai.compile(slothai.patch(model))`, then the same trainer; TRL's head is
 kept, see slothai/patching/trl.py; generate() is slothai's), `slothai-nogc` (the same with
-gradient_checkpointing=False), `unsloth` (GRPO: Unsloth's FastLanguageModel, its
+gradient_checkpointing=False), `slothai-eagerprefill` (generate()'s prefill not compiled), `unsloth` (GRPO: Unsloth's FastLanguageModel, its
 get_peft_model with `use_gradient_checkpointing="unsloth"`, fast_inference=False — its
 non-vLLM path — and TRL's GRPOTrainer as Unsloth patches it at import). Each step is
 timed between TRL's step callbacks (CUDA synchronised); a GRPO step's sampling is the
@@ -47,6 +47,7 @@ RUNS = {
     "trl": "PEFT + bitsandbytes, TRL's fused LM head (TRL as shipped)",
     "slothai": "slothai.compile(slothai.patch(model)), then the trainer (generate() is slothai's)",
     "slothai-nogc": "as slothai, with gradient_checkpointing=False",
+    "slothai-eagerprefill": "as slothai, generate()'s prefill not compiled (generation.configure(compile_prefill=False))",
     "unsloth": "Unsloth FastLanguageModel + get_peft_model(use_gradient_checkpointing='unsloth'), TRL as Unsloth "
                "patches it, no vLLM (GRPO only)",
 }
@@ -146,6 +147,8 @@ def worker(args):
                             dtype=torch.bfloat16 if cuda else torch.float32, lora_r=32)
     if args.run.startswith("slothai"):
         slothai.compile(slothai.patch(model))
+    if args.run == "slothai-eagerprefill":
+        slothai.generation.configure(model, compile_prefill=False)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     common = dict(output_dir=tempfile.mkdtemp(prefix="slothai-bench-trl-"), max_steps=args.steps, bf16=cuda,

@@ -361,6 +361,19 @@ def test_regional_mode_compiles_one_layer_for_all_layers(compile_counters):
     assert compile_counters["stats"]["unique_graphs"] == 2, dict(compile_counters["stats"])
 
 
+def test_regional_mode_with_eager_prefills_compiles_the_decode_step_alone(compile_counters):
+    # compile_prefill=False: prefills of every length run the layers eager (through the same
+    # cache), the decode step is the one compiled function; the tokens are transformers'.
+    model, ref = _patched(_build("llama"), compile="regional", backend="eager", compile_prefill=False), \
+        _build("llama")
+    for length in (7, 12):
+        ids, mask = _left_padded(length=length)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        torch.testing.assert_close(model.generate(**kw), ref.generate(**kw), rtol=0, atol=0)
+    assert dict(compile_counters["graph_break"]) == {}
+    assert compile_counters["stats"]["unique_graphs"] == 1, dict(compile_counters["stats"])
+
+
 def test_regional_generation_interleaved_with_compiled_training(compile_counters):
     # GRPO's pattern on a slothai.compile'd model: train, generate (regional mode), train.
     # Generation does not touch the training layers' compiled code (no recompile there),

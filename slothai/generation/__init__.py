@@ -61,7 +61,8 @@ def memory_bytes(model):
 
 def configure(model, **options):
     """Set how `generate` decodes on `model` (decode.Options): compile ("regional",
-    "full", None; "auto": regional on CUDA, eager on the CPU), backend, cudagraphs
+    "full", None; "auto": regional on CUDA, eager on the CPU), compile_prefill (regional:
+    False runs prefills eager, compiling the decode step alone), backend, cudagraphs
     (None: on CUDA), check_every (steps between checks that every row finished),
     strict (raise where it would fall back to transformers' generate). Returns the
     options."""

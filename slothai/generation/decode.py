@@ -14,7 +14,8 @@ Compilation (`Options.compile`):
   the layer's index, so one compilation serves all layers; prefills, whose prompt
   length is dynamic, compile a function of their own), the rest of the step (embedding, rotary tables,
   final norm, LM head, masks, sampling) eager. Recorded as one CUDA graph, the eager
-  parts cost nothing on the host either.
+  parts cost nothing on the host either. `compile_prefill=False` runs prefills eager (no
+  compilation of its own for them: a first call's cost is the decode step's alone).
 - "full": the whole step under `torch.compile(fullgraph=True)` (what the CPU tests
   use to show the step holds no graph break, that is, no host synchronisation).
 - None: eager (the default on the CPU, where there are no graphs).
@@ -66,6 +67,7 @@ RECOMPILE_LIMIT = 32
 class Options:
     compile: str | None = "auto"  # "regional", "full", None; "auto": regional on CUDA, None on the CPU
     backend: str = "inductor"
+    compile_prefill: bool = True  # regional mode: prefills through a compiled function of their own; False: eager
     cudagraphs: bool | None = None  # None: on CUDA
     check_every: int = 16  # decode steps between host checks that every row finished
     strict: bool = False  # raise instead of falling back to transformers' generate on an error
@@ -106,9 +108,10 @@ def _mark_prefill_dynamic(args, kwargs):
 
 class _RegionalLayer:
     """The forward a decoder layer has while `generate` runs in regional mode: calls
-    with slothai's cache go through the shared compiled function; any other call, and
-    a session's first prefill (which allocates the cache from the layer's own key
-    states), runs the layer's previous forward."""
+    with slothai's cache go through the shared compiled function; any other call, a
+    session's first prefill (which allocates the cache from the layer's own key
+    states) and, with `compile_prefill=False`, every prefill run the layer's previous
+    forward."""
 
     def __init__(self, engine, layer, index, previous):
         self.engine, self.layer, self.index, self.previous = engine, layer, index, previous
@@ -116,7 +119,8 @@ class _RegionalLayer:
     def __call__(self, *args, **kwargs):
         key = "cache" if "cache" in kwargs else "past_key_values"
         kv = kwargs.get(key)
-        if not isinstance(kv, StaticKV) or not kv.allocated(self.index):
+        if not isinstance(kv, StaticKV) or not kv.allocated(self.index) or \
+                (isinstance(kv.start, int) and not self.engine.options.compile_prefill):
             if self.previous is not None:
                 return self.previous(*args, **kwargs)
             return type(self.layer).forward(self.layer, *args, **kwargs)
@@ -298,7 +302,7 @@ class Engine:
             fresh = not s.kv.allocated(0)
             cache_kw = self._cache_kw(head)
             last = self._prefill(head, s, positions, layout, dtype, cache_kw)
-            if fresh and self.options.compile_mode(device) == "regional":
+            if fresh and self.options.compile_mode(device) == "regional" and self.options.compile_prefill:
                 # the first prefill ran eager to allocate the cache from the layers' own key
                 # states; compile the prefill now (same result), not at the next call
                 last = self._prefill(head, s, positions, layout, dtype, cache_kw)
