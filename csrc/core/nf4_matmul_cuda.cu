@@ -796,8 +796,9 @@ int tuning_config()
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
 // - the low-rank operands staged in shared memory as fp32 a tile at a time (one coalesced trip
-//   a tile): 8B grouped layer with fp32 LoRA r=32 83.4 against 76.6 us at one row, 152.1
-//   against 154.0 at 16; the 1B layer 38.0 against 33.6 at one row (nf4_matmul_sweep_h100_lora_stage.txt).
+//   a tile): 8B grouped layer with fp32 LoRA r=32 83.4 against 76.6 us at one row, barely
+//   faster at 16 (152.1 against 154.0); the 1B layer 38.0 against 33.6 at one row
+//   (nf4_matmul_sweep_h100_lora_stage.txt).
 // - programmatic dependent launch (griddepcontrol.wait after the pair table, cudaLaunchKernelEx,
 //   inductor's triton.enable_pdl): the small 1B projections 0.3-0.7 us faster in the sweep, the
 //   decode step no faster (1B batch 1 687 against 678 decode tokens/s, 8B 224 against 226;
