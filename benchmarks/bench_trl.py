@@ -20,9 +20,10 @@ named below.
 Runs: `trl` (PEFT + bitsandbytes as TRL uses them, TRL's own fused LM head),
 `slothai` (`slothai.compile(slothai.patch(model))`, then the same trainer; TRL's head is
 kept, see slothai/patching/trl.py; generate() is slothai's), `slothai-nogc` (the same with
-gradient_checkpointing=False), `slothai-eagerprefill` (generate()'s prefill not compiled), `unsloth` (GRPO: Unsloth's FastLanguageModel, its
-get_peft_model with `use_gradient_checkpointing="unsloth"`, fast_inference=False — its
-non-vLLM path — and TRL's GRPOTrainer as Unsloth patches it at import). Each step is
+gradient_checkpointing=False), `slothai-eagerprefill` (generate()'s prefill not compiled),
+`unsloth` (GRPO: Unsloth's FastLanguageModel, its get_peft_model with
+`use_gradient_checkpointing="unsloth"`, fast_inference=False — its non-vLLM path — and
+TRL's GRPOTrainer as Unsloth patches it at import). Each step is
 timed between TRL's step callbacks (CUDA synchronised); a GRPO step's sampling is the
 time inside the model's generate() calls (wrapped, synchronised); memory is the
 allocator's peak over the run.

@@ -73,8 +73,9 @@ def _masked(scores, mask):
 def _grouped_decode_matmul32(q, k, v, mask, scale):
     """softmax(q k^T scale + mask) v, one query a row, with flash attention's arithmetic: q
     [rows, kv heads, groups, d] against k, v [rows, kv heads, slots, d], mask [rows, 1, 1,
-    slots] (True: seen) or additive; the scores the fp32 sums of the bf16 / fp16 products, unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the
-    same products), the softmax in fp32, the probabilities rounded to the input dtype for their
+    slots] (True: seen) or additive; the scores the fp32 sums of the bf16 / fp16 products,
+    unrounded (cuBLAS's bmm with an fp32 output on CUDA; fp32 operands elsewhere, the same
+    products), the softmax in fp32, the probabilities rounded to the input dtype for their
     product with v (an fp32 sum, one rounding)."""
     rows, kv, groups, d = q.shape
     slots = k.shape[2]
