@@ -104,10 +104,11 @@ def _lora_down(lora_a, x, dtype):
     """A(x), LoRA's first projection, in `dtype`. Compiled for one token a row without
     gradients (a decode step), it is written as the sum over x's features of x * A's rows
     in fp32 (a GEMV's arithmetic: r outputs a row, fp32 accumulation, one rounding), which
-    inductor fuses into the kernel that produces x (the norm before q/k/v, before gate/up)
-    and across the projections that share x — where `nn.Linear` is a GEMM launch of its own
-    per projection, 7 a decoder layer in every step. Elsewhere (training, prefill, eager)
-    it is the layer's own `nn.Linear`."""
+    inductor fuses across the projections that share x — one reduction kernel each for
+    q/k/v, o, gate/up and down, 4 a decoder layer, where `nn.Linear` is a GEMM launch per
+    projection, 7 a layer. (Not into the norm that produces x, as once hoped: the H100
+    profiles show the 4 apart, ~300 us of an 8B step; docs/measurements.md.) Elsewhere
+    (training, prefill, eager) it is the layer's own `nn.Linear`."""
     if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] == 1 and \
             lora_a.bias is None:
         return (x.unsqueeze(-2).float() * lora_a.weight.float()).sum(-1).to(dtype)
