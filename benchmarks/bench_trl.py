@@ -48,7 +48,8 @@ RUNS = {
     "trl": "PEFT + bitsandbytes, TRL's fused LM head (TRL as shipped)",
     "slothai": "slothai.compile(slothai.patch(model)), then the trainer (generate() is slothai's)",
     "slothai-nogc": "as slothai, with gradient_checkpointing=False",
-    "slothai-eagerprefill": "as slothai, generate()'s prefill not compiled (generation.configure(compile_prefill=False))",
+    "slothai-eagerprefill": "as slothai, generate()'s prefill not compiled "
+                            "(generation.configure(compile_prefill=False))",
     "unsloth": "Unsloth FastLanguageModel + get_peft_model(use_gradient_checkpointing='unsloth'), TRL as Unsloth "
                "patches it, no vLLM (GRPO only)",
 }

@@ -88,7 +88,8 @@ def info(args):
     if torch.version.cuda is None:
         return
     chosen = f" (SLOTHAI_CUDA_VERSION={kernels.cuda_major()})" if os.environ.get("SLOTHAI_CUDA_VERSION") else ""
-    print(f"for CUDA {torch.version.cuda}{chosen}: {os.path.basename(path)}" + ("" if os.path.exists(path) else " MISSING"))
+    missing = "" if os.path.exists(path) else " MISSING"
+    print(f"for CUDA {torch.version.cuda}{chosen}: {os.path.basename(path)}{missing}")
     if torch.cuda.is_available():
         kernels._load_cuda()
         x = torch.ones(4, device="cuda")

@@ -723,12 +723,14 @@ def test_cuda_graphs_and_cache_memory_is_given_back():
         assert cycle() <= before + (2 << 20), (before, torch.cuda.memory_reserved())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @pytest.mark.parametrize("mask_form", ["bool", "additive"])
-def test_compiled_grouped_decode_attention_equals_float64_attention(mask_form, monkeypatch):
+def test_compiled_grouped_decode_attention_equals_float64_attention(mask_form, device, monkeypatch):
     # The decode step's attention as it runs compiled: one query a row, 3 query heads a
     # key/value head, an awkward slot count and head dim, rows seeing different slots;
     # against float64 attention over keys and values repeated per query head (transformers'
-    # repeat_kv), not the grouped layout.
+    # repeat_kv), not the grouped layout. On CUDA the scores are cuBLAS's bf16 batched
+    # product with an fp32 output; on the CPU fp32 operands.
     from slothai.generation import attention
 
     monkeypatch.setattr(attention, "DECODE_FORM", "matmul32")  # the default (SLOTHAI_DECODE_ATTENTION)
@@ -744,10 +746,12 @@ def test_compiled_grouped_decode_attention_equals_float64_attention(mask_form, m
     scores = (q.double() @ kr.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
     want = (torch.softmax(scores, -1) @ vr).transpose(1, 2)  # [rows, 1, heads, d], as transformers returns it
     module = torch.nn.Module().eval()
+    q, k, v, mask = (t.to(device) for t in (q, k, v, mask))
     compiled = torch.compile(attention.decode_attention, fullgraph=True, backend="eager")
     got, _ = compiled(module, q, k, v, mask, scaling=scale)
     sdpa, _ = attention.decode_attention(module, q, k, v, mask, scaling=scale)  # eager: the SDPA call
     assert got.shape == sdpa.shape == want.shape and got.dtype == torch.bfloat16
+    got, sdpa = got.cpu(), sdpa.cpu()
     worst = float((sdpa.double() - want).abs().max())
     err = float((got.double() - want).abs().max())
     assert err <= 1.5 * worst + 1e-3, (err, worst)  # fp32 scores: SDPA's arithmetic
