@@ -153,14 +153,13 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
 // still reads `red` (the table, or the last tile's sums).
-// (FIRST_BARRIER false: `red` is free already -- the streaming kernel alternates two.)
-template <typename T, int MT, int WARPS, bool FIRST_BARRIER = true>
+template <typename T, int MT, int WARPS>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
                                                const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    if (FIRST_BARRIER) __syncthreads();
+    __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -354,22 +353,22 @@ struct Lut {
 };
 
 // x of this lane's token in each of MT tiles of 8 (lane (g, t): token g, 16 values a unit
-// from 16 t, 8 uint4 a unit apart). A token past M reads row M - 1 instead: an mma's
-// output column depends on its own x column only, and those columns are never written
-// (meet_and_write writes live tokens), so no lane needs a branch or zeros.
+// from 16 t, 8 uint4 a unit apart); zeros past M.
 template <typename T, int MT> struct XRows {
+    bool has[MT];
     const uint4 *row[MT];
     __device__ XRows(const void *x, int64_t m0, int64_t M, int64_t K, int g, int t)
     {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            const int64_t m = m0 + 8 * mt + g < M ? m0 + 8 * mt + g : M - 1;
-            row[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(x) + m * K + 16 * t);
+            has[mt] = m0 + 8 * mt + g < M;
+            row[mt] = reinterpret_cast<const uint4 *>(static_cast<const T *>(x) + (has[mt] ? m0 + 8 * mt + g : 0) * K + 16 * t);
         }
     }
     __device__ __forceinline__ void load(int mt, int64_t u, uint32_t (&xs)[8]) const
     {
-        const uint4 x0 = __ldg(row[mt] + 8 * u), x1 = __ldg(row[mt] + 8 * u + 1);
+        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+        if (has[mt]) x0 = __ldg(row[mt] + 8 * u), x1 = __ldg(row[mt] + 8 * u + 1);
         xs[0] = x0.x, xs[1] = x0.y, xs[2] = x0.z, xs[3] = x0.w, xs[4] = x1.x, xs[5] = x1.y, xs[6] = x1.z, xs[7] = x1.w;
     }
 };
@@ -491,32 +490,19 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 // in flight while the CTA builds its table. The ring runs across tiles: the reduction at
 // a tile's end waits for nothing that is loading.
 //   Batch (16 rows x 4 units) in its stage: codes [unit p][row r][32 B] (a warp's 8-byte
-//   reads, 8 rows x 32 B a step, conflict-free), copied as 4 rows x 128 B a cp.async
-//   instruction (a row's 4 units are contiguous: 4 lines an instruction, not 16); then the
-//   scales: u8 [row][4] and the absmax2 of each row ([row], one for the 4 units: blocksize2
-//   >= 4 blocks), or fp32 [row][4]. Rows past N are zero-filled, not read.
-//   The prologue holds no load in a register: code2 and offset come by cp.async with the
-//   first batch, the pair table is built from the 16 levels by shuffles (ncu, H100,
-//   2026-12-06: a CTA's wait on its code2 loads and the table's constant-memory reads were
-//   27% of the warps' stall samples of an 8B gate_proj launch).
-//   The warps' sums meet in two alternating buffers: one barrier a tile, not two.
+//   reads, 8 rows x 32 B a step, conflict-free), then the scales: u8 [row][4] and the
+//   absmax2 of each row ([row], one for the 4 units: blocksize2 >= 4 blocks), or fp32
+//   [row][4].
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
-// the two reduction buffers, code2 and offset, and WARPS x STAGES x 2304 B of ring.
+// the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
 constexpr int kStageBytes = 2048 + 256;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src)
 {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-#endif
-}
-// 16 bytes, or 16 zeros where !valid (src is then not read)
-__device__ __forceinline__ void cp_async16_or_zero(uint32_t dst, const void *src, bool valid)
-{
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 #endif
 }
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void *src)
@@ -538,30 +524,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
 #endif
 }
 
-// The streaming kernel's shared memory: the table (32 KB), two reduction buffers, code2 of each
-// product, their offsets (16 B padded), then the warps' rings (WARPS x stages x kStageBytes);
-// each part's byte offset.
-template <int MT, int WARPS, int S> struct StreamSmem {
-    static constexpr int kRed = WARPS * 16 * 8 * MT * 4; // one reduction buffer
-    static constexpr int kRedAt = 256 * 32 * 4, kCode2At = kRedAt + 2 * kRed, kOffsetAt = kCode2At + S * 1024,
-                         kRingAt = kOffsetAt + 16 * ((S + 3) / 4);
-};
 template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages)
 {
-    return StreamSmem<MT, WARPS, S>::kRingAt + WARPS * stages * kStageBytes;
-}
-
-// The pair table of build_tables, from the 16 levels held one a lane (no constant-memory
-// read in the loop, no global load).
-template <typename T, int THREADS> __device__ __forceinline__ void build_pair_table(uint32_t *table)
-{
-    static_assert((256 * 8) % THREADS == 0, "every lane takes the same number of rows (shuffles)");
-    const float level = kNF4[threadIdx.x & 15];
-    for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
-        const float hi = __shfl_sync(0xffffffffu, level, i >> 7), lo = __shfl_sync(0xffffffffu, level, (i >> 3) & 15);
-        const uint32_t v = Tc<T>::pair(hi, lo);
-        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
-    }
+    return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
 template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
@@ -572,57 +537,39 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
 #endif
     constexpr int P = 4, kTok = 8 * MT;
-    using L = StreamSmem<MT, WARPS, S>;
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t *table = reinterpret_cast<uint32_t *>(smem);
-    float *red = reinterpret_cast<float *>(smem + L::kRedAt);
-    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + L::kCode2At);
-    const float *offset_of = reinterpret_cast<const float *>(smem + L::kOffsetAt);
+    float *red = reinterpret_cast<float *>(smem + 256 * 32 * 4);
+    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + 256 * 32 * 4 + WARPS * 16 * kTok * 4);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    const uint32_t ring = base + L::kRingAt + warp * STAGES * kStageBytes;
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) +
+                          warp * STAGES * kStageBytes;
     const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit, nb = units / P;
     const int64_t nbw = warp < nb ? (nb - 1 - warp) / WARPS + 1 : 0; // this warp's batches a tile
     const bool u8 = seg.a[0].w.absmax_u8 != nullptr;
 
-    // code2 and offset of each product, in the first group of copies.
-    if (u8) {
-#pragma unroll
-        for (int s = 0; s < S; ++s)
-            for (int i = threadIdx.x; i < 256; i += WARPS * 32) cp_async4(base + L::kCode2At + 1024 * s + 4 * i, seg.sc[s].code2 + i);
-        if (threadIdx.x < S) cp_async4(base + L::kOffsetAt + 4 * threadIdx.x, seg.sc[threadIdx.x].offset_ptr);
-    }
-
     // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
-    // Offsets in 32 bits: stream_takes keeps every product's codes under 2^31 bytes.
-    int64_t it = blockIdx.x;
-    int ib = 0, is = 0;
+    int64_t it = blockIdx.x, ib = 0;
+    int is = 0;
     auto issue = [&] {
         if (nbw > 0 && it < tiles) {
             int prod = 0;
 #pragma unroll
             for (int i = 1; i < S; ++i) prod += it >= seg.tiles_before[i];
             const slothai_nf4_matmul_args &a = seg.a[prod];
-            const uint32_t n = static_cast<uint32_t>(a.n), row_bytes = static_cast<uint32_t>(K / 2);
-            const uint32_t n0 = static_cast<uint32_t>(it - seg.tiles_before[prod]) * 16;
-            const uint32_t u0 = static_cast<uint32_t>(warp + ib * WARPS) * P;
+            const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
+            const int64_t rc = n0 + (lane >> 1) < a.n ? n0 + (lane >> 1) : a.n - 1;  // this lane's code row
+            const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // its scale row
             const uint32_t dst = ring + is * kStageBytes;
-            // codes: copy j takes row r0 + 4j (r0 = n0 + lane / 8), 16 B chunk c = lane % 8 of the
-            // row's 128 (unit c / 2, half c % 2)
-            const uint32_t c = lane & 7, r0 = n0 + (lane >> 3), off = r0 * row_bytes + u0 * (kUnit / 2) + 16 * c;
-            const uint32_t d0 = dst + (c >> 1) * 512 + (lane >> 3) * 32 + 16 * (c & 1);
+            const uint8_t *src = a.w.packed + rc * (K / 2) + u0 * (kUnit / 2) + 16 * (lane & 1);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const bool valid = r0 + 4 * j < n;
-                cp_async16_or_zero(d0 + 128 * j, a.w.packed + (valid ? off + 4 * j * row_bytes : 0), valid);
-            }
-            const uint32_t rs = n0 + (lane & 15) < n ? n0 + (lane & 15) : n - 1; // this lane's scale row
-            const uint32_t blk = rs * static_cast<uint32_t>(units) + u0;
+            for (int p = 0; p < P; ++p) cp_async16(dst + p * 512 + (lane >> 1) * 32 + 16 * (lane & 1), src + p * 32);
             if (u8) {
+                const int64_t blk = rs * units + u0;
                 if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
                 else cp_async4(dst + 2048 + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
             } else if (lane < 16) {
-                cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + blk);
+                cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + rs * units + u0);
             }
             if (++ib == nbw) ib = 0, it += gridDim.x;
             is = is + 1 == STAGES ? 0 : is + 1;
@@ -632,21 +579,20 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
-    build_pair_table<T, WARPS * 32>(table);
-    cp_async_wait<STAGES - 2>(); // the first group (code2, offset, the first batch) has landed
+    build_tables<T, S, WARPS * 32>(table, code2, seg);
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
     const Lut look(table);
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
-    int cs = 0, half = 0; // the stage this warp computes next; the reduction buffer of this tile
+    int cs = 0; // the stage this warp computes next
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int prod = 0;
 #pragma unroll
         for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
         const slothai_nf4_matmul_args &a = seg.a[prod];
-        const float offset = u8 ? offset_of[prod] : 0.0f;
+        const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
         const float *c2 = code2[prod];
         float acc[MT][4] = {};
         for (int64_t b = 0; b < nbw; ++b) {
@@ -684,9 +630,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        // (a tile's buffer is written again two tiles on, past the next tile's barrier: its readers are done)
-        meet_and_write<T, MT, WARPS, false>(a, red + half * (L::kRed / 4), acc, (tile - seg.tiles_before[prod]) * 16, m0);
-        half ^= 1;
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
     }
     cp_async_wait<0>();
 }
@@ -814,7 +758,6 @@ template <int S> bool stream_takes(const Segments<S> &seg)
     if (seg.a[0].k % (4 * kUnit)) return false;
     for (int i = 0; i < S; ++i) {
         const slothai_nf4_matmul_args &a = seg.a[i];
-        if (a.n * (a.k / 2) >= (int64_t(1) << 31)) return false; // (its offsets are 32-bit)
         if (a.w.blocksize != kUnit || reinterpret_cast<uintptr_t>(a.w.packed) % 16) return false;
         if (a.w.absmax_u8 ? reinterpret_cast<uintptr_t>(a.w.absmax_u8) % 4 || reinterpret_cast<uintptr_t>(a.w.absmax2) % 4 ||
                                 seg.sc[i].log2_bs2 < 2
