@@ -33,13 +33,13 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-def _load(path):
+def _load(path, device="cpu"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
-                                                 device_map="cpu")
+                                                 device_map=device)
     model.config.use_cache = False
     return model.train()
 
@@ -196,10 +196,11 @@ def test_save_pretrained_round_trip(checkpoint, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ quantizes on CUDA only")
 def test_loftq_replaces_lora_weights_as_unpatched(checkpoint):
-    # replace_lora_weights_loftq reads module.weight (the Params4bit) and its quant_state.
+    # replace_lora_weights_loftq reads module.weight (the Params4bit) and its quant_state,
+    # and computes on "cuda": the model lives there.
     from peft import replace_lora_weights_loftq
 
-    ref, model = _peft(_load(checkpoint)), slothai.patch(_peft(_load(checkpoint)))
+    ref, model = _peft(_load(checkpoint, "cuda")), slothai.patch(_peft(_load(checkpoint, "cuda")))
     for m in (ref, model):
         torch.manual_seed(2)
         replace_lora_weights_loftq(m, model_path=checkpoint)
