@@ -39,7 +39,7 @@ MODELS = {  # (out_features, in_features) of each projection
 }
 CALLS = 20
 CONFIGS = 4  # SLOTHAI_NF4MM_CONFIG 0..3: launch_decode's cases in csrc/core/nf4_matmul_cuda.cu
-SWEEP_M = (1, 8, 16)
+SWEEP_M = tuple(int(m) for m in os.environ.get("SWEEP_M", "1 8 16").split())  # (rows; SWEEP_M="1" for a quick bisect)
 
 
 def weight(n, k):
