@@ -1,7 +1,7 @@
 """Does an L2 prefetch of the next 4-bit product's bytes, issued while other kernels run, make
 that product faster? (A decode step's small kernels between two products leave DRAM idle.)
-CUDA graphs of 20 rounds of [8B gate/up grouped] [a kernel prefetching the first MB of every row
-of down_proj's codes into L2, or an empty one] [a sleeping kernel of G us] [down_proj], per round;
+CUDA graphs of 20 rounds of [8B gate/up grouped] [a kernel prefetching the same leading share of
+every row of down_proj's codes into L2, MB in all, or an empty one] [a sleeping kernel of G us] [down_proj], per round;
 and whether a prefetching kernel lasts until its lines arrive (its own device time).
 
     python benchmarks/probe_l2_prefetch.py   # builds probe_l2_prefetch.cu with nvcc; prints;

@@ -50,6 +50,7 @@ one = B.graph_us([reader(sum(nbs))])
 print(f"read  layer (1 launch)               {sum(nbs) / 1e6:6.1f} MB {one:6.1f} us {sum(nbs) / one / 1e3:5.0f} GB/s")
 print(f"nf4 layer at {100 * four / layer:.0f}% of the four-launch read floor, {100 * one / layer:.0f}% of one launch's")
 
+
 # 3. device time of each kernel (profiler; eager launches, 30 each)
 def device_us(fn):
     with torch.no_grad():
