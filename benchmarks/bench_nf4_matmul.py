@@ -129,17 +129,22 @@ def _read(src, out, n, BLOCK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0)))
 
 
-def read_gbps(nb):
-    """The card's read bandwidth: a read-only Triton kernel (each program sums 16 KB of int32
-    and stores one number) over `nb` bytes, timed like the runs. (torch.sum was measured
-    at 695 GB/s on an H200 here, below what nf4_matmul itself reads: no ceiling.)"""
+def read_only(nb):
+    """A read-only Triton kernel over `nb` bytes (each program sums 16 KB of int32 and stores one
+    number), its sum checked once: the launch, to time."""
     buf = torch.randint(0, 7, (nb // 4,), dtype=torch.int32, device="cuda")
     block = 4096
     out = torch.empty(triton.cdiv(buf.numel(), block), dtype=torch.int32, device="cuda")
     run = lambda: _read[(out.numel(),)](buf, out, buf.numel(), BLOCK=block, num_warps=8)  # noqa: E731
     run()
     assert out.sum().item() == buf.sum().item(), "read-only kernel: wrong sum"
-    return buf.numel() * 4 / graph_us([run]) / 1e3
+    return run
+
+
+def read_gbps(nb):
+    """The card's read bandwidth: read_only over `nb` bytes, timed like the runs. (torch.sum was
+    measured at 695 GB/s on an H200 here, below what nf4_matmul itself reads: no ceiling.)"""
+    return nb // 4 * 4 / graph_us([read_only(nb)]) / 1e3
 
 
 def sweep():

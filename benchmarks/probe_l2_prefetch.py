@@ -28,10 +28,10 @@ subprocess.run(["nvcc", "-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode", "ar
 lib = ctypes.CDLL(SO)
 S = lambda: ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)  # noqa: E731
 torch.manual_seed(0)
-SH = {"gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336),
-      "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096)}
+SH = B.MODELS["llama-8b"]
 ws = {p: B.weight(n, k) for p, (n, k) in SH.items()}
 xs = {p: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for p, (n, k) in SH.items()}
+B.check("llama-8b", ws, (1,))  # every product against float64 before any timing
 gu = lambda: slothai.ops.nf4_linear_group(xs["gate_proj"], [ws["gate_proj"], ws["up_proj"]])  # noqa: E731
 down = lambda: slothai.ops.nf4_linear_group(xs["down_proj"], [ws["down_proj"]])  # noqa: E731
 packed = ws["down_proj"].data

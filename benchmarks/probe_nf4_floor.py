@@ -16,11 +16,11 @@ import bench_nf4_matmul as B  # noqa: E402
 
 import slothai  # noqa: E402
 
-SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
-          "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+SHAPES = B.MODELS["llama-8b"]
 torch.manual_seed(0)
 ws = {p: B.weight(n, k) for p, (n, k) in SHAPES.items()}
 xs = {p: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for p, (n, k) in SHAPES.items()}
+B.check("llama-8b", ws, (1,))  # every product against float64 before any timing
 launches = B.grouped_layer(ws, xs)
 names = ["+".join(g) for g in B.GROUPS]
 nbs = [sum(B.nbytes(ws[p]) for p in g) for g in B.GROUPS]
@@ -34,19 +34,13 @@ print(f"graph layer (4 launches)             {sum(nbs) / 1e6:6.1f} MB {layer:6.1
 
 
 # 2. the read-only kernel over the same byte counts, alone and as four launches
-def reader(nb):
-    buf = torch.randint(0, 7, (nb // 4,), dtype=torch.int32, device="cuda")
-    out = torch.empty(B.triton.cdiv(buf.numel(), 4096), dtype=torch.int32, device="cuda")
-    return lambda: B._read[(out.numel(),)](buf, out, buf.numel(), BLOCK=4096, num_warps=8)
-
-
-reads = [reader(nb) for nb in nbs]
+reads = [B.read_only(nb) for nb in nbs]
 for name, fn, nb in zip(names, reads, nbs):
     us = B.graph_us([fn])
     print(f"read  {name:28s} {nb / 1e6:6.1f} MB {us:6.1f} us {nb / us / 1e3:5.0f} GB/s")
 four = B.graph_us(reads)
 print(f"read  layer (4 launches)             {sum(nbs) / 1e6:6.1f} MB {four:6.1f} us {sum(nbs) / four / 1e3:5.0f} GB/s")
-one = B.graph_us([reader(sum(nbs))])
+one = B.graph_us([B.read_only(sum(nbs))])
 print(f"read  layer (1 launch)               {sum(nbs) / 1e6:6.1f} MB {one:6.1f} us {sum(nbs) / one / 1e3:5.0f} GB/s")
 print(f"nf4 layer at {100 * four / layer:.0f}% of the four-launch read floor, {100 * one / layer:.0f}% of one launch's")
 
