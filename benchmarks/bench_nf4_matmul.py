@@ -153,8 +153,13 @@ def sweep():
     import subprocess
     scores = {}
     for c in [int(c) for c in os.environ.get("SWEEP_CONFIGS", "").split()] or range(CONFIGS):  # (a subset: SWEEP_CONFIGS="0 3")
-        got = subprocess.run([sys.executable, os.path.abspath(__file__), "--sweep-child"], capture_output=True,
-                             text=True, env=dict(os.environ, SLOTHAI_NF4MM_CONFIG=str(c)))
+        try:  # (a config that hangs -- a tuning variant waiting on a barrier -- is out too)
+            got = subprocess.run([sys.executable, os.path.abspath(__file__), "--sweep-child"], capture_output=True,
+                                 text=True, env=dict(os.environ, SLOTHAI_NF4MM_CONFIG=str(c)),
+                                 timeout=float(os.environ.get("SWEEP_TIMEOUT", "120")))
+        except subprocess.TimeoutExpired:
+            print(f"config {c} passed its {os.environ.get('SWEEP_TIMEOUT', '120')} s limit", flush=True)
+            continue
         print(got.stdout, end="", flush=True)
         if got.returncode:
             print(f"config {c} failed:\n{got.stderr[-800:]}", flush=True)
