@@ -490,9 +490,15 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 // in flight while the CTA builds its table. The ring runs across tiles: the reduction at
 // a tile's end waits for nothing that is loading.
 //   Batch (16 rows x 4 units) in its stage: codes [unit p][row r][32 B] (a warp's 8-byte
-//   reads, 8 rows x 32 B a step, conflict-free), then the scales: u8 [row][4] and the
-//   absmax2 of each row ([row], one for the 4 units: blocksize2 >= 4 blocks), or fp32
-//   [row][4].
+//   reads, 8 rows x 32 B a step, conflict-free; a copy instruction 16 rows x 32 B), then the
+//   scales: u8 [row][4] and the absmax2 of each row ([row], one for the 4 units: blocksize2
+//   >= 4 blocks), or fp32 [row][4].
+//   ROWS (tuning config 4, NOT YET RUN ON A GPU): codes [row r][128 B] instead, row r's unit p
+//   at 32-byte chunk p ^ (r & 3). A copy instruction takes 4 rows' 128-byte lines whole
+//   (lane: row lane / 8, 16 B c = lane % 8), each landing as one row; the swizzle keeps a
+//   warp's 8-byte reads of a unit (rows g, 32 B each) conflict-free per half-warp. In a copy
+//   of this kernel with another shared-memory layout it took the 8B grouped layer at one row
+//   from 85.2 to 67.0 us (H100, nf4_matmul_sweep_h100_bisect.txt, configs 5 and 13).
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
@@ -529,7 +535,7 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool ROWS>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -558,12 +564,23 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             for (int i = 1; i < S; ++i) prod += it >= seg.tiles_before[i];
             const slothai_nf4_matmul_args &a = seg.a[prod];
             const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
-            const int64_t rc = n0 + (lane >> 1) < a.n ? n0 + (lane >> 1) : a.n - 1;  // this lane's code row
+            const int64_t rc = n0 + (lane >> 1) < a.n ? n0 + (lane >> 1) : a.n - 1; // this lane's code row (not ROWS)
             const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // its scale row
             const uint32_t dst = ring + is * kStageBytes;
-            const uint8_t *src = a.w.packed + rc * (K / 2) + u0 * (kUnit / 2) + 16 * (lane & 1);
+            if constexpr (ROWS) {
+                const int c = lane & 7; // the lane's 16 B of a row's 4 units
 #pragma unroll
-            for (int p = 0; p < P; ++p) cp_async16(dst + p * 512 + (lane >> 1) * 32 + 16 * (lane & 1), src + p * 32);
+                for (int j = 0; j < 4; ++j) {
+                    const int rl = 4 * j + (lane >> 3);                  // the row in the tile
+                    const int64_t r = n0 + rl < a.n ? n0 + rl : a.n - 1; // (rows past N: N - 1's, unused)
+                    cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
+                               a.w.packed + r * (K / 2) + u0 * (kUnit / 2) + 16 * c);
+                }
+            } else {
+                const uint8_t *src = a.w.packed + rc * (K / 2) + u0 * (kUnit / 2) + 16 * (lane & 1);
+#pragma unroll
+                for (int p = 0; p < P; ++p) cp_async16(dst + p * 512 + (lane >> 1) * 32 + 16 * (lane & 1), src + p * 32);
+            }
             if (u8) {
                 const int64_t blk = rs * units + u0;
                 if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
@@ -624,8 +641,14 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 #pragma unroll
             for (int p = 0; p < P; ++p) {
                 uint2 wa, wb;
-                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(st + p * 512 + g * 32 + 8 * t));
-                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(st + p * 512 + (g + 8) * 32 + 8 * t));
+                if constexpr (ROWS) {
+                    const uint32_t ca = st + g * 128 + (p ^ (g & 3)) * 32 + 8 * t; // row g; row g + 8 at + 1024
+                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(ca));
+                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 8 * 128));
+                } else {
+                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(st + p * 512 + g * 32 + 8 * t));
+                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(st + p * 512 + (g + 8) * 32 + 8 * t));
+                }
                 unit_product<T, MT>(look, x, u0 + p, wa, wb, xc[MT == 1 ? p : 0], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
@@ -733,10 +756,10 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool ROWS>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, ROWS>;
     constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
@@ -791,7 +814,8 @@ int tuning_config()
 // with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel).
+// default before the streaming kernel), 4 the streaming kernel with its codes in a row-major
+// stage (ROWS, bf16; compiled, not yet run on a GPU: the next lease sweeps it against 0).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -813,9 +837,14 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
     if (config == 0 && stream_takes(seg)) {
-        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
+        two ? launch_stream<T, 2, 4, 3, S, 3, false>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false>(seg, s);
         return;
     }
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) // (config 4 in bf16 only: fewer kernels built)
+        if (config == 4 && stream_takes(seg)) {
+            two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
+            return;
+        }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
     case 1:
         if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
