@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: build for its card, then run the steps named, in order.
-#   bash benchmarks/device_run.sh [tests] [sanitize] [t4] [wheel] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
+#   bash benchmarks/device_run.sh [tests] [sanitize] [t4] [wheel] [configs] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
 # `wheel` installs the wheel carried in dist/ (`make wheel` here; carry ["dist"]) into
 # /tmp/slothai-wheel, runs the suite against it from outside the tree, and leaves it
 # first on PYTHONPATH, so that the steps after it measure the wheel, not the source build.
@@ -57,9 +57,25 @@ for step in "$@"; do
            tests/test_fused_ce_options.py tests/test_scale.py >"$OUT/t4.log" 2>&1)
         rc=$?; grep -E "(FAILED|ERROR) tests/" "$OUT/t4.log" | head -20; tail -2 "$OUT/t4.log"
         [ $rc -eq 0 ] || { echo "sm_75+PTX tests failed: rc $rc"; status=1; } ;;
+    configs) # The 4-bit product's tuning configs (TUNE_CONFIGS, default "4 5"; csrc/core/nf4_matmul_cuda.cu's
+             # launch_decode) against the default: one sweep (each config checked against dequantize +
+             # cuBLAS before it is timed), then each config's kernel tests and memcheck, time-limited (a
+             # copy that never lands hangs).
+             (cd "$testdir" && SWEEP_CONFIGS="0 ${TUNE_CONFIGS:-4 5}" SWEEP_M="${SWEEP_M:-1 16}" \
+                python3 benchmarks/bench_nf4_matmul.py --sweep 2>&1 | tee "$OUT/sweep.log" | tail -30)
+             for c in ${TUNE_CONFIGS:-4 5}; do
+               (cd "$testdir" && SLOTHAI_NF4MM_CONFIG=$c timeout 240 python3 -m pytest $PYTEST_ARGS -p no:cacheprovider -k cuda \
+                  tests/test_nf4_matmul.py tests/test_nf4_group.py tests/test_lora_linear4bit.py >"$OUT/config$c.log" 2>&1)
+               rc=$?; echo "config $c tests rc=$rc: $(tail -1 "$OUT/config$c.log")"; [ $rc -eq 0 ] || status=1
+               (cd "$testdir" && SLOTHAI_NF4MM_CONFIG=$c timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+                  python3 -m pytest -q -x -p no:cacheprovider tests/test_nf4_matmul.py tests/test_nf4_group.py \
+                  -k "cuda and not compile and not graphs and not opcheck" >"$OUT/config${c}_memcheck.log" 2>&1)
+               rc=$?; echo "config $c memcheck rc=$rc"; [ $rc -eq 0 ] || status=1
+               grep -E "ERROR SUMMARY|passed|failed" "$OUT/config${c}_memcheck.log" | head -3
+             done ;;
     bench_*) [ -f "benchmarks/$step.py" ] || { echo "no benchmarks/$step.py"; status=1; continue; }
              python3 "benchmarks/$step.py" 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
-    *) echo "unknown step '$step' (tests, sanitize, t4, wheel, bench_<name>)"; status=1 ;;
+    *) echo "unknown step '$step' (tests, sanitize, t4, wheel, configs, bench_<name>)"; status=1 ;;
   esac
 done
 exit $status
