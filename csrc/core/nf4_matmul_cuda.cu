@@ -828,20 +828,27 @@ int log2_exact(int64_t v)
 // Whether the tensor-core kernel can run here: a card of sm_80 or later, and
 // code for it built for sm_80 or later (a build for sm_75 + PTX runs that PTX,
 // whose kernel body is the trap above).
-template <typename T> bool tensor_cores_here()
+// Whether `kernel`'s code here is for `arch` (80, 90) or later and so is the card; `code_arch`
+// caches the code's architecture (one per kernel).
+bool runs_here(std::atomic<int> &code_arch, const void *kernel, int arch)
 {
-    static std::atomic<int> code_arch{-1};
-    int arch = code_arch.load(std::memory_order_relaxed);
-    if (arch < 0) {
+    int code = code_arch.load(std::memory_order_relaxed);
+    if (code < 0) {
         cudaFuncAttributes attr;
-        if (cudaFuncGetAttributes(&attr, nf4_matmul_tc_kernel<T, 1, 8, 4, false>) != cudaSuccess) return false;
-        code_arch.store(arch = attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion);
+        if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
+        code_arch.store(code = attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion);
     }
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
         return false;
-    return arch >= 80 && major >= 8;
+    return code >= arch && major * 10 >= arch;
+}
+
+template <typename T> bool tensor_cores_here()
+{
+    static std::atomic<int> code_arch{-1};
+    return runs_here(code_arch, reinterpret_cast<const void *>(nf4_matmul_tc_kernel<T, 1, 8, 4, false>), 80);
 }
 
 // The grid of a persistent kernel: as many CTAs as the card holds at once, or `tiles`
@@ -921,16 +928,6 @@ template <int S> bool tma_params(const Segments<S> &seg, TmaSegments<S> &out)
     return true;
 }
 
-// Whether this device runs sm_90 code of `kernel` (COPY 2's bulk tensor copies).
-bool sm90_code_here(const void *kernel)
-{
-    cudaFuncAttributes attr;
-    int dev = 0, major = 0;
-    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
-           cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-}
-
 // COPY: the codes' copy (nf4_stream_kernel). False (nothing launched) where COPY 2 cannot run.
 template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, int COPY>
 bool launch_stream(const Segments<S> &seg, cudaStream_t s)
@@ -938,8 +935,9 @@ bool launch_stream(const Segments<S> &seg, cudaStream_t s)
     const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, COPY>;
     constexpr int smem = stream_smem_all<MT, WARPS, S, COPY>(STAGES);
     StreamParams<S, COPY> params;
-    if constexpr (COPY == 2) {
-        if (!sm90_code_here(reinterpret_cast<const void *>(kernel)) || !tma_params(seg, params)) return false;
+    if constexpr (COPY == 2) { // (the bulk tensor copies: sm_90 code on an sm_90 card)
+        static std::atomic<int> code_arch{-1};
+        if (!runs_here(code_arch, reinterpret_cast<const void *>(kernel), 90) || !tma_params(seg, params)) return false;
     } else {
         params = seg;
     }
