@@ -153,22 +153,16 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
 // still reads `red` (the table, or the last tile's sums).
-// The TMA copy's row order (nf4_stream_kernel, COPY 2): fragment row g reads tile row
-// tma_row(g), g's bits 1 and 2 swapped (an involution), so that a half-warp's four rows sit in
-// four different bank groups of the 64-byte-swizzled stage.
-__host__ __device__ constexpr int tma_row(int g) { return (g & 1) | ((g & 2) << 1) | ((g & 4) >> 1); }
-
-template <typename T, int MT, int WARPS, bool PERM = false>
+template <typename T, int MT, int WARPS>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
                                                const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int gr = PERM ? tma_row(g) : g; // the tile row of fragment rows g, g + 8 (gr + 8)
     __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-        float *r = red + (warp * 16 + gr) * kTok + mt * 8 + 2 * t;
+        float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
         r[0] = acc[mt][0];
         r[1] = acc[mt][1];
         r[8 * kTok] = acc[mt][2];
@@ -495,29 +489,23 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 // each) in flight while it computes one, held in no register, and the first batches are
 // in flight while the CTA builds its table. The ring runs across tiles: the reduction at
 // a tile's end waits for nothing that is loading.
-//   Batch (16 rows x 4 units) in its stage: codes [unit p][row r][32 B] (a warp's 8-byte
-//   reads, 8 rows x 32 B a step, conflict-free; a copy instruction 16 rows x 32 B), then the
-//   scales: u8 [row][4] and the absmax2 of each row ([row], one for the 4 units: blocksize2
-//   >= 4 blocks), or fp32 [row][4].
-//   That is COPY 0, the default. Two other copies of the codes, tuning configs 4 and 5 (bf16),
-//   compiled but NOT YET RUN ON A GPU:
-//   - COPY 1: codes [row r][128 B], row r's unit p at 32-byte chunk p ^ (r & 3). A copy
-//     instruction takes 4 rows' 128-byte lines whole (lane: row lane / 8, 16 B c = lane % 8),
-//     each landing as one row; the swizzle keeps a warp's 8-byte reads of a unit (rows g, 32 B
-//     each) conflict-free per half-warp. In a copy of this kernel with another shared-memory
-//     layout it took the 8B grouped layer at one row from 85.2 to 67.0 us (H100,
-//     nf4_matmul_sweep_h100_bisect.txt, configs 5 and 13).
-//   - COPY 2 (sm_90): the codes by the bulk tensor copy, one lane a warp issuing two 64 B x
-//     16-row boxes (units 0-1, 2-3) with 64-byte swizzle (16 B chunk c of row r at c ^ ((r >> 1)
-//     & 3)) and an mbarrier a stage; no copy instruction of the warp's lanes, no shared-memory
-//     wavefront of theirs. Fragment row g reads tile row tma_row(g), so that a half-warp's
-//     rows {0, 1, 4, 5} / {2, 3, 6, 7} read four different bank groups; the scales keep their
-//     cp.async copies.
+//   Batch (16 rows x 4 units) in its stage: codes [row r][128 B], row r's unit p at 32-byte
+//   chunk p ^ (r & 3); then the scales: u8 [row][4] and the absmax2 of each row ([row], one
+//   for the 4 units: blocksize2 >= 4 blocks), or fp32 [row][4]. A copy instruction takes 4
+//   rows' 128-byte lines whole (lane: row lane / 8, 16 B c = lane % 8), each landing as one
+//   row; the swizzle keeps a warp's 8-byte reads of a unit (rows g, 32 B each) conflict-free
+//   per half-warp. Measured against the copy before it (codes [unit p][row r][32 B], a copy
+//   instruction 16 rows x 32 B: twice the instructions, 917,504 against 688,128 shared-memory
+//   wavefronts on the 8B gate_proj per ncu): the 8B layer grouped at one row 66.1 against
+//   72.3 us, at 16 rows 119.2 against 124.3; the 1B layer 28.3 against 29.6 and 51.7 against
+//   52.6 (H100, 2026-12-06, nf4_matmul_sweep_h100_copy.txt). The codes by the bulk tensor copy
+//   instead (sm_90, one lane a warp issuing two 64 B x 16-row boxes, 64-byte swizzle, an
+//   mbarrier a stage) lost in the same sweep: 69.1 and 126.5 us; 1D bulk copies (one 128 B
+//   row a lane) 80.4 in the bisect (nf4_matmul_sweep_h100_bisect.txt). Git history has both.
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
-// the warps' sums, code2, and WARPS x STAGES x 2304 B of ring (COPY 2: + 1 KB of alignment
-// and an 8-byte mbarrier a stage).
+// the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
 constexpr int kStageBytes = 2048 + 256;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src)
@@ -550,93 +538,12 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-// COPY 2 (TMA): a tensor map a product (CUtensorMap's layout, 128 opaque bytes, encoded on the
-// host by the driver's cuTensorMapEncodeTiled), beside the segments in the kernel's parameters;
-// its shared memory the same ring split into a codes ring (2 KB a stage, 1024-byte aligned: the
-// swizzle reads address bits 7-8), a scales ring (256 B a stage) and an mbarrier a stage.
-struct alignas(64) TensorMap {
-    uint64_t opaque[16];
-};
-template <int S> struct TmaSegments : Segments<S> {
-    TensorMap map[S];
-};
-template <int S, int COPY> using StreamParams = typename std::conditional<COPY == 2, TmaSegments<S>, Segments<S>>::type;
-template <int MT, int WARPS, int S, int COPY> __host__ __device__ constexpr int stream_smem_all(int stages)
-{
-    return stream_smem<MT, WARPS, S>(stages) + (COPY == 2 ? 1024 + WARPS * stages * 8 : 0);
-}
-
-// sm_90's bulk tensor copy and its mbarrier (COPY 2 only; never launched below sm_90).
-__device__ __forceinline__ void mbar_init(uint32_t bar)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar));
-#endif
-}
-__device__ __forceinline__ void fence_barrier_init()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void fence_proxy_async()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// Two 64 B x 16-row boxes (at x0 and x0 + 64 bytes of rows y0..y0 + 15) into dst, dst + 1024,
-// completing 2048 bytes on bar.
-__device__ __forceinline__ void tma_codes(uint32_t dst, const TensorMap &map, int x0, int y0, uint32_t bar)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const uint64_t m = reinterpret_cast<uint64_t>(&map);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 2048;\n" ::"r"(bar) : "memory");
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(dst), "l"(m), "r"(x0), "r"(y0), "r"(bar) : "memory");
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(dst + 1024), "l"(m), "r"(x0 + 64), "r"(y0), "r"(bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uint32_t done = 0;
-    while (!done)
-        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-#endif
-}
-
-// The block scales of rows r and r + 8, unit t, from a batch's scales in shared memory at s
-// (u8 [row][4] then absmax2 [row], or fp32 [row][4]).
-__device__ __forceinline__ void stage_scales(uint32_t s, int r, int t, bool u8, const float *c2, float offset, float &sa,
-                                             float &sb)
-{
-    if (u8) {
-        uint32_t qa, qb;
-        float a2a, a2b;
-        asm("ld.shared.u8 %0, [%1];" : "=r"(qa) : "r"(s + 4 * r + t));
-        asm("ld.shared.u8 %0, [%1];" : "=r"(qb) : "r"(s + 4 * (r + 8) + t));
-        asm("ld.shared.f32 %0, [%1];" : "=f"(a2a) : "r"(s + 64 + 4 * r));
-        asm("ld.shared.f32 %0, [%1];" : "=f"(a2b) : "r"(s + 64 + 4 * (r + 8)));
-        sa = __fadd_rn(__fmul_rn(c2[qa], a2a), offset);
-        sb = __fadd_rn(__fmul_rn(c2[qb], a2b), offset);
-    } else {
-        asm("ld.shared.f32 %0, [%1];" : "=f"(sa) : "r"(s + 16 * r + 4 * t));
-        asm("ld.shared.f32 %0, [%1];" : "=f"(sb) : "r"(s + 16 * (r + 8) + 4 * t));
-    }
-}
-
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, int COPY>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
-nf4_stream_kernel(const __grid_constant__ StreamParams<S, COPY> seg, int64_t m_base)
+nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
-#endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    if (COPY == 2) __trap(); // (likewise: no bulk tensor copy)
 #endif
     constexpr int P = 4, kTok = 8 * MT;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -646,19 +553,9 @@ nf4_stream_kernel(const __grid_constant__ StreamParams<S, COPY> seg, int64_t m_b
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) +
                           warp * STAGES * kStageBytes;
-    // COPY 2's rings (unused otherwise): codes, scales, barriers.
-    const uint32_t ring2 = (static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) + 1023) & ~1023u;
-    const uint32_t cring = ring2 + warp * STAGES * 2048, sring = ring2 + WARPS * STAGES * 2048 + warp * STAGES * 256,
-                   bring = ring2 + WARPS * STAGES * kStageBytes + warp * STAGES * 8;
     const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit, nb = units / P;
     const int64_t nbw = warp < nb ? (nb - 1 - warp) / WARPS + 1 : 0; // this warp's batches a tile
     const bool u8 = seg.a[0].w.absmax_u8 != nullptr;
-    if constexpr (COPY == 2) {
-        if (lane == 0)
-            for (int i = 0; i < STAGES; ++i) mbar_init(bring + 8 * i);
-        fence_barrier_init();
-        __syncwarp();
-    }
 
     // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
     int64_t it = blockIdx.x, ib = 0;
@@ -670,28 +567,15 @@ nf4_stream_kernel(const __grid_constant__ StreamParams<S, COPY> seg, int64_t m_b
             for (int i = 1; i < S; ++i) prod += it >= seg.tiles_before[i];
             const slothai_nf4_matmul_args &a = seg.a[prod];
             const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
-            const int64_t rc = n0 + (lane >> 1) < a.n ? n0 + (lane >> 1) : a.n - 1; // this lane's code row (COPY 0)
-            const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // its scale row
-            const uint32_t dst = COPY == 2 ? sring + is * 256 - 2048 : ring + is * kStageBytes; // (COPY 2: its scales at dst + 2048)
-            if constexpr (COPY == 2) {
-                // rows past N zero-filled by the copy (and unused)
-                if (lane == 0) {
-                    fence_proxy_async(); // the warp's reads of this stage (before its __syncwarp) before the copy's writes
-                    tma_codes(cring + is * 2048, seg.map[prod], (int)(u0 * (kUnit / 2)), (int)n0, bring + 8 * is);
-                }
-            } else if constexpr (COPY == 1) {
-                const int c = lane & 7; // the lane's 16 B of a row's 4 units
+            const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // this lane's scale row
+            const uint32_t dst = ring + is * kStageBytes;
+            const int c = lane & 7; // the lane's 16 B of a row's 4 units
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int rl = 4 * j + (lane >> 3);                  // the row in the tile
-                    const int64_t r = n0 + rl < a.n ? n0 + rl : a.n - 1; // (rows past N: N - 1's, unused)
-                    cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
-                               a.w.packed + r * (K / 2) + u0 * (kUnit / 2) + 16 * c);
-                }
-            } else {
-                const uint8_t *src = a.w.packed + rc * (K / 2) + u0 * (kUnit / 2) + 16 * (lane & 1);
-#pragma unroll
-                for (int p = 0; p < P; ++p) cp_async16(dst + p * 512 + (lane >> 1) * 32 + 16 * (lane & 1), src + p * 32);
+            for (int j = 0; j < 4; ++j) {
+                const int rl = 4 * j + (lane >> 3);                  // the row in the tile
+                const int64_t r = n0 + rl < a.n ? n0 + rl : a.n - 1; // (rows past N: N - 1's, unused)
+                cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
+                           a.w.packed + r * (K / 2) + u0 * (kUnit / 2) + 16 * c);
             }
             if (u8) {
                 const int64_t blk = rs * units + u0;
@@ -714,8 +598,6 @@ nf4_stream_kernel(const __grid_constant__ StreamParams<S, COPY> seg, int64_t m_b
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
     const Lut look(table);
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
-    const int gr = COPY == 2 ? tma_row(g) : g; // the tile row of fragment rows g, g + 8 (gr + 8)
-    uint32_t phases = 0;                       // COPY 2: bit s, the parity stage s completes next
 
     int cs = 0; // the stage this warp computes next
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -733,22 +615,13 @@ nf4_stream_kernel(const __grid_constant__ StreamParams<S, COPY> seg, int64_t m_b
 #pragma unroll
                 for (int p = 0; p < P; ++p) x.load(0, u0 + p, xc[p]);
             cp_async_wait<STAGES - 2>(); // this lane's copies of stage cs have landed
-            if constexpr (COPY == 2) {
-                mbar_wait(bring + 8 * cs, (phases >> cs) & 1); // and the stage's codes
-                phases ^= 1u << cs;
-            }
             __syncwarp();                // and every lane's; all reads of the stage refilled below are done
             issue();
-            const uint32_t st = COPY == 2 ? cring + cs * 2048 : ring + cs * kStageBytes;
-            const int scs = cs; // (COPY 2: the stage of its scales ring)
+            const uint32_t st = ring + cs * kStageBytes;
             cs = cs + 1 == STAGES ? 0 : cs + 1;
             // Block scales of unit t, rows g and g + 8 (the quad shares them by shuffle).
             float my_sa, my_sb;
-            // (COPY 0 keeps these reads inline, as measured: through stage_scales, the same loads
-            // compile to another schedule; when a winner is the default, one form stays.)
-            if constexpr (COPY == 2) {
-                stage_scales(sring + scs * 256, gr, t, u8, c2, offset, my_sa, my_sb); // rows gr, gr + 8
-            } else if (u8) {
+            if (u8) {
                 uint32_t qa, qb;
                 float a2a, a2b;
                 asm("ld.shared.u8 %0, [%1];" : "=r"(qa) : "r"(st + 2048 + 4 * g + t));
@@ -764,24 +637,14 @@ nf4_stream_kernel(const __grid_constant__ StreamParams<S, COPY> seg, int64_t m_b
 #pragma unroll
             for (int p = 0; p < P; ++p) {
                 uint2 wa, wb;
-                if constexpr (COPY == 2) {
-                    // rows gr and gr + 8 (+ 512) of box p / 2, 64 B rows, 16 B chunk c at c ^ ((gr >> 1) & 3)
-                    const uint32_t ca = st + (p >> 1) * 1024 + gr * 64 + ((((p & 1) * 2 + (t >> 1)) ^ ((gr >> 1) & 3)) << 4) + 8 * (t & 1);
-                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(ca));
-                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 512));
-                } else if constexpr (COPY == 1) {
-                    const uint32_t ca = st + g * 128 + (p ^ (g & 3)) * 32 + 8 * t; // row g; row g + 8 at + 1024
-                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(ca));
-                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 8 * 128));
-                } else {
-                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(st + p * 512 + g * 32 + 8 * t));
-                    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(st + p * 512 + (g + 8) * 32 + 8 * t));
-                }
+                const uint32_t ca = st + g * 128 + (p ^ (g & 3)) * 32 + 8 * t; // row g; row g + 8 at + 1024
+                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(ca));
+                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 8 * 128));
                 unit_product<T, MT>(look, x, u0 + p, wa, wb, xc[MT == 1 ? p : 0], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        meet_and_write<T, MT, WARPS, COPY == 2>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
     }
     cp_async_wait<0>();
 }
@@ -891,56 +754,11 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-// cuTensorMapEncodeTiled, from the driver (no link to libcuda, no driver header: CUresult and
-// the enums as int, the map as TensorMap). Null where the driver has none.
-using EncodeTiled = int (*)(TensorMap *, int, uint32_t, void *, const uint64_t *, const uint64_t *, const uint32_t *,
-                            const uint32_t *, int, int, int, int);
-EncodeTiled encode_tiled()
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    static const EncodeTiled fn = [] {
-        void *f = nullptr;
-        cudaDriverEntryPointQueryResult got;
-#if CUDART_VERSION >= 12050
-        const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &got);
-#else
-        const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &got);
-#endif
-        return e == cudaSuccess && got == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(f) : nullptr;
-    }();
-    return fn;
-}
-
-// COPY 2's parameters: seg and each product's codes as a 2D uint8 tensor map (K / 2 bytes x N
-// rows), boxes of 64 B x 16 rows, 64-byte swizzle, rows past N zero-filled. False where the
-// driver cannot encode them.
-template <int S> bool tma_params(const Segments<S> &seg, TmaSegments<S> &out)
-{
-    const EncodeTiled encode = encode_tiled();
-    if (!encode) return false;
-    static_cast<Segments<S> &>(out) = seg;
-    for (int i = 0; i < S; ++i) {
-        const uint64_t dims[2] = {(uint64_t)seg.a[i].k / 2, (uint64_t)seg.a[i].n}, strides[1] = {(uint64_t)seg.a[i].k / 2};
-        const uint32_t box[2] = {64, 16}, steps[2] = {1, 1};
-        if (encode(&out.map[i], /*UINT8*/ 0, 2, const_cast<uint8_t *>(seg.a[i].w.packed), dims, strides, box, steps,
-                   /*INTERLEAVE_NONE*/ 0, /*SWIZZLE_64B*/ 2, /*L2_PROMOTION_L2_256B*/ 3, /*OOB_FILL_NONE*/ 0) != 0)
-            return false;
-    }
-    return true;
-}
-
-// COPY: the codes' copy (nf4_stream_kernel). False (nothing launched) where COPY 2 cannot run.
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, int COPY>
-bool launch_stream(const Segments<S> &seg, cudaStream_t s)
-{
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, COPY>;
-    constexpr int smem = stream_smem_all<MT, WARPS, S, COPY>(STAGES);
-    StreamParams<S, COPY> params;
-    if constexpr (COPY == 2) { // (the bulk tensor copies: sm_90 code on an sm_90 card)
-        static std::atomic<int> code_arch{-1};
-        if (!runs_here(code_arch, reinterpret_cast<const void *>(kernel), 90) || !tma_params(seg, params)) return false;
-    } else {
-        params = seg;
-    }
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
@@ -951,9 +769,8 @@ bool launch_stream(const Segments<S> &seg, cudaStream_t s)
     const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        kernel<<<grid, WARPS * 32, smem, s>>>(params, y0 * per);
+        kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
     }
-    return true;
 }
 
 // Whether the streaming kernel takes every product of a launch (its comment says what it needs).
@@ -986,17 +803,17 @@ int tuning_config()
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
 // in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), else the decode
 // kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
-// 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100, 2026-12-06, the wheel of 520b68b,
-// benchmarks/results/nf4_matmul_sweep_h100_stream.txt), the 8B layer's seven projections grouped
-// as the patch groups them: at one row 72.9 us streaming against 84.4 for the decode kernel
-// (1544 against 1334 GB/s), at 16 rows 124.7 against 136.6; the 1B layer 29.8 against 32.0 and
-// 53.1 against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the decode kernel
+// 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100), the 8B layer's seven projections
+// grouped as the patch groups them: at one row 66.1 us (1701 GB/s), at 16 rows 119.2; the 1B
+// layer 28.3 and 51.7 (2026-12-06, nf4_matmul_sweep_h100_copy.txt). The streaming kernel's
+// first copy against the decode kernel (the wheel of 520b68b, nf4_matmul_sweep_h100_stream.txt):
+// at one row 72.9 against 84.4 us, at 16 rows 124.7 against 136.6; the 1B layer 29.8 against
+// 32.0 and 53.1 against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the decode kernel
 // at one row 91.9 us with 8 warps against 98.5 with 4, at 16 rows 148.1 with 4 against 187.4
 // with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel); configs 4 and 5 the streaming kernel's other code copies
-// (its COPY 1 and 2, bf16; compiled, NOT yet run on a GPU: the next lease sweeps them against 0).
+// default before the streaming kernel).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -1017,16 +834,8 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) // (configs 4, 5 in bf16 only: fewer kernels built)
-        if ((config == 4 || config == 5) && stream_takes(seg)) {
-            if (config == 4) {
-                two ? launch_stream<T, 2, 4, 3, S, 3, 1>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, 1>(seg, s);
-                return;
-            }
-            if (two ? launch_stream<T, 2, 4, 3, S, 3, 2>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, 2>(seg, s)) return;
-        }
-    if ((config == 0 || config == 4 || config == 5) && stream_takes(seg)) { // (4, 5 in fp16, or 5 without sm_90: 0)
-        two ? launch_stream<T, 2, 4, 3, S, 3, 0>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, 0>(seg, s);
+    if (config == 0 && stream_takes(seg)) {
+        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
