@@ -152,15 +152,14 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
-// still reads `red` (the table, or the last tile's sums); FIRST_BARRIER false: nobody does
-// (the streaming kernel's LEAN form alternates two buffers).
-template <typename T, int MT, int WARPS, bool FIRST_BARRIER = true>
+// still reads `red` (the table, or the last tile's sums).
+template <typename T, int MT, int WARPS>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
                                                const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    if (FIRST_BARRIER) __syncthreads();
+    __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -534,38 +533,12 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
 #endif
 }
 
-// Its shared memory, each part's byte offset: the table (32 KB), the warps' sums (LEAN: two
-// buffers), each product's code2, (LEAN: their offsets, 16 B padded), then the warps' rings
-// (WARPS x stages x kStageBytes).
-template <int MT, int WARPS, int S, bool LEAN = false> struct StreamSmem {
-    static constexpr int kRed = WARPS * 16 * 8 * MT * 4; // one buffer of sums
-    static constexpr int kRedAt = 256 * 32 * 4, kCode2At = kRedAt + (LEAN ? 2 : 1) * kRed, kOffsetAt = kCode2At + S * 1024,
-                         kRingAt = kOffsetAt + (LEAN ? 16 * ((S + 3) / 4) : 0);
-};
-template <int MT, int WARPS, int S, bool LEAN = false> __host__ __device__ constexpr int stream_smem(int stages)
+template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages)
 {
-    return StreamSmem<MT, WARPS, S, LEAN>::kRingAt + WARPS * stages * kStageBytes;
+    return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-// The pair table of build_tables from the 16 levels held a lane each, by shuffles (no
-// constant-memory read in the loop) -- the LEAN prologue, whose code2 comes by cp.async.
-template <typename T, int THREADS> __device__ __forceinline__ void build_pair_table(uint32_t *table)
-{
-    static_assert((256 * 8) % THREADS == 0, "every lane takes as many rows (the shuffles)");
-    const float level = kNF4[threadIdx.x & 15];
-    for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
-        const float hi = __shfl_sync(0xffffffffu, level, i >> 7), lo = __shfl_sync(0xffffffffu, level, (i >> 3) & 15);
-        const uint32_t v = Tc<T>::pair(hi, lo);
-        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
-    }
-}
-
-// LEAN (tuning config 4, bf16; the bisect's three other parts, not yet the default): the
-// prologue holds no load in a register (code2 and the offsets come by cp.async with the first
-// batch, the pair table by shuffles), the warps' sums meet in two alternating buffers (one
-// barrier a tile), and the copies' offsets are 32-bit (launched only where every product's
-// codes are under 2^31 bytes).
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LEAN = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -573,26 +546,16 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
 #endif
     constexpr int P = 4, kTok = 8 * MT;
-    using L = StreamSmem<MT, WARPS, S, LEAN>;
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t *table = reinterpret_cast<uint32_t *>(smem);
-    float *red = reinterpret_cast<float *>(smem + L::kRedAt);
-    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + L::kCode2At);
-    const float *offset_of = reinterpret_cast<const float *>(smem + L::kOffsetAt); // (LEAN)
+    float *red = reinterpret_cast<float *>(smem + 256 * 32 * 4);
+    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + 256 * 32 * 4 + WARPS * 16 * kTok * 4);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    const uint32_t ring = base + L::kRingAt + warp * STAGES * kStageBytes;
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) +
+                          warp * STAGES * kStageBytes;
     const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit, nb = units / P;
     const int64_t nbw = warp < nb ? (nb - 1 - warp) / WARPS + 1 : 0; // this warp's batches a tile
     const bool u8 = seg.a[0].w.absmax_u8 != nullptr;
-    if constexpr (LEAN) { // code2 and offset of each product, in the first group of copies
-        if (u8) {
-#pragma unroll
-            for (int s = 0; s < S; ++s)
-                for (int i = threadIdx.x; i < 256; i += WARPS * 32) cp_async4(base + L::kCode2At + 1024 * s + 4 * i, seg.sc[s].code2 + i);
-            if (threadIdx.x < S) cp_async4(base + L::kOffsetAt + 4 * threadIdx.x, seg.sc[threadIdx.x].offset_ptr);
-        }
-    }
 
     // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
     int64_t it = blockIdx.x, ib = 0;
@@ -609,21 +572,13 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             const int c = lane & 7; // the lane's 16 B of a row's 4 units
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const int rl = 4 * j + (lane >> 3); // the row in the tile
-                if constexpr (LEAN) {
-                    const uint32_t n = static_cast<uint32_t>(a.n), r32 = static_cast<uint32_t>(n0) + rl;
-                    const uint32_t r = r32 < n ? r32 : n - 1;
-                    cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
-                               a.w.packed + (r * static_cast<uint32_t>(K / 2) + static_cast<uint32_t>(u0) * (kUnit / 2) + 16 * c));
-                } else {
-                    const int64_t r = n0 + rl < a.n ? n0 + rl : a.n - 1; // (rows past N: N - 1's, unused)
-                    cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
-                               a.w.packed + r * (K / 2) + u0 * (kUnit / 2) + 16 * c);
-                }
+                const int rl = 4 * j + (lane >> 3);                  // the row in the tile
+                const int64_t r = n0 + rl < a.n ? n0 + rl : a.n - 1; // (rows past N: N - 1's, unused)
+                cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
+                           a.w.packed + r * (K / 2) + u0 * (kUnit / 2) + 16 * c);
             }
             if (u8) {
-                const int64_t blk = LEAN ? static_cast<int64_t>(static_cast<uint32_t>(rs) * static_cast<uint32_t>(units) + static_cast<uint32_t>(u0))
-                                         : rs * units + u0;
+                const int64_t blk = rs * units + u0;
                 if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
                 else cp_async4(dst + 2048 + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
             } else if (lane < 16) {
@@ -637,27 +592,20 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
-    if constexpr (LEAN) {
-        build_pair_table<T, WARPS * 32>(table);
-        cp_async_wait<STAGES - 2>(); // this thread's first group (code2, offsets, a batch) has landed
-    } else {
-        build_tables<T, S, WARPS * 32>(table, code2, seg);
-    }
+    build_tables<T, S, WARPS * 32>(table, code2, seg);
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
     const Lut look(table);
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
-    int cs = 0, half = 0; // the stage this warp computes next; (LEAN) this tile's buffer of sums
+    int cs = 0; // the stage this warp computes next
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int prod = 0;
 #pragma unroll
         for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
         const slothai_nf4_matmul_args &a = seg.a[prod];
-        float offset;
-        if constexpr (LEAN) offset = u8 ? offset_of[prod] : 0.0f;
-        else offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
+        const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
         const float *c2 = code2[prod];
         float acc[MT][4] = {};
         for (int64_t b = 0; b < nbw; ++b) {
@@ -696,12 +644,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        if constexpr (LEAN) { // (a buffer is written again two tiles on, past the next tile's barrier)
-            meet_and_write<T, MT, WARPS, false>(a, red + half * (L::kRed / 4), acc, (tile - seg.tiles_before[prod]) * 16, m0);
-            half ^= 1;
-        } else {
-            meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
-        }
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
     }
     cp_async_wait<0>();
 }
@@ -811,11 +754,11 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LEAN = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LEAN>;
-    constexpr int smem = stream_smem<MT, WARPS, S, LEAN>(STAGES);
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
@@ -846,14 +789,6 @@ template <int S> bool stream_takes(const Segments<S> &seg)
     return true;
 }
 
-// Whether every product's codes are under 2^31 bytes (the LEAN streaming kernel's 32-bit offsets).
-template <int S> bool codes_fit_32_bits(const Segments<S> &seg)
-{
-    for (int i = 0; i < S; ++i)
-        if (seg.a[i].n * (seg.a[i].k / 2) >= (int64_t(1) << 31)) return false;
-    return true;
-}
-
 // Tuning only (benchmarks/bench_nf4_matmul.py --sweep): SLOTHAI_NF4MM_CONFIG
 // picks another kernel for up to 16 rows; unset, the default (0).
 int tuning_config()
@@ -878,8 +813,7 @@ int tuning_config()
 // with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel), 4 the streaming kernel's LEAN form (bf16; compiled,
-// NOT yet run on a GPU).
+// default before the streaming kernel).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -900,12 +834,7 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) // (config 4 in bf16 only: fewer kernels built)
-        if (config == 4 && stream_takes(seg) && codes_fit_32_bits(seg)) {
-            two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
-            return;
-        }
-    if ((config == 0 || config == 4) && stream_takes(seg)) { // (4 in fp16 or past 2^31 bytes: 0)
+    if (config == 0 && stream_takes(seg)) {
         two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
         return;
     }
