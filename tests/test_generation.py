@@ -350,9 +350,11 @@ def test_inductor_step_takes_q_k_v_and_gate_up_as_one_4bit_op_each(mode):
 
 def test_regional_mode_compiles_one_layer_for_all_layers(compile_counters):
     # compile="regional" (CUDA's default): every decoder layer runs one compiled
-    # function, its cache slots as arguments — one compilation for the decode step and
-    # one for prefills of any prompt length, whatever the number of layers.
-    model, ref = _patched(_build("llama"), compile="regional", backend="eager"), _build("llama")
+    # function, its cache slots as arguments — one compilation for the decode step and,
+    # with compile_prefill=True, one for prefills of any prompt length, whatever the
+    # number of layers.
+    model, ref = _patched(_build("llama"), compile="regional", backend="eager", compile_prefill=True), \
+        _build("llama")
     for length in (7, 9, 12):
         ids, mask = _left_padded(length=length)
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
@@ -362,8 +364,9 @@ def test_regional_mode_compiles_one_layer_for_all_layers(compile_counters):
 
 
 def test_regional_mode_with_eager_prefills_compiles_the_decode_step_alone(compile_counters):
-    # compile_prefill=False: prefills of every length run the layers eager (through the same
-    # cache), the decode step is the one compiled function; the tokens are transformers'.
+    # compile_prefill=False (the default): prefills of every length run the layers eager
+    # (through the same cache), the decode step is the one compiled function; the tokens
+    # are transformers'.
     model, ref = _patched(_build("llama"), compile="regional", backend="eager", compile_prefill=False), \
         _build("llama")
     for length in (7, 12):

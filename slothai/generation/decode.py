@@ -11,11 +11,11 @@ finished.
 Compilation (`Options.compile`):
 - "regional" (the default on CUDA): each decoder layer's call runs through one
   `torch.compile`d function shared by every layer (its cache slots are arguments, not
-  the layer's index, so one compilation serves all layers; prefills, whose prompt
-  length is dynamic, compile a function of their own), the rest of the step (embedding, rotary tables,
-  final norm, LM head, masks, sampling) eager. Recorded as one CUDA graph, the eager
-  parts cost nothing on the host either. `compile_prefill=False` runs prefills eager (no
-  compilation of its own for them: a first call's cost is the decode step's alone).
+  the layer's index, so one compilation serves all layers), the rest of the step
+  (embedding, rotary tables, final norm, LM head, masks, sampling) eager. Recorded as
+  one CUDA graph, the eager parts cost nothing on the host either. Prefills run the
+  layers eager (a first call compiles the decode step alone); `compile_prefill=True`
+  gives them a compiled function of their own (their prompt length dynamic).
 - "full": the whole step under `torch.compile(fullgraph=True)` (what the CPU tests
   use to show the step holds no graph break, that is, no host synchronisation).
 - None: eager (the default on the CPU, where there are no graphs).
@@ -67,7 +67,11 @@ RECOMPILE_LIMIT = 32
 class Options:
     compile: str | None = "auto"  # "regional", "full", None; "auto": regional on CUDA, None on the CPU
     backend: str = "inductor"
-    compile_prefill: bool = True  # regional mode: prefills through a compiled function of their own; False: eager
+    # Regional mode: True runs prefills through a compiled function of their own. False since
+    # 2026-12-06: TRL GRPO at 8B (H100, 8 x 256 new tokens, fresh compile caches) spent the same
+    # sampling time a step either way (1.335 against 1.336 s) and 7.3 against 10.3 s more on its
+    # first step (benchmarks/results/grpo_llama-8b_h100_cold_*.txt).
+    compile_prefill: bool = False
     cudagraphs: bool | None = None  # None: on CUDA
     check_every: int = 16  # decode steps between host checks that every row finished
     strict: bool = False  # raise instead of falling back to transformers' generate on an error
