@@ -40,8 +40,8 @@ RUNS = {
     "slothai": "slothai.patch(model): slothai's generate (static cache, CUDA-graph decode step, regional compile)",
     "slothai-full": "as slothai, the whole decode step compiled (configure(compile='full'))",
     "slothai-eager": "as slothai, the decode step not compiled, still one CUDA graph (configure(compile=None))",
-    "slothai-eagerprefill": "as slothai, the prefill not compiled (configure(compile_prefill=False)): the first "
-                            "call compiles the decode step alone",
+    "slothai-compiledprefill": "as slothai, the prefill compiled too (configure(compile_prefill=True); the "
+                               "default before 2026-12-06, whose files call the eager one slothai-eagerprefill)",
     "slothai-bf16a": "as slothai, the LoRA weights in bf16 (as TRL's trainers cast them on 4-bit models; PEFT's "
                      "default keeps them fp32, which the 4-bit op also takes when no gradient is needed)",
     "transformers": "transformers + PEFT + bitsandbytes generate(), as users run it",
@@ -49,7 +49,7 @@ RUNS = {
 }
 
 SLOTHAI_OPTIONS = {"slothai": {}, "slothai-full": dict(compile="full"), "slothai-eager": dict(compile=None),
-                   "slothai-eagerprefill": dict(compile_prefill=False), "slothai-bf16a": {}}
+                   "slothai-compiledprefill": dict(compile_prefill=True), "slothai-bf16a": {}}
 
 # GPU kernels by kind, for --profile: first matching pattern wins.
 DECODE_KINDS = [("nf4 product (slothai)", ("nf4",)), ("4-bit (bitsandbytes)", ("kgemm_4bit", "gemv_4bit", "kdequant")),

@@ -20,7 +20,8 @@ named below.
 Runs: `trl` (PEFT + bitsandbytes as TRL uses them, TRL's own fused LM head),
 `slothai` (`slothai.compile(slothai.patch(model))`, then the same trainer; TRL's head is
 kept, see slothai/patching/trl.py; generate() is slothai's), `slothai-nogc` (the same with
-gradient_checkpointing=False), `slothai-eagerprefill` (generate()'s prefill not compiled),
+gradient_checkpointing=False), `slothai-compiledprefill` (generate()'s prefill compiled too;
+the default before 2026-12-06, whose result files call the eager one `slothai-eagerprefill`),
 `unsloth` (GRPO: Unsloth's FastLanguageModel, its get_peft_model with
 `use_gradient_checkpointing="unsloth"`, fast_inference=False — its non-vLLM path — and
 TRL's GRPOTrainer as Unsloth patches it at import). Each step is
@@ -48,8 +49,8 @@ RUNS = {
     "trl": "PEFT + bitsandbytes, TRL's fused LM head (TRL as shipped)",
     "slothai": "slothai.compile(slothai.patch(model)), then the trainer (generate() is slothai's)",
     "slothai-nogc": "as slothai, with gradient_checkpointing=False",
-    "slothai-eagerprefill": "as slothai, generate()'s prefill not compiled "
-                            "(generation.configure(compile_prefill=False))",
+    "slothai-compiledprefill": "as slothai, generate()'s prefill compiled too "
+                               "(generation.configure(compile_prefill=True))",
     "unsloth": "Unsloth FastLanguageModel + get_peft_model(use_gradient_checkpointing='unsloth'), TRL as Unsloth "
                "patches it, no vLLM (GRPO only)",
 }
@@ -149,8 +150,8 @@ def worker(args):
                             dtype=torch.bfloat16 if cuda else torch.float32, lora_r=32)
     if args.run.startswith("slothai"):
         slothai.compile(slothai.patch(model))
-    if args.run == "slothai-eagerprefill":
-        slothai.generation.configure(model, compile_prefill=False)
+    if args.run == "slothai-compiledprefill":
+        slothai.generation.configure(model, compile_prefill=True)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     common = dict(output_dir=tempfile.mkdtemp(prefix="slothai-bench-trl-"), max_steps=args.steps, bf16=cuda,

@@ -102,10 +102,13 @@ def kernel_times(prof, kinds):
 
 
 def run_worker(script, worker_args, out, timeout, label, **env):
-    """`python script *worker_args` in its own process, with a cold inductor cache (compile
-    times are cold) and `env` added; the worker writes its record to `out` as JSON.
-    Returns (record, None), or (None, why) after printing that `label` failed."""
-    run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="slothai-bench-inductor-"), **env)
+    """`python script *worker_args` in its own process, with cold inductor and Triton caches
+    (compile times are cold: a run does not find the kernels an earlier run built) and `env`
+    added; the worker writes its record to `out` as JSON. Returns (record, None), or
+    (None, why) after printing that `label` failed."""
+    cold = tempfile.mkdtemp(prefix="slothai-bench-caches-")
+    run_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cold, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(cold, "triton"), **env)
     try:
         rc = subprocess.run([sys.executable, os.path.abspath(script), *worker_args], env=run_env,
                             timeout=timeout).returncode
