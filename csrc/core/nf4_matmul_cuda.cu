@@ -499,12 +499,13 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 //   8B gate_proj: 917,504 against 688,128 shared-memory wavefronts of the code copies): the
 //   8B layer grouped at one row 66.1 against 72.3 us, at 16 rows 119.2 against 124.3; the 1B
 //   layer 28.3 against 29.6 and 51.7 against 52.6 (H100, 2026-12-06,
-//   nf4_matmul_sweep_h100_copy.txt). The codes by the bulk tensor copy instead (sm_90, one
-//   lane a warp issuing two 64 B x 16-row boxes, 64-byte swizzle, an mbarrier a stage) lost in
-//   the same sweep: 69.1 and 126.5 us; 1D bulk copies (one 128 B row a lane) 80.4 in the bisect (nf4_matmul_sweep_h100_bisect.txt); git history has both
-//   (a781b1d). On top of the row stage, code2 by cp.async with the table built by shuffles,
-//   one barrier a tile and 32-bit offsets (2251495) sped up only the 8B grouped layer at one
-//   row (63.4 against 66.1 us) and slowed the rest (nf4_matmul_sweep_h100_lean.txt).
+//   nf4_matmul_sweep_h100_copy.txt). The codes by the bulk tensor copy instead (sm_90, one lane a
+//   warp issuing two 64 B x 16-row boxes, 64-byte swizzle, an mbarrier a stage) lost in the same
+//   sweep: 69.1 and 126.5 us; 1D bulk copies (one 128 B row a lane) 80.4 in the bisect
+//   (nf4_matmul_sweep_h100_bisect.txt); git history has both (a781b1d). On top of the row stage,
+//   code2 by cp.async with the table built by shuffles, one barrier a tile and 32-bit offsets
+//   (2251495) sped up only the 8B grouped layer at one row (63.4 against 66.1 us) and slowed the
+//   rest (nf4_matmul_sweep_h100_lean.txt).
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
