@@ -367,8 +367,7 @@ def test_regional_mode_with_eager_prefills_compiles_the_decode_step_alone(compil
     # compile_prefill=False (the default): prefills of every length run the layers eager
     # (through the same cache), the decode step is the one compiled function; the tokens
     # are transformers'.
-    model, ref = _patched(_build("llama"), compile="regional", backend="eager", compile_prefill=False), \
-        _build("llama")
+    model, ref = _patched(_build("llama"), compile="regional", backend="eager"), _build("llama")
     for length in (7, 12):
         ids, mask = _left_padded(length=length)
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)

@@ -695,27 +695,20 @@ int log2_exact(int64_t v)
 // Whether the tensor-core kernel can run here: a card of sm_80 or later, and
 // code for it built for sm_80 or later (a build for sm_75 + PTX runs that PTX,
 // whose kernel body is the trap above).
-// Whether `kernel`'s code here is for `arch` (80, 90) or later and so is the card; `code_arch`
-// caches the code's architecture (one per kernel).
-bool runs_here(std::atomic<int> &code_arch, const void *kernel, int arch)
+template <typename T> bool tensor_cores_here()
 {
-    int code = code_arch.load(std::memory_order_relaxed);
-    if (code < 0) {
+    static std::atomic<int> code_arch{-1};
+    int arch = code_arch.load(std::memory_order_relaxed);
+    if (arch < 0) {
         cudaFuncAttributes attr;
-        if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
-        code_arch.store(code = attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion);
+        if (cudaFuncGetAttributes(&attr, nf4_matmul_tc_kernel<T, 1, 8, 4, false>) != cudaSuccess) return false;
+        code_arch.store(arch = attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion);
     }
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
         return false;
-    return code >= arch && major * 10 >= arch;
-}
-
-template <typename T> bool tensor_cores_here()
-{
-    static std::atomic<int> code_arch{-1};
-    return runs_here(code_arch, reinterpret_cast<const void *>(nf4_matmul_tc_kernel<T, 1, 8, 4, false>), 80);
+    return arch >= 80 && major >= 8;
 }
 
 // The grid of a persistent kernel: as many CTAs as the card holds at once, or `tiles`
@@ -812,9 +805,9 @@ int tuning_config()
 // layer 28.3 and 51.7 (2026-12-06, nf4_matmul_sweep_h100_copy.txt). The streaming kernel's
 // first copy against the decode kernel (the wheel of 520b68b, nf4_matmul_sweep_h100_stream.txt):
 // at one row 72.9 against 84.4 us, at 16 rows 124.7 against 136.6; the 1B layer 29.8 against
-// 32.0 and 53.1 against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the decode kernel
-// at one row 91.9 us with 8 warps against 98.5 with 4, at 16 rows 148.1 with 4 against 187.4
-// with 8; the tensor-core kernel 129.0 at one row.
+// 32.0 and 53.1 against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the
+// decode kernel at one row 91.9 us with 8 warps against 98.5 with 4, at 16 rows 148.1 with 4
+// against 187.4 with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel).
