@@ -38,7 +38,7 @@ MODELS = {  # (out_features, in_features) of each projection
                      gate_proj=(14336, 4096), up_proj=(14336, 4096), down_proj=(4096, 14336)),
 }
 CALLS = 20
-CONFIGS = 4  # SLOTHAI_NF4MM_CONFIG 0..3: launch_decode's cases in csrc/core/nf4_matmul_cuda.cu
+CONFIGS = 6  # SLOTHAI_NF4MM_CONFIG 0..5: launch_decode's cases in csrc/core/nf4_matmul_cuda.cu
 SWEEP_M = tuple(int(m) for m in os.environ.get("SWEEP_M", "1 8 16").split())  # (rows; SWEEP_M="1" for a quick bisect)
 
 
@@ -248,19 +248,31 @@ def main():
                 us = graph_us([lambda w=w, x=xs[p]: f(x, w) for p, w in ws.items()])
                 rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run=run, us=round(us, 2),
                                  gbps=round(layer_bytes[model] / us / 1e3, 1)))
-            us = graph_us(grouped_layer(ws, xs))
-            rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run="slothai-grouped", us=round(us, 2),
-                             gbps=round(layer_bytes[model] / us / 1e3, 1)))
+            for run, rank in (("slothai-grouped", 0), ("slothai-grouped-lora32", 32)):
+                us = graph_us(grouped_layer(ws, xs, rank=rank))
+                rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run=run, us=round(us, 2),
+                                 gbps=round(layer_bytes[model] / us / 1e3, 1)))
             print(f"{model} m={m} done", flush=True)
+        # The floor a launch allows: the read-only kernel over each projection's bytes, and over each
+        # group's in the grouped layer's four launches (small buffers stay in L2 between replays).
+        for proj, w in ws.items():
+            us = graph_us([read_only(nbytes(w))])
+            rows += [dict(model=model, proj=proj, n=w.quant_state.shape[0], k=w.quant_state.shape[1], m=m,
+                          run="read-only", us=round(us, 2), gbps=round(nbytes(w) / us / 1e3, 1)) for m in ms]
+        us = graph_us([read_only(sum(nbytes(ws[p]) for p in g)) for g in GROUPS])
+        rows += [dict(model=model, proj="layer", n=0, k=0, m=m, run="read-only", us=round(us, 2),
+                      gbps=round(layer_bytes[model] / us / 1e3, 1)) for m in ms]
 
     lines.append(f"# {env['card']}, torch {env['torch']}, bitsandbytes {bnb.__version__}, {env['date']}; "
                  f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB; "
                  f"device copy {copy_gbps:.0f} GB/s (read + written, 1 GiB)")
-    lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time")
+    lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time; read-only: "
+                 "the read-only kernel over the same bytes (a layer: as the grouped layer's four launches), the floor "
+                 "of a launch; slothai-grouped-lora32: the grouped layer with an fp32 LoRA term of rank 32")
     for model in MODELS:
         for proj in [*MODELS[model], "layer"]:
             lines.append(f"\n{model} {proj}" + (f" ({layer_bytes[model] / 1e6:.1f} MB)" if proj == "layer" else ""))
-            runs = [*RUNS, "slothai-grouped"] if proj == "layer" else list(RUNS)
+            runs = [*RUNS, *(["slothai-grouped", "slothai-grouped-lora32"] if proj == "layer" else []), "read-only"]
             header = ["m"] + [f"{r} µs" for r in runs] + ["slothai GB/s", "vs dequant", "vs bnb"]
             body = []
             for m in ms:
@@ -274,7 +286,7 @@ def main():
 
     fig, axes = common.subplots(2, 2, size=(11, 3.6))
     for i, model in enumerate(MODELS):
-        for run in [*RUNS, "slothai-grouped"]:
+        for run in [*RUNS, "slothai-grouped", "slothai-grouped-lora32", "read-only"]:
             pts = [r for r in rows if r["model"] == model and r["proj"] == "layer" and r["run"] == run]
             axes[2 * i].plot([r["m"] for r in pts], [r["us"] for r in pts], marker="o", label=run)
             axes[2 * i + 1].plot([r["m"] for r in pts], [r["gbps"] for r in pts], marker="o", label=run)

@@ -84,6 +84,27 @@ def test_nf4_matmul_bias_and_lora_term(device, dtype, scale, fp32_lora):
                            lx.reshape(-1, r), lb, scale)
 
 
+# The streaming kernel's low-rank term (K a multiple of 256, blocks of 64). Staged in shared
+# memory where the r values fill whole words, at most 128 B (fp32 r <= 32, 16-bit r <= 64 and
+# even), else read from global memory (fp32 r = 33, bf16 r = 7). More 16-feature tiles than an
+# H100 / H200 holds CTAs (264 at up to 8 rows, 396 at 9-16), so that CTAs sum several tiles
+# through the two staging buffers; warps with no batch of K (K = 256, 1024), one, and two.
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m,k,n,rank,fp32", [
+    (1, 256, 6500, 32, True), (16, 256, 6500, 8, True), (7, 1024, 6500, 64, False), (16, 1024, 6500, 32, True),
+    (3, 2048, 4500, 32, True), (8, 4096, 4500, 32, True), (9, 2048, 6500, 16, False),
+    (5, 2048, 700, 33, True), (16, 4096, 300, 7, False)])
+def test_nf4_matmul_lora_term_on_the_streaming_kernel(device, dtype, m, k, n, rank, fp32):
+    torch.manual_seed(m * rank + n)
+    packed, state = quantize(torch.randn(n, k) * 0.05, blocksize=64, nested=True)
+    packed, state = packed.to(device), to(state, device)
+    low = torch.float32 if fp32 else dtype
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    lx, lb = torch.randn(m, rank, device=device, dtype=low), torch.randn(n, rank, device=device, dtype=low)
+    y = slothai.nf4_matmul(x, _params(packed, state), lora_x=lx, lora_b=lb, lora_scale=0.37)
+    check_against_contract(y, x, contract_weight(packed, state, dtype), lora_x=lx, lora_b=lb, lora_scale=0.37)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("m,n,k", [(1, 512, 2048), (8, 256, 1024), (16, 300, 4096)])
 def test_nf4_matmul_error_no_larger_than_dequantize_then_gemm(device, dtype, m, n, k):

@@ -114,18 +114,23 @@ template <> struct Tc<__half> {
 };
 
 // The low-rank term's share of lane qi of 4: sum over q = 8 qi .. 8 qi + 7 (mod 32) of
-// lora_x[i, q] lora_b[j, q], fp32 (its 16 loads at rank 32 issued together: one trip
-// to memory for the quad's output, not one a step of q).
+// lx[q] lb[q], fp32, for lx = row i of lora_x and lb = row j of lora_b (in global memory, or
+// their copies in the streaming kernel's shared memory); its 16 loads at rank 32 issued
+// together: one trip to memory for the quad's output, not one a step of q.
+template <typename L>
+__device__ __forceinline__ float lora_share(const L *lx, const L *lb, int64_t r, int qi)
+{
+    float low = 0.0f;
+    for (int64_t q0 = 8 * qi; q0 < r; q0 += 32)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (q0 + e < r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
+    return low;
+}
 template <typename L>
 __device__ __forceinline__ float lora_share(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, int qi)
 {
-    const L *lx = static_cast<const L *>(a.lora_x) + i * a.r, *lb = static_cast<const L *>(a.lora_b) + j * a.r;
-    float low = 0.0f;
-    for (int64_t q0 = 8 * qi; q0 < a.r; q0 += 32)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (q0 + e < a.r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
-    return low;
+    return lora_share(static_cast<const L *>(a.lora_x) + i * a.r, static_cast<const L *>(a.lora_b) + j * a.r, a.r, qi);
 }
 
 // The write of one output: the fp32 sum, the low-rank term (`low`: lora_x[i] . lora_b[j]) and the
@@ -149,17 +154,38 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     finish<T>(a, i, j, acc, (l[0] + l[1]) + (l[2] + l[3])); // the quads' order (meet_and_write)
 }
 
+// The low-rank term of output (i, j) = (m0 + tok, n0 + row), lane qi's share: from global
+// memory, or from `staged` (the streaming kernel's copy of the tile's operands, stage_lora).
+constexpr int kLoraWords = 33; // a staged row: r values (up to 128 B) and a word of padding
+template <typename T>
+__device__ __forceinline__ float low_rank(const slothai_nf4_matmul_args &a, const uint32_t *staged, int64_t i,
+                                          int64_t j, int row, int tok, int qi)
+{
+    if (a.lora_dtype == SLOTHAI_FLOAT32) {
+        if (!staged) return lora_share<float>(a, i, j, qi);
+        const float *st = reinterpret_cast<const float *>(staged);
+        return lora_share(st + (16 + tok) * kLoraWords, st + row * kLoraWords, a.r, qi);
+    }
+    if (!staged) return lora_share<T>(a, i, j, qi);
+    const T *st = reinterpret_cast<const T *>(staged);
+    return lora_share(st + (16 + tok) * 2 * kLoraWords, st + row * 2 * kLoraWords, a.r, qi);
+}
+
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
-// still reads `red` (the table, or the last tile's sums).
-template <typename T, int MT, int WARPS>
+// still reads `red` (the table, or the last tile's sums) or the last tile's `staged`
+// operands; `between` runs right after it. The low-rank operands are read from `staged`
+// where given (low_rank).
+template <typename T, int MT, int WARPS, typename Between>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
-                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0,
+                                               const uint32_t *staged, Between &&between)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     __syncthreads();
+    between();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -178,8 +204,7 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         const int64_t j = n0 + row, i = m0 + tok;
         const bool live = idx < 16 * live_tok && j < a.n;
         float low = 0.0f;
-        if (live && a.lora_x)
-            low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
+        if (live && a.lora_x) low = low_rank<T>(a, staged, i, j, row, tok, qi);
         low += __shfl_xor_sync(0xffffffffu, low, 1);
         low += __shfl_xor_sync(0xffffffffu, low, 2);
         if (!live || qi) continue;
@@ -188,6 +213,12 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
         finish<T>(a, i, j, sum, low);
     }
+}
+template <typename T, int MT, int WARPS>
+__device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
+{
+    meet_and_write<T, MT, WARPS>(a, red, acc, n0, m0, nullptr, [] {});
 }
 
 // x values of one unit for token m: 16 consecutive elements at column c0, as 8 pairs.
@@ -319,6 +350,15 @@ template <int S> struct Segments {
     Scales sc[S];
     int log2_bs[S];
     int64_t tiles_before[S + 1]; // [s]: the tiles of products 0..s-1; [S]: all
+
+    // The product tile `tile` belongs to.
+    __device__ __forceinline__ int product(int64_t tile) const
+    {
+        int p = 0;
+#pragma unroll
+        for (int i = 1; i < S; ++i) p += tile >= tiles_before[i];
+        return p;
+    }
 };
 
 // What the decode kernels (nf4_decode_kernel, nf4_stream_kernel) share.
@@ -443,9 +483,7 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int prod = 0; // the product this tile belongs to
-#pragma unroll
-        for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
+        const int prod = seg.product(tile);
         const slothai_nf4_matmul_args &a = seg.a[prod];
         const Scales sc = S == 1 ? sc0 : seg.sc[prod].at();
         const float *c2 = code2[prod];
@@ -508,8 +546,13 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 //   rest (nf4_matmul_sweep_h100_lean.txt).
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
-// Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
-// the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
+//   The low-rank term's operands (a tile's 16 rows of lora_b, its tokens' rows of lora_x; r
+//   values up to 128 B a row) are copied by cp.async a tile ahead, into one of two buffers,
+//   so that a tile's write reads them from shared memory, not in a trip to memory after its
+//   sums (lora_stages says where; else meet_and_write reads them from global memory).
+// Traffic and floor as the decode kernel's (plus lora_b once, lora_x once a tile); shared
+// memory per CTA: the table (32 KB), the warps' sums, code2, WARPS x STAGES x 2304 B of ring,
+// and with a staged low-rank term 2 x (16 + 8 MT) x 132 B.
 constexpr int kStageBytes = 2048 + 256;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src)
@@ -541,8 +584,28 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
 {
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
+// The staged low-rank operands of two tiles (the one being summed and the next), after the ring.
+template <int MT> __host__ __device__ constexpr int lora_stage_bytes() { return 2 * (16 + 8 * MT) * kLoraWords * 4; }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+// The low-rank operands of the tile whose first feature is n0, copied to `dst` by cp.async as
+// 4-byte words: rows 0..15 its lora_b rows, rows 16.. its tokens' lora_x rows, kLoraWords words
+// apart (rows past N or M are not copied: meet_and_write never reads them). The host stages only
+// where r values fill whole words, at most 128 B (r <= 32 in fp32, <= 64 in 16 bits).
+template <int THREADS, int MT>
+__device__ __forceinline__ void stage_lora(const slothai_nf4_matmul_args &a, int64_t n0, int64_t m0, uint32_t dst)
+{
+    if (!a.lora_x) return;
+    const int words = static_cast<int>(a.r) * (a.lora_dtype == SLOTHAI_FLOAT32 ? 4 : 2) / 4;
+    for (int e = threadIdx.x; e < (16 + 8 * MT) * words; e += THREADS) {
+        const int row = e / words, w = e - row * words;
+        const bool b = row < 16;
+        const int64_t src = b ? n0 + row : m0 + row - 16;
+        if (src < (b ? a.n : a.m))
+            cp_async4(dst + 4 * (row * kLoraWords + w), static_cast<const uint32_t *>(b ? a.lora_b : a.lora_x) + src * words + w);
+    }
+}
+
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LORA>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -566,9 +629,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     int is = 0;
     auto issue = [&] {
         if (nbw > 0 && it < tiles) {
-            int prod = 0;
-#pragma unroll
-            for (int i = 1; i < S; ++i) prod += it >= seg.tiles_before[i];
+            const int prod = seg.product(it);
             const slothai_nf4_matmul_args &a = seg.a[prod];
             const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
             const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // this lane's scale row
@@ -593,6 +654,16 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
     };
+    // The low-rank operands (where staged), two tiles' buffers after the ring: the first tile's
+    // join the first group; each next tile's are their own group, copied once the tile before
+    // last is written (in meet_and_write).
+    constexpr int kLoraAt = stream_smem<MT, WARPS, S>(STAGES), kLoraHalf = lora_stage_bytes<MT>() / 2;
+    auto stage_tile = [&](int64_t tile, int buf) {
+        const int prod = seg.product(tile);
+        stage_lora<WARPS * 32, MT>(seg.a[prod], (tile - seg.tiles_before[prod]) * 16, m_base + (int64_t)blockIdx.y * kTok,
+                                   static_cast<uint32_t>(__cvta_generic_to_shared(smem + kLoraAt + buf * kLoraHalf)));
+    };
+    if (LORA && blockIdx.x < tiles) stage_tile(blockIdx.x, 0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
@@ -604,10 +675,9 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     int cs = 0; // the stage this warp computes next
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int prod = 0;
-#pragma unroll
-        for (int i = 1; i < S; ++i) prod += tile >= seg.tiles_before[i];
+    int lt = 0; // this CTA's tiles so far (the staged operands' buffer: lt & 1)
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++lt) {
+        const int prod = seg.product(tile);
         const slothai_nf4_matmul_args &a = seg.a[prod];
         const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
         const float *c2 = code2[prod];
@@ -618,8 +688,11 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             if constexpr (MT == 1)
 #pragma unroll
                 for (int p = 0; p < P; ++p) x.load(0, u0 + p, xc[p]);
-            cp_async_wait<STAGES - 2>(); // this lane's copies of stage cs have landed
-            __syncwarp();                // and every lane's; all reads of the stage refilled below are done
+            // This lane's copies of stage cs have landed (past the group of this tile's low-rank
+            // operands, one more may pend).
+            if (LORA && b == 0 && lt > 0) cp_async_wait<STAGES - 1>();
+            else cp_async_wait<STAGES - 2>();
+            __syncwarp(); // and every lane's; all reads of the stage refilled below are done
             issue();
             const uint32_t st = ring + cs * kStageBytes;
             cs = cs + 1 == STAGES ? 0 : cs + 1;
@@ -648,7 +721,18 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
+        const uint32_t *staged = nullptr;
+        if (LORA) { // this tile's operands have landed: the batches' waits covered their group, else wait here
+            if (nbw == 0) cp_async_wait<0>();
+            else if (nbw == 1) cp_async_wait<STAGES - 2>();
+            staged = reinterpret_cast<const uint32_t *>(smem + kLoraAt + (lt & 1) * kLoraHalf);
+        }
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0, staged, [&] {
+            if (LORA && tile + gridDim.x < tiles) { // (into the buffer the tile before this one read)
+                stage_tile(tile + gridDim.x, (lt + 1) & 1);
+                cp_async_commit();
+            }
+        });
     }
     cp_async_wait<0>();
 }
@@ -751,11 +835,11 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LORA>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
-    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LORA>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES) + (LORA ? lora_stage_bytes<MT>() : 0);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
@@ -797,6 +881,27 @@ int tuning_config()
     return c;
 }
 
+// Whether the streaming kernel stages the launch's low-rank operands (stage_lora): some product
+// has a low-rank term, and each one's r values fill whole 4-byte words, at most 128 B (r <= 32 in
+// fp32, r <= 64 and even in 16 bits), 4-byte aligned (and tuning config 5 chosen). Else
+// meet_and_write reads them from global memory: one trip there after each tile's sums, and one a
+// round of outputs (8 at 16 rows).
+template <int S> bool lora_stages(const Segments<S> &seg)
+{
+    if (tuning_config() != 5) return false; // (not yet the default: see launch_decode)
+    bool any = false;
+    for (int i = 0; i < S; ++i) {
+        const slothai_nf4_matmul_args &a = seg.a[i];
+        if (!a.lora_x) continue;
+        const int64_t bytes = a.r * (a.lora_dtype == SLOTHAI_FLOAT32 ? 4 : 2);
+        if (bytes % 4 || bytes > 4 * (kLoraWords - 1) || reinterpret_cast<uintptr_t>(a.lora_x) % 4 ||
+            reinterpret_cast<uintptr_t>(a.lora_b) % 4)
+            return false;
+        any = true;
+    }
+    return any;
+}
+
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
 // in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), else the decode
 // kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
@@ -810,7 +915,9 @@ int tuning_config()
 // against 187.4 with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel).
+// default before the streaming kernel), 5 the streaming kernel with the low-rank operands
+// staged in shared memory (lora_stages; built and tested on the CPU side, not yet run on a GPU,
+// so not the default).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -831,8 +938,9 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if (config == 0 && stream_takes(seg)) {
-        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
+    if ((config == 0 || config == 5) && stream_takes(seg)) {
+        if (lora_stages(seg)) two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
+        else two ? launch_stream<T, 2, 4, 3, S, 3, false>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
