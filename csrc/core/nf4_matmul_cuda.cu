@@ -916,8 +916,8 @@ template <int S> bool lora_stages(const Segments<S> &seg)
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 5 the streaming kernel with the low-rank operands
-// staged in shared memory (lora_stages; built and tested on the CPU side, not yet run on a GPU,
-// so not the default).
+// staged in shared memory (lora_stages; compiled for sm_75 / 80 / 90a, but not yet run on a GPU,
+// so not the default: once its sweep, tests and memcheck pass there, it becomes config 0).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
