@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: build for its card, then run the steps named, in order.
-#   bash benchmarks/device_run.sh [tests] [sanitize] [t4] [wheel] [configs] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
+#   bash benchmarks/device_run.sh [tests] [sanitize] [racecheck] [t4] [wheel] [configs] [bench_dequant] [bench_fused_ce] [bench_qlora] ...
 # `wheel` installs the wheel carried in dist/ (`make wheel` here; carry ["dist"]) into
 # /tmp/slothai-wheel, runs the suite against it from outside the tree, and leaves it
 # first on PYTHONPATH, so that the steps after it measure the wheel, not the source build.
@@ -73,9 +73,16 @@ for step in "$@"; do
                rc=$?; echo "config $c memcheck rc=$rc"; [ $rc -eq 0 ] || status=1
                grep -E "ERROR SUMMARY|passed|failed" "$OUT/config${c}_memcheck.log" | head -3
              done ;;
+    racecheck) # compute-sanitizer's shared-memory race check over the 4-bit kernels' tests (RACECHECK_K, default
+               # the streaming kernel's LoRA term: its staged operands, copied a tile ahead into two buffers)
+               (cd "$testdir" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x \
+                  -p no:cacheprovider tests/test_nf4_matmul.py tests/test_nf4_group.py \
+                  -k "${RACECHECK_K:-streaming_kernel and cuda and dtype1}" >"$OUT/racecheck.log" 2>&1)
+               rc=$?; echo "racecheck rc=$rc"; [ $rc -eq 0 ] || status=1
+               grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUT/racecheck.log" | head -4 ;;
     bench_*) [ -f "benchmarks/$step.py" ] || { echo "no benchmarks/$step.py"; status=1; continue; }
              python3 "benchmarks/$step.py" 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
-    *) echo "unknown step '$step' (tests, sanitize, t4, wheel, configs, bench_<name>)"; status=1 ;;
+    *) echo "unknown step '$step' (tests, sanitize, racecheck, t4, wheel, configs, bench_<name>)"; status=1 ;;
   esac
 done
 exit $status
