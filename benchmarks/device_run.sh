@@ -74,7 +74,7 @@ for step in "$@"; do
                grep -E "ERROR SUMMARY|passed|failed" "$OUT/config${c}_memcheck.log" | head -3
              done ;;
     racecheck) # compute-sanitizer's shared-memory race check over the 4-bit kernels' tests (RACECHECK_K, default
-               # the streaming kernel's LoRA term: its staged operands, copied a tile ahead into two buffers)
+               # the streaming kernel's LoRA-term test: its cp.async ring across several tiles a CTA)
                (cd "$testdir" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x \
                   -p no:cacheprovider tests/test_nf4_matmul.py tests/test_nf4_group.py \
                   -k "${RACECHECK_K:-streaming_kernel and cuda and dtype1}" >"$OUT/racecheck.log" 2>&1)

@@ -84,11 +84,10 @@ def test_nf4_matmul_bias_and_lora_term(device, dtype, scale, fp32_lora):
                            lx.reshape(-1, r), lb, scale)
 
 
-# The streaming kernel's low-rank term (K a multiple of 256, blocks of 64). Staged in shared
-# memory where the r values fill whole words, at most 128 B (fp32 r <= 32, 16-bit r <= 64 and
-# even), else read from global memory (fp32 r = 33, bf16 r = 7). More 16-feature tiles than an
-# H100 / H200 holds CTAs (264 at up to 8 rows, 396 at 9-16), so that CTAs sum several tiles
-# through the two staging buffers; warps with no batch of K (K = 256, 1024), one, and two.
+# The streaming kernel's low-rank term (K a multiple of 256, blocks of 64), fp32 and 16-bit
+# ranks, odd and even. More 16-feature tiles than an H100 / H200 holds CTAs (264 at up to 8 rows,
+# 396 at 9-16), so that CTAs sum several tiles, their copies running across tile ends; warps
+# with no batch of K (K = 256, 1024), one, and two.
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("m,k,n,rank,fp32", [
     (1, 256, 6500, 32, True), (16, 256, 6500, 8, True), (7, 1024, 6500, 64, False), (16, 1024, 6500, 32, True),

@@ -114,23 +114,18 @@ template <> struct Tc<__half> {
 };
 
 // The low-rank term's share of lane qi of 4: sum over q = 8 qi .. 8 qi + 7 (mod 32) of
-// lx[q] lb[q], fp32, for lx = row i of lora_x and lb = row j of lora_b (in global memory, or
-// their copies in the streaming kernel's shared memory); its 16 loads at rank 32 issued
-// together: one trip to memory for the quad's output, not one a step of q.
-template <typename L>
-__device__ __forceinline__ float lora_share(const L *lx, const L *lb, int64_t r, int qi)
-{
-    float low = 0.0f;
-    for (int64_t q0 = 8 * qi; q0 < r; q0 += 32)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (q0 + e < r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
-    return low;
-}
+// lora_x[i, q] lora_b[j, q], fp32 (its 16 loads at rank 32 issued together: one trip
+// to memory for the quad's output, not one a step of q).
 template <typename L>
 __device__ __forceinline__ float lora_share(const slothai_nf4_matmul_args &a, int64_t i, int64_t j, int qi)
 {
-    return lora_share(static_cast<const L *>(a.lora_x) + i * a.r, static_cast<const L *>(a.lora_b) + j * a.r, a.r, qi);
+    const L *lx = static_cast<const L *>(a.lora_x) + i * a.r, *lb = static_cast<const L *>(a.lora_b) + j * a.r;
+    float low = 0.0f;
+    for (int64_t q0 = 8 * qi; q0 < a.r; q0 += 32)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (q0 + e < a.r) low = fmaf(to_f(lx[q0 + e]), to_f(lb[q0 + e]), low);
+    return low;
 }
 
 // The write of one output: the fp32 sum, the low-rank term (`low`: lora_x[i] . lora_b[j]) and the
@@ -154,38 +149,17 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     finish<T>(a, i, j, acc, (l[0] + l[1]) + (l[2] + l[3])); // the quads' order (meet_and_write)
 }
 
-// The low-rank term of output (i, j) = (m0 + tok, n0 + row), lane qi's share: from global
-// memory, or from `staged` (the streaming kernel's copy of the tile's operands, stage_lora).
-constexpr int kLoraWords = 33; // a staged row: r values (up to 128 B) and a word of padding
-template <typename T>
-__device__ __forceinline__ float low_rank(const slothai_nf4_matmul_args &a, const uint32_t *staged, int64_t i,
-                                          int64_t j, int row, int tok, int qi)
-{
-    if (a.lora_dtype == SLOTHAI_FLOAT32) {
-        if (!staged) return lora_share<float>(a, i, j, qi);
-        const float *st = reinterpret_cast<const float *>(staged);
-        return lora_share(st + (16 + tok) * kLoraWords, st + row * kLoraWords, a.r, qi);
-    }
-    if (!staged) return lora_share<T>(a, i, j, qi);
-    const T *st = reinterpret_cast<const T *>(staged);
-    return lora_share(st + (16 + tok) * 2 * kLoraWords, st + row * 2 * kLoraWords, a.r, qi);
-}
-
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
-// still reads `red` (the table, or the last tile's sums) or the last tile's `staged`
-// operands; `between` runs right after it. The low-rank operands are read from `staged`
-// where given (low_rank).
-template <typename T, int MT, int WARPS, typename Between>
+// still reads `red` (the table, or the last tile's sums).
+template <typename T, int MT, int WARPS>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
-                                               const float (&acc)[MT][4], int64_t n0, int64_t m0,
-                                               const uint32_t *staged, Between &&between)
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     __syncthreads();
-    between();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float *r = red + (warp * 16 + g) * kTok + mt * 8 + 2 * t;
@@ -204,7 +178,8 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         const int64_t j = n0 + row, i = m0 + tok;
         const bool live = idx < 16 * live_tok && j < a.n;
         float low = 0.0f;
-        if (live && a.lora_x) low = low_rank<T>(a, staged, i, j, row, tok, qi);
+        if (live && a.lora_x)
+            low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
         low += __shfl_xor_sync(0xffffffffu, low, 1);
         low += __shfl_xor_sync(0xffffffffu, low, 2);
         if (!live || qi) continue;
@@ -213,12 +188,6 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
         finish<T>(a, i, j, sum, low);
     }
-}
-template <typename T, int MT, int WARPS>
-__device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
-                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
-{
-    meet_and_write<T, MT, WARPS>(a, red, acc, n0, m0, nullptr, [] {});
 }
 
 // x values of one unit for token m: 16 consecutive elements at column c0, as 8 pairs.
@@ -546,13 +515,8 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 //   rest (nf4_matmul_sweep_h100_lean.txt).
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
-//   The low-rank term's operands (a tile's 16 rows of lora_b, its tokens' rows of lora_x; r
-//   values up to 128 B a row) are copied by cp.async a tile ahead, into one of two buffers,
-//   so that a tile's write reads them from shared memory, not in a trip to memory after its
-//   sums (lora_stages says where; else meet_and_write reads them from global memory).
-// Traffic and floor as the decode kernel's (plus lora_b once, lora_x once a tile); shared
-// memory per CTA: the table (32 KB), the warps' sums, code2, WARPS x STAGES x 2304 B of ring,
-// and with a staged low-rank term 2 x (16 + 8 MT) x 132 B.
+// Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
+// the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
 constexpr int kStageBytes = 2048 + 256;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src)
@@ -584,28 +548,8 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
 {
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
-// The staged low-rank operands of two tiles (the one being summed and the next), after the ring.
-template <int MT> __host__ __device__ constexpr int lora_stage_bytes() { return 2 * (16 + 8 * MT) * kLoraWords * 4; }
 
-// The low-rank operands of the tile whose first feature is n0, copied to `dst` by cp.async as
-// 4-byte words: rows 0..15 its lora_b rows, rows 16.. its tokens' lora_x rows, kLoraWords words
-// apart (rows past N or M are not copied: meet_and_write never reads them). The host stages only
-// where r values fill whole words, at most 128 B (r <= 32 in fp32, <= 64 in 16 bits).
-template <int THREADS, int MT>
-__device__ __forceinline__ void stage_lora(const slothai_nf4_matmul_args &a, int64_t n0, int64_t m0, uint32_t dst)
-{
-    if (!a.lora_x) return;
-    const int words = static_cast<int>(a.r) * (a.lora_dtype == SLOTHAI_FLOAT32 ? 4 : 2) / 4;
-    for (int e = threadIdx.x; e < (16 + 8 * MT) * words; e += THREADS) {
-        const int row = e / words, w = e - row * words;
-        const bool b = row < 16;
-        const int64_t src = b ? n0 + row : m0 + row - 16;
-        if (src < (b ? a.n : a.m))
-            cp_async4(dst + 4 * (row * kLoraWords + w), static_cast<const uint32_t *>(b ? a.lora_b : a.lora_x) + src * words + w);
-    }
-}
-
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LORA>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -654,16 +598,6 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
     };
-    // The low-rank operands (where staged), two tiles' buffers after the ring: the first tile's
-    // join the first group; each next tile's are their own group, copied once the tile before
-    // last is written (in meet_and_write).
-    constexpr int kLoraAt = stream_smem<MT, WARPS, S>(STAGES), kLoraHalf = lora_stage_bytes<MT>() / 2;
-    auto stage_tile = [&](int64_t tile, int buf) {
-        const int prod = seg.product(tile);
-        stage_lora<WARPS * 32, MT>(seg.a[prod], (tile - seg.tiles_before[prod]) * 16, m_base + (int64_t)blockIdx.y * kTok,
-                                   static_cast<uint32_t>(__cvta_generic_to_shared(smem + kLoraAt + buf * kLoraHalf)));
-    };
-    if (LORA && blockIdx.x < tiles) stage_tile(blockIdx.x, 0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
@@ -675,8 +609,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     int cs = 0; // the stage this warp computes next
-    int lt = 0; // this CTA's tiles so far (the staged operands' buffer: lt & 1)
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++lt) {
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int prod = seg.product(tile);
         const slothai_nf4_matmul_args &a = seg.a[prod];
         const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
@@ -688,11 +621,8 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             if constexpr (MT == 1)
 #pragma unroll
                 for (int p = 0; p < P; ++p) x.load(0, u0 + p, xc[p]);
-            // This lane's copies of stage cs have landed (past the group of this tile's low-rank
-            // operands, one more may pend).
-            if (LORA && b == 0 && lt > 0) cp_async_wait<STAGES - 1>();
-            else cp_async_wait<STAGES - 2>();
-            __syncwarp(); // and every lane's; all reads of the stage refilled below are done
+            cp_async_wait<STAGES - 2>(); // this lane's copies of stage cs have landed
+            __syncwarp();                // and every lane's; all reads of the stage refilled below are done
             issue();
             const uint32_t st = ring + cs * kStageBytes;
             cs = cs + 1 == STAGES ? 0 : cs + 1;
@@ -721,18 +651,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        const uint32_t *staged = nullptr;
-        if (LORA) { // this tile's operands have landed: the batches' waits covered their group, else wait here
-            if (nbw == 0) cp_async_wait<0>();
-            else if (nbw == 1) cp_async_wait<STAGES - 2>();
-            staged = reinterpret_cast<const uint32_t *>(smem + kLoraAt + (lt & 1) * kLoraHalf);
-        }
-        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0, staged, [&] {
-            if (LORA && tile + gridDim.x < tiles) { // (into the buffer the tile before this one read)
-                stage_tile(tile + gridDim.x, (lt + 1) & 1);
-                cp_async_commit();
-            }
-        });
+        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
     }
     cp_async_wait<0>();
 }
@@ -835,11 +754,11 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LORA>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LORA>;
-    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES) + (LORA ? lora_stage_bytes<MT>() : 0);
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
@@ -881,27 +800,6 @@ int tuning_config()
     return c;
 }
 
-// Whether the streaming kernel stages the launch's low-rank operands (stage_lora): some product
-// has a low-rank term, and each one's r values fill whole 4-byte words, at most 128 B (r <= 32 in
-// fp32, r <= 64 and even in 16 bits), 4-byte aligned (and tuning config 5 chosen). Else
-// meet_and_write reads them from global memory: one trip there after each tile's sums, and one a
-// round of outputs (8 at 16 rows).
-template <int S> bool lora_stages(const Segments<S> &seg)
-{
-    if (tuning_config() != 5) return false; // (not yet the default: see launch_decode)
-    bool any = false;
-    for (int i = 0; i < S; ++i) {
-        const slothai_nf4_matmul_args &a = seg.a[i];
-        if (!a.lora_x) continue;
-        const int64_t bytes = a.r * (a.lora_dtype == SLOTHAI_FLOAT32 ? 4 : 2);
-        if (bytes % 4 || bytes > 4 * (kLoraWords - 1) || reinterpret_cast<uintptr_t>(a.lora_x) % 4 ||
-            reinterpret_cast<uintptr_t>(a.lora_b) % 4)
-            return false;
-        any = true;
-    }
-    return any;
-}
-
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
 // in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), else the decode
 // kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
@@ -915,9 +813,7 @@ template <int S> bool lora_stages(const Segments<S> &seg)
 // against 187.4 with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel), 5 the streaming kernel with the low-rank operands
-// staged in shared memory (lora_stages; compiled for sm_75 / 80 / 90a, but not yet run on a GPU,
-// so not the default: once its sweep, tests and memcheck pass there, it becomes config 0).
+// default before the streaming kernel).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -925,6 +821,14 @@ template <int S> bool lora_stages(const Segments<S> &seg)
 //   a tile): 8B grouped layer with fp32 LoRA r=32 83.4 against 76.6 us at one row, barely
 //   faster at 16 (152.1 against 154.0); the 1B layer 38.0 against 33.6 at one row
 //   (nf4_matmul_sweep_h100_lora_stage.txt).
+// - the low-rank operands (a tile's lora_b rows, its tokens' lora_x rows) copied into shared memory
+//   by cp.async a tile ahead, two buffers, read from there at the tile's write (H200, 2026-12-06,
+//   nf4_matmul_sweep_h200_lora_ahead.txt; tests, memcheck and racecheck clean): the grouped layer
+//   with fp32 LoRA r=32 no faster at 8 and 16 rows (8B 97.2 against 96.9 us, 148.8 against
+//   149.5) and slower at one row (75.9 against 70.4; 1B 35.6 against 31.0). With the staging at
+//   the tile's end above, two ways of taking the trip to memory out of the write have not moved
+//   the term's cost: what costs is not that trip (the write's rounds, which all warps wait on,
+//   are the suspect; not measured apart). The code: a0ab63a.
 // - programmatic dependent launch (griddepcontrol.wait after the pair table, cudaLaunchKernelEx,
 //   inductor's triton.enable_pdl): the small 1B projections 0.3-0.7 us faster in the sweep, the
 //   decode step no faster (1B batch 1 687 against 678 decode tokens/s, 8B 224 against 226;
@@ -938,9 +842,8 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if ((config == 0 || config == 5) && stream_takes(seg)) {
-        if (lora_stages(seg)) two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
-        else two ? launch_stream<T, 2, 4, 3, S, 3, false>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false>(seg, s);
+    if (config == 0 && stream_takes(seg)) {
+        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
