@@ -59,11 +59,11 @@ for step in "$@"; do
         [ $rc -eq 0 ] || { echo "sm_75+PTX tests failed: rc $rc"; status=1; } ;;
     configs) # The 4-bit product's default (config 0) and tuning configs (TUNE_CONFIGS, default "3";
              # csrc/core/nf4_matmul_cuda.cu's launch_decode): one sweep (each config checked against
-             # dequantize + cuBLAS before it is timed), then each config's kernel tests and memcheck,
-             # time-limited (a copy that never lands hangs).
+             # dequantize + cuBLAS before it is timed), then each config's kernel tests and memcheck
+             # (TEST_CONFIGS: those configs only), time-limited (a copy that never lands hangs).
              (cd "$testdir" && SWEEP_CONFIGS="0 ${TUNE_CONFIGS:-3}" SWEEP_M="${SWEEP_M:-1 16}" \
                 python3 benchmarks/bench_nf4_matmul.py --sweep 2>&1 | tee "$OUT/sweep.log" | tail -30)
-             for c in 0 ${TUNE_CONFIGS:-3}; do
+             for c in ${TEST_CONFIGS:-0 ${TUNE_CONFIGS:-3}}; do
                (cd "$testdir" && SLOTHAI_NF4MM_CONFIG=$c timeout 240 python3 -m pytest $PYTEST_ARGS -p no:cacheprovider -k cuda \
                   tests/test_nf4_matmul.py tests/test_nf4_group.py tests/test_lora_linear4bit.py >"$OUT/config$c.log" 2>&1)
                rc=$?; echo "config $c tests rc=$rc: $(tail -1 "$OUT/config$c.log")"; [ $rc -eq 0 ] || status=1

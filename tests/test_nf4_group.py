@@ -36,6 +36,8 @@ GROUPS = {
     # K a multiple of 256, blocks of 64: the streaming decode kernel's groups
     "qkv_256": (512, [(40, 64, True, False, 8), (8, 64, True, False, 8), (24, 64, True, True, 3)]),
     "gate_up_plain": (768, [(70, 64, False, False, 8), (33, 64, False, True, 0)]),
+    # a LoRA term on a later product only: the launch writes as the single launches do
+    "lora_after_256": (256, [(33, 64, True, True, 0), (40, 64, True, False, 8)]),
 }
 
 

@@ -87,7 +87,8 @@ def test_nf4_matmul_bias_and_lora_term(device, dtype, scale, fp32_lora):
 # The streaming kernel's low-rank term (K a multiple of 256, blocks of 64), fp32 and 16-bit
 # ranks, odd and even. More 16-feature tiles than an H100 / H200 holds CTAs (264 at up to 8 rows,
 # 396 at 9-16), so that CTAs sum several tiles, their copies running across tile ends; warps
-# with no batch of K (K = 256, 1024), one, and two.
+# with no batch of K (K = 256, 1024), one, and two. One row and 2-16 rows take its two writes
+# (low_in_sums in csrc/core/nf4_matmul_cuda.cu); the odd ranks carry a bias.
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("m,k,n,rank,fp32", [
     (1, 256, 6500, 32, True), (16, 256, 6500, 8, True), (7, 1024, 6500, 64, False), (16, 1024, 6500, 32, True),
@@ -100,8 +101,9 @@ def test_nf4_matmul_lora_term_on_the_streaming_kernel(device, dtype, m, k, n, ra
     low = torch.float32 if fp32 else dtype
     x = torch.randn(m, k, device=device, dtype=dtype)
     lx, lb = torch.randn(m, rank, device=device, dtype=low), torch.randn(n, rank, device=device, dtype=low)
-    y = slothai.nf4_matmul(x, _params(packed, state), lora_x=lx, lora_b=lb, lora_scale=0.37)
-    check_against_contract(y, x, contract_weight(packed, state, dtype), lora_x=lx, lora_b=lb, lora_scale=0.37)
+    b = torch.randn(n, device=device, dtype=dtype) if rank % 2 else None  # (the write's bias, on some)
+    y = slothai.nf4_matmul(x, _params(packed, state), b, lora_x=lx, lora_b=lb, lora_scale=0.37)
+    check_against_contract(y, x, contract_weight(packed, state, dtype), b, lora_x=lx, lora_b=lb, lora_scale=0.37)
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -153,7 +153,7 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says. Its first barrier also waits out whoever
 // still reads `red` (the table, or the last tile's sums).
-template <typename T, int MT, int WARPS>
+template <typename T, int MT, int WARPS, bool LOW = false>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
                                                const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
@@ -169,6 +169,19 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         r[8 * kTok + 1] = acc[mt][3];
     }
     __syncthreads();
+    if constexpr (LOW) { // (the low-rank term is in the sums: a thread an output, tokens fastest)
+        for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
+            const int row = idx / kTok, tok = idx % kTok;
+            const int64_t j = n0 + row, i = m0 + tok;
+            if (i >= a.m || j >= a.n) continue;
+            float sum = 0.0f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
+            if (a.bias) sum += to_f(static_cast<const T *>(a.bias)[j]);
+            static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(sum);
+        }
+        return;
+    }
     // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
     // and writes. Rounds over the tile's live tokens only (the same count in every thread).
     const int64_t live_tok = a.m - m0 < kTok ? a.m - m0 : kTok;
@@ -490,6 +503,33 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     }
 }
 
+// The low-rank term into the mma accumulators (rows g, g + 8; tokens 2t, 2t + 1 of each tile
+// of 8), warp w summing q in its chunk of ceil(r / WARPS), scaled: the warps' sums then carry it.
+template <typename L, int MT, int WARPS>
+__device__ __forceinline__ void low_into(const slothai_nf4_matmul_args &a, float (&acc)[MT][4], int64_t n0, int64_t m0)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int r = (int)a.r, chunk = (r + WARPS - 1) / WARPS, q0 = warp * chunk, q1 = min(q0 + chunk, r);
+    const L *lb = static_cast<const L *>(a.lora_b), *lx = static_cast<const L *>(a.lora_x);
+    const L *ba = lb + min(n0 + g, a.n - 1) * r, *bb = lb + min(n0 + g + 8, a.n - 1) * r;
+    float low[MT][4] = {};
+#pragma unroll(MT == 1 ? 1 : 2) // (the unrolling that spills nothing on sm_90)
+    for (int q = q0; q < q1; ++q) {
+        const float wa = to_f(ba[q]), wb = to_f(bb[q]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int64_t i0 = m0 + 8 * mt + 2 * t;
+            const float x0 = i0 < a.m ? to_f(lx[i0 * r + q]) : 0.0f, x1 = i0 + 1 < a.m ? to_f(lx[(i0 + 1) * r + q]) : 0.0f;
+            low[mt][0] = fmaf(wa, x0, low[mt][0]), low[mt][1] = fmaf(wa, x1, low[mt][1]);
+            low[mt][2] = fmaf(wb, x0, low[mt][2]), low[mt][3] = fmaf(wb, x1, low[mt][3]);
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][e] = fmaf(a.lora_scale, low[mt][e], acc[mt][e]);
+}
+
 // Streaming decode kernel: the decode kernel's units, fragments, tiles and split, with
 // the codes and block scales brought to shared memory by cp.async (sm_80+) through a
 // ring of STAGES batches per warp, so that a warp has STAGES - 1 batches (2 KB of codes
@@ -549,7 +589,7 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -651,7 +691,12 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
-        meet_and_write<T, MT, WARPS>(a, red, acc, (tile - seg.tiles_before[prod]) * 16, m0);
+        const int64_t n0 = (tile - seg.tiles_before[prod]) * 16;
+        if (LOW && a.lora_x) { // each warp's share of q of the low-rank term, in its accumulators
+            if (a.lora_dtype == SLOTHAI_FLOAT32) low_into<float, MT, WARPS>(a, acc, n0, m0);
+            else low_into<T, MT, WARPS>(a, acc, n0, m0);
+        }
+        meet_and_write<T, MT, WARPS, LOW>(a, red, acc, n0, m0);
     }
     cp_async_wait<0>();
 }
@@ -754,10 +799,10 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES>;
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW>;
     constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
@@ -800,6 +845,21 @@ int tuning_config()
     return c;
 }
 
+// Where the streaming kernel sums the low-rank term into its warps' accumulators (low_into) and
+// writes a thread an output (LOW): 2-8 rows, and 9-16 rows with a low-rank term. Against the quad
+// write with the term at the write (H100, 2026-12-06, nf4_matmul_sweep_h100_low.txt), grouped
+// layer, 8B: with fp32 LoRA r=32 86.7 against 95.3 us at 8 rows, 139.9 against 147.0 at 16; no
+// LoRA 75.0 against 79.9 at 8 rows. It lost at one row (8B with LoRA 75.6 against 72.0: the
+// term's loads then wait at each tile's end) and at 16 rows without LoRA (123.9 against 119.0).
+// (Any product's term counts: a product without one is written bit for bit alike either way, so a
+// grouped launch's outputs stay the single launches'.)
+template <int S> bool low_in_sums(const Segments<S> &seg)
+{
+    bool low = false;
+    for (int i = 0; i < S; ++i) low |= seg.a[i].lora_x != nullptr;
+    return seg.a[0].m > 1 && (seg.a[0].m <= 8 || low);
+}
+
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
 // in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), else the decode
 // kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
@@ -813,7 +873,8 @@ int tuning_config()
 // against 187.4 with 8; the tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
-// default before the streaming kernel).
+// default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
+// (the default before low_in_sums).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -842,8 +903,11 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if (config == 0 && stream_takes(seg)) {
-        two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
+    if ((config == 0 || config == 4) && stream_takes(seg)) {
+        if (config == 0 && low_in_sums(seg))
+            two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
+        else
+            two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
