@@ -846,11 +846,15 @@ int tuning_config()
 }
 
 // Where the streaming kernel sums the low-rank term into its warps' accumulators (low_into) and
-// writes a thread an output (LOW): 2-8 rows, and 9-16 rows with a low-rank term. Against the quad
-// write with the term at the write (H100, 2026-12-06, nf4_matmul_sweep_h100_low.txt), grouped
-// layer, 8B: with fp32 LoRA r=32 86.7 against 95.3 us at 8 rows, 139.9 against 147.0 at 16; no
-// LoRA 75.0 against 79.9 at 8 rows. It lost at one row (8B with LoRA 75.6 against 72.0: the
-// term's loads then wait at each tile's end) and at 16 rows without LoRA (123.9 against 119.0).
+// writes a thread an output (LOW): 2-8 rows, and 9-16 rows with a low-rank term. The LOW form
+// everywhere against the quad write with the term at the write (H100, 2026-12-06,
+// nf4_matmul_sweep_h100_low.txt) lost at one row (8B grouped layer with fp32 LoRA r=32 75.6
+// against 72.0 us) and at 16 rows without LoRA (123.9 against 119.0), so it takes the rest only.
+// This rule against the quad write everywhere (tuning config 4; same card and date,
+// nf4_matmul_sweep_h100_low_rule.txt), grouped layer: 8B with fp32 LoRA r=32 87.2 against 96.1 us
+// at 8 rows, 137.0 against 147.8 at 16, without LoRA 74.0 against 80.2 at 8; 1B with LoRA 37.7
+// against 42.1 and 60.2 against 71.0; one row unchanged. The decode step (bench_decode, one call):
+// 8B batch 8 1625 against 1552 decode tokens/s, 1B 5053 against 4673.
 // (Any product's term counts: a product without one is written bit for bit alike either way, so a
 // grouped launch's outputs stay the single launches'.)
 template <int S> bool low_in_sums(const Segments<S> &seg)
