@@ -151,8 +151,9 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
 
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
-// and each output is written as finish() says. Its first barrier also waits out whoever
-// still reads `red` (the table, or the last tile's sums).
+// and each output is written as finish() says (LOW: the low-rank term is already in the
+// sums, low_into, and a thread writes an output with its bias). Its first barrier also waits
+// out whoever still reads `red` (the table, or the last tile's sums).
 template <typename T, int MT, int WARPS, bool LOW = false>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
                                                const float (&acc)[MT][4], int64_t n0, int64_t m0)
