@@ -7,10 +7,14 @@ Llama-3.1-8B's seven projections, M = 1..64 rows, one card, one run.
     python benchmarks/bench_nf4_matmul.py --quick    # M in 1, 4, 8, 16, 32, 64 only
 
 Correctness first: every run's output is compared with a float64 product of the
-dequantized weight. Times are GPU times of CUDA-graph replays (20 calls a graph,
-median of 30 replays): what a decode step replayed as a graph sees, without the
-host's per-call cost. "layer" is the seven projections in one graph; "layer, grouped"
-the same layer as a compiled decode step runs it (slothai/generation/grouping.py):
+dequantized weight. Times are GPU times of CUDA-graph replays (at least 20 calls a
+graph, median of 30 replays): what a decode step replayed as a graph sees, without the
+host's per-call cost. Each run cycles through distinct copies of its weights, twice
+the L2 between two reads of one copy, so that the weights come from memory as in a
+decode step (`--warm`: the one weight, which stays in the L2 where it fits, as the
+result files up to nf4_matmul_h100_low.* were timed). "layer" is the seven projections
+in one graph; "layer, grouped" the same layer as a compiled decode step runs it
+(slothai/generation/grouping.py):
 q/k/v and gate/up one nf4_linear_group launch each, o and down alone. The read
 bandwidth is a plain read-only Triton kernel (int32 loads summed) over a buffer of one
 8B layer's 4-bit bytes. Writes nf4_matmul.json/.txt/.png under benchmarks/results/.
@@ -79,24 +83,38 @@ RUNS = {
 }
 
 
-def graph_us(fns):
-    """GPU microseconds of one round of `fns`, replayed from a CUDA graph of CALLS rounds
-    (or, where a run cannot be captured, CUDA-event time of CALLS eager rounds)."""
+def graph_us(fns, calls=CALLS):
+    """GPU microseconds of one round of `fns`, replayed from a CUDA graph of `calls` rounds
+    (or, where a run cannot be captured, CUDA-event time of `calls` eager rounds)."""
     try:
-        return _graph_us(fns)
+        return _graph_us(fns, calls)
     except RuntimeError as e:
         print(f"  (not capturable, timed eager: {str(e).splitlines()[0][:100]})", flush=True)
         torch.cuda.synchronize()
 
         def rounds():
-            for _ in range(CALLS):
+            for _ in range(calls):
                 for f in fns:
                     f()
         with torch.no_grad():
-            return common.median_ms(rounds, reps=20, warmup=3) * 1e3 / CALLS
+            return common.median_ms(rounds, reps=20, warmup=3) * 1e3 / calls
 
 
-def _graph_us(fns):
+def copies_for(nb, warm=False):
+    """How many distinct copies of `nb` bytes a timing cycles through so that each has left the L2
+    when its turn comes again (twice the L2 between two reads of one copy), as in a decode step,
+    which reads every layer's weights once; 1 with `warm` (the weight stays in the L2 if it fits)."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return 1 if warm else max(1, -(-2 * l2 // nb))
+
+
+def cycle_us(fns):
+    """GPU microseconds of one call, `fns` being one call each on distinct copies (copies_for):
+    each graph round calls every copy once, and at least CALLS calls a graph."""
+    return graph_us(fns, calls=max(2, -(-CALLS // len(fns)))) / len(fns)
+
+
+def _graph_us(fns, calls):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.no_grad():
@@ -106,7 +124,7 @@ def _graph_us(fns):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        for _ in range(CALLS):
+        for _ in range(calls):
             for f in fns:
                 f()
     for _ in range(3):
@@ -119,7 +137,7 @@ def _graph_us(fns):
         graph.replay()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / CALLS)
+        times.append(s.elapsed_time(e) * 1e3 / calls)
     return statistics.median(times)
 
 
@@ -222,6 +240,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--m", type=int, nargs="+", help="row counts to time (overrides --quick)")
     ap.add_argument("--name", default="nf4_matmul")
+    ap.add_argument("--warm", action="store_true", help="time each weight alone, in the L2 where it fits "
+                    "(how nf4_matmul_h100_low.* and the files before it were timed); default: cycle through copies (copies_for)")
     ap.add_argument("--sweep", action="store_true", help="time the decode kernel's tuning configs, then exit")
     ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -237,38 +257,48 @@ def main():
     copy_gbps = common.copy_bandwidth_gbs()
     for model, ws in weights.items():
         check(model, ws, ms)
+        # Each projection and layer timed over distinct copies of its weights, so that they are read
+        # from memory as in a decode step (with --warm: the one weight, in the L2 where it fits).
+        copies = {p: [w] + [weight(*w.quant_state.shape) for _ in range(copies_for(nbytes(w), args.warm) - 1)]
+                  for p, w in ws.items()}
+        layers = [{p: copies[p][i] for p in ws} for i in range(copies_for(layer_bytes[model], args.warm))]
         for m in ms:
             xs = {p: torch.randn(m, w.quant_state.shape[1], device="cuda", dtype=torch.bfloat16) for p, w in ws.items()}
             for run, f in RUNS.items():
                 for proj, w in ws.items():
                     n, k = w.quant_state.shape
-                    us = graph_us([lambda w=w, x=xs[proj]: f(x, w)])
+                    us = cycle_us([lambda w=c, x=xs[proj]: f(x, w) for c in copies[proj]])
                     rows.append(dict(model=model, proj=proj, n=n, k=k, m=m, run=run, us=round(us, 2),
                                      gbps=round(nbytes(w) / us / 1e3, 1)))
-                us = graph_us([lambda w=w, x=xs[p]: f(x, w) for p, w in ws.items()])
+                us = cycle_us([lambda lay=lay: [f(xs[p], w) for p, w in lay.items()] for lay in layers])
                 rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run=run, us=round(us, 2),
                                  gbps=round(layer_bytes[model] / us / 1e3, 1)))
             for run, rank in (("slothai-grouped", 0), ("slothai-grouped-lora32", 32)):
-                us = graph_us(grouped_layer(ws, xs, rank=rank))
+                us = cycle_us([lambda fns=grouped_layer(lay, xs, rank=rank): [g() for g in fns] for lay in layers])
                 rows.append(dict(model=model, proj="layer", n=0, k=0, m=m, run=run, us=round(us, 2),
                                  gbps=round(layer_bytes[model] / us / 1e3, 1)))
             print(f"{model} m={m} done", flush=True)
         # The floor a launch allows: the read-only kernel over each projection's bytes, and over each
-        # group's in the grouped layer's four launches (small buffers stay in L2 between replays).
+        # group's in the grouped layer's four launches, over as many distinct buffers as the runs.
         for proj, w in ws.items():
-            us = graph_us([read_only(nbytes(w))])
+            us = cycle_us([read_only(nbytes(w)) for _ in copies[proj]])
             rows += [dict(model=model, proj=proj, n=w.quant_state.shape[0], k=w.quant_state.shape[1], m=m,
                           run="read-only", us=round(us, 2), gbps=round(nbytes(w) / us / 1e3, 1)) for m in ms]
-        us = graph_us([read_only(sum(nbytes(ws[p]) for p in g)) for g in GROUPS])
+        us = cycle_us([lambda fns=[read_only(sum(nbytes(ws[p]) for p in g)) for g in GROUPS]: [r() for r in fns]
+                       for _ in layers])
         rows += [dict(model=model, proj="layer", n=0, k=0, m=m, run="read-only", us=round(us, 2),
                       gbps=round(layer_bytes[model] / us / 1e3, 1)) for m in ms]
+        del copies, layers
 
     lines.append(f"# {env['card']}, torch {env['torch']}, bitsandbytes {bnb.__version__}, {env['date']}; "
                  f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB; "
                  f"device copy {copy_gbps:.0f} GB/s (read + written, 1 GiB)")
     lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time; read-only: "
                  "the read-only kernel over the same bytes (a layer: as the grouped layer's four launches), the floor "
-                 "of a launch; slothai-grouped-lora32: the grouped layer with an fp32 LoRA term of rank 32")
+                 "of a launch; slothai-grouped-lora32: the grouped layer with an fp32 LoRA term of rank 32; "
+                 + ("--warm: each weight alone, in the L2 where it fits" if args.warm else
+                    "each run cycles through distinct copies of its weights (twice the L2 between two reads of one), "
+                    "so that they come from memory as in a decode step"))
     for model in MODELS:
         for proj in [*MODELS[model], "layer"]:
             lines.append(f"\n{model} {proj}" + (f" ({layer_bytes[model] / 1e6:.1f} MB)" if proj == "layer" else ""))
@@ -282,7 +312,8 @@ def main():
                             f"{got['dequant+cublas']['us'] / s:.2f}x", f"{got['bitsandbytes']['us'] / s:.2f}x"])
             lines += common.table(header, body)
     common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1),
-                                 copy_gbps=round(copy_gbps, 1), rows=rows), lines)
+                                 copy_gbps=round(copy_gbps, 1), l2_weights="warm" if args.warm else "cycled", rows=rows),
+                 lines)
 
     fig, axes = common.subplots(2, 2, size=(11, 3.6))
     for i, model in enumerate(MODELS):
