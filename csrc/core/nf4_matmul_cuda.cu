@@ -399,8 +399,8 @@ template <typename T, int MT> struct XRows {
 // One unit (64 k) of rows g and g + 8 from their code bytes wa, wb: the A fragments of its 4
 // steps of k16, the products with each token tile's x (given for one tile, loaded here for
 // more), scaled into acc by the rows' block scales.
-template <typename T, int MT, typename X = XRows<T, MT>>
-__device__ __forceinline__ void unit_product(const Lut &look, const X &x, int64_t u, uint2 wa, uint2 wb,
+template <typename T, int MT>
+__device__ __forceinline__ void unit_product(const Lut &look, const XRows<T, MT> &x, int64_t u, uint2 wa, uint2 wb,
                                              const uint32_t (&x_ahead)[8], float sa, float sb, float (&acc)[MT][4])
 {
     uint32_t frag[4][4];
@@ -590,34 +590,10 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-// x held in shared memory (the XS form): the CTA's 8 MT tokens, each row K values and 16 bytes of
-// pad (so that a quarter-warp's 16-byte reads, rows g and g + 1, fall in distinct banks).
-__host__ __device__ constexpr int64_t xs_row_bytes(int64_t k, int elem) { return k * elem + 16; }
-
-// x of this lane's token in each of MT tiles of 8 from shared memory, as XRows gives it from global.
-template <int MT> struct XShared {
-    uint32_t base; // row g, this lane's 32 bytes of a unit
-    uint32_t row;  // bytes a row
-    __device__ XShared(uint32_t xs, uint32_t row_bytes, int g, int t) : base(xs + g * row_bytes + 32 * t), row(row_bytes) {}
-    __device__ __forceinline__ void load(int mt, int64_t u, uint32_t (&xs)[8]) const
-    {
-        const uint32_t a = base + 8 * mt * row + (uint32_t)u * 128;
-        asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(xs[0]), "=r"(xs[1]), "=r"(xs[2]), "=r"(xs[3]) : "r"(a));
-        asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(xs[4]), "=r"(xs[5]), "=r"(xs[6]), "=r"(xs[7]) : "r"(a + 16));
-    }
-};
-
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool XS = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
-    static_assert(!XS || MT > 1, "the XS form is for two token tiles (one tile's x rides with its batch)");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
-    if constexpr (XS) { // (a tuning form, built for sm_90 alone: the host launches it only there, xs_here)
-        __trap();
-        return;
-    }
-#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
 #endif
@@ -663,32 +639,15 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
     };
-    const uint32_t xs_at = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(STAGES),
-                   xs_row = (uint32_t)xs_row_bytes(K, sizeof(T));
-    if constexpr (XS) { // the CTA's tokens of x, once: the oldest copy group, waited for before the barrier below
-        const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok, chunks = K * (int64_t)sizeof(T) / 16;
-        for (int64_t c = threadIdx.x; c < kTok * chunks; c += WARPS * 32) {
-            const int64_t i = c / chunks, cc = c % chunks;
-            const uint32_t dst = xs_at + (uint32_t)(i * xs_row + 16 * cc);
-            if (m0 + i < M) cp_async16(dst, static_cast<const unsigned char *>(seg.a[0].x) + ((m0 + i) * K) * sizeof(T) + 16 * cc);
-            else asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(dst), "r"(0));
-        }
-        cp_async_commit();
-    }
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
     build_tables<T, S, WARPS * 32>(table, code2, seg);
-    if constexpr (XS) cp_async_wait<STAGES - 1>(); // (x's group: the batches' STAGES - 1 may still fly)
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
     const Lut look(table);
-    using X = std::conditional_t<XS, XShared<MT>, XRows<T, MT>>;
-    const X x = [&] {
-        if constexpr (XS) return XShared<MT>(xs_at, xs_row, g, t);
-        else return XRows<T, MT>(seg.a[0].x, m0, M, K, g, t);
-    }();
+    const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     int cs = 0; // the stage this warp computes next
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -729,7 +688,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
                 const uint32_t ca = st + g * 128 + (p ^ (g & 3)) * 32 + 8 * t; // row g; row g + 8 at + 1024
                 asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(ca));
                 asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 8 * 128));
-                unit_product<T, MT, X>(look, x, u0 + p, wa, wb, xc[MT == 1 ? p : 0], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
+                unit_product<T, MT>(look, x, u0 + p, wa, wb, xc[MT == 1 ? p : 0], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
@@ -841,32 +800,19 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-// Whether the XS form's machine code here is sm_90's (elsewhere its body is a trap).
-template <typename T, int S> bool xs_here()
-{
-    cudaFuncAttributes attr;
-    return cudaFuncGetAttributes(&attr, nf4_stream_kernel<T, 2, 8, 1, S, 3, false, true>) == cudaSuccess &&
-           attr.binaryVersion == 90;
-}
-
-// The XS form's largest K: its 16 tokens of x, 16 x (2 K + 16) B, beside the rest of one CTA's
-// shared memory (at 8 warps, 3 stages and 3 products, 230,656 B of the 232,448 an sm_90 CTA may take).
-constexpr int64_t kXsMaxK = 4096;
-
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool XS = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, XS>;
-    constexpr int most = stream_smem<MT, WARPS, S>(STAGES) + (XS ? 8 * MT * (int)xs_row_bytes(kXsMaxK, sizeof(T)) : 0);
-    const int smem = stream_smem<MT, WARPS, S>(STAGES) + (XS ? 8 * MT * (int)xs_row_bytes(seg.a[0].k, sizeof(T)) : 0);
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         sized[dev].store(1, std::memory_order_relaxed);
     }
     const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
-    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], most);
+    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
         kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
@@ -933,12 +879,7 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
-// (the default before low_in_sums), 5 at 9-16 rows and K up to kXsMaxK the streaming kernel's XS
-// form: the CTA's 16 tokens of x copied into shared memory once, read from there (not from L2
-// each tile), one CTA of 8 warps an SM (not three of 4); elsewhere the default. Not yet run on a
-// GPU. Why: at 16 rows each 16-feature tile reads x for 16 tokens from L2 (4x the codes' bytes),
-// and the grouped layer's times fit an L2 stream of ~4.5 TB/s (8B: 545 MB in 119 us at 16
-// rows, 327 MB in 74 us at 8), not its 109 MB of codes.
+// (the default before low_in_sums).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -963,16 +904,18 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 //   against 40.0). The decode kernel sits at its register cap (128 a thread), so a second batch
 //   held in registers likely bought no more bytes in flight (a hypothesis); the streaming kernel
 //   holds its batches in shared memory instead, and gained.
+// - x's 16 tokens copied into shared memory once a CTA at 9-16 rows (K up to 4096, one CTA of 8
+//   warps an SM; sm_90 only), against x's fragments read from L2 per tile (H100, 2026-12-07,
+//   nf4_matmul_sweep_h100_xs.txt; kernel tests, memcheck and racecheck clean): slower at 16 rows,
+//   the 8B grouped layer 124.9 against 119.3 us, the 1B 59.3 against 52.1 (with fp32 LoRA r=32,
+//   8B 138.6 against 140.2). So the re-reads of x from L2 are not what holds 16 rows. The code:
+//   c59817c.
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if (config == 5 && two && seg.a[0].k <= kXsMaxK && stream_takes(seg) && xs_here<T, S>()) {
-        low_in_sums(seg) ? launch_stream<T, 2, 8, 1, S, 3, true, true>(seg, s) : launch_stream<T, 2, 8, 1, S, 3, false, true>(seg, s);
-        return;
-    }
-    if ((config == 0 || config == 4 || config == 5) && stream_takes(seg)) {
-        if (config != 4 && low_in_sums(seg))
+    if ((config == 0 || config == 4) && stream_takes(seg)) {
+        if (config == 0 && low_in_sums(seg))
             two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
         else
             two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
