@@ -590,10 +590,16 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+    if constexpr (IDX32) { // (a tuning form, built for sm_90 alone: the host launches it only there, idx32_here)
+        __trap();
+        return;
+    }
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
 #endif
@@ -612,14 +618,47 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
     int64_t it = blockIdx.x, ib = 0;
     int is = 0;
+    // IDX32: the same copies in 32-bit index arithmetic (the host takes it where every product's codes
+    // are under 4 GB: row offsets and block numbers then fit), the lane's part of each address once.
+    const int c = lane & 7, last_tile = (int)tiles;
+    const uint32_t lane_dst = (lane >> 3) * 128 + ((c >> 1) ^ (lane >> 3)) * 32 + 16 * (c & 1);
+    const uint32_t half_k = (uint32_t)(K / 2), units32 = (uint32_t)units;
+    int it32 = blockIdx.x, ib32 = 0;
+    auto issue32 = [&] {
+        if (nbw > 0 && it32 < last_tile) {
+            int prod = 0;
+#pragma unroll
+            for (int i = 1; i < S; ++i) prod += it32 >= (int)seg.tiles_before[i];
+            const slothai_nf4_matmul_args &a = seg.a[prod];
+            const int last = (int)a.n - 1, n0 = (it32 - (int)seg.tiles_before[prod]) * 16, u0 = (warp + ib32 * WARPS) * P;
+            const uint32_t dst = ring + is * kStageBytes, at = (uint32_t)u0 * (kUnit / 2) + 16 * c;
+            const int r0 = n0 + (lane >> 3); // rows r0, r0 + 4, r0 + 8, r0 + 12 (past N: N - 1's, unused)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                cp_async16(dst + lane_dst + 512 * j, a.w.packed + ((uint32_t)min(r0 + 4 * j, last) * half_k + at));
+            const uint32_t blk = (uint32_t)min(n0 + (lane & 15), last) * units32 + (uint32_t)u0;
+            if (u8) {
+                if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
+                else cp_async4(dst + 2048 + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
+            } else if (lane < 16) {
+                cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + blk);
+            }
+            if (++ib32 == (int)nbw) ib32 = 0, it32 += gridDim.x;
+            is = is + 1 == STAGES ? 0 : is + 1;
+        }
+        cp_async_commit();
+    };
     auto issue = [&] {
+        if constexpr (IDX32) {
+            issue32();
+            return;
+        }
         if (nbw > 0 && it < tiles) {
             const int prod = seg.product(it);
             const slothai_nf4_matmul_args &a = seg.a[prod];
             const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
             const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // this lane's scale row
-            const uint32_t dst = ring + is * kStageBytes;
-            const int c = lane & 7; // the lane's 16 B of a row's 4 units
+            const uint32_t dst = ring + is * kStageBytes; // (c = lane & 7: the lane's 16 B of a row's 4 units)
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int rl = 4 * j + (lane >> 3);                  // the row in the tile
@@ -800,10 +839,10 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW>;
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32>;
     constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
@@ -817,6 +856,17 @@ void launch_stream(const Segments<S> &seg, cudaStream_t s)
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
         kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
     }
+}
+
+// Whether the IDX32 form's machine code here is sm_90's (elsewhere its body is a trap), and every
+// product's codes are under 4 GB (its 32-bit row offsets and block numbers).
+template <typename T, int S> bool idx32_takes(const Segments<S> &seg)
+{
+    for (int i = 0; i < S; ++i)
+        if (seg.a[i].n * (seg.a[i].k / 2) >= (int64_t(1) << 32)) return false;
+    cudaFuncAttributes attr;
+    return cudaFuncGetAttributes(&attr, nf4_stream_kernel<T, 1, 8, 2, S, 3, false, true>) == cudaSuccess &&
+           attr.binaryVersion == 90;
 }
 
 // Whether the streaming kernel takes every product of a launch (its comment says what it needs).
@@ -879,7 +929,8 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
-// (the default before low_in_sums).
+// (the default before low_in_sums), 5 the default with its copies' index arithmetic in 32 bits
+// (IDX32, sm_90 only: idx32_takes).
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -919,6 +970,13 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
             two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
         else
             two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
+        return;
+    }
+    if (config == 5 && stream_takes(seg) && idx32_takes<T, S>(seg)) { // the default's choices, IDX32
+        if (low_in_sums(seg))
+            two ? launch_stream<T, 2, 4, 3, S, 3, true, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, true>(seg, s);
+        else
+            two ? launch_stream<T, 2, 4, 3, S, 3, false, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, true>(seg, s);
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
