@@ -149,14 +149,39 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     finish<T>(a, i, j, acc, (l[0] + l[1]) + (l[2] + l[3])); // the quads' order (meet_and_write)
 }
 
+// A cluster's barrier (sm_90): every CTA of the cluster arrives, then waits for all; shared-memory
+// writes before it are visible to the cluster's CTAs after it (release / acquire).
+__device__ __forceinline__ void cluster_sync()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+#else
+    __trap(); // never launched: clusters are sm_90's
+#endif
+}
+
+// A float of CTA `rank`'s shared memory in this cluster, at the address `at` has in this CTA's (sm_90).
+__device__ __forceinline__ float cluster_load(const float *at, int rank)
+{
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t there;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(there) : "r"((uint32_t)__cvta_generic_to_shared(at)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(there));
+#endif
+    return v;
+}
+
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says (LOW: the low-rank term is already in the
 // sums, low_into, and a thread writes an output with its bias). Its first barrier also waits
-// out whoever still reads `red` (the table, or the last tile's sums).
-template <typename T, int MT, int WARPS, bool LOW = false>
+// out whoever still reads `red` (the table, or the last tile's sums). PARTS > 1 (a cluster of
+// PARTS CTAs that split the tile's K, sm_90): the cluster's CTA 0 sums every CTA's `red` in rank
+// order, then warp order, and writes; the others wait until it has read theirs.
+template <typename T, int MT, int WARPS, bool LOW = false, int PARTS = 1>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
-                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0, int part = 0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -170,37 +195,54 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         r[8 * kTok + 1] = acc[mt][3];
     }
     __syncthreads();
-    if constexpr (LOW) { // (the low-rank term is in the sums: a thread an output, tokens fastest)
-        for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
-            const int row = idx / kTok, tok = idx % kTok;
-            const int64_t j = n0 + row, i = m0 + tok;
-            if (i >= a.m || j >= a.n) continue;
-            float sum = 0.0f;
+    auto warps_sum = [&](int row, int tok) {
+        float sum = 0.0f;
+        if constexpr (PARTS == 1) {
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
-            if (a.bias) sum += to_f(static_cast<const T *>(a.bias)[j]);
-            static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(sum);
-        }
-        return;
-    }
-    // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
-    // and writes. Rounds over the tile's live tokens only (the same count in every thread).
-    const int64_t live_tok = a.m - m0 < kTok ? a.m - m0 : kTok;
-    const int qi = threadIdx.x & 3;
-    for (int base = 0; base < 16 * live_tok; base += WARPS * 8) {
-        const int idx = base + (threadIdx.x >> 2), row = idx & 15, tok = idx >> 4;
-        const int64_t j = n0 + row, i = m0 + tok;
-        const bool live = idx < 16 * live_tok && j < a.n;
-        float low = 0.0f;
-        if (live && a.lora_x)
-            low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
-        low += __shfl_xor_sync(0xffffffffu, low, 1);
-        low += __shfl_xor_sync(0xffffffffu, low, 2);
-        if (!live || qi) continue;
-        float sum = 0.0f;
+        } else {
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
-        finish<T>(a, i, j, sum, low);
+            for (int rank = 0; rank < PARTS; ++rank)
+#pragma unroll
+                for (int w = 0; w < WARPS; ++w) sum += cluster_load(red + (w * 16 + row) * kTok + tok, rank);
+        }
+        return sum;
+    };
+    auto write = [&] {
+        if constexpr (LOW) { // (the low-rank term is in the sums: a thread an output, tokens fastest)
+            for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
+                const int row = idx / kTok, tok = idx % kTok;
+                const int64_t j = n0 + row, i = m0 + tok;
+                if (i >= a.m || j >= a.n) continue;
+                float sum = warps_sum(row, tok);
+                if (a.bias) sum += to_f(static_cast<const T *>(a.bias)[j]);
+                static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(sum);
+            }
+            return;
+        }
+        // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
+        // and writes. Rounds over the tile's live tokens only (the same count in every thread).
+        const int64_t live_tok = a.m - m0 < kTok ? a.m - m0 : kTok;
+        const int qi = threadIdx.x & 3;
+        for (int base = 0; base < 16 * live_tok; base += WARPS * 8) {
+            const int idx = base + (threadIdx.x >> 2), row = idx & 15, tok = idx >> 4;
+            const int64_t j = n0 + row, i = m0 + tok;
+            const bool live = idx < 16 * live_tok && j < a.n;
+            float low = 0.0f;
+            if (live && a.lora_x)
+                low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
+            low += __shfl_xor_sync(0xffffffffu, low, 1);
+            low += __shfl_xor_sync(0xffffffffu, low, 2);
+            if (!live || qi) continue;
+            finish<T>(a, i, j, warps_sum(row, tok), low);
+        }
+    };
+    if constexpr (PARTS == 1) {
+        write();
+    } else {
+        cluster_sync(); // every CTA's sums are in its red
+        if (part == 0) write();
+        cluster_sync(); // and CTA 0 has read them: red may be written again
     }
 }
 
@@ -556,6 +598,9 @@ __device__ __forceinline__ void low_into(const slothai_nf4_matmul_args &a, float
 //   rest (nf4_matmul_sweep_h100_lean.txt).
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
+//   Tuning forms (sm_90 only; launch_decode's configs 5-7): IDX32, the copy side's index
+//   arithmetic in 32 bits; PARTS > 1, each tile's batches split over a cluster of PARTS CTAs
+//   whose sums meet in CTA 0 through the cluster's shared memory (meet_and_write).
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
 // the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
 constexpr int kStageBytes = 2048 + 256;
@@ -590,12 +635,12 @@ template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_sme
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false, int PARTS = 1>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
-    if constexpr (IDX32) { // (a tuning form, built for sm_90 alone: the host launches it only there, idx32_here)
+    if constexpr (IDX32 || PARTS > 1) { // (tuning forms, built for sm_90 alone: the host launches them only there)
         __trap();
         return;
     }
@@ -611,26 +656,43 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) +
                           warp * STAGES * kStageBytes;
-    const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit, nb = units / P;
+    const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit;
+    // PARTS > 1: a cluster of PARTS CTAs takes each tile, CTA `part` the part-th of its K (the host
+    // sees that the batches split evenly); else a CTA a tile. Tiles: first_tile, + tile_step, ...
+    int part = 0;
+    uint32_t cluster = 0, clusters = 1;
+    if constexpr (PARTS > 1) {
+        uint32_t rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+        asm("mov.u32 %0, %%clusterid.x;" : "=r"(cluster));
+        asm("mov.u32 %0, %%nclusterid.x;" : "=r"(clusters));
+#endif
+        part = (int)rank;
+    }
+    const auto first_tile = [&]() -> int64_t { return PARTS == 1 ? blockIdx.x : cluster; };
+    const auto tile_step = [&]() -> int64_t { return PARTS == 1 ? gridDim.x : clusters; };
+    const int64_t nb = units / P / PARTS, nb0 = part * nb; // this part's batches a tile, from batch nb0
     const int64_t nbw = warp < nb ? (nb - 1 - warp) / WARPS + 1 : 0; // this warp's batches a tile
     const bool u8 = seg.a[0].w.absmax_u8 != nullptr;
 
     // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
-    int64_t it = blockIdx.x, ib = 0;
+    int64_t it = first_tile(), ib = 0;
     int is = 0;
     // IDX32: the same copies in 32-bit index arithmetic (the host takes it where every product's codes
     // are under 4 GB: row offsets and block numbers then fit), the lane's part of each address once.
     const int c = lane & 7, last_tile = (int)tiles;
     const uint32_t lane_dst = (lane >> 3) * 128 + ((c >> 1) ^ (lane >> 3)) * 32 + 16 * (c & 1);
     const uint32_t half_k = (uint32_t)(K / 2), units32 = (uint32_t)units;
-    int it32 = blockIdx.x, ib32 = 0;
+    int it32 = (int)first_tile(), ib32 = 0;
     auto issue32 = [&] {
         if (nbw > 0 && it32 < last_tile) {
             int prod = 0;
 #pragma unroll
             for (int i = 1; i < S; ++i) prod += it32 >= (int)seg.tiles_before[i];
             const slothai_nf4_matmul_args &a = seg.a[prod];
-            const int last = (int)a.n - 1, n0 = (it32 - (int)seg.tiles_before[prod]) * 16, u0 = (warp + ib32 * WARPS) * P;
+            const int last = (int)a.n - 1, n0 = (it32 - (int)seg.tiles_before[prod]) * 16,
+                      u0 = ((int)nb0 + warp + ib32 * WARPS) * P;
             const uint32_t dst = ring + is * kStageBytes, at = (uint32_t)u0 * (kUnit / 2) + 16 * c;
             const int r0 = n0 + (lane >> 3); // rows r0, r0 + 4, r0 + 8, r0 + 12 (past N: N - 1's, unused)
 #pragma unroll
@@ -643,7 +705,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             } else if (lane < 16) {
                 cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + blk);
             }
-            if (++ib32 == (int)nbw) ib32 = 0, it32 += gridDim.x;
+            if (++ib32 == (int)nbw) ib32 = 0, it32 += (int)tile_step();
             is = is + 1 == STAGES ? 0 : is + 1;
         }
         cp_async_commit();
@@ -656,7 +718,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         if (nbw > 0 && it < tiles) {
             const int prod = seg.product(it);
             const slothai_nf4_matmul_args &a = seg.a[prod];
-            const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
+            const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (nb0 + warp + ib * WARPS) * P;
             const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // this lane's scale row
             const uint32_t dst = ring + is * kStageBytes; // (c = lane & 7: the lane's 16 B of a row's 4 units)
 #pragma unroll
@@ -673,7 +735,7 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             } else if (lane < 16) {
                 cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + rs * units + u0);
             }
-            if (++ib == nbw) ib = 0, it += gridDim.x;
+            if (++ib == nbw) ib = 0, it += tile_step();
             is = is + 1 == STAGES ? 0 : is + 1;
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
@@ -689,14 +751,14 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     int cs = 0; // the stage this warp computes next
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int64_t tile = first_tile(); tile < tiles; tile += tile_step()) {
         const int prod = seg.product(tile);
         const slothai_nf4_matmul_args &a = seg.a[prod];
         const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
         const float *c2 = code2[prod];
         float acc[MT][4] = {};
         for (int64_t b = 0; b < nbw; ++b) {
-            const int64_t u0 = (warp + b * WARPS) * P;
+            const int64_t u0 = (nb0 + warp + b * WARPS) * P;
             uint32_t xc[MT == 1 ? P : 1][8]; // one tile of tokens: x of the batch, loaded (L2) while its codes land
             if constexpr (MT == 1)
 #pragma unroll
@@ -732,11 +794,11 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             }
         }
         const int64_t n0 = (tile - seg.tiles_before[prod]) * 16;
-        if (LOW && a.lora_x) { // each warp's share of q of the low-rank term, in its accumulators
+        if (LOW && a.lora_x && part == 0) { // each warp's share of q of the low-rank term, in its accumulators
             if (a.lora_dtype == SLOTHAI_FLOAT32) low_into<float, MT, WARPS>(a, acc, n0, m0);
             else low_into<T, MT, WARPS>(a, acc, n0, m0);
         }
-        meet_and_write<T, MT, WARPS, LOW>(a, red, acc, n0, m0);
+        meet_and_write<T, MT, WARPS, LOW, PARTS>(a, red, acc, n0, m0, part);
     }
     cp_async_wait<0>();
 }
@@ -839,10 +901,10 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false, int PARTS = 1>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32>;
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32, PARTS>;
     constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
@@ -851,22 +913,52 @@ void launch_stream(const Segments<S> &seg, cudaStream_t s)
         sized[dev].store(1, std::memory_order_relaxed);
     }
     const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
-    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
-    for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
-        const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
+    if constexpr (PARTS == 1) {
+        const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
+        for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+            const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+            kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
+        }
+    } else { // clusters of PARTS CTAs, as many as the card holds at once (or one a tile)
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = PARTS, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.blockDim = dim3(WARPS * 32), cfg.dynamicSmemBytes = smem, cfg.stream = s, cfg.attrs = attr, cfg.numAttrs = 1;
+        int clusters = dev < 8 ? held[dev].load(std::memory_order_relaxed) : 0;
+        if (clusters <= 0) {
+            cfg.gridDim = dim3(PARTS * 1024);
+            if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) clusters = 1;
+            if (dev < 8) held[dev].store(clusters, std::memory_order_relaxed);
+        }
+        const int64_t n = clusters < seg.tiles_before[S] ? clusters : seg.tiles_before[S];
+        for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+            cfg.gridDim = dim3((unsigned)(n * PARTS), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+            cudaLaunchKernelEx(&cfg, kernel, seg, y0 * per);
+        }
     }
 }
 
-// Whether the IDX32 form's machine code here is sm_90's (elsewhere its body is a trap), and every
-// product's codes are under 4 GB (its 32-bit row offsets and block numbers).
+// Whether a tuning form's machine code here is sm_90's (elsewhere its body is a trap).
+bool sm90_code(const void *kernel)
+{
+    cudaFuncAttributes attr;
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90;
+}
+
+// IDX32: where every product's codes are under 4 GB (its 32-bit row offsets and block numbers).
 template <typename T, int S> bool idx32_takes(const Segments<S> &seg)
 {
     for (int i = 0; i < S; ++i)
         if (seg.a[i].n * (seg.a[i].k / 2) >= (int64_t(1) << 32)) return false;
-    cudaFuncAttributes attr;
-    return cudaFuncGetAttributes(&attr, nf4_stream_kernel<T, 1, 8, 2, S, 3, false, true>) == cudaSuccess &&
-           attr.binaryVersion == 90;
+    return sm90_code(reinterpret_cast<const void *>(nf4_stream_kernel<T, 1, 8, 2, S, 3, false, true>));
+}
+
+// A cluster of `parts` CTAs a tile: where a tile's batches (K / 256) split evenly into the parts.
+template <typename T, int S> bool parts_take(const Segments<S> &seg, int parts)
+{
+    return seg.a[0].k / (4 * kUnit) % parts == 0 &&
+           sm90_code(reinterpret_cast<const void *>(nf4_stream_kernel<T, 1, 8, 2, S, 3, false, false, 2>));
 }
 
 // Whether the streaming kernel takes every product of a launch (its comment says what it needs).
@@ -930,7 +1022,8 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
 // (the default before low_in_sums), 5 the default with its copies' index arithmetic in 32 bits
-// (IDX32, sm_90 only: idx32_takes).
+// (IDX32, sm_90 only: idx32_takes), 6 and 7 the default with each tile's K split over a cluster of
+// 2 and 4 CTAs (sm_90 only: parts_take), its sums met through the cluster's shared memory.
 // Tried and taken out (H100, 2026-12-06; git history has the code):
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
@@ -977,6 +1070,17 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
             two ? launch_stream<T, 2, 4, 3, S, 3, true, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, true>(seg, s);
         else
             two ? launch_stream<T, 2, 4, 3, S, 3, false, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, true>(seg, s);
+        return;
+    }
+    if ((config == 6 || config == 7) && stream_takes(seg) && parts_take<T, S>(seg, config == 6 ? 2 : 4)) {
+        const bool low = low_in_sums(seg); // the default's choices, each tile's K split over a cluster
+        if (config == 6) {
+            if (low) two ? launch_stream<T, 2, 4, 3, S, 3, true, false, 2>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, false, 2>(seg, s);
+            else two ? launch_stream<T, 2, 4, 3, S, 3, false, false, 2>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, false, 2>(seg, s);
+        } else {
+            if (low) two ? launch_stream<T, 2, 4, 3, S, 3, true, false, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, false, 4>(seg, s);
+            else two ? launch_stream<T, 2, 4, 3, S, 3, false, false, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, false, 4>(seg, s);
+        }
         return;
     }
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
