@@ -1054,35 +1054,30 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 //   the 8B grouped layer 124.9 against 119.3 us, the 1B 59.3 against 52.1 (with fp32 LoRA r=32,
 //   8B 138.6 against 140.2). So the re-reads of x from L2 are not what holds 16 rows. The code:
 //   c59817c.
+// The streaming kernel in the default's shapes (one token tile at 1-8 rows: 8 warps, 2 CTAs an SM;
+// two at 9-16: 4 warps, 3 CTAs), with the LOW write or not, as tuning form IDX32 / PARTS.
+template <typename T, int S, bool IDX32 = false, int PARTS = 1>
+void launch_stream_as_default(const Segments<S> &seg, bool low, cudaStream_t s)
+{
+    if (seg.a[0].m > 8) {
+        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32, PARTS>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32, PARTS>(seg, s);
+    } else {
+        low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32, PARTS>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, IDX32, PARTS>(seg, s);
+    }
+}
+
 template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStream_t s)
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if ((config == 0 || config == 4) && stream_takes(seg)) {
-        if (config == 0 && low_in_sums(seg))
-            two ? launch_stream<T, 2, 4, 3, S, 3, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true>(seg, s);
-        else
-            two ? launch_stream<T, 2, 4, 3, S, 3>(seg, s) : launch_stream<T, 1, 8, 2, S, 3>(seg, s);
-        return;
-    }
-    if (config == 5 && stream_takes(seg) && idx32_takes<T, S>(seg)) { // the default's choices, IDX32
-        if (low_in_sums(seg))
-            two ? launch_stream<T, 2, 4, 3, S, 3, true, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, true>(seg, s);
-        else
-            two ? launch_stream<T, 2, 4, 3, S, 3, false, true>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, true>(seg, s);
-        return;
-    }
-    if ((config == 6 || config == 7) && stream_takes(seg) && parts_take<T, S>(seg, config == 6 ? 2 : 4)) {
-        const bool low = low_in_sums(seg); // the default's choices, each tile's K split over a cluster
-        if (config == 6) {
-            if (low) two ? launch_stream<T, 2, 4, 3, S, 3, true, false, 2>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, false, 2>(seg, s);
-            else two ? launch_stream<T, 2, 4, 3, S, 3, false, false, 2>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, false, 2>(seg, s);
-        } else {
-            if (low) two ? launch_stream<T, 2, 4, 3, S, 3, true, false, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, true, false, 4>(seg, s);
-            else two ? launch_stream<T, 2, 4, 3, S, 3, false, false, 4>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, false, 4>(seg, s);
-        }
-        return;
-    }
+    if ((config == 0 || config == 4) && stream_takes(seg))
+        return launch_stream_as_default<T, S>(seg, config == 0 && low_in_sums(seg), s);
+    if (config == 5 && stream_takes(seg) && idx32_takes<T, S>(seg))
+        return launch_stream_as_default<T, S, true>(seg, low_in_sums(seg), s);
+    if (config == 6 && stream_takes(seg) && parts_take<T, S>(seg, 2))
+        return launch_stream_as_default<T, S, false, 2>(seg, low_in_sums(seg), s);
+    if (config == 7 && stream_takes(seg) && parts_take<T, S>(seg, 4))
+        return launch_stream_as_default<T, S, false, 4>(seg, low_in_sums(seg), s);
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
     case 1:
         if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
