@@ -149,39 +149,14 @@ __device__ __forceinline__ void finish(const slothai_nf4_matmul_args &a, int64_t
     finish<T>(a, i, j, acc, (l[0] + l[1]) + (l[2] + l[3])); // the quads' order (meet_and_write)
 }
 
-// A cluster's barrier (sm_90): every CTA of the cluster arrives, then waits for all; shared-memory
-// writes before it are visible to the cluster's CTAs after it (release / acquire).
-__device__ __forceinline__ void cluster_sync()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
-#else
-    __trap(); // never launched: clusters are sm_90's
-#endif
-}
-
-// A float of CTA `rank`'s shared memory in this cluster, at the address `at` has in this CTA's (sm_90).
-__device__ __forceinline__ float cluster_load(const float *at, int rank)
-{
-    float v = 0.0f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uint32_t there;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(there) : "r"((uint32_t)__cvta_generic_to_shared(at)), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(there));
-#endif
-    return v;
-}
-
 // The end of a 16-feature tile: the WARPS warps' mma accumulators (rows g, g + 8; tokens
 // 2t, 2t + 1 of each tile of 8) meet in red[warp][feature][token], summed in warp order,
 // and each output is written as finish() says (LOW: the low-rank term is already in the
 // sums, low_into, and a thread writes an output with its bias). Its first barrier also waits
-// out whoever still reads `red` (the table, or the last tile's sums). PARTS > 1 (a cluster of
-// PARTS CTAs that split the tile's K, sm_90): the cluster's CTA 0 sums every CTA's `red` in rank
-// order, then warp order, and writes; the others wait until it has read theirs.
-template <typename T, int MT, int WARPS, bool LOW = false, int PARTS = 1>
+// out whoever still reads `red` (the table, or the last tile's sums).
+template <typename T, int MT, int WARPS, bool LOW = false>
 __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a, float *red,
-                                               const float (&acc)[MT][4], int64_t n0, int64_t m0, int part = 0)
+                                               const float (&acc)[MT][4], int64_t n0, int64_t m0)
 {
     constexpr int kTok = 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -195,54 +170,37 @@ __device__ __forceinline__ void meet_and_write(const slothai_nf4_matmul_args &a,
         r[8 * kTok + 1] = acc[mt][3];
     }
     __syncthreads();
-    auto warps_sum = [&](int row, int tok) {
-        float sum = 0.0f;
-        if constexpr (PARTS == 1) {
+    if constexpr (LOW) { // (the low-rank term is in the sums: a thread an output, tokens fastest)
+        for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
+            const int row = idx / kTok, tok = idx % kTok;
+            const int64_t j = n0 + row, i = m0 + tok;
+            if (i >= a.m || j >= a.n) continue;
+            float sum = 0.0f;
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
-        } else {
+            if (a.bias) sum += to_f(static_cast<const T *>(a.bias)[j]);
+            static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(sum);
+        }
+        return;
+    }
+    // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
+    // and writes. Rounds over the tile's live tokens only (the same count in every thread).
+    const int64_t live_tok = a.m - m0 < kTok ? a.m - m0 : kTok;
+    const int qi = threadIdx.x & 3;
+    for (int base = 0; base < 16 * live_tok; base += WARPS * 8) {
+        const int idx = base + (threadIdx.x >> 2), row = idx & 15, tok = idx >> 4;
+        const int64_t j = n0 + row, i = m0 + tok;
+        const bool live = idx < 16 * live_tok && j < a.n;
+        float low = 0.0f;
+        if (live && a.lora_x)
+            low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
+        low += __shfl_xor_sync(0xffffffffu, low, 1);
+        low += __shfl_xor_sync(0xffffffffu, low, 2);
+        if (!live || qi) continue;
+        float sum = 0.0f;
 #pragma unroll
-            for (int rank = 0; rank < PARTS; ++rank)
-#pragma unroll
-                for (int w = 0; w < WARPS; ++w) sum += cluster_load(red + (w * 16 + row) * kTok + tok, rank);
-        }
-        return sum;
-    };
-    auto write = [&] {
-        if constexpr (LOW) { // (the low-rank term is in the sums: a thread an output, tokens fastest)
-            for (int idx = threadIdx.x; idx < 16 * kTok; idx += WARPS * 32) {
-                const int row = idx / kTok, tok = idx % kTok;
-                const int64_t j = n0 + row, i = m0 + tok;
-                if (i >= a.m || j >= a.n) continue;
-                float sum = warps_sum(row, tok);
-                if (a.bias) sum += to_f(static_cast<const T *>(a.bias)[j]);
-                static_cast<T *>(a.out)[i * a.n + j] = from_f<T>(sum);
-            }
-            return;
-        }
-        // A quad an output: its 4 lanes share the low-rank term (lora_share), lane 0 sums the warps
-        // and writes. Rounds over the tile's live tokens only (the same count in every thread).
-        const int64_t live_tok = a.m - m0 < kTok ? a.m - m0 : kTok;
-        const int qi = threadIdx.x & 3;
-        for (int base = 0; base < 16 * live_tok; base += WARPS * 8) {
-            const int idx = base + (threadIdx.x >> 2), row = idx & 15, tok = idx >> 4;
-            const int64_t j = n0 + row, i = m0 + tok;
-            const bool live = idx < 16 * live_tok && j < a.n;
-            float low = 0.0f;
-            if (live && a.lora_x)
-                low = a.lora_dtype == SLOTHAI_FLOAT32 ? lora_share<float>(a, i, j, qi) : lora_share<T>(a, i, j, qi);
-            low += __shfl_xor_sync(0xffffffffu, low, 1);
-            low += __shfl_xor_sync(0xffffffffu, low, 2);
-            if (!live || qi) continue;
-            finish<T>(a, i, j, warps_sum(row, tok), low);
-        }
-    };
-    if constexpr (PARTS == 1) {
-        write();
-    } else {
-        cluster_sync(); // every CTA's sums are in its red
-        if (part == 0) write();
-        cluster_sync(); // and CTA 0 has read them: red may be written again
+        for (int w = 0; w < WARPS; ++w) sum += red[(w * 16 + row) * kTok + tok];
+        finish<T>(a, i, j, sum, low);
     }
 }
 
@@ -390,12 +348,12 @@ template <int S> struct Segments {
 
 // The pair table, [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16, 16 bytes a store
 // (a quarter-warp fills one byte's 32-lane row, conflict-free); each product's code2. THREADS: the CTA's.
-template <typename T, int S, int THREADS, int ROW_WORDS = 32>
+template <typename T, int S, int THREADS>
 __device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256], const Segments<S> &seg)
 {
     for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
         const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
-        reinterpret_cast<uint4 *>(table)[ROW_WORDS == 32 ? i : (i >> 3) * (ROW_WORDS / 4) + (i & 7)] = make_uint4(v, v, v, v);
+        reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
     }
 #pragma unroll
     for (int s = 0; s < S; ++s)
@@ -404,23 +362,15 @@ __device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256
 }
 
 // A code byte's register of two T(levels): the table row of byte b is at base + 128 b (a
-// 32-bit shared address: one byte permute, one multiply-add, one shared load). WIDE: rows
-// 256 bytes apart (their second halves free for other use) and the table where the block's
-// shared memory starts, kWideAt in the shared window past the cluster rank's bits (24-31; the
-// kernel checks), so that one byte permute makes the whole address less that constant,
-// rank << 24 | b << 8 | 4 lane, and the load adds it as its immediate: two instructions.
-constexpr uint32_t kWideAt = 1024; // (sm_90: the 1 KB a block reserves comes first)
-template <bool WIDE = false> struct Lut {
-    uint32_t base; // (WIDE: rank << 24 | 4 lane)
+// 32-bit shared address: one byte permute, one multiply-add, one shared load).
+struct Lut {
+    uint32_t base;
     __device__ explicit Lut(const uint32_t *table)
-        : base(static_cast<uint32_t>(__cvta_generic_to_shared(table)) - (WIDE ? kWideAt : 0) + 4 * (threadIdx.x & 31)) {}
+        : base(static_cast<uint32_t>(__cvta_generic_to_shared(table)) + 4 * (threadIdx.x & 31)) {}
     __device__ __forceinline__ uint32_t operator()(uint32_t w, int byte) const
     {
         uint32_t v;
-        if constexpr (WIDE)
-            asm("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(__byte_perm(w, base, 0x7504 | (byte << 4))), "n"(kWideAt));
-        else
-            asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(base + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
+        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(base + (__byte_perm(w, 0, 0x4440 | byte) << 7)));
         return v;
     }
 };
@@ -449,8 +399,8 @@ template <typename T, int MT> struct XRows {
 // One unit (64 k) of rows g and g + 8 from their code bytes wa, wb: the A fragments of its 4
 // steps of k16, the products with each token tile's x (given for one tile, loaded here for
 // more), scaled into acc by the rows' block scales.
-template <typename T, int MT, typename LUT>
-__device__ __forceinline__ void unit_product(const LUT &look, const XRows<T, MT> &x, int64_t u, uint2 wa, uint2 wb,
+template <typename T, int MT>
+__device__ __forceinline__ void unit_product(const Lut &look, const XRows<T, MT> &x, int64_t u, uint2 wa, uint2 wb,
                                              const uint32_t (&x_ahead)[8], float sa, float sb, float (&acc)[MT][4])
 {
     uint32_t frag[4][4];
@@ -512,7 +462,7 @@ nf4_decode_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit;
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
-    const Lut<> look(table);
+    const Lut look(table);
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -606,11 +556,8 @@ __device__ __forceinline__ void low_into(const slothai_nf4_matmul_args &a, float
 //   rest (nf4_matmul_sweep_h100_lean.txt).
 //   Takes blocksize 64, K a multiple of 256 (units in whole batches), the codes 16-byte,
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
-//   Tuning forms (sm_90 only; launch_decode's configs 5-9): IDX32, the copy side's index
-//   arithmetic in 32 bits; PARTS > 1, each tile's batches split over a cluster of PARTS CTAs
-//   whose sums meet in CTA 0 through the cluster's shared memory (meet_and_write); WIDE, a
-//   lookup in two instructions (byte permute, load) instead of three, the table's rows 256
-//   bytes apart and the ring in their free halves (wide_rows: 94 KB a CTA at 8 warps, as now).
+//   IDX32 (sm_90 only, where every product's codes are under 4 GB; the default there): the
+//   copies' index arithmetic in 32 bits, a warp's batch loop 415 SASS instructions against 481.
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
 // the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
 constexpr int kStageBytes = 2048 + 256;
@@ -640,33 +587,17 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
 #endif
 }
 
-// WIDE (tuning form): the pair table's rows 256 bytes apart (Lut<true>), and the ring's stages in
-// 128-byte slots of 256-byte rows: a stage's 16 code rows in 16 rows' slots, its scales in the
-// next two (u8 [16][4] and absmax2 [16] in the first; fp32 rows 0-7, then 8-15). Stages 0-13 take
-// the free halves of the table's 256 rows; the rest pair up in rows past it, left and right.
-__host__ __device__ constexpr int wide_rows(int stages)
+template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages)
 {
-    return 256 + 18 * (stages > 14 ? (stages - 14 + 1) / 2 : 0);
-}
-__device__ __forceinline__ uint32_t wide_stage(uint32_t rows, int q)
-{
-    return q < 14 ? rows + q * 18 * 256 + 128 : rows + (256 + 18 * ((q - 14) >> 1)) * 256 + ((q - 14) & 1) * 128;
+    return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-// Shared memory: the table (or WIDE's rows), the warps' sums, code2 (and the ring).
-template <int MT, int WARPS, int S, bool WIDE = false> __host__ __device__ constexpr int stream_smem(int stages)
-{
-    return (WIDE ? wide_rows(WARPS * stages) * 256 : 256 * 32 * 4 + WARPS * stages * kStageBytes) +
-           WARPS * 16 * 8 * MT * 4 + S * 256 * 4;
-}
-
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false, int PARTS = 1,
-          bool WIDE = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
-    if constexpr (IDX32 || PARTS > 1 || WIDE) { // (tuning forms, built for sm_90 alone: the host launches them only there)
+    if constexpr (IDX32) { // (built for sm_90 alone: the host launches it only there, idx32_takes)
         __trap();
         return;
     }
@@ -675,70 +606,46 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
     __trap(); // never launched: the host checks the code's architecture first (no cp.async here)
 #endif
     constexpr int P = 4, kTok = 8 * MT;
-    constexpr int RS = WIDE ? 256 : 128, kSums = WIDE ? wide_rows(WARPS * STAGES) * 256 : 256 * 32 * 4; // (a code row's stride)
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t *table = reinterpret_cast<uint32_t *>(smem);
-    float *red = reinterpret_cast<float *>(smem + kSums);
-    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + kSums + WARPS * 16 * kTok * 4);
+    float *red = reinterpret_cast<float *>(smem + 256 * 32 * 4);
+    float(*code2)[256] = reinterpret_cast<float(*)[256]>(smem + 256 * 32 * 4 + WARPS * 16 * kTok * 4);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem)),
-                   ring = base + stream_smem<MT, WARPS, S>(0) + warp * STAGES * kStageBytes;
-    const auto stage = [&](int i) -> uint32_t { // stage i's shared address
-        if constexpr (WIDE) return wide_stage(base, warp * STAGES + i);
-        else return ring + i * kStageBytes;
-    };
-    // fp32 scales: row r's 16 bytes at 16 r past the code rows, or WIDE at (r / 8) RS + 16 (r % 8).
-    const auto f32_row = [](int r) { return WIDE ? (r >> 3) * RS + 16 * (r & 7) : 16 * r; };
-    const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit;
-    // PARTS > 1: a cluster of PARTS CTAs takes each tile, CTA `part` the part-th of its K (the host
-    // sees that the batches split evenly); else a CTA a tile. Tiles: first_tile, + tile_step, ...
-    int part = 0;
-    uint32_t cluster = 0, clusters = 1;
-    if constexpr (PARTS > 1) {
-        uint32_t rank = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-        asm("mov.u32 %0, %%clusterid.x;" : "=r"(cluster));
-        asm("mov.u32 %0, %%nclusterid.x;" : "=r"(clusters));
-#endif
-        part = (int)rank;
-    }
-    const auto first_tile = [&]() -> int64_t { return PARTS == 1 ? blockIdx.x : cluster; };
-    const auto tile_step = [&]() -> int64_t { return PARTS == 1 ? gridDim.x : clusters; };
-    const int64_t nb = units / P / PARTS, nb0 = part * nb; // this part's batches a tile, from batch nb0
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + stream_smem<MT, WARPS, S>(0) +
+                          warp * STAGES * kStageBytes;
+    const int64_t K = seg.a[0].k, M = seg.a[0].m, tiles = seg.tiles_before[S], units = K / kUnit, nb = units / P;
     const int64_t nbw = warp < nb ? (nb - 1 - warp) / WARPS + 1 : 0; // this warp's batches a tile
     const bool u8 = seg.a[0].w.absmax_u8 != nullptr;
 
     // The copy side: the next batch to load (tile it, batch ib of this warp) into stage is.
-    int64_t it = first_tile(), ib = 0;
+    int64_t it = blockIdx.x, ib = 0;
     int is = 0;
     // IDX32: the same copies in 32-bit index arithmetic (the host takes it where every product's codes
     // are under 4 GB: row offsets and block numbers then fit), the lane's part of each address once.
-    const int c = lane & 7, last_tile = (int)tiles, f32_at = f32_row(lane & 15);
-    const uint32_t lane_dst = (lane >> 3) * RS + ((c >> 1) ^ (lane >> 3)) * 32 + 16 * (c & 1);
+    const int c = lane & 7, last_tile = (int)tiles;
+    const uint32_t lane_dst = (lane >> 3) * 128 + ((c >> 1) ^ (lane >> 3)) * 32 + 16 * (c & 1);
     const uint32_t half_k = (uint32_t)(K / 2), units32 = (uint32_t)units;
-    int it32 = (int)first_tile(), ib32 = 0;
+    int it32 = blockIdx.x, ib32 = 0;
     auto issue32 = [&] {
         if (nbw > 0 && it32 < last_tile) {
             int prod = 0;
 #pragma unroll
             for (int i = 1; i < S; ++i) prod += it32 >= (int)seg.tiles_before[i];
             const slothai_nf4_matmul_args &a = seg.a[prod];
-            const int last = (int)a.n - 1, n0 = (it32 - (int)seg.tiles_before[prod]) * 16,
-                      u0 = ((int)nb0 + warp + ib32 * WARPS) * P;
-            const uint32_t dst = stage(is), at = (uint32_t)u0 * (kUnit / 2) + 16 * c;
+            const int last = (int)a.n - 1, n0 = (it32 - (int)seg.tiles_before[prod]) * 16, u0 = (warp + ib32 * WARPS) * P;
+            const uint32_t dst = ring + is * kStageBytes, at = (uint32_t)u0 * (kUnit / 2) + 16 * c;
             const int r0 = n0 + (lane >> 3); // rows r0, r0 + 4, r0 + 8, r0 + 12 (past N: N - 1's, unused)
 #pragma unroll
             for (int j = 0; j < 4; ++j)
-                cp_async16(dst + lane_dst + 4 * RS * j, a.w.packed + ((uint32_t)min(r0 + 4 * j, last) * half_k + at));
+                cp_async16(dst + lane_dst + 512 * j, a.w.packed + ((uint32_t)min(r0 + 4 * j, last) * half_k + at));
             const uint32_t blk = (uint32_t)min(n0 + (lane & 15), last) * units32 + (uint32_t)u0;
             if (u8) {
-                if (lane < 16) cp_async4(dst + 16 * RS + 4 * lane, a.w.absmax_u8 + blk);
-                else cp_async4(dst + 16 * RS + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
+                if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
+                else cp_async4(dst + 2048 + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
             } else if (lane < 16) {
-                cp_async16(dst + 16 * RS + (WIDE ? f32_at : 16 * lane), a.w.absmax_f32 + blk);
+                cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + blk);
             }
-            if (++ib32 == (int)nbw) ib32 = 0, it32 += (int)tile_step();
+            if (++ib32 == (int)nbw) ib32 = 0, it32 += gridDim.x;
             is = is + 1 == STAGES ? 0 : is + 1;
         }
         cp_async_commit();
@@ -751,24 +658,24 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         if (nbw > 0 && it < tiles) {
             const int prod = seg.product(it);
             const slothai_nf4_matmul_args &a = seg.a[prod];
-            const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (nb0 + warp + ib * WARPS) * P;
+            const int64_t n0 = (it - seg.tiles_before[prod]) * 16, u0 = (warp + ib * WARPS) * P;
             const int64_t rs = n0 + (lane & 15) < a.n ? n0 + (lane & 15) : a.n - 1; // this lane's scale row
-            const uint32_t dst = stage(is); // (c = lane & 7: the lane's 16 B of a row's 4 units)
+            const uint32_t dst = ring + is * kStageBytes; // (c = lane & 7: the lane's 16 B of a row's 4 units)
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int rl = 4 * j + (lane >> 3);                  // the row in the tile
                 const int64_t r = n0 + rl < a.n ? n0 + rl : a.n - 1; // (rows past N: N - 1's, unused)
-                cp_async16(dst + rl * RS + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
+                cp_async16(dst + rl * 128 + ((c >> 1) ^ (rl & 3)) * 32 + 16 * (c & 1),
                            a.w.packed + r * (K / 2) + u0 * (kUnit / 2) + 16 * c);
             }
             if (u8) {
                 const int64_t blk = rs * units + u0;
-                if (lane < 16) cp_async4(dst + 16 * RS + 4 * lane, a.w.absmax_u8 + blk);
-                else cp_async4(dst + 16 * RS + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
+                if (lane < 16) cp_async4(dst + 2048 + 4 * lane, a.w.absmax_u8 + blk);
+                else cp_async4(dst + 2048 + 64 + 4 * (lane - 16), a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
             } else if (lane < 16) {
-                cp_async16(dst + 16 * RS + (WIDE ? f32_at : 16 * lane), a.w.absmax_f32 + rs * units + u0);
+                cp_async16(dst + 2048 + 16 * lane, a.w.absmax_f32 + rs * units + u0);
             }
-            if (++ib == nbw) ib = 0, it += tile_step();
+            if (++ib == nbw) ib = 0, it += gridDim.x;
             is = is + 1 == STAGES ? 0 : is + 1;
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
@@ -776,24 +683,22 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue();
 
-    build_tables<T, S, WARPS * 32, RS / 4>(table, code2, seg);
-    if constexpr (WIDE)
-        if ((base & 0xffffffu) != kWideAt) __trap(); // (Lut<true>'s one assumption)
+    build_tables<T, S, WARPS * 32>(table, code2, seg);
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
-    const Lut<WIDE> look(table);
+    const Lut look(table);
     const XRows<T, MT> x(seg.a[0].x, m0, M, K, g, t);
 
     int cs = 0; // the stage this warp computes next
-    for (int64_t tile = first_tile(); tile < tiles; tile += tile_step()) {
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int prod = seg.product(tile);
         const slothai_nf4_matmul_args &a = seg.a[prod];
         const float offset = u8 ? __ldg(seg.sc[prod].offset_ptr) : 0.0f;
         const float *c2 = code2[prod];
         float acc[MT][4] = {};
         for (int64_t b = 0; b < nbw; ++b) {
-            const int64_t u0 = (nb0 + warp + b * WARPS) * P;
+            const int64_t u0 = (warp + b * WARPS) * P;
             uint32_t xc[MT == 1 ? P : 1][8]; // one tile of tokens: x of the batch, loaded (L2) while its codes land
             if constexpr (MT == 1)
 #pragma unroll
@@ -801,39 +706,39 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
             cp_async_wait<STAGES - 2>(); // this lane's copies of stage cs have landed
             __syncwarp();                // and every lane's; all reads of the stage refilled below are done
             issue();
-            const uint32_t st = stage(cs); // (its scales at st + 16 RS)
+            const uint32_t st = ring + cs * kStageBytes;
             cs = cs + 1 == STAGES ? 0 : cs + 1;
             // Block scales of unit t, rows g and g + 8 (the quad shares them by shuffle).
             float my_sa, my_sb;
             if (u8) {
                 uint32_t qa, qb;
                 float a2a, a2b;
-                asm("ld.shared.u8 %0, [%1];" : "=r"(qa) : "r"(st + 16 * RS + 4 * g + t));
-                asm("ld.shared.u8 %0, [%1];" : "=r"(qb) : "r"(st + 16 * RS + 4 * (g + 8) + t));
-                asm("ld.shared.f32 %0, [%1];" : "=f"(a2a) : "r"(st + 16 * RS + 64 + 4 * g));
-                asm("ld.shared.f32 %0, [%1];" : "=f"(a2b) : "r"(st + 16 * RS + 64 + 4 * (g + 8)));
+                asm("ld.shared.u8 %0, [%1];" : "=r"(qa) : "r"(st + 2048 + 4 * g + t));
+                asm("ld.shared.u8 %0, [%1];" : "=r"(qb) : "r"(st + 2048 + 4 * (g + 8) + t));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(a2a) : "r"(st + 2048 + 64 + 4 * g));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(a2b) : "r"(st + 2048 + 64 + 4 * (g + 8)));
                 my_sa = __fadd_rn(__fmul_rn(c2[qa], a2a), offset);
                 my_sb = __fadd_rn(__fmul_rn(c2[qb], a2b), offset);
             } else {
-                asm("ld.shared.f32 %0, [%1];" : "=f"(my_sa) : "r"(st + 16 * RS + f32_row(g) + 4 * t));
-                asm("ld.shared.f32 %0, [%1];" : "=f"(my_sb) : "r"(st + 16 * RS + f32_row(g + 8) + 4 * t));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(my_sa) : "r"(st + 2048 + 16 * g + 4 * t));
+                asm("ld.shared.f32 %0, [%1];" : "=f"(my_sb) : "r"(st + 2048 + 16 * (g + 8) + 4 * t));
             }
 #pragma unroll
             for (int p = 0; p < P; ++p) {
                 uint2 wa, wb;
-                const uint32_t ca = st + g * RS + (p ^ (g & 3)) * 32 + 8 * t; // row g; row g + 8 at + 8 RS
+                const uint32_t ca = st + g * 128 + (p ^ (g & 3)) * 32 + 8 * t; // row g; row g + 8 at + 1024
                 asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wa.x), "=r"(wa.y) : "r"(ca));
-                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 8 * RS));
+                asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(wb.x), "=r"(wb.y) : "r"(ca + 8 * 128));
                 unit_product<T, MT>(look, x, u0 + p, wa, wb, xc[MT == 1 ? p : 0], __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | p),
                                     __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | p), acc);
             }
         }
         const int64_t n0 = (tile - seg.tiles_before[prod]) * 16;
-        if (LOW && a.lora_x && part == 0) { // each warp's share of q of the low-rank term, in its accumulators
+        if (LOW && a.lora_x) { // each warp's share of q of the low-rank term, in its accumulators
             if (a.lora_dtype == SLOTHAI_FLOAT32) low_into<float, MT, WARPS>(a, acc, n0, m0);
             else low_into<T, MT, WARPS>(a, acc, n0, m0);
         }
-        meet_and_write<T, MT, WARPS, LOW, PARTS>(a, red, acc, n0, m0, part);
+        meet_and_write<T, MT, WARPS, LOW>(a, red, acc, n0, m0);
     }
     cp_async_wait<0>();
 }
@@ -936,12 +841,11 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false, int PARTS = 1,
-          bool WIDE = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32, PARTS, WIDE>;
-    constexpr int smem = stream_smem<MT, WARPS, S, WIDE>(STAGES);
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32>;
+    constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 8 && !sized[dev].load(std::memory_order_relaxed)) {
@@ -949,58 +853,33 @@ void launch_stream(const Segments<S> &seg, cudaStream_t s)
         sized[dev].store(1, std::memory_order_relaxed);
     }
     const int64_t per = 8 * MT, groups = (seg.a[0].m + per - 1) / per, max_y = 65535;
-    if constexpr (PARTS == 1) {
-        const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
-        for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
-            const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-            kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
-        }
-    } else { // clusters of PARTS CTAs, as many as the card holds at once (or one a tile)
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = PARTS, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-        cudaLaunchConfig_t cfg = {};
-        cfg.blockDim = dim3(WARPS * 32), cfg.dynamicSmemBytes = smem, cfg.stream = s, cfg.attrs = attr, cfg.numAttrs = 1;
-        int clusters = dev < 8 ? held[dev].load(std::memory_order_relaxed) : 0;
-        if (clusters <= 0) {
-            cfg.gridDim = dim3(PARTS * 1024);
-            if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) clusters = 1;
-            if (dev < 8) held[dev].store(clusters, std::memory_order_relaxed);
-        }
-        const int64_t n = clusters < seg.tiles_before[S] ? clusters : seg.tiles_before[S];
-        for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
-            cfg.gridDim = dim3((unsigned)(n * PARTS), (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-            cudaLaunchKernelEx(&cfg, kernel, seg, y0 * per);
-        }
+    const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
+    for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
+        const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
+        kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
     }
 }
 
-// Whether a tuning form's machine code here is sm_90's (elsewhere its body is a trap).
-bool sm90_code(const void *kernel)
-{
-    cudaFuncAttributes attr;
-    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90;
-}
-
-// IDX32: where every product's codes are under 4 GB (its 32-bit row offsets and block numbers).
+// Whether the IDX32 form's machine code on this device is sm_90's (elsewhere its body is a trap;
+// asked once a device), and every product's codes are under 4 GB (its 32-bit row offsets and
+// block numbers).
 template <typename T, int S> bool idx32_takes(const Segments<S> &seg)
 {
     for (int i = 0; i < S; ++i)
         if (seg.a[i].n * (seg.a[i].k / 2) >= (int64_t(1) << 32)) return false;
-    return sm90_code(reinterpret_cast<const void *>(nf4_stream_kernel<T, 1, 8, 2, S, 3, false, true>));
-}
-
-// A cluster of `parts` CTAs a tile: where a tile's batches (K / 256) split evenly into the parts.
-template <typename T, int S> bool parts_take(const Segments<S> &seg, int parts)
-{
-    return seg.a[0].k / (4 * kUnit) % parts == 0 &&
-           sm90_code(reinterpret_cast<const void *>(nf4_stream_kernel<T, 1, 8, 2, S, 3, false, false, 2>));
-}
-
-// WIDE: where its machine code is sm_90's.
-template <typename T, int S> bool wide_takes()
-{
-    return sm90_code(reinterpret_cast<const void *>(nf4_stream_kernel<T, 1, 8, 2, S, 3, false, false, 1, true>));
+    static std::atomic<int> known[8]; // 0 not asked yet, 1 sm_90 code, 2 not
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev >= 8) return false;
+    int k = known[dev].load(std::memory_order_relaxed);
+    if (!k) {
+        cudaFuncAttributes attr;
+        k = cudaFuncGetAttributes(&attr, nf4_stream_kernel<T, 1, 8, 2, S, 3, false, true>) == cudaSuccess &&
+                    attr.binaryVersion == 90
+                ? 1
+                : 2;
+        known[dev].store(k, std::memory_order_relaxed);
+    }
+    return k == 1;
 }
 
 // Whether the streaming kernel takes every product of a launch (its comment says what it needs).
@@ -1050,8 +929,12 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 }
 
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
-// in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), else the decode
-// kernel. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
+// in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), in its IDX32 form
+// on sm_90, else the decode kernel. IDX32 against the 64-bit index arithmetic (config 5; H100,
+// 2026-12-07, nf4_matmul_sweep_h100_idx32.txt; its kernel tests and memcheck clean): the 8B layer
+// grouped at one row 65.2 against 66.3 us, at 16 rows 119.1 against 119.5, with fp32 LoRA r=32
+// at 16 rows 124.2 against 137.3; the 1B layer 27.6 against 28.3, 51.4 against 52.0, with LoRA
+// at 16 rows 53.6 against 59.0. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
 // 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100), the 8B layer's seven projections
 // grouped as the patch groups them: at one row 66.1 us (1701 GB/s), at 16 rows 119.2; the 1B
 // layer 28.3 and 51.7 (2026-12-06, nf4_matmul_sweep_h100_copy.txt). The streaming kernel's
@@ -1063,11 +946,19 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
-// (the default before low_in_sums), 5 the default with its copies' index arithmetic in 32 bits
-// (IDX32, sm_90 only: idx32_takes), 6 and 7 the default with each tile's K split over a cluster of
-// 2 and 4 CTAs (sm_90 only: parts_take), its sums met through the cluster's shared memory, 8 the
-// default with two-instruction table lookups (WIDE, sm_90 only), 9 WIDE and IDX32.
-// Tried and taken out (H100, 2026-12-06; git history has the code):
+// (the default before low_in_sums), 5 the default with the copies' index arithmetic in 64 bits
+// (the default before IDX32, and off sm_90).
+// Tried and taken out (H100, 2026-12-06 and -07; git history has the code):
+// - WIDE, a table lookup in two instructions instead of three (a byte permute making the whole
+//   shared address, the table's rows 256 bytes apart, the ring in their free halves; the batch
+//   loop 408 SASS instructions against 462, 346 with IDX32): the 8B grouped layer at one row
+//   66.7 against 66.4 us, at 16 rows 123.3 against 119.2; with IDX32 65.0 and 122.3
+//   (2026-12-07, nf4_matmul_sweep_h100_wide.txt). An eighth fewer instructions bought nothing at
+//   one row: the loop is not bound by instruction issue. The code: cacbf0c.
+// - each tile's K split over a cluster of 2 or 4 CTAs, their sums met in CTA 0 through the
+//   cluster's shared memory (for launches with fewer tiles than CTAs): slower everywhere, even
+//   there; 8B k_proj alone at one row 5.7 and 8.4 against 5.0 us, the 8B grouped layer 101.3
+//   and 171.7 against 66.4 (2026-12-07, nf4_matmul_sweep_h100_clusters.txt). The code: 94d10a6.
 // - 4 stages instead of 3: 8B grouped layer 75.1 against 72.9 us at one row, 130.4 against
 //   124.5 at 16 (nf4_matmul_sweep_h100_stages.txt).
 // - the low-rank operands staged in shared memory as fp32 a tile at a time (one coalesced trip
@@ -1098,16 +989,14 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 //   8B 138.6 against 140.2). So the re-reads of x from L2 are not what holds 16 rows. The code:
 //   c59817c.
 // The streaming kernel in the default's shapes (one token tile at 1-8 rows: 8 warps, 2 CTAs an SM;
-// two at 9-16: 4 warps, 3 CTAs), with the LOW write or not, as tuning form IDX32 / PARTS.
-template <typename T, int S, bool IDX32 = false, int PARTS = 1, bool WIDE = false>
+// two at 9-16: 4 warps, 3 CTAs), with the LOW write or not, IDX32 or not.
+template <typename T, int S, bool IDX32 = false>
 void launch_stream_as_default(const Segments<S> &seg, bool low, cudaStream_t s)
 {
     if (seg.a[0].m > 8) {
-        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32, PARTS, WIDE>(seg, s)
-            : launch_stream<T, 2, 4, 3, S, 3, false, IDX32, PARTS, WIDE>(seg, s);
+        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32>(seg, s);
     } else {
-        low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32, PARTS, WIDE>(seg, s)
-            : launch_stream<T, 1, 8, 2, S, 3, false, IDX32, PARTS, WIDE>(seg, s);
+        low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, IDX32>(seg, s);
     }
 }
 
@@ -1115,18 +1004,11 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
 {
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
-    if ((config == 0 || config == 4) && stream_takes(seg))
-        return launch_stream_as_default<T, S>(seg, config == 0 && low_in_sums(seg), s);
-    if (config == 5 && stream_takes(seg) && idx32_takes<T, S>(seg))
-        return launch_stream_as_default<T, S, true>(seg, low_in_sums(seg), s);
-    if (config == 6 && stream_takes(seg) && parts_take<T, S>(seg, 2))
-        return launch_stream_as_default<T, S, false, 2>(seg, low_in_sums(seg), s);
-    if (config == 7 && stream_takes(seg) && parts_take<T, S>(seg, 4))
-        return launch_stream_as_default<T, S, false, 4>(seg, low_in_sums(seg), s);
-    if (config == 8 && stream_takes(seg) && wide_takes<T, S>())
-        return launch_stream_as_default<T, S, false, 1, true>(seg, low_in_sums(seg), s);
-    if (config == 9 && stream_takes(seg) && wide_takes<T, S>() && idx32_takes<T, S>(seg))
-        return launch_stream_as_default<T, S, true, 1, true>(seg, low_in_sums(seg), s);
+    if (config == 0 && stream_takes(seg))
+        return idx32_takes<T, S>(seg) ? launch_stream_as_default<T, S, true>(seg, low_in_sums(seg), s)
+                                      : launch_stream_as_default<T, S>(seg, low_in_sums(seg), s);
+    if ((config == 4 || config == 5) && stream_takes(seg))
+        return launch_stream_as_default<T, S>(seg, config == 5 && low_in_sums(seg), s);
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
     case 1:
         if constexpr (S == 1) two ? launch_decode_lean<T, 2, 8, 2, S>(seg, s) : launch_decode_lean<T, 1, 4, 4, S>(seg, s);
