@@ -934,8 +934,8 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // 2026-12-07, nf4_matmul_sweep_h100_idx32.txt; its kernel tests and memcheck clean): the 8B layer
 // grouped at one row 65.2 against 66.3 us, at 16 rows 119.1 against 119.5, with fp32 LoRA r=32
 // at 16 rows 124.2 against 137.3; the 1B layer 27.6 against 28.3, 51.4 against 52.0, with LoRA
-// at 16 rows 53.6 against 59.0. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4 warps,
-// 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100), the 8B layer's seven projections
+// at 16 rows 53.6 against 59.0. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two
+// tiles (9-16 rows): 4 warps, 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100), the 8B layer's seven projections
 // grouped as the patch groups them: at one row 66.1 us (1701 GB/s), at 16 rows 119.2; the 1B
 // layer 28.3 and 51.7 (2026-12-06, nf4_matmul_sweep_h100_copy.txt). The streaming kernel's
 // first copy against the decode kernel (the wheel of 520b68b, nf4_matmul_sweep_h100_stream.txt):
