@@ -42,7 +42,7 @@ MODELS = {  # (out_features, in_features) of each projection
                      gate_proj=(14336, 4096), up_proj=(14336, 4096), down_proj=(4096, 14336)),
 }
 CALLS = 20
-CONFIGS = 6  # SLOTHAI_NF4MM_CONFIG 0..5: launch_decode's cases in csrc/core/nf4_matmul_cuda.cu
+CONFIGS = 7  # SLOTHAI_NF4MM_CONFIG 0..6: launch_decode's cases in csrc/core/nf4_matmul_cuda.cu
 SWEEP_M = tuple(int(m) for m in os.environ.get("SWEEP_M", "1 8 16").split())  # (rows; SWEEP_M="1" for a quick bisect)
 
 

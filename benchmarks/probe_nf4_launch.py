@@ -46,7 +46,8 @@ def main():
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     ctas = 2 * props.multi_processor_count  # the one-row streaming kernel: 2 CTAs an SM
-    print(f"{props.name}, torch {torch.__version__}, {ctas} CTAs at one row, read-only kernel "
+    print(f"{props.name}, torch {torch.__version__}, SLOTHAI_NF4MM_CONFIG={os.environ.get('SLOTHAI_NF4MM_CONFIG', '0')}, "
+          f"{ctas} CTAs at one row, read-only kernel "
           f"{B.read_gbps(112_500_000):.0f} GB/s")
     for k in (4096, 14336):
         whole = []

@@ -348,17 +348,25 @@ template <int S> struct Segments {
 
 // The pair table, [byte][lane]: T(NF4[hi nibble]) | T(NF4[lo nibble]) << 16, 16 bytes a store
 // (a quarter-warp fills one byte's 32-lane row, conflict-free); each product's code2. THREADS: the CTA's.
-template <typename T, int S, int THREADS>
-__device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256], const Segments<S> &seg)
+template <typename T, int THREADS> __device__ __forceinline__ void build_pairs(uint32_t *table)
 {
     for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
         const uint32_t v = Tc<T>::pair(kNF4[i >> 7], kNF4[(i >> 3) & 15]);
         reinterpret_cast<uint4 *>(table)[i] = make_uint4(v, v, v, v);
     }
+}
+template <int S, int THREADS> __device__ __forceinline__ void load_code2(float (*code2)[256], const Segments<S> &seg)
+{
 #pragma unroll
     for (int s = 0; s < S; ++s)
         if (seg.sc[s].u8)
             for (int i = threadIdx.x; i < 256; i += THREADS) code2[s][i] = __ldg(seg.sc[s].code2 + i);
+}
+template <typename T, int S, int THREADS>
+__device__ __forceinline__ void build_tables(uint32_t *table, float (*code2)[256], const Segments<S> &seg)
+{
+    build_pairs<T, THREADS>(table);
+    load_code2<S, THREADS>(code2, seg);
 }
 
 // A code byte's register of two T(levels): the table row of byte b is at base + 128 b (a
@@ -587,12 +595,66 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
 #endif
 }
 
+// Programmatic dependent launch (the PDL form, sm_90): launched with the attribute, a kernel may
+// start while the kernel before it on the stream is finishing. It reads nothing in global memory
+// before grid_dependency_wait (which returns once that kernel has completed and its writes are
+// visible) except through L2 prefetches, which are hints: L2 is where every write lands, so a
+// line prefetched early is never stale. launch_dependents, called after the wait (so that a
+// kernel after this one never starts before the one before it has completed), lets the next
+// launch's CTAs start as this one's leave.
+__device__ __forceinline__ void prefetch_l2(const void *p)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// What the first batches of tile `tile` copy, prefetched into L2: its rows' first `units` units
+// of codes (128-byte lines) and block scales, their absmax2, and the product's code2 and offset.
+template <int S, int THREADS>
+__device__ __forceinline__ void prefetch_first(const Segments<S> &seg, int64_t tile, int64_t units)
+{
+    if (tile >= seg.tiles_before[S]) return;
+    const int prod = seg.product(tile);
+    const slothai_nf4_matmul_args &a = seg.a[prod];
+    const int64_t n0 = (tile - seg.tiles_before[prod]) * 16, rows = a.n - n0 < 16 ? a.n - n0 : 16, row = a.k / 2;
+    units = units < a.k / kUnit ? units : a.k / kUnit;
+    const int64_t lines = (units * (kUnit / 2) + 127) / 128;
+    const unsigned char *codes = a.w.packed + n0 * row;
+    for (int64_t e = threadIdx.x; e < rows * lines; e += THREADS) prefetch_l2(codes + (e / lines) * row + (e % lines) * 128);
+    const int i = threadIdx.x % 32, w = threadIdx.x / 32; // warp 0 the scales, warp 1 code2 and offset
+    if (w == 0 && i < rows) {
+        const int64_t blk = (n0 + i) * (a.k / kUnit);
+        if (a.w.absmax_u8) {
+            prefetch_l2(a.w.absmax_u8 + blk), prefetch_l2(a.w.absmax_u8 + blk + units - 1);
+            prefetch_l2(a.w.absmax2 + (blk >> seg.sc[prod].log2_bs2));
+            prefetch_l2(a.w.absmax2 + ((blk + units - 1) >> seg.sc[prod].log2_bs2));
+        } else {
+            prefetch_l2(a.w.absmax_f32 + blk), prefetch_l2(a.w.absmax_f32 + blk + units - 1);
+        }
+    }
+    if (w == 1 && a.w.absmax_u8 && i < 9) prefetch_l2(i < 8 ? static_cast<const void *>(a.w.code2 + 32 * i) : a.w.offset);
+}
+
 template <int MT, int WARPS, int S> __host__ __device__ constexpr int stream_smem(int stages)
 {
     return 256 * 32 * 4 + WARPS * 16 * 8 * MT * 4 + S * 256 * 4 + WARPS * stages * kStageBytes;
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false,
+          bool PDL = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
 {
@@ -680,10 +742,19 @@ nf4_stream_kernel(const __grid_constant__ Segments<S> seg, int64_t m_base)
         }
         cp_async_commit(); // (an empty group past the last batch: the waits count groups)
     };
+    if constexpr (PDL) { // the first batches' bytes to L2 and the table while the kernel before ends
+        prefetch_first<S, WARPS * 32>(seg, blockIdx.x, WARPS * P * (STAGES - 1));
+        build_pairs<T, WARPS * 32>(table);
+        grid_dependency_wait();
+        launch_dependents();
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) issue();
-
-    build_tables<T, S, WARPS * 32>(table, code2, seg);
+        for (int s = 0; s < STAGES - 1; ++s) issue();
+        load_code2<S, WARPS * 32>(code2, seg);
+    } else {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) issue();
+        build_tables<T, S, WARPS * 32>(table, code2, seg);
+    }
     __syncthreads();
 
     const int64_t m0 = m_base + (int64_t)blockIdx.y * kTok;
@@ -841,10 +912,11 @@ void launch_decode_lean(const Segments<S> &seg, cudaStream_t s)
     }
 }
 
-template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false>
+template <typename T, int MT, int WARPS, int MIN_CTAS, int S, int STAGES, bool LOW = false, bool IDX32 = false,
+          bool PDL = false>
 void launch_stream(const Segments<S> &seg, cudaStream_t s)
 {
-    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32>;
+    const auto kernel = nf4_stream_kernel<T, MT, WARPS, MIN_CTAS, S, STAGES, LOW, IDX32, PDL>;
     constexpr int smem = stream_smem<MT, WARPS, S>(STAGES);
     static std::atomic<int> sized[8], held[8];
     int dev = 0;
@@ -856,7 +928,17 @@ void launch_stream(const Segments<S> &seg, cudaStream_t s)
     const int64_t ctas = persistent_ctas(held, reinterpret_cast<const void *>(kernel), WARPS * 32, seg.tiles_before[S], smem);
     for (int64_t y0 = 0; y0 < groups; y0 += max_y) {
         const dim3 grid((unsigned)ctas, (unsigned)(groups - y0 < max_y ? groups - y0 : max_y));
-        kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
+        if constexpr (PDL) {
+            cudaLaunchAttribute attr;
+            attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr.val.programmaticStreamSerializationAllowed = 1;
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = grid, cfg.blockDim = dim3(WARPS * 32), cfg.dynamicSmemBytes = smem, cfg.stream = s;
+            cfg.attrs = &attr, cfg.numAttrs = 1;
+            cudaLaunchKernelEx(&cfg, kernel, seg, y0 * per); // (errors: cudaGetLastError, as <<< >>>)
+        } else {
+            kernel<<<grid, WARPS * 32, smem, s>>>(seg, y0 * per);
+        }
     }
 }
 
@@ -947,7 +1029,9 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
 // (the default before low_in_sums), 5 the default with the copies' index arithmetic in 64 bits
-// (the default before IDX32, and off sm_90).
+// (the default before IDX32, and off sm_90), 6 the default launched programmatic-dependent (PDL
+// form, sm_90 only: the first batches' bytes prefetched into L2 and the table built while the
+// kernel before finishes).
 // Tried and taken out (H100, 2026-12-06 and -07; git history has the code):
 // - WIDE, a table lookup in two instructions instead of three (a byte permute making the whole
 //   shared address, the table's rows 256 bytes apart, the ring in their free halves; the batch
@@ -990,13 +1074,13 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 //   c59817c.
 // The streaming kernel in the default's shapes (one token tile at 1-8 rows: 8 warps, 2 CTAs an SM;
 // two at 9-16: 4 warps, 3 CTAs), with the LOW write or not, IDX32 or not.
-template <typename T, int S, bool IDX32 = false>
+template <typename T, int S, bool IDX32 = false, bool PDL = false>
 void launch_stream_as_default(const Segments<S> &seg, bool low, cudaStream_t s)
 {
     if (seg.a[0].m > 8) {
-        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32>(seg, s);
+        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32, PDL>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32, PDL>(seg, s);
     } else {
-        low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, IDX32>(seg, s);
+        low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32, PDL>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, IDX32, PDL>(seg, s);
     }
 }
 
@@ -1007,6 +1091,8 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
     if (config == 0 && stream_takes(seg))
         return idx32_takes<T, S>(seg) ? launch_stream_as_default<T, S, true>(seg, low_in_sums(seg), s)
                                       : launch_stream_as_default<T, S>(seg, low_in_sums(seg), s);
+    if (config == 6 && stream_takes(seg) && idx32_takes<T, S>(seg))
+        return launch_stream_as_default<T, S, true, true>(seg, low_in_sums(seg), s);
     if ((config == 4 || config == 5) && stream_takes(seg))
         return launch_stream_as_default<T, S>(seg, config == 5 && low_in_sums(seg), s);
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
