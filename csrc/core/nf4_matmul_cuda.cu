@@ -1077,8 +1077,8 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 template <typename T, int S, bool IDX32 = false, bool PDL = false>
 void launch_stream_as_default(const Segments<S> &seg, bool low, cudaStream_t s)
 {
-    if (seg.a[0].m > 8) {
-        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32, PDL>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32, PDL>(seg, s);
+    if (seg.a[0].m > 8) { // (PDL one token tile only: measured slower at two, see launch_decode)
+        low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32>(seg, s);
     } else {
         low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32, PDL>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, IDX32, PDL>(seg, s);
     }
