@@ -566,6 +566,10 @@ __device__ __forceinline__ void low_into(const slothai_nf4_matmul_args &a, float
 //   the u8 scales and absmax2 4-byte, fp32 scales 16-byte aligned; else the decode kernel.
 //   IDX32 (sm_90 only, where every product's codes are under 4 GB; the default there): the
 //   copies' index arithmetic in 32 bits, a warp's batch loop 415 SASS instructions against 481.
+//   PDL (sm_90 with IDX32, 1-8 rows by default): launched programmatic-dependent. Until
+//   griddepcontrol.wait it only prefetches into L2 what its first batches will copy and builds
+//   the pair table (the kernel before may still be running); then launch_dependents, the first
+//   copies (from L2) and code2.
 // Traffic and floor as the decode kernel's; shared memory per CTA: the table (32 KB),
 // the warps' sums, code2, and WARPS x STAGES x 2304 B of ring.
 constexpr int kStageBytes = 2048 + 256;
@@ -1012,7 +1016,15 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 
 // Up to 16 rows: the streaming kernel (3 stages) where it takes the launch (blocksize 64,
 // in_features a multiple of 256: every Llama / Mistral / Qwen-7B projection), in its IDX32 form
-// on sm_90, else the decode kernel. IDX32 against the 64-bit index arithmetic (config 5; H100,
+// on sm_90 and there, at 1-8 rows, launched programmatic-dependent (PDL: the first batches'
+// bytes prefetched into L2 and the table built while the kernel before ends); else the decode
+// kernel. PDL against the same kernels launched plainly (config 6; H100, 2026-12-07,
+// nf4_matmul_sweep_h100_pdl_l2.txt; kernel tests and memcheck clean): the 8B layer grouped at one
+// row 58.8 against 65.4 us (1914 GB/s, 63% of the read-only kernel's 3030), at 8 rows 66.6
+// against 74.0, with fp32 LoRA r=32 64.2 against 71.1; each 8B projection alone 0.9-1.1 us
+// faster, each 1B one 0.6-1.0; but at 16 rows (two token tiles, 3 CTAs an SM) slower, 127.0
+// against 117.9, so not there. The launch probe (nf4_launch_probe_h100.txt) puts the fixed cost
+// a launch at 4.5-4.8 us with PDL against 5.4-6.7 without. IDX32 against the 64-bit index arithmetic (config 5; H100,
 // 2026-12-07, nf4_matmul_sweep_h100_idx32.txt; its kernel tests and memcheck clean): the 8B layer
 // grouped at one row 65.2 against 66.3 us, at 16 rows 119.1 against 119.5, with fp32 LoRA r=32
 // at 16 rows 124.2 against 137.3; the 1B layer 27.6 against 28.3, 51.4 against 52.0, with LoRA
@@ -1029,9 +1041,8 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
 // (the default before low_in_sums), 5 the default with the copies' index arithmetic in 64 bits
-// (the default before IDX32, and off sm_90), 6 the default launched programmatic-dependent (PDL
-// form, sm_90 only: the first batches' bytes prefetched into L2 and the table built while the
-// kernel before finishes).
+// (the default before IDX32, and off sm_90), 6 the default launched plainly at 1-8 rows (the
+// default before PDL; sm_90).
 // Tried and taken out (H100, 2026-12-06 and -07; git history has the code):
 // - WIDE, a table lookup in two instructions instead of three (a byte permute making the whole
 //   shared address, the table's rows 256 bytes apart, the ring in their free halves; the batch
@@ -1057,10 +1068,12 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 //   the tile's end above, two ways of taking the trip to memory out of the write have not moved
 //   the term's cost: what costs is not that trip (the write's rounds, which all warps wait on,
 //   are the suspect; not measured apart). The code: a0ab63a.
-// - programmatic dependent launch (griddepcontrol.wait after the pair table, cudaLaunchKernelEx,
-//   inductor's triton.enable_pdl): the small 1B projections 0.3-0.7 us faster in the sweep, the
-//   decode step no faster (1B batch 1 687 against 678 decode tokens/s, 8B 224 against 226;
-//   decode_llama-*_h100_pdl1.txt against decode_llama-*_h100_attn2_sdpa.txt, one machine).
+// - programmatic dependent launch in a first form (griddepcontrol.wait after the pair table, no
+//   prefetch, no early trigger; cudaLaunchKernelEx, inductor's triton.enable_pdl): the small 1B
+//   projections 0.3-0.7 us faster in the sweep, the decode step no faster (1B batch 1 687 against
+//   678 decode tokens/s, 8B 224 against 226; decode_llama-*_h100_pdl1.txt against
+//   decode_llama-*_h100_attn2_sdpa.txt, one machine). Today's form (above) adds the L2 prefetch
+//   and launch_dependents.
 // - loading a warp's next batch of codes and scale bytes into registers before computing this
 //   one (nf4_matmul_sweep_h100_pipe.txt: 8B layer at one row 96.4 against 96.7 us, 1B 44.2
 //   against 40.0). The decode kernel sits at its register cap (128 a thread), so a second batch
@@ -1073,11 +1086,11 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 //   8B 138.6 against 140.2). So the re-reads of x from L2 are not what holds 16 rows. The code:
 //   c59817c.
 // The streaming kernel in the default's shapes (one token tile at 1-8 rows: 8 warps, 2 CTAs an SM;
-// two at 9-16: 4 warps, 3 CTAs), with the LOW write or not, IDX32 or not.
+// two at 9-16: 4 warps, 3 CTAs), with the LOW write or not, IDX32 or not, PDL (one tile only) or not.
 template <typename T, int S, bool IDX32 = false, bool PDL = false>
 void launch_stream_as_default(const Segments<S> &seg, bool low, cudaStream_t s)
 {
-    if (seg.a[0].m > 8) { // (PDL one token tile only: measured slower at two, see launch_decode)
+    if (seg.a[0].m > 8) { // (not PDL: measured slower at two token tiles, see launch_decode)
         low ? launch_stream<T, 2, 4, 3, S, 3, true, IDX32>(seg, s) : launch_stream<T, 2, 4, 3, S, 3, false, IDX32>(seg, s);
     } else {
         low ? launch_stream<T, 1, 8, 2, S, 3, true, IDX32, PDL>(seg, s) : launch_stream<T, 1, 8, 2, S, 3, false, IDX32, PDL>(seg, s);
@@ -1089,10 +1102,10 @@ template <typename T, int S> void launch_decode(const Segments<S> &seg, cudaStre
     const bool two = seg.a[0].m > 8;
     const int config = tuning_config();
     if (config == 0 && stream_takes(seg))
-        return idx32_takes<T, S>(seg) ? launch_stream_as_default<T, S, true>(seg, low_in_sums(seg), s)
+        return idx32_takes<T, S>(seg) ? launch_stream_as_default<T, S, true, true>(seg, low_in_sums(seg), s)
                                       : launch_stream_as_default<T, S>(seg, low_in_sums(seg), s);
     if (config == 6 && stream_takes(seg) && idx32_takes<T, S>(seg))
-        return launch_stream_as_default<T, S, true, true>(seg, low_in_sums(seg), s);
+        return launch_stream_as_default<T, S, true>(seg, low_in_sums(seg), s);
     if ((config == 4 || config == 5) && stream_takes(seg))
         return launch_stream_as_default<T, S>(seg, config == 5 && low_in_sums(seg), s);
     switch (S == 1 ? config : 0) { // (the tuning configs 1, 2 for single products only: fewer kernels built)
