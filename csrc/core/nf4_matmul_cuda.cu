@@ -1021,22 +1021,23 @@ template <int S> bool low_in_sums(const Segments<S> &seg)
 // against the same kernels launched plainly (config 6; H100, 2026-12-07,
 // nf4_matmul_sweep_h100_pdl_l2.txt; kernel tests and memcheck clean): the 8B layer grouped at one
 // row 58.8 against 65.4 us (1914 GB/s, 63% of the read-only kernel's 3030), at 8 rows 66.6 against
-// 74.0, with fp32 LoRA r=32 64.2 against 71.1; each 8B projection alone 0.9-1.1 us faster, each 1B
-// one 0.6-1.0; but at 16 rows (two token tiles, 3 CTAs an SM) slower, 127.0 against 117.9, so not
-// there. The launch probe (nf4_launch_probe_h100.txt) puts the fixed cost a launch at 4.5-4.8 us
-// with PDL against 5.4-6.7 without. IDX32 against the 64-bit index arithmetic (config 5; H100,
-// 2026-12-07, nf4_matmul_sweep_h100_idx32.txt; its kernel tests and memcheck clean): the 8B layer
-// grouped at one row 65.2 against 66.3 us, at 16 rows 119.1 against 119.5, with fp32 LoRA r=32 at
-// 16 rows 124.2 against 137.3; the 1B layer 27.6 against 28.3, 51.4 against 52.0, with LoRA at 16
-// rows 53.6 against 59.0. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16
-// rows): 4 warps, 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100), the 8B layer's seven
-// projections grouped as the patch groups them: at one row 66.1 us (1701 GB/s), at 16 rows 119.2;
-// the 1B layer 28.3 and 51.7 (2026-12-06, nf4_matmul_sweep_h100_copy.txt). The streaming kernel's
-// first copy against the decode kernel (the wheel of 520b68b, nf4_matmul_sweep_h100_stream.txt): at
-// one row 72.9 against 84.4 us, at 16 rows 124.7 against 136.6; the 1B layer 29.8 against 32.0 and
-// 53.1 against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the decode kernel at
-// one row 91.9 us with 8 warps against 98.5 with 4, at 16 rows 148.1 with 4 against 187.4 with 8;
-// the tensor-core kernel 129.0 at one row.
+// 74.0, with fp32 LoRA r=32 64.2 against 71.1; each 8B projection alone 0.8-1.1 us faster, each 1B
+// one 0.6-1.1 (the 1B layer grouped at 8 rows 30.8 against 30.1, slower); but at 16 rows (two token
+// tiles, 3 CTAs an SM) slower, 127.0 against 117.9, so not there. The launch probe
+// (nf4_launch_probe_h100.txt) puts the fixed cost a launch at 4.5-4.8 us with PDL against 5.4-6.7
+// without. IDX32 against the 64-bit index arithmetic (config 5; H100, 2026-12-07,
+// nf4_matmul_sweep_h100_idx32.txt; its kernel tests and memcheck clean): the 8B layer grouped at
+// one row 65.2 against 66.3 us, at 16 rows 119.1 against 119.5, with fp32 LoRA r=32 at 16 rows
+// 124.2 against 137.3; the 1B layer 27.6 against 28.3, 51.4 against 52.0, with LoRA at 16 rows 53.6
+// against 59.0. One token tile (1-8 rows): 8 warps a CTA, 2 CTAs an SM; two tiles (9-16 rows): 4
+// warps, 3 CTAs an SM. Measured (bench_nf4_matmul --sweep, H100), the 8B layer's seven projections
+// grouped as the patch groups them: at one row 66.1 us (1701 GB/s), at 16 rows 119.2; the 1B layer
+// 28.3 and 51.7 (2026-12-06, nf4_matmul_sweep_h100_copy.txt). The streaming kernel's first copy
+// against the decode kernel (the wheel of 520b68b, nf4_matmul_sweep_h100_stream.txt): at one row
+// 72.9 against 84.4 us, at 16 rows 124.7 against 136.6; the 1B layer 29.8 against 32.0 and 53.1
+// against 57.2. Earlier (H200, 2026-12-05, nf4_matmul_sweep_h200.txt): the decode kernel at one row
+// 91.9 us with 8 warps against 98.5 with 4, at 16 rows 148.1 with 4 against 187.4 with 8; the
+// tensor-core kernel 129.0 at one row.
 // Tuning (SLOTHAI_NF4MM_CONFIG): 1 the decode kernel with the two warp counts swapped, 2 the
 // tensor-core kernel (both for single products only), 3 the decode kernel everywhere (the
 // default before the streaming kernel), 4 the streaming kernel with its quad write everywhere
