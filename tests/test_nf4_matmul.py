@@ -230,6 +230,44 @@ def test_nf4_matmul_in_a_cuda_graph():
     assert not torch.equal(out, want)
 
 
+def test_nf4_matmul_reads_a_weight_written_by_the_kernel_just_before(device):
+    # On sm_90 at 1-8 rows the 4-bit kernel is launched programmatic-dependent: it may start while
+    # the kernel before it still runs, and prefetches its first weight bytes into L2 before it
+    # waits for that kernel. A weight which that very kernel writes must still be read as written:
+    # one weight's buffers take A's and B's codes and scales in turn, each buffer written by an
+    # elementwise kernel (not a copy engine), the codes last, then the product -- eager and in a
+    # CUDA graph, against each weight's own product.
+    n, k = 4500, 2048  # (the streaming kernel's shape: blocks of 64, K a multiple of 256; 282 tiles)
+    wa, wb = torch.randn(n, k) * 0.05, torch.randn(n, k) * 0.05
+    a, b, live = [_to_device(quantize(w, blocksize=64, nested=True), device) for w in (wa, wb, wa)]
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    want = [slothai.nf4_matmul(x, _params(*a)), slothai.nf4_matmul(x, _params(*b))]
+    assert not torch.equal(want[0], want[1])
+
+    def written(src):
+        (sp, ss), (lp, ls) = src, live
+        for s_, d in [(ss.state2.code, ls.state2.code), (ss.state2.absmax, ls.state2.absmax),
+                      (ss.offset, ls.offset), (ss.absmax, ls.absmax), (sp, lp)]:
+            torch.add(s_, 0, out=d)
+        return slothai.nf4_matmul(x, _params(*live))
+
+    for i in range(4):
+        assert torch.equal(written((a, b)[i % 2]), want[i % 2]), f"eager, round {i}"
+    if device == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [written(b), written(a)]
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(outs[0], want[1]) and torch.equal(outs[1], want[0])
+
+
+def _to_device(pair, device):
+    packed, state = pair
+    return packed.to(device), to(state, device)
+
+
 def _params(packed, state):
     """A stand-in for Params4bit: the packed codes carrying their quant_state."""
     t = packed.view(packed.shape)
