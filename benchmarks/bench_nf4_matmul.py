@@ -20,6 +20,7 @@ bandwidth is a plain read-only Triton kernel (int32 loads summed) over a buffer 
 8B layer's 4-bit bytes. Writes nf4_matmul.json/.txt/.png under benchmarks/results/.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -30,8 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import bitsandbytes as bnb  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+
+try:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+except ImportError:  # --render needs no GPU
+    triton = None
 
 import slothai  # noqa: E402
 
@@ -141,10 +146,11 @@ def _graph_us(fns, calls):
     return statistics.median(times)
 
 
-@triton.jit
-def _read(src, out, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0)))
+if triton is not None:
+    @triton.jit
+    def _read(src, out, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0)))
 
 
 def read_only(nb):
@@ -244,13 +250,17 @@ def main():
                     "(how nf4_matmul_h100_low.* and the files before it were timed); default: cycle through copies (copies_for)")
     ap.add_argument("--sweep", action="store_true", help="time the decode kernel's tuning configs, then exit")
     ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--render", metavar="JSON", help="write the tables and plot of a result JSON (as --name), then exit")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            return report(args.name, json.load(f))
     if args.sweep or args.sweep_child:
         return sweep() if args.sweep else sweep_child()
     ms = [1, 4, 8, 16, 32, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
     ms = args.m or ms
     env = common.environment()
-    rows, lines = [], []
+    rows = []
     weights = {model: {p: weight(*nk) for p, nk in shapes.items()} for model, shapes in MODELS.items()}
     layer_bytes = {model: sum(nbytes(w) for w in ws.values()) for model, ws in weights.items()}
     gbps = read_gbps(layer_bytes["llama-8b"])
@@ -290,13 +300,31 @@ def main():
                       gbps=round(layer_bytes[model] / us / 1e3, 1)) for m in ms]
         del copies, layers
 
-    lines.append(f"# {env['card']}, torch {env['torch']}, bitsandbytes {bnb.__version__}, {env['date']}; "
+    report(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1), copy_gbps=round(copy_gbps, 1),
+                           l2_weights="warm" if args.warm else "cycled", rows=rows))
+
+
+def report(name, res):
+    """The tables and the plot of a run (`res`: what nf4_matmul.json holds); --render calls it on a
+    JSON brought back without them."""
+    common.write(name, res, table_lines(res))
+    plot(name, res)
+
+
+def table_lines(res):
+    """The printed tables: a header, then per model each projection and the layer against m."""
+    rows, gbps = res["rows"], res["read_gbps"]
+    ms = sorted({r["m"] for r in rows})
+    layer_bytes = {model: max(r["us"] * r["gbps"] * 1e3 for r in rows if r["model"] == model and r["proj"] == "layer")
+                   for model in MODELS}  # (from the rows: bytes = GB/s x µs, to well under the 0.1 MB printed)
+    lines = []
+    lines.append(f"# {res['card']}, torch {res['torch']}, bitsandbytes {res['bitsandbytes']}, {res['date']}; "
                  f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB; "
-                 f"device copy {copy_gbps:.0f} GB/s (read + written, 1 GiB)")
+                 f"device copy {res['copy_gbps']:.0f} GB/s (read + written, 1 GiB)")
     lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time; read-only: "
                  "the read-only kernel over the same bytes (a layer: as the grouped layer's four launches), the floor "
                  "of a launch; slothai-grouped-lora32: the grouped layer with an fp32 LoRA term of rank 32; "
-                 + ("--warm: each weight alone, in the L2 where it fits" if args.warm else
+                 + ("--warm: each weight alone, in the L2 where it fits" if res["l2_weights"] == "warm" else
                     "each run cycles through distinct copies of its weights (twice the L2 between two reads of one), "
                     "so that they come from memory as in a decode step"))
     for model in MODELS:
@@ -311,10 +339,12 @@ def main():
                 body.append([m] + [got[r]["us"] for r in runs] + [got["slothai"]["gbps"],
                             f"{got['dequant+cublas']['us'] / s:.2f}x", f"{got['bitsandbytes']['us'] / s:.2f}x"])
             lines += common.table(header, body)
-    common.write(args.name, dict(env, bitsandbytes=bnb.__version__, read_gbps=round(gbps, 1),
-                                 copy_gbps=round(copy_gbps, 1), l2_weights="warm" if args.warm else "cycled", rows=rows),
-                 lines)
+    return lines
 
+
+def plot(name, res):
+    """Per model the layer's time and GB/s against m, each run a line, the read-only kernel's rate dashed."""
+    rows, gbps = res["rows"], res["read_gbps"]
     fig, axes = common.subplots(2, 2, size=(11, 3.6))
     for i, model in enumerate(MODELS):
         for run in [*RUNS, "slothai-grouped", "slothai-grouped-lora32", "read-only"]:
@@ -328,7 +358,7 @@ def main():
                             xscale="log")
         for ax in axes[2 * i:2 * i + 2]:
             ax.legend(fontsize=7)
-    common.save_figure(fig, args.name, f"NF4 product at decode shapes, {env['card']}, {env['date']}")
+    common.save_figure(fig, name, f"NF4 product at decode shapes, {res['card']}, {res['date']}")
 
 
 if __name__ == "__main__":

@@ -273,3 +273,21 @@ def _params(packed, state):
     t = packed.view(packed.shape)
     t.quant_state = state
     return t
+
+
+def test_benchmark_tables_are_written_again_from_a_result_json():
+    # bench_nf4_matmul.py --render rebuilds a run's tables from its JSON alone (a GPU call may
+    # bring back only the JSON): the committed run of 1c4e7cd, whose table the benchmark wrote
+    # there, comes out byte for byte.
+    import importlib.util
+    import json
+    import os
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    spec = importlib.util.spec_from_file_location("bench_nf4_matmul", os.path.join(bench, "bench_nf4_matmul.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with open(os.path.join(bench, "results", "nf4_matmul_h100_cold.json")) as f:
+        res = json.load(f)
+    with open(os.path.join(bench, "results", "nf4_matmul_h100_cold.txt")) as f:
+        assert "\n".join(mod.table_lines(res)) + "\n" == f.read()
