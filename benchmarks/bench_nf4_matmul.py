@@ -254,7 +254,10 @@ def main():
     args = ap.parse_args()
     if args.render:
         with open(args.render) as f:
-            return report(args.name, json.load(f))
+            res = json.load(f)
+        if not {"copy_gbps", "l2_weights"} <= res.keys():  # (the runs before 2026-12-07 wrote other tables)
+            sys.exit(f"--render: {args.render} is a run from before the cycled weights (no copy_gbps / l2_weights)")
+        return report(args.name, res)
     if args.sweep or args.sweep_child:
         return sweep() if args.sweep else sweep_child()
     ms = [1, 4, 8, 16, 32, 64] if args.quick else [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
