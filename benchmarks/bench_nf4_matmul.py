@@ -320,16 +320,16 @@ def table_lines(res):
     ms = sorted({r["m"] for r in rows})
     layer_bytes = {model: max(r["us"] * r["gbps"] * 1e3 for r in rows if r["model"] == model and r["proj"] == "layer")
                    for model in MODELS}  # (from the rows: bytes = GB/s x µs, to well under the 0.1 MB printed)
-    lines = []
-    lines.append(f"# {res['card']}, torch {res['torch']}, bitsandbytes {res['bitsandbytes']}, {res['date']}; "
-                 f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB; "
-                 f"device copy {res['copy_gbps']:.0f} GB/s (read + written, 1 GiB)")
-    lines.append("# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time; read-only: "
-                 "the read-only kernel over the same bytes (a layer: as the grouped layer's four launches), the floor "
-                 "of a launch; slothai-grouped-lora32: the grouped layer with an fp32 LoRA term of rank 32; "
-                 + ("--warm: each weight alone, in the L2 where it fits" if res["l2_weights"] == "warm" else
-                    "each run cycles through distinct copies of its weights (twice the L2 between two reads of one), "
-                    "so that they come from memory as in a decode step"))
+    lines = [
+        f"# {res['card']}, torch {res['torch']}, bitsandbytes {res['bitsandbytes']}, {res['date']}; "
+        f"read-only kernel {gbps:.0f} GB/s over {layer_bytes['llama-8b'] / 1e6:.1f} MB; "
+        f"device copy {res['copy_gbps']:.0f} GB/s (read + written, 1 GiB)",
+        "# µs per call (GPU time of CUDA-graph replays); GB/s = the weight's 4-bit bytes / time; read-only: "
+        "the read-only kernel over the same bytes (a layer: as the grouped layer's four launches), the floor "
+        "of a launch; slothai-grouped-lora32: the grouped layer with an fp32 LoRA term of rank 32; "
+        + ("--warm: each weight alone, in the L2 where it fits" if res["l2_weights"] == "warm" else
+           "each run cycles through distinct copies of its weights (twice the L2 between two reads of one), "
+           "so that they come from memory as in a decode step")]
     for model in MODELS:
         for proj in [*MODELS[model], "layer"]:
             lines.append(f"\n{model} {proj}" + (f" ({layer_bytes[model] / 1e6:.1f} MB)" if proj == "layer" else ""))

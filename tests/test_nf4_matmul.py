@@ -239,7 +239,8 @@ def test_nf4_matmul_reads_a_weight_written_by_the_kernel_just_before(device):
     # CUDA graph, against each weight's own product.
     n, k = 4500, 2048  # (the streaming kernel's shape: blocks of 64, K a multiple of 256; 282 tiles)
     wa, wb = torch.randn(n, k) * 0.05, torch.randn(n, k) * 0.05
-    a, b, live = [_to_device(quantize(w, blocksize=64, nested=True), device) for w in (wa, wb, wa)]
+    quantized = [quantize(w, blocksize=64, nested=True) for w in (wa, wb, wa)]
+    a, b, live = [(p.to(device), to(s, device)) for p, s in quantized]
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
     want = [slothai.nf4_matmul(x, _params(*a)), slothai.nf4_matmul(x, _params(*b))]
     assert not torch.equal(want[0], want[1])
@@ -261,11 +262,6 @@ def test_nf4_matmul_reads_a_weight_written_by_the_kernel_just_before(device):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(outs[0], want[1]) and torch.equal(outs[1], want[0])
-
-
-def _to_device(pair, device):
-    packed, state = pair
-    return packed.to(device), to(state, device)
 
 
 def _params(packed, state):
